@@ -1,0 +1,181 @@
+"""`load_dataset`: one entry point for the synthetic graph, PyG's datasets and OGB.
+
+Every dataset comes back as a plain :class:`torch_geometric.data.Data` with
+``x``, ``y``, ``edge_index``, boolean ``train_mask``/``val_mask``/``test_mask``
+and ``num_classes``; multi-label datasets have a 2-D float ``y``.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch_geometric.data import Data
+
+from pyg_adaqp.data.splits import random_split_masks
+from pyg_adaqp.data.synthetic import synthetic_graph
+
+
+@dataclass(frozen=True)
+class _PyGSpec:
+    """How to build one of PyG's datasets."""
+    cls_name: str                  # class in torch_geometric.datasets
+    subdir: str                    # folder under `root` holding raw/
+    name_arg: str | None = None    # the `name` argument of the class, if any
+    multi_label: bool = False
+    has_split: bool = True         # whether the dataset ships masks
+
+
+_PYG: dict[str, _PyGSpec] = {
+    "cora": _PyGSpec("Planetoid", "Cora", "Cora"),
+    "citeseer": _PyGSpec("Planetoid", "CiteSeer", "CiteSeer"),
+    "pubmed": _PyGSpec("Planetoid", "PubMed", "PubMed"),
+    "photo": _PyGSpec("Amazon", "Photo", "Photo", has_split=False),
+    "computers": _PyGSpec("Amazon", "Computers", "Computers", has_split=False),
+    "cs": _PyGSpec("Coauthor", "CS", "CS", has_split=False),
+    "physics": _PyGSpec("Coauthor", "Physics", "Physics", has_split=False),
+    "reddit": _PyGSpec("Reddit", "Reddit"),
+    "reddit2": _PyGSpec("Reddit2", "Reddit2"),
+    "flickr": _PyGSpec("Flickr", "Flickr"),
+    "yelp": _PyGSpec("Yelp", "Yelp", multi_label=True),
+    "amazon_products": _PyGSpec("AmazonProducts", "AmazonProducts", multi_label=True),
+}
+_OGB = ("ogbn-arxiv", "ogbn-products")
+
+DATASET_NAMES: tuple[str, ...] = ("synthetic", *_PYG, *_OGB)
+
+
+def load_dataset(name: str = "synthetic", root: str | os.PathLike | None = None,
+                 **opts: Any) -> Data:
+    r"""Loads a node-classification dataset as one :class:`Data` object.
+
+    Args:
+        name (str, optional): ``"synthetic"`` (a generated graph, see
+            :func:`~pyg_adaqp.data.synthetic.synthetic_graph`), one of PyG's
+            datasets by lower-case name (``"cora"``, ``"citeseer"``,
+            ``"pubmed"``, ``"photo"``, ``"computers"``, ``"cs"``,
+            ``"physics"``, ``"reddit"``, ``"reddit2"``, ``"flickr"``,
+            ``"yelp"``, ``"amazon_products"``), or ``"ogbn-arxiv"`` /
+            ``"ogbn-products"`` (needs the ``ogb`` extra).
+            (default: :obj:`"synthetic"`)
+        root (str, optional): Folder holding the dataset in PyG's layout,
+            either ``root/<Name>/raw/`` or ``root/raw/``.  When given, the
+            dataset loads offline from there and a missing file is an error;
+            the folder is never written to: PyG's ``processed/`` files go to the cache
+            (:func:`cache_dir`).  When :obj:`None`, PyG downloads into the
+            cache. (default: :obj:`None`)
+        **opts: For ``"synthetic"``, the arguments of
+            :func:`~pyg_adaqp.data.synthetic.synthetic_graph`.  For datasets
+            without a split: ``train_ratio`` (default ``0.6``), ``val_ratio``
+            (default ``0.2``) and ``split_seed`` (default ``0``).
+    """
+    key = name.lower()
+    if key == "synthetic":
+        return synthetic_graph(**opts)
+    if key in _PYG:
+        return _load_pyg(key, _PYG[key], root, **opts)
+    if key in _OGB:
+        return _load_ogb(key, root, **opts)
+    raise ValueError(f"unknown dataset {name!r}; known datasets: {', '.join(DATASET_NAMES)}")
+
+
+def _load_pyg(key: str, spec: _PyGSpec, root: str | os.PathLike | None, *,
+              train_ratio: float = 0.6, val_ratio: float = 0.2, split_seed: int = 0) -> Data:
+    import torch_geometric.datasets as pyg_datasets
+
+    cls: Callable[..., Any] = getattr(pyg_datasets, spec.cls_name)
+    pyg_root = str(cache_dir()) if root is None else _offline_root(key, spec, root, cls)
+    args = (pyg_root, spec.name_arg) if spec.name_arg else (os.path.join(pyg_root, spec.subdir),)
+    data = cls(*args)[0]
+
+    out = Data(x=data.x.float(), edge_index=data.edge_index, num_nodes=data.num_nodes)
+    if spec.multi_label:
+        out.y = data.y.float()
+        out.num_classes = int(out.y.size(1))
+    else:
+        out.y = data.y.view(-1).long()
+        out.num_classes = int(out.y.max()) + 1
+    if spec.has_split:
+        out.train_mask, out.val_mask, out.test_mask = data.train_mask, data.val_mask, data.test_mask
+    else:
+        out.train_mask, out.val_mask, out.test_mask = random_split_masks(
+            out.num_nodes, train_ratio, val_ratio, split_seed)
+    return out
+
+
+def cache_dir() -> Path:
+    """Where downloads and processed datasets go: ``$PYG_ADAQP_CACHE`` or ``~/.cache/pyg_adaqp``."""
+    return Path(os.environ.get("PYG_ADAQP_CACHE", Path.home() / ".cache" / "pyg_adaqp")).expanduser()
+
+
+def _offline_root(key: str, spec: _PyGSpec, root: str | os.PathLike, cls: Any) -> str:
+    """A PyG root for the raw files under `root`, never writing into `root`.
+
+    PyG writes ``processed/`` next to ``raw/``; data folders are often shared
+    and read-only, so the raw files are linked into a private folder of the
+    cache, named after their path, sizes and modification times: a changed
+    raw file gets a fresh folder instead of a stale processed one.
+    """
+    root = Path(root).expanduser().resolve()
+    # Accept both `root/<Name>/raw` (PyG's layout) and `root/raw`.
+    raw_dir = root / spec.subdir / "raw"
+    if not raw_dir.is_dir() and (root / "raw").is_dir():
+        raw_dir = root / "raw"
+    names = _raw_file_names(cls, spec)
+    missing = [f for f in names if not (raw_dir / f).is_file()]
+    if missing:
+        raise FileNotFoundError(
+            f"dataset {key!r}: raw files not found in {raw_dir} "
+            f"(missing: {', '.join(missing)}). Put PyG's raw files for "
+            f"{spec.cls_name}({spec.name_arg or ''}) there, or pass root=None "
+            f"to let PyG download them into {cache_dir()}.")
+    stamp = hashlib.sha1(str(raw_dir).encode())
+    for f in names:
+        st = (raw_dir / f).stat()
+        stamp.update(f"{f}:{st.st_size}:{st.st_mtime_ns}".encode())
+    work = cache_dir() / "offline" / f"{key}-{stamp.hexdigest()[:12]}"
+    link_dir = work / spec.subdir / "raw"
+    link_dir.mkdir(parents=True, exist_ok=True)
+    for f in names:
+        link = link_dir / f
+        if not link.exists():
+            link.symlink_to(raw_dir / f)
+    return str(work)
+
+
+def _raw_file_names(cls: Any, spec: _PyGSpec) -> list[str]:
+    """The raw files PyG's class reads, without instantiating it (which would download)."""
+    prop = cls.raw_file_names
+    if isinstance(prop, property):
+        # `raw_file_names` reads `self.name` for named datasets (Planetoid, ...).
+        probe = cls.__new__(cls)
+        probe.name = spec.name_arg.lower() if spec.cls_name == "Planetoid" else spec.name_arg
+        names = prop.fget(probe)
+    else:
+        names = prop
+    return [names] if isinstance(names, str) else list(names)
+
+
+def _load_ogb(key: str, root: str | os.PathLike | None, **opts: Any) -> Data:
+    if opts:
+        raise TypeError(f"dataset {key!r} takes no options, got {sorted(opts)}")
+    try:
+        from ogb.nodeproppred import PygNodePropPredDataset
+    except ImportError as err:
+        raise ImportError(
+            f"dataset {key!r} needs the ogb package: pip install 'pyg_adaqp[ogb]'") from err
+    root = str(Path(root).expanduser()) if root is not None else str(cache_dir())
+    dataset = PygNodePropPredDataset(key, root=root)
+    data = dataset[0]
+    split = dataset.get_idx_split()
+    out = Data(x=data.x.float(), edge_index=data.edge_index, num_nodes=data.num_nodes,
+               y=data.y.view(-1).long())
+    out.num_classes = int(out.y.max()) + 1
+    for mask_name, idx_name in (("train_mask", "train"), ("val_mask", "valid"), ("test_mask", "test")):
+        mask = torch.zeros(out.num_nodes, dtype=torch.bool)
+        mask[split[idx_name]] = True
+        out[mask_name] = mask
+    return out
