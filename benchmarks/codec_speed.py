@@ -1,0 +1,96 @@
+"""Throughput of the message codec against a plain copy of the same tensor.
+
+Prints markdown tables: quantize+pack and unpack+dequantize time at 2, 4 and
+8 bits (median of several repeats after warm-up), their GB/s of float32
+input and their ratio to ``x.clone()`` timed in the same run; then the bytes
+on the wire relative to float32.
+
+    python benchmarks/codec_speed.py [--device cpu|cuda] [--rows N] [--width D] [--threads 1]
+
+"into out" rows write into a preallocated buffer / output (as a halo
+exchange can with a persistent send buffer and the halo block), so they pay
+no first-touch page faults for fresh memory, which ``clone()`` and the
+allocating rows do. On CPU those faults dominate a large ``clone()`` unless
+PyTorch backs big allocations with huge pages (``THP_MEM_ALLOC_ENABLE=1``),
+so compare ratios only within one environment.
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from typing import Callable
+
+import torch
+
+from pyg_adaqp.comm import MessageLayout, message_nbytes, worker_generator
+
+
+def timeit(fn: Callable[[], object], device: torch.device, repeats: int, warmup: int) -> float:
+    """Median wall time of ``fn`` in seconds."""
+    def sync() -> None:
+        if device.type == 'cuda':
+            torch.cuda.synchronize(device)
+
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        sync()
+        start = time.perf_counter()
+        fn()
+        sync()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
+    parser.add_argument('--device', default='cpu', choices=['cpu', 'cuda'])
+    parser.add_argument('--rows', type=int, default=None,
+                        help='rows of the message (default: 100000 on cpu, 1000000 on cuda)')
+    parser.add_argument('--width', type=int, default=256, help='features per row')
+    parser.add_argument('--threads', type=int, default=1,
+                        help='CPU threads (torch.set_num_threads)')
+    parser.add_argument('--repeats', type=int, default=7)
+    parser.add_argument('--warmup', type=int, default=2)
+    args = parser.parse_args()
+
+    device = torch.device(args.device)
+    rows = args.rows or (100_000 if device.type == 'cpu' else 1_000_000)
+    torch.set_num_threads(args.threads)
+    x = torch.randn(rows, args.width, device=device)
+    gigabytes = x.numel() * 4 / 1e9
+    clone = timeit(x.clone, device, args.repeats, args.warmup)
+
+    print(f"device {device}, torch {torch.__version__}, {torch.get_num_threads()} thread(s), "
+          f"message {rows} x {args.width} float32 ({gigabytes * 1e3:.0f} MB)\n")
+    print("| bits | operation | ms | GB/s of fp32 | x clone() |")
+    print("|---:|---|---:|---:|---:|")
+    print(f"| - | x.clone() | {clone * 1e3:.1f} | {gigabytes / clone:.2f} | 1.00 |")
+    for bits in (2, 4, 8):
+        layout = MessageLayout(torch.full((rows, ), bits), args.width)
+        gen = worker_generator(0, 0, device)
+        buf = layout.pack(x, gen)
+        out = torch.empty_like(x)
+        cases = [
+            ('quantize+pack', lambda: layout.pack(x, gen)),
+            ('quantize+pack into out', lambda: layout.pack(x, gen, out=buf)),
+            ('unpack+dequantize', lambda: layout.unpack(buf)),
+            ('unpack+dequantize into out', lambda: layout.unpack(buf, out=out)),
+        ]
+        for label, fn in cases:
+            t = timeit(fn, device, args.repeats, args.warmup)
+            print(f"| {bits} | {label} | {t * 1e3:.1f} | {gigabytes / t:.2f} | {t / clone:.2f} |")
+
+    widths = (100, 256, 602)
+    print("\nBytes on the wire relative to float32 (headers included):\n")
+    print("| bits | " + " | ".join(f"D={w}" for w in widths) + " |")
+    print("|---:|" + "---:|" * len(widths))
+    for bits in (2, 4, 8):
+        ratios = [message_nbytes(1, w, bits) / message_nbytes(1, w, 32) for w in widths]
+        print(f"| {bits} | " + " | ".join(f"{r:.4f}" for r in ratios) + " |")
+
+
+if __name__ == '__main__':
+    main()

@@ -1,0 +1,389 @@
+r"""The message codec: stochastic integer quantization of message rows
+(AdaQP, `Wan et al., MLSys 2023 <https://arxiv.org/abs/2306.01381>`_) and the
+mixed-width byte buffers exchanged with one peer.
+
+Every row (one node's embedding or embedding gradient) is quantized on its
+own range; see :mod:`pyg_adaqp.comm.packing` for the wire format, the choice
+of bfloat16 headers and the dither's bias bound.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Union
+
+import torch
+from torch import Tensor
+
+from pyg_adaqp.comm.packing import (SUPPORTED_BITS, decode_headers, decode_rows,
+                                    encode_rows, row_bytes, row_headers, row_range)
+
+FULL_PRECISION = 32
+LAYOUT_BITS = SUPPORTED_BITS + (FULL_PRECISION, )
+
+
+class NonFiniteMessageError(ValueError):
+    """Raised when a message to quantize holds NaN or infinity."""
+
+
+def message_nbytes(num_rows: int, width: int, bits: int) -> int:
+    r"""Bytes on the wire of ``num_rows`` rows of ``width`` features at
+    ``bits`` bits: :math:`n (\lceil D b / 8 \rceil + 4)` for :math:`b \in
+    \{2, 4, 8\}` (codes plus the two bfloat16 header fields) and :math:`4 n D`
+    for raw float32 (:obj:`bits=32`).
+
+    Args:
+        num_rows (int): Number of rows :math:`n`.
+        width (int): Feature width :math:`D`.
+        bits (int): Bit width, one of 2, 4, 8 or 32.
+    """
+    _check_bits(bits, LAYOUT_BITS)
+    if num_rows < 0 or width < 0:
+        raise ValueError(f"num_rows and width must be non-negative, got {num_rows} and {width}")
+    if bits == FULL_PRECISION:
+        return num_rows * width * 4
+    return num_rows * (row_bytes(width, bits) + 4)
+
+
+def worker_generator(seed: int, rank: int,
+                     device: Union[str, torch.device] = 'cpu') -> torch.Generator:
+    r"""Returns the quantization noise generator of worker ``rank``.
+
+    The seed is a SplitMix64 hash of ``(seed, rank)``: a run is reproducible
+    and neighbouring ranks or seeds get unrelated streams.
+
+    Args:
+        seed (int): Seed of the run.
+        rank (int): Rank of the worker (:obj:`>= 0`).
+        device (str or torch.device, optional): Device of the generator; it
+            must match the device of the messages. (default: :obj:`"cpu"`)
+    """
+    if rank < 0:
+        raise ValueError(f"rank must be non-negative, got {rank}")
+    mask = (1 << 64) - 1
+
+    def splitmix64(z: int) -> int:
+        z = (z + 0x9E3779B97F4A7C15) & mask
+        z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & mask
+        z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & mask
+        return z ^ (z >> 31)
+
+    return torch.Generator(device).manual_seed(splitmix64(splitmix64(seed & mask) ^ rank))
+
+
+@dataclass
+class QuantizedMessage:
+    r"""A message of :math:`n` rows quantized at ``bits`` bits.
+
+    Args:
+        payload (torch.Tensor): Packed codes, uint8 ``[n, ceil(D b / 8)]``,
+            little-endian: code :math:`j` sits in byte :math:`\lfloor jb/8
+            \rfloor` at bit :math:`jb \bmod 8`.
+        lo (torch.Tensor): Per-row offset, bfloat16 ``[n]``.
+        scale (torch.Tensor): Per-row step :math:`\Delta`, bfloat16 ``[n]``;
+            a set sign bit marks a constant row, whose float32 value the
+            header carries (see :mod:`pyg_adaqp.comm.packing`).
+        shape (tuple[int, int]): Shape :math:`(n, D)` of the message.
+        bits (int): Bit width, one of 2, 4 or 8.
+    """
+    payload: Tensor
+    lo: Tensor
+    scale: Tensor
+    shape: tuple[int, int]
+    bits: int
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes on the wire, :func:`message_nbytes` of the message."""
+        return message_nbytes(self.shape[0], self.shape[1], self.bits)
+
+    def to(self, device: Union[str, torch.device]) -> QuantizedMessage:
+        """Returns the message with its tensors on ``device``."""
+        return QuantizedMessage(self.payload.to(device), self.lo.to(device),
+                                self.scale.to(device), self.shape, self.bits)
+
+
+@torch.no_grad()
+def quantize(x: Tensor, bits: int, generator: Optional[torch.Generator] = None,
+             name: str = 'message', dither: Optional[Tensor] = None) -> QuantizedMessage:
+    r"""Quantizes every row of ``x`` to ``bits`` bits with unbiased stochastic
+    rounding on its own range (see :mod:`pyg_adaqp.comm.packing`).
+
+    Args:
+        x (torch.Tensor): Float message ``[n, D]`` on any device.
+        bits (int): Bit width, one of 2, 4 or 8.
+        generator (torch.Generator, optional): Generator of the dither, on
+            ``x``'s device, e.g. from :func:`worker_generator`.
+            (default: :obj:`None`: the device's default generator)
+        name (str, optional): Name of the message in error messages, e.g.
+            :obj:`"layer 1 forward"`. (default: :obj:`"message"`)
+        dither (torch.Tensor, optional): Uniform :math:`[0, 1)` float32 noise
+            ``[n, D]`` to round with instead of drawing it; with it the codes
+            are a deterministic function of the input on every device.
+            (default: :obj:`None`)
+
+    Raises:
+        NonFiniteMessageError: If ``x`` holds NaN or infinity.
+        ValueError: If a row's range exceeds the float32 range.
+    """
+    _check_bits(bits, SUPPORTED_BITS)
+    _check_message(x, generator)
+    if dither is not None and (dither.shape != x.shape or dither.dtype != torch.float32
+                               or dither.device != x.device):
+        raise ValueError(f"dither must be float32 {tuple(x.shape)} on {x.device}, got "
+                         f"{dither.dtype} {tuple(dither.shape)} on {dither.device}")
+    lo, hi = row_range(x)
+    _check_finite(lo, hi, name)
+    headers = row_headers(lo, hi, bits, name)
+    payload = torch.empty(x.size(0), row_bytes(x.size(1), bits), dtype=torch.uint8,
+                          device=x.device)
+    encode_rows(x, headers, bits, payload, generator=generator, dither=dither)
+    return QuantizedMessage(payload, headers.lo, headers.scale, (x.size(0), x.size(1)), bits)
+
+
+@torch.no_grad()
+def dequantize(msg: QuantizedMessage, dtype: torch.dtype = torch.float32,
+               out: Optional[Tensor] = None) -> Tensor:
+    r"""Decodes a :class:`QuantizedMessage`: :math:`\hat{x}_{ij} = l_i +
+    \Delta_i q_{ij}`, exactly :math:`v` for a constant row of :math:`v`.
+
+    Args:
+        msg (QuantizedMessage): The message.
+        dtype (torch.dtype, optional): Float dtype of the result.
+            (default: :obj:`torch.float32`)
+        out (torch.Tensor, optional): Tensor ``[n, D]`` to write into, e.g.
+            the halo block; its dtype overrides ``dtype``. (default: :obj:`None`)
+    """
+    n, width = msg.shape
+    if msg.payload.shape != (n, row_bytes(width, msg.bits)):
+        raise ValueError(f"payload of shape {tuple(msg.payload.shape)} does not hold "
+                         f"{n} x {width} codes at {msg.bits} bits")
+    out = _output(out, n, width, dtype, msg.payload.device)
+    lo, scale = decode_headers(msg.lo, msg.scale, msg.payload[:, 0])
+    decode_rows(msg.payload, lo, scale, msg.bits, out)
+    return out
+
+
+class MessageLayout:
+    r"""The byte layout of a mixed-width message to one peer.
+
+    Rows are bucketed by bit width; the buffer holds the raw float32 rows,
+    then the bfloat16 ``lo`` and ``scale`` fields of the 2-, 4- and 8-bit
+    buckets, then their packed codes (this order keeps every typed segment
+    aligned). Sender and receiver build the same layout from the same
+    ``bits_per_row``, exchanged once per bit assignment, so a step exchanges
+    nothing but the buffer.
+
+    Args:
+        bits_per_row (torch.LongTensor): Bit width of every row ``[n]``, each
+            one of 2, 4, 8 or 32 (raw float32).
+        width (int): Feature width :math:`D`.
+    """
+    def __init__(self, bits_per_row: Tensor, width: int):
+        if bits_per_row.dim() != 1 or bits_per_row.is_floating_point():
+            raise ValueError(f"bits_per_row must be a 1-D integer tensor, got "
+                             f"{bits_per_row.dtype} of shape {tuple(bits_per_row.shape)}")
+        if width < 1:
+            raise ValueError(f"width must be positive, got {width}")
+        bits_per_row = bits_per_row.long().cpu()
+        bad = ~torch.isin(bits_per_row, torch.tensor(LAYOUT_BITS))
+        if bool(bad.any()):
+            raise ValueError(f"bits_per_row must take values in {LAYOUT_BITS}, got "
+                             f"{sorted(set(bits_per_row[bad].tolist()))}")
+        self.bits_per_row, self.width, self.num_rows = bits_per_row, width, bits_per_row.numel()
+        self.counts = {b: int((bits_per_row == b).sum()) for b in LAYOUT_BITS}
+        # Index tensors, kept on CPU and copied once to each device used.
+        self._index: dict[Union[int, str], Tensor] = {
+            b: (bits_per_row == b).nonzero().view(-1) for b in LAYOUT_BITS
+            if 0 < self.counts[b] < self.num_rows}
+        self._index['quantized'] = bits_per_row != FULL_PRECISION
+        self._index_on: dict[tuple[Union[int, str], torch.device], Tensor] = {}
+        # Byte offsets: raw float32 rows, then lo/scale fields, then codes.
+        self._header_at, self._payload_at = {}, {}
+        at = self.counts[FULL_PRECISION] * width * 4
+        for b in SUPPORTED_BITS:
+            self._header_at[b] = at
+            at += 4 * self.counts[b]
+        for b in SUPPORTED_BITS:
+            self._payload_at[b] = at
+            at += self.counts[b] * row_bytes(width, b)
+        self.nbytes = at
+
+    def __repr__(self) -> str:
+        counts = {b: c for b, c in self.counts.items() if c}
+        return (f"{self.__class__.__name__}(rows={self.num_rows}, width={self.width}, "
+                f"bits={counts}, nbytes={self.nbytes})")
+
+    def rows(self, bits: int, device: Union[str, torch.device] = 'cpu') -> Optional[Tensor]:
+        """Rows at ``bits`` bits in order, on ``device``; :obj:`None` when the
+        bucket is empty or the whole message (no gather needed)."""
+        return self._on(bits, torch.device(device)) if bits in self._index else None
+
+    def _on(self, key: Union[int, str], device: torch.device) -> Tensor:
+        if (key, device) not in self._index_on:
+            self._index_on[(key, device)] = self._index[key].to(device)
+        return self._index_on[(key, device)]
+
+    @torch.no_grad()
+    def pack(self, x: Tensor, generator: Optional[torch.Generator] = None, name: str = 'message',
+             out: Optional[Tensor] = None,
+             return_range: bool = False) -> Union[Tensor, tuple[Tensor, Tensor]]:
+        r"""Quantizes and packs ``x`` into one uint8 buffer of :attr:`nbytes`.
+
+        Args:
+            x (torch.Tensor): Float message ``[n, D]``, rows in layout order.
+            generator (torch.Generator, optional): Generator of the dither;
+                the 2-, 4- and 8-bit buckets draw from it in that order.
+                (default: :obj:`None`: the device's default generator)
+            name (str, optional): Name of the message in error messages.
+                (default: :obj:`"message"`)
+            out (torch.Tensor, optional): uint8 buffer ``[nbytes]`` to write
+                into, e.g. a slice of a persistent send buffer.
+                (default: :obj:`None`)
+            return_range (bool, optional): If set, also returns the float32
+                per-row range :math:`\max_j x_j - \min_j x_j` ``[n]`` that
+                the bit allocator traces. (default: :obj:`False`)
+
+        Raises:
+            NonFiniteMessageError: If a row to quantize (any row, with
+                ``return_range``) holds NaN or infinity.
+        """
+        _check_message(x, generator)
+        if tuple(x.shape) != (self.num_rows, self.width):
+            raise ValueError(f"{name!r}: expected a message of shape "
+                             f"{(self.num_rows, self.width)}, got {tuple(x.shape)}")
+        buf = _buffer(out, self.nbytes, x.device, 'out')
+        quantized = [b for b in SUPPORTED_BITS if self.counts[b]]
+        lo = hi = None
+        if quantized or return_range:
+            lo, hi = row_range(x)
+            _check_finite(lo, hi, name, None if return_range else self._on('quantized', x.device))
+
+        if self.counts[FULL_PRECISION]:
+            rows = self.rows(FULL_PRECISION, x.device)
+            raw = x if rows is None else x.index_select(0, rows)
+            _write(self._segment(buf, 0, FULL_PRECISION), raw.float())
+        for b in quantized:
+            rows = self.rows(b, x.device)
+            n = self.counts[b]
+            headers = row_headers(_take(lo, rows), _take(hi, rows), b, name)
+            _write(buf[self._header_at[b]:self._header_at[b] + 2 * n], headers.lo)
+            _write(buf[self._header_at[b] + 2 * n:self._header_at[b] + 4 * n], headers.scale)
+            encode_rows(x, headers, b, self._segment(buf, self._payload_at[b], b), rows=rows,
+                        generator=generator)
+        return (buf, hi - lo) if return_range else buf
+
+    @torch.no_grad()
+    def unpack(self, buffer: Tensor, dtype: torch.dtype = torch.float32,
+               out: Optional[Tensor] = None) -> Tensor:
+        r"""Decodes a buffer made by :meth:`pack` into ``[n, D]``, original
+        row order.
+
+        Args:
+            buffer (torch.Tensor): uint8 buffer ``[nbytes]``.
+            dtype (torch.dtype, optional): Float dtype of the result.
+                (default: :obj:`torch.float32`)
+            out (torch.Tensor, optional): Tensor ``[n, D]`` to write into, e.g.
+                the halo block; its dtype overrides ``dtype``. (default: :obj:`None`)
+        """
+        buffer = _buffer(buffer, self.nbytes, buffer.device, 'buffer')
+        out = _output(out, self.num_rows, self.width, dtype, buffer.device)
+        if self.counts[FULL_PRECISION]:
+            raw = _read(self._segment(buffer, 0, FULL_PRECISION), torch.float32)
+            raw = raw.view(-1, self.width)
+            rows = self.rows(FULL_PRECISION, buffer.device)
+            if rows is None:
+                out.copy_(raw)
+            else:
+                out.index_copy_(0, rows, raw.to(out.dtype))
+        for b in SUPPORTED_BITS:
+            n = self.counts[b]
+            if n == 0:
+                continue
+            lo = _read(buffer[self._header_at[b]:self._header_at[b] + 2 * n], torch.bfloat16)
+            scale = _read(buffer[self._header_at[b] + 2 * n:self._header_at[b] + 4 * n],
+                          torch.bfloat16)
+            payload = self._segment(buffer, self._payload_at[b], b)
+            lo, scale = decode_headers(lo, scale, payload[:, 0])
+            decode_rows(payload, lo, scale, b, out, rows=self.rows(b, buffer.device))
+        return out
+
+    def _segment(self, buf: Tensor, at: int, bits: int) -> Tensor:
+        """The bytes of the ``bits`` bucket's rows, as ``[rows, bytes per row]``."""
+        per_row = self.width * 4 if bits == FULL_PRECISION else row_bytes(self.width, bits)
+        return buf[at:at + self.counts[bits] * per_row].view(-1, per_row)
+
+
+def _check_bits(bits: int, allowed: tuple[int, ...]) -> None:
+    if bits not in allowed:
+        raise ValueError(f"bits must be one of {allowed}, got {bits!r}")
+
+
+def _check_message(x: Tensor, generator: Optional[torch.Generator]) -> None:
+    if not isinstance(x, Tensor) or x.dim() != 2:
+        raise ValueError(f"a message must be a 2-D tensor [rows, features], got "
+                         f"{getattr(x, 'shape', type(x))}")
+    if not x.is_floating_point():
+        raise TypeError(f"a message must have a floating-point dtype, got {x.dtype}")
+    if x.size(1) == 0:
+        raise ValueError("a message must have at least one feature column")
+    if generator is not None and generator.device.type != x.device.type:
+        raise ValueError(f"generator on {generator.device} cannot draw noise for a "
+                         f"message on {x.device}")
+
+
+def _check_finite(lo: Tensor, hi: Tensor, name: str, rows: Optional[Tensor] = None) -> None:
+    bad = ~(torch.isfinite(lo) & torch.isfinite(hi))
+    if rows is not None:
+        bad &= rows
+    if bool(bad.any()):
+        index = bad.nonzero().view(-1)
+        i = int(index[0])
+        raise NonFiniteMessageError(
+            f"message {name!r} holds non-finite values in {index.numel()} of {lo.numel()} "
+            f"rows (first: row {i}, min {float(lo[i])}, max {float(hi[i])})")
+
+
+def _take(v: Tensor, rows: Optional[Tensor]) -> Tensor:
+    return v if rows is None else v[rows]
+
+
+def _output(out: Optional[Tensor], n: int, width: int, dtype: torch.dtype,
+            device: torch.device) -> Tensor:
+    if out is None:
+        if not dtype.is_floating_point:
+            raise TypeError(f"dtype must be a floating-point type, got {dtype}")
+        return torch.empty(n, width, dtype=dtype, device=device)
+    if tuple(out.shape) != (n, width) or not out.is_floating_point() or out.device != device:
+        raise ValueError(f"out must be a float tensor of shape {(n, width)} on {device}, "
+                         f"got {out.dtype} {tuple(out.shape)} on {out.device}")
+    return out
+
+
+def _buffer(buf: Optional[Tensor], nbytes: int, device: torch.device, what: str) -> Tensor:
+    if buf is None:
+        return torch.empty(nbytes, dtype=torch.uint8, device=device)
+    if buf.dtype != torch.uint8 or buf.dim() != 1 or buf.numel() != nbytes \
+            or not buf.is_contiguous():
+        raise ValueError(f"{what} must be a contiguous 1-D uint8 tensor of {nbytes} bytes, "
+                         f"got {buf.dtype} of shape {tuple(buf.shape)}")
+    if buf.device != device:
+        raise ValueError(f"{what} is on {buf.device}, the message on {device}")
+    return buf
+
+
+def _aligned(seg: Tensor, dtype: torch.dtype) -> bool:
+    return seg.storage_offset() % dtype.itemsize == 0
+
+
+def _write(seg: Tensor, values: Tensor) -> None:
+    """Writes ``values`` into uint8 ``seg`` as raw bytes."""
+    if _aligned(seg, values.dtype):
+        seg.view(values.dtype).view(values.shape).copy_(values)
+    else:  # a slice of a larger buffer at an odd offset: copy the bytes
+        seg.view(-1).copy_(values.contiguous().view(-1).view(torch.uint8))
+
+
+def _read(seg: Tensor, dtype: torch.dtype) -> Tensor:
+    """Reads uint8 ``seg`` as a flat tensor of ``dtype``."""
+    seg = seg.reshape(-1)
+    return (seg if _aligned(seg, dtype) else seg.clone()).view(dtype)
