@@ -8,6 +8,8 @@ import pytest
 import torch
 from torch_geometric.data import Data
 
+from graphs import random_directed_graph
+
 from pyg_adaqp.partition import (
     LocalGraph,
     PartitionError,
@@ -15,24 +17,6 @@ from pyg_adaqp.partition import (
     load_partition,
     partition_graph,
 )
-
-
-def random_directed_graph(num_nodes: int = 120, num_edges: int = 600, seed: int = 0,
-                          weighted: bool = True) -> Data:
-    """Directed multigraph with self loops, duplicate edges and isolated nodes."""
-    g = torch.Generator().manual_seed(seed)
-    # The last 10 nodes get no edge at all.
-    src = torch.randint(num_nodes - 10, (num_edges,), generator=g)
-    dst = torch.randint(num_nodes - 10, (num_edges,), generator=g)
-    src[:5] = dst[:5]                       # a few self loops
-    src[5:8], dst[5:8] = src[8:11], dst[8:11]  # a few duplicates
-    data = Data(edge_index=torch.stack([src, dst]), num_nodes=num_nodes,
-                x=torch.randn(num_nodes, 5, generator=g),
-                y=torch.randint(3, (num_nodes,), generator=g),
-                train_mask=torch.rand(num_nodes, generator=g) < 0.5)
-    if weighted:
-        data.edge_weight = torch.rand(num_edges, generator=g) + 0.5
-    return data
 
 
 def check_partition(data: Data, parts: list[LocalGraph]) -> None:
@@ -79,7 +63,7 @@ def check_partition(data: Data, parts: list[LocalGraph]) -> None:
             assert lg.in_degree[i].item() == pytest.approx(deg, rel=1e-5, abs=1e-5)
             loops = [x for s, d, x in zip(src, dst, w) if d == v and s == v]
             if loops:
-                assert lg.loop_weight[i].item() == pytest.approx(loops[-1], rel=1e-6)
+                assert lg.loop_weight[i].item() == pytest.approx(sum(loops), rel=1e-6)
             else:
                 assert torch.isnan(lg.loop_weight[i])
         # Node attributes follow the owned rows.

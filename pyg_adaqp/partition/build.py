@@ -78,8 +78,10 @@ def _build_local_graphs(edge_index: Tensor, edge_weight: Tensor | None, part: Te
     weight = weight.float()
     is_loop = src == dst
     in_degree = torch.zeros(N).index_add_(0, dst[~is_loop], weight[~is_loop])
-    loop_weight = torch.full((N,), float("nan"))
-    loop_weight[dst[is_loop]] = weight[is_loop]
+    has_loop = torch.zeros(N, dtype=torch.bool)
+    has_loop[dst[is_loop]] = True
+    loop_weight = torch.zeros(N).index_add_(0, dst[is_loop], weight[is_loop])
+    loop_weight[~has_loop] = float("nan")
 
     cross = part[src] != part[dst]
     is_marginal = torch.zeros(N, dtype=torch.bool)

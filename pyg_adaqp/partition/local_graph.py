@@ -51,8 +51,8 @@ class LocalGraph:
             in-edges are not local, so this is what makes GCN's
             normalization exact.
         loop_weight (Tensor): Weight of the self loop the whole graph has at
-            every local row, :obj:`nan` where it has none, shape
-            :obj:`[num_local]`.
+            every local row (the sum, if it has several), :obj:`nan` where it
+            has none, shape :obj:`[num_local]`.
         send_index (dict[int, LongTensor]): Owned rows sent to each peer, in
             the order of the peer's halo slots.
         recv_index (dict[int, LongTensor]): Positions inside the halo block
