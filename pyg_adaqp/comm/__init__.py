@@ -1,5 +1,5 @@
 """Communication: the message codec (quantization and packing of exchanged
-rows) used by the halo exchange."""
+rows), the transport, and the halo exchange built on both."""
 from pyg_adaqp.comm.codec import (
     FULL_PRECISION,
     MessageLayout,
@@ -10,8 +10,15 @@ from pyg_adaqp.comm.codec import (
     quantize,
     worker_generator,
 )
+from pyg_adaqp.comm.exchange import ExchangeStats, HaloExchange, HaloHandle
+from pyg_adaqp.comm.transport import PendingExchange, Transport
 
 __all__ = [
+    'ExchangeStats',
+    'HaloExchange',
+    'HaloHandle',
+    'PendingExchange',
+    'Transport',
     'FULL_PRECISION',
     'MessageLayout',
     'NonFiniteMessageError',

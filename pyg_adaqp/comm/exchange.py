@@ -1,0 +1,324 @@
+"""The halo exchange: boundary rows to the peers that need them, gradients back.
+
+Forward of layer ``l`` (exchange key ``"forward l"``): every worker gathers
+the rows of ``x`` that its peers hold as halo rows (``send_index``), encodes
+them at the assigned bit widths, exchanges, and decodes what arrives into
+its halo block (``recv_index``).  Backward (key ``"backward l"``): the
+gradient arriving at the halo block is encoded and sent back to the owners,
+which add it into the gradient of the rows they sent.  Both directions are
+autograd functions, so the exchange is correct for any graph (directed ones
+included) and any layer that consumes the halo block.
+
+The exchange is split in two autograd functions so that computation can
+overlap communication in both directions (see :meth:`HaloExchange.begin`).
+"""
+from __future__ import annotations
+
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+from torch.autograd import Function
+
+from pyg_adaqp.comm.codec import FULL_PRECISION, MessageLayout
+from pyg_adaqp.comm.transport import PendingExchange, Transport
+from pyg_adaqp.partition import LocalGraph
+
+
+@dataclass
+class ExchangeStats:
+    """Counters of one exchange key, accumulated until :meth:`HaloExchange.reset_stats`.
+
+    Times are in seconds: ``quant_time`` encodes and decodes messages,
+    ``comm_time`` runs from posting an exchange until it is seen complete,
+    ``wait_time`` is the part of it spent blocked (not overlapped).  For
+    forward keys the layer also records its aggregation: ``central_time``
+    for the owned-row part (overlapped with the exchange when overlap is
+    on), ``marginal_time`` for the halo part.
+    """
+    bytes_sent: int = 0
+    bytes_recv: int = 0
+    quant_time: float = 0.0
+    comm_time: float = 0.0
+    wait_time: float = 0.0
+    central_time: float = 0.0
+    marginal_time: float = 0.0
+    calls: int = 0
+
+
+@dataclass
+class _Flight:
+    """One exchange in flight and what is needed to finish it."""
+    pending: PendingExchange | None
+    layouts: dict[int, MessageLayout]
+    stats: ExchangeStats
+    dtype: torch.dtype
+    started: float = field(default_factory=time.perf_counter)
+
+
+class HaloExchange:
+    r"""Exchanges halo rows and their gradients for one worker.
+
+    Args:
+        graph (LocalGraph): This worker's part.
+        group (ProcessGroup, optional): Process group of the exchange; use
+            one apart from the gradient all-reduce's. Ignored when
+            ``graph.num_parts == 1``. (default: the default group)
+        device (torch.device, optional): Device of the exchanged tensors.
+            (default: :obj:`"cpu"`)
+        generator (torch.Generator, optional): Source of the stochastic
+            rounding noise. (default: :obj:`None`)
+    """
+
+    def __init__(self, graph: LocalGraph, group: dist.ProcessGroup | None = None,
+                 device: torch.device | str = "cpu", generator: torch.Generator | None = None):
+        self.graph = graph
+        self.device = torch.device(device)
+        self.generator = generator
+        self.transport = Transport(group) if graph.num_parts > 1 else None
+        if self.transport is not None and self.transport.world_size != graph.num_parts:
+            raise ValueError(f"the exchange's process group has {self.transport.world_size} "
+                             f"workers but the graph has {graph.num_parts} parts")
+        self.send_index = {p: i.to(self.device) for p, i in graph.send_index.items()}
+        self.recv_index = {p: i.to(self.device) for p, i in graph.recv_index.items()}
+        # Peers filling one contiguous run of halo slots (what partition_graph
+        # makes) are decoded straight into the halo block, without a copy.
+        self._recv_slice = {p: _as_slice(i) for p, i in graph.recv_index.items()}
+        self.default_bits = FULL_PRECISION
+        self._bits: dict[str, tuple[dict[int, Tensor], dict[int, Tensor]]] = {}
+        self._layouts: dict[tuple, MessageLayout] = {}
+        self.stats: dict[str, ExchangeStats] = defaultdict(ExchangeStats)
+
+    # --- bit assignment -------------------------------------------------------------------------
+
+    def set_bits(self, key: str, send_bits: dict[int, Tensor], recv_bits: dict[int, Tensor]) -> None:
+        """Sets the width of every row of exchange `key`.
+
+        Args:
+            key (str): Exchange key, e.g. ``"forward 1"`` or ``"backward 1"``.
+            send_bits (dict[int, LongTensor]): Width of every row sent to each
+                peer, in send order.
+            recv_bits (dict[int, LongTensor]): Width of every row received
+                from each peer, in receive order (the peer's `send_bits`).
+        """
+        self._bits[key] = ({p: b.cpu() for p, b in send_bits.items()},
+                           {p: b.cpu() for p, b in recv_bits.items()})
+        self._layouts = {k: v for k, v in self._layouts.items() if k[0] != key}
+
+    def _layout(self, key: str, peer: int, sending: bool, num_rows: int, width: int,
+                quantize: bool) -> MessageLayout:
+        if not quantize:
+            bits = torch.full((num_rows,), FULL_PRECISION, dtype=torch.long)
+            cache_key = ("fp", peer, sending, num_rows, width)
+        else:
+            cache_key = (key, peer, sending, num_rows, width)
+            assigned = self._bits.get(key)
+            if assigned is not None:
+                bits = assigned[0 if sending else 1][peer]
+            else:
+                bits = torch.full((num_rows,), self.default_bits, dtype=torch.long)
+        layout = self._layouts.get(cache_key)
+        if layout is None:
+            if bits.numel() != num_rows:
+                raise ValueError(f"exchange {key!r}: {bits.numel()} bit widths assigned for peer "
+                                 f"{peer}, but {num_rows} rows are exchanged")
+            layout = self._layouts[cache_key] = MessageLayout(bits, width)
+        return layout
+
+    # --- the exchange ---------------------------------------------------------------------------
+
+    def _start(self, key: str, rows: dict[int, Tensor], recv_rows: dict[int, int], width: int,
+               quantize: bool, dtype: torch.dtype) -> _Flight:
+        """Encodes `rows` (one tensor per peer) and posts the exchange."""
+        stats = self.stats[key]
+        stats.calls += 1
+        t0 = time.perf_counter()
+        send, layouts = {}, {}
+        for p, x in rows.items():
+            layout = self._layout(key, p, True, x.size(0), width, quantize)
+            send[p] = layout.pack(x, generator=self.generator, name=f"exchange {key!r}")
+            stats.bytes_sent += int(send[p].numel())
+        recv_bytes = {}
+        for p, n in recv_rows.items():
+            layouts[p] = self._layout(key, p, False, n, width, quantize)
+            recv_bytes[p] = layouts[p].nbytes
+            stats.bytes_recv += recv_bytes[p]
+        t1 = time.perf_counter()
+        stats.quant_time += t1 - t0
+        pending = self.transport.start(send, recv_bytes, self.device) if self.transport else None
+        return _Flight(pending, layouts, stats, dtype, started=t1)
+
+    def _finish(self, flight: _Flight, out: dict[int, Tensor] | None = None
+                ) -> dict[int, Tensor]:
+        """Waits for `flight` and decodes what arrived, by peer (into `out[p]` if given)."""
+        t0 = time.perf_counter()
+        raw = flight.pending.wait() if flight.pending is not None else {}
+        t1 = time.perf_counter()
+        flight.stats.wait_time += t1 - t0
+        flight.stats.comm_time += t1 - flight.started
+        out = out or {}
+        decoded = {p: layout.unpack(raw[p], dtype=flight.dtype, out=out.get(p))
+                   for p, layout in flight.layouts.items() if layout.num_rows}
+        flight.stats.quant_time += time.perf_counter() - t1
+        return decoded
+
+    def start_forward(self, key: str, x: Tensor, quantize: bool) -> _Flight:
+        """Posts the rows of `x` (owned rows) that peers hold as halo rows."""
+        rows = {p: x.index_select(0, i) for p, i in self.send_index.items()}
+        counts = {p: i.numel() for p, i in self.recv_index.items()}
+        return self._start(key, rows, counts, x.size(1), quantize, x.dtype)
+
+    def finish_forward(self, flight: _Flight, width: int) -> Tensor:
+        """The halo block, ``[num_halo, width]``."""
+        # Every halo slot is filled by exactly one peer: no need to zero it.
+        halo = torch.empty(self.graph.num_halo, width, dtype=flight.dtype, device=self.device)
+        into = {p: halo[s] for p, s in self._recv_slice.items() if s is not None}
+        for p, rows in self._finish(flight, into).items():
+            if p not in into:
+                halo.index_copy_(0, self.recv_index[p], rows)
+        return halo
+
+    def start_backward(self, key: str, grad_halo: Tensor, quantize: bool) -> _Flight:
+        """Posts the gradient of every halo row back to its owner."""
+        rows = {p: grad_halo.index_select(0, i) for p, i in self.recv_index.items()}
+        counts = {p: i.numel() for p, i in self.send_index.items()}
+        return self._start(key, rows, counts, grad_halo.size(1), quantize, grad_halo.dtype)
+
+    def finish_backward(self, flight: _Flight, grad_x: Tensor | None) -> Tensor | None:
+        """`grad_x` plus the gradients the peers sent back for our rows.
+
+        With ``grad_x=None`` returns only what the peers sent (or :obj:`None`).
+        """
+        received = self._finish(flight)
+        if not received:
+            return grad_x
+        # Sum what the peers sent first, then add it once: the overlapped and
+        # the sequential path then round identically.
+        some = next(iter(received.values()))
+        total = some.new_zeros(self.graph.num_owned, some.size(1))
+        for p, rows in received.items():
+            total.index_add_(0, self.send_index[p], rows)
+        return total if grad_x is None else grad_x + total
+
+    def exchange(self, key: str, x: Tensor, quantize: bool = False) -> Tensor:
+        """Blocking forward exchange without autograd: the halo block of `x`."""
+        return self.finish_forward(self.start_forward(key, x, quantize), x.size(1))
+
+    def reset_stats(self) -> dict[str, ExchangeStats]:
+        """Returns the counters so far and starts new ones."""
+        stats, self.stats = dict(self.stats), defaultdict(ExchangeStats)
+        return stats
+
+    # --- autograd -------------------------------------------------------------------------------
+
+    def begin(self, layer: int, x: Tensor, quantize: bool, overlap: bool) -> HaloHandle:
+        """Starts the exchange of layer `layer` and returns a handle.
+
+        Use it as::
+
+            handle = exchange.begin(layer, x, quantize, overlap)
+            out = owned_part(handle.x)      # runs while the rows travel
+            halo = handle.halo()            # waits, returns [num_halo, D]
+            out = out + halo_part(halo)
+
+        Computation on ``handle.x`` between the two calls overlaps the
+        exchange.  In backward, the halo gradient is sent as soon as autograd
+        produces it, and the gradient of the owned part is computed while it
+        travels; with ``overlap=False`` both directions wait at once.
+        """
+        state = _LayerState(self, layer, quantize, overlap, x.size(1))
+        x_alias, token = _PostHalo.apply(x, state)
+        return HaloHandle(x_alias, token, state)
+
+
+@dataclass
+class _LayerState:
+    exchange: HaloExchange
+    layer: int
+    quantize: bool
+    overlap: bool
+    width: int
+    flight: _Flight | None = None
+    grad_received: _Flight | None = None
+
+
+class HaloHandle:
+    """An exchange begun by :meth:`HaloExchange.begin`."""
+
+    def __init__(self, x: Tensor, token: Tensor, state: _LayerState):
+        self.x = x
+        self._token = token
+        self._state = state
+
+    def halo(self) -> Tensor:
+        """Waits for the exchange and returns the halo block."""
+        return _CollectHalo.apply(self._token, self._state)
+
+
+class _PostHalo(Function):
+    """Forward: posts the send rows. Backward: adds the gradients peers sent back."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, state: _LayerState):
+        ctx.state = state
+        state.flight = state.exchange.start_forward(f"forward {state.layer}", x.detach(),
+                                                    state.quantize)
+        if not state.overlap:
+            state.flight = _Done(state.exchange.finish_forward(state.flight, state.width))
+        # The token links this function to _CollectHalo in the autograd graph.
+        return x.view_as(x), x.new_empty(0)
+
+    @staticmethod
+    def backward(ctx, grad_x: Tensor, grad_token: Tensor):
+        state = ctx.state
+        if state.grad_received is None:
+            # Autograd never reached the halo block (nothing consumed it), but
+            # the peers still send gradients for our rows and expect ours.
+            _CollectHalo.backward(ctx, grad_x.new_zeros(state.exchange.graph.num_halo,
+                                                        state.width))
+        flight, state.grad_received = state.grad_received, None
+        if isinstance(flight, _Done):
+            return grad_x if flight.value is None else grad_x + flight.value, None
+        return state.exchange.finish_backward(flight, grad_x), None
+
+
+class _CollectHalo(Function):
+    """Forward: waits for the halo block. Backward: posts its gradient to the owners."""
+
+    @staticmethod
+    def forward(ctx, token: Tensor, state: _LayerState):
+        ctx.state = state
+        flight, state.flight = state.flight, None
+        if isinstance(flight, _Done):
+            return flight.value
+        return state.exchange.finish_forward(flight, state.width)
+
+    @staticmethod
+    def backward(ctx, grad_halo: Tensor):
+        state = ctx.state
+        ex = state.exchange
+        flight = ex.start_backward(f"backward {state.layer}", grad_halo.contiguous(),
+                                   state.quantize)
+        if not state.overlap:
+            flight = _Done(ex.finish_backward(flight, None))
+        state.grad_received = flight
+        return grad_halo.new_zeros(0), None
+
+
+@dataclass
+class _Done:
+    """A finished exchange's result, for the sequential path."""
+    value: Tensor | None
+
+
+def _as_slice(index: Tensor) -> slice | None:
+    """`index` as a slice if it is a run of consecutive integers, else None."""
+    if index.numel() == 0:
+        return None
+    start = int(index[0])
+    if torch.equal(index, torch.arange(start, start + index.numel())):
+        return slice(start, start + index.numel())
+    return None

@@ -1,0 +1,164 @@
+"""`DistGraph`: what the distributed layers need besides their input rows."""
+from __future__ import annotations
+
+import time
+import weakref
+from contextlib import contextmanager
+from typing import Callable, Iterator
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from pyg_adaqp.comm.exchange import HaloExchange
+from pyg_adaqp.nn.spmm import SparseAdjacency
+from pyg_adaqp.partition import LocalGraph
+
+#: Builds ``(src, dst, weight)`` of the layer's aggregation from a local graph.
+EdgeWeightFn = Callable[[LocalGraph], "tuple[Tensor, Tensor, Tensor]"]
+
+
+class DistGraph:
+    r"""One worker's distributed-graph context for :class:`DistGCNConv` and
+    :class:`DistSAGEConv`.
+
+    It owns the :class:`~pyg_adaqp.comm.HaloExchange`, the aggregation
+    matrices of every normalization the layers ask for (built once), the
+    layer-0 input cache, and the mode switches.  A layer's aggregation is
+
+    .. math::
+        \mathbf{Y} = \mathbf{A}_{\text{own}} \mathbf{X}
+        + \mathbf{A}_{\text{halo}} \mathbf{H}
+
+    with :math:`\mathbf{X}` the owned rows and :math:`\mathbf{H}` the halo
+    block.  Central rows have empty rows in :math:`\mathbf{A}_{\text{halo}}`,
+    so with ``overlap=True`` the first product, which completes every central
+    row, runs while the halo rows travel.
+
+    Args:
+        graph (LocalGraph): This worker's part.
+        exchange (HaloExchange, optional): The exchange to use; by default
+            one is built over `group`. (default: :obj:`None`)
+        group (ProcessGroup, optional): Process group of the exchange, kept
+            apart from the gradient all-reduce's. (default: the default group)
+        device (torch.device, optional): Device of the layers' tensors.
+            (default: :obj:`"cpu"`)
+        quantize (bool, optional): Whether training exchanges are quantized
+            (at the exchange's bit assignment). (default: :obj:`False`)
+        overlap (bool, optional): Whether the owned part is aggregated while
+            the halo rows travel. (default: :obj:`True`)
+        cache_input_halo (bool, optional): Whether a layer input that needs no
+            gradient (the input features) is exchanged once, at full
+            precision, and reused while it is the same, unchanged tensor.
+            :obj:`False` resends it at every call, as the original AdaQP does.
+            (default: :obj:`True`)
+        generator (torch.Generator, optional): Rounding noise of the
+            quantizer. (default: :obj:`None`)
+    """
+
+    def __init__(self, graph: LocalGraph, exchange: HaloExchange | None = None, *,
+                 group: dist.ProcessGroup | None = None, device: torch.device | str = "cpu",
+                 quantize: bool = False, overlap: bool = True, cache_input_halo: bool = True,
+                 generator: torch.Generator | None = None):
+        self.graph = graph
+        self.device = torch.device(device)
+        self.exchange = exchange or HaloExchange(graph, group, self.device, generator)
+        self.quantize = quantize
+        self.overlap = overlap
+        self.cache_input_halo = cache_input_halo
+        self._layers: dict[int, int] = {}
+        self._adjacency: dict[tuple, tuple[SparseAdjacency, SparseAdjacency]] = {}
+        self._input_halo: dict[int, tuple[weakref.ref, int, Tensor]] = {}
+
+    @property
+    def num_owned(self) -> int:
+        return self.graph.num_owned
+
+    def layer_index(self, module: torch.nn.Module) -> int:
+        """A layer's exchange index, given in the order layers are first called."""
+        return self._layers.setdefault(id(module), len(self._layers))
+
+    @contextmanager
+    def full_precision(self) -> Iterator[None]:
+        """Exchanges at full precision inside the block (evaluation passes)."""
+        quantize, self.quantize = self.quantize, False
+        try:
+            yield
+        finally:
+            self.quantize = quantize
+
+    def adjacency(self, key: tuple, weights: EdgeWeightFn, dtype: torch.dtype
+                  ) -> tuple[SparseAdjacency, SparseAdjacency]:
+        """``(A_own, A_halo)`` for the normalization `key`, built once by `weights`."""
+        cache_key = (*key, dtype)
+        if cache_key not in self._adjacency:
+            g = self.graph
+            src, dst, w = weights(g)
+            src, dst, w = src.to(self.device), dst.to(self.device), w.to(self.device, dtype)
+            own = src < g.num_owned
+            a_own = SparseAdjacency(src[own], dst[own], w[own], (g.num_owned, g.num_owned))
+            a_halo = SparseAdjacency(src[~own] - g.num_owned, dst[~own], w[~own],
+                                     (g.num_owned, g.num_halo))
+            self._adjacency[cache_key] = (a_own, a_halo)
+        return self._adjacency[cache_key]
+
+    def caches_input(self, module: torch.nn.Module, x: Tensor) -> bool:
+        """Whether :meth:`aggregate` will take `x`'s halo block from the input cache.
+
+        Layers aggregate such an input before transforming it, since its
+        exchange costs nothing after the first.
+        """
+        if not self.cache_input_halo or x.requires_grad:
+            return False
+        if torch.is_grad_enabled():
+            return True
+        cached = self._input_halo.get(self.layer_index(module))
+        return cached is not None and cached[0]() is x and cached[1] == x._version
+
+    def aggregate(self, module: torch.nn.Module, x: Tensor, key: tuple,
+                  weights: EdgeWeightFn) -> Tensor:
+        """Aggregates over all in-edges of the owned rows, exchanging halo rows.
+
+        Args:
+            module (torch.nn.Module): The calling layer (names its exchange).
+            x (Tensor): Owned rows, ``[num_owned, D]``.
+            key (tuple): Names the normalization built by `weights`.
+            weights (callable): Builds ``(src, dst, weight)`` in local ids.
+
+        Returns:
+            Tensor: ``[num_owned, D]``.
+        """
+        if x.size(0) != self.graph.num_owned:
+            raise ValueError(f"{type(module).__name__} got {x.size(0)} rows, but this worker "
+                             f"owns {self.graph.num_owned} nodes")
+        layer = self.layer_index(module)
+        a_own, a_halo = self.adjacency(key, weights, x.dtype)
+        if self.caches_input(module, x):
+            halo = self._cached_input_halo(layer, x)
+            return a_own.matmul(x) + a_halo.matmul(halo)
+        handle = self.exchange.begin(layer, x, quantize=self.quantize, overlap=self.overlap)
+        stats = self.exchange.stats[f"forward {layer}"]
+        t0 = time.perf_counter()
+        out = a_own.matmul(handle.x)       # overlaps the exchange
+        t1 = time.perf_counter()
+        halo = handle.halo()
+        t2 = time.perf_counter()
+        out = out + a_halo.matmul(halo)
+        stats.central_time += t1 - t0
+        stats.marginal_time += time.perf_counter() - t2
+        return out
+
+    def _cached_input_halo(self, layer: int, x: Tensor) -> Tensor:
+        """The halo block of an input needing no gradient, exchanged once per tensor.
+
+        Under ``torch.no_grad()`` every activation needs no gradient, so
+        there only a tensor already cached is reused (see
+        :meth:`caches_input`).  Every worker makes the same choice, because
+        it depends only on what the training loop passes to all of them.
+        """
+        cached = self._input_halo.get(layer)
+        if cached is not None and cached[0]() is x and cached[1] == x._version:
+            return cached[2]
+        halo = self.exchange.exchange(f"input {layer}", x, quantize=False)
+        self._input_halo[layer] = (weakref.ref(x), x._version, halo)
+        return halo
