@@ -47,6 +47,7 @@ class ExchangeStats:
     central_time: float = 0.0
     marginal_time: float = 0.0
     calls: int = 0
+    rows_by_bits: dict[int, int] = field(default_factory=dict)  #: rows sent at each width
 
 
 @dataclass
@@ -110,21 +111,22 @@ class HaloExchange:
 
     def _layout(self, key: str, peer: int, sending: bool, num_rows: int, width: int,
                 quantize: bool) -> MessageLayout:
-        if not quantize:
-            bits = torch.full((num_rows,), FULL_PRECISION, dtype=torch.long)
-            cache_key = ("fp", peer, sending, num_rows, width)
+        """The layout of one message, built once per (assignment, peer, shape)."""
+        assigned = self._bits.get(key) if quantize else None
+        if assigned is not None:
+            widths = "assigned"
         else:
-            cache_key = (key, peer, sending, num_rows, width)
-            assigned = self._bits.get(key)
-            if assigned is not None:
-                bits = assigned[0 if sending else 1][peer]
-            else:
-                bits = torch.full((num_rows,), self.default_bits, dtype=torch.long)
+            widths = self.default_bits if quantize else FULL_PRECISION
+        cache_key = (key, widths, peer, sending, num_rows, width)
         layout = self._layouts.get(cache_key)
         if layout is None:
-            if bits.numel() != num_rows:
-                raise ValueError(f"exchange {key!r}: {bits.numel()} bit widths assigned for peer "
-                                 f"{peer}, but {num_rows} rows are exchanged")
+            if assigned is not None:
+                bits = assigned[0 if sending else 1][peer]
+                if bits.numel() != num_rows:
+                    raise ValueError(f"exchange {key!r}: {bits.numel()} bit widths assigned for "
+                                     f"peer {peer}, but {num_rows} rows are exchanged")
+            else:
+                bits = torch.full((num_rows,), widths, dtype=torch.long)
             layout = self._layouts[cache_key] = MessageLayout(bits, width)
         return layout
 
@@ -141,6 +143,9 @@ class HaloExchange:
             layout = self._layout(key, p, True, x.size(0), width, quantize)
             send[p] = layout.pack(x, generator=self.generator, name=f"exchange {key!r}")
             stats.bytes_sent += int(send[p].numel())
+            for bits, count in layout.counts.items():
+                if count:
+                    stats.rows_by_bits[bits] = stats.rows_by_bits.get(bits, 0) + count
         recv_bytes = {}
         for p, n in recv_rows.items():
             layouts[p] = self._layout(key, p, False, n, width, quantize)

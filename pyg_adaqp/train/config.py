@@ -1,0 +1,134 @@
+"""Structured configuration of a training run (validated Hydra dataclasses).
+
+Every field is documented and checked in ``__post_init__``, so a bad value
+fails at start-up with a message that names the field.  The YAML files under
+``conf/`` select and override these defaults; :func:`register_configs` puts
+the schemas into Hydra's ``ConfigStore`` so the YAML is validated against
+them.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from hydra.core.config_store import ConfigStore
+
+MODES = ("vanilla", "adaqp", "adaqp_q", "adaqp_p")
+SCHEMES = ("uniform", "random")
+MODELS = ("gcn", "sage")
+BITS = (2, 4, 8)
+
+
+def _check(ok: bool, field_name: str, message: str) -> None:
+    if not ok:
+        raise ValueError(f"config field {field_name!r}: {message}")
+
+
+@dataclass
+class DatasetConfig:
+    """Which graph to train on."""
+    name: str = "synthetic"            #: dataset name for ``load_dataset``
+    root: Optional[str] = None         #: folder with the raw files (offline loading)
+    options: dict[str, Any] = field(default_factory=dict)  #: extra ``load_dataset`` options
+
+    def __post_init__(self) -> None:
+        from pyg_adaqp.data import DATASET_NAMES
+        _check(self.name.lower() in DATASET_NAMES, "dataset.name",
+               f"unknown dataset {self.name!r}; known: {', '.join(DATASET_NAMES)}")
+
+
+@dataclass
+class ModelConfig:
+    """The GNN: a stack of distributed convolutions."""
+    name: str = "gcn"                  #: ``gcn`` (DistGCNConv) or ``sage`` (DistSAGEConv)
+    num_layers: int = 3                #: number of convolutions
+    hidden_channels: int = 256         #: width of the hidden layers
+    dropout: float = 0.5               #: dropout between layers
+    layer_norm: bool = True            #: LayerNorm before each hidden ReLU
+
+    def __post_init__(self) -> None:
+        _check(self.name in MODELS, "model.name", f"must be one of {MODELS}, got {self.name!r}")
+        _check(self.num_layers >= 1, "model.num_layers", f"must be >= 1, got {self.num_layers}")
+        _check(self.hidden_channels >= 1, "model.hidden_channels",
+               f"must be >= 1, got {self.hidden_channels}")
+        _check(0.0 <= self.dropout < 1.0, "model.dropout", f"must be in [0, 1), got {self.dropout}")
+
+
+@dataclass
+class ModeConfig:
+    """How messages travel (SPEC 7b): quantized or not, overlapped or not."""
+    name: str = "adaqp"                #: ``vanilla``, ``adaqp``, ``adaqp_q`` or ``adaqp_p``
+    quantize: bool = True              #: quantize training exchanges
+    overlap: bool = True               #: aggregate owned rows while halo rows travel
+    cache_input: bool = True           #: exchange the input features' halo once (beyond the original)
+
+    def __post_init__(self) -> None:
+        _check(self.name in MODES, "mode.name", f"must be one of {MODES}, got {self.name!r}")
+
+
+@dataclass
+class AssignConfig:
+    """Bit widths of quantized messages."""
+    scheme: str = "uniform"            #: ``uniform`` (every message at ``bits``) or ``random``
+    bits: int = 8                      #: width of the uniform scheme
+    cycle: int = 10                    #: epochs between re-assignments (random: redraw)
+
+    def __post_init__(self) -> None:
+        _check(self.scheme in SCHEMES, "assign.scheme",
+               f"must be one of {SCHEMES}, got {self.scheme!r}")
+        _check(self.bits in BITS, "assign.bits", f"must be one of {BITS}, got {self.bits}")
+        _check(self.cycle >= 1, "assign.cycle", f"must be >= 1, got {self.cycle}")
+
+
+@dataclass
+class TrainerConfig:
+    """The training loop."""
+    epochs: int = 100                  #: training epochs
+    lr: float = 0.01                   #: Adam learning rate
+    weight_decay: float = 0.0          #: Adam weight decay
+    eval_every: int = 1                #: evaluate (full precision) every this many epochs
+    target_val: Optional[float] = None  #: report the training time to reach this val metric
+    timeout_s: float = 120.0           #: bound on every collective and on start-up
+    num_threads: int = 1               #: torch threads per worker
+    progress: bool = True              #: progress bar on rank 0
+    plots: bool = True                 #: write PNG plots at the end
+
+    def __post_init__(self) -> None:
+        _check(self.epochs >= 1, "trainer.epochs", f"must be >= 1, got {self.epochs}")
+        _check(self.lr > 0, "trainer.lr", f"must be > 0, got {self.lr}")
+        _check(self.weight_decay >= 0, "trainer.weight_decay",
+               f"must be >= 0, got {self.weight_decay}")
+        _check(self.eval_every >= 1, "trainer.eval_every", f"must be >= 1, got {self.eval_every}")
+        _check(self.timeout_s > 0, "trainer.timeout_s", f"must be > 0, got {self.timeout_s}")
+        _check(self.num_threads >= 1, "trainer.num_threads",
+               f"must be >= 1, got {self.num_threads}")
+
+
+@dataclass
+class Config:
+    """A whole run."""
+    dataset: DatasetConfig = field(default_factory=DatasetConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    mode: ModeConfig = field(default_factory=ModeConfig)
+    assign: AssignConfig = field(default_factory=AssignConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    world_size: int = 2                #: local workers to start (ignored under torchrun)
+    device: str = "cpu"                #: ``cpu`` or ``cuda``
+    seed: int = 0                      #: seeds the model, partitioning and quantization noise
+    partition_dir: Optional[str] = None  #: where parts are written/read (default: run dir)
+
+    def __post_init__(self) -> None:
+        _check(self.world_size >= 1, "world_size", f"must be >= 1, got {self.world_size}")
+        _check(self.device in ("cpu", "cuda"), "device",
+               f"must be 'cpu' or 'cuda', got {self.device!r}")
+
+
+def register_configs() -> None:
+    """Registers the schema with Hydra's ConfigStore.
+
+    ``conf/config.yaml`` lists ``config_schema`` first in its defaults, so
+    every YAML value and command-line override is type-checked against
+    :class:`Config`; the range checks run in ``__post_init__`` when the
+    trainer turns the composed config into these dataclasses.
+    """
+    ConfigStore.instance().store(name="config_schema", node=Config)

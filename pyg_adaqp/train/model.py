@@ -1,0 +1,43 @@
+"""`DistGNN`: the paper's model, a stack of distributed convolutions."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from pyg_adaqp.nn import DistGCNConv, DistGraph, DistSAGEConv
+
+CONVS = {"gcn": DistGCNConv, "sage": DistSAGEConv}
+
+
+class DistGNN(torch.nn.Module):
+    r"""``num_layers`` convolutions with LayerNorm, ReLU and dropout between them.
+
+    Args:
+        conv (str): ``"gcn"`` or ``"sage"``.
+        in_channels (int): Input feature width.
+        hidden_channels (int): Hidden width.
+        out_channels (int): Number of outputs (classes).
+        num_layers (int, optional): Number of convolutions. (default: :obj:`3`)
+        dropout (float, optional): Dropout between layers. (default: :obj:`0.5`)
+        layer_norm (bool, optional): LayerNorm before each hidden ReLU.
+            (default: :obj:`True`)
+    """
+
+    def __init__(self, conv: str, in_channels: int, hidden_channels: int, out_channels: int,
+                 num_layers: int = 3, dropout: float = 0.5, layer_norm: bool = True):
+        super().__init__()
+        widths = [in_channels] + [hidden_channels] * (num_layers - 1) + [out_channels]
+        self.convs = torch.nn.ModuleList(
+            CONVS[conv](a, b) for a, b in zip(widths[:-1], widths[1:]))
+        self.norms = torch.nn.ModuleList(
+            torch.nn.LayerNorm(hidden_channels) if layer_norm else torch.nn.Identity()
+            for _ in range(num_layers - 1))
+        self.dropout = dropout
+
+    def forward(self, x: Tensor, graph: DistGraph) -> Tensor:
+        for i, conv in enumerate(self.convs):
+            x = conv(x, graph)
+            if i < len(self.norms):
+                x = F.dropout(self.norms[i](x).relu(), p=self.dropout, training=self.training)
+        return x
