@@ -89,6 +89,9 @@ class HaloExchange:
         # makes) are decoded straight into the halo block, without a copy.
         self._recv_slice = {p: _as_slice(i) for p, i in graph.recv_index.items()}
         self.default_bits = FULL_PRECISION
+        #: Optional observer of quantized messages: ``tracer.record(key, peer, ranges)``
+        #: gets the per-row range ``max - min`` of every quantized message sent.
+        self.tracer = None
         self._bits: dict[str, tuple[dict[int, Tensor], dict[int, Tensor]]] = {}
         self._layouts: dict[tuple, MessageLayout] = {}
         self.stats: dict[str, ExchangeStats] = defaultdict(ExchangeStats)
@@ -141,7 +144,12 @@ class HaloExchange:
         send, layouts = {}, {}
         for p, x in rows.items():
             layout = self._layout(key, p, True, x.size(0), width, quantize)
-            send[p] = layout.pack(x, generator=self.generator, name=f"exchange {key!r}")
+            if quantize and self.tracer is not None:
+                send[p], ranges = layout.pack(x, generator=self.generator,
+                                              name=f"exchange {key!r}", return_range=True)
+                self.tracer.record(key, p, ranges)
+            else:
+                send[p] = layout.pack(x, generator=self.generator, name=f"exchange {key!r}")
             stats.bytes_sent += int(send[p].numel())
             for bits, count in layout.counts.items():
                 if count:

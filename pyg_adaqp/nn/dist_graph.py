@@ -69,6 +69,8 @@ class DistGraph:
         self._layers: dict[int, int] = {}
         self._adjacency: dict[tuple, tuple[SparseAdjacency, SparseAdjacency]] = {}
         self._input_halo: dict[int, tuple[weakref.ref, int, Tensor]] = {}
+        #: ``(A_own, A_halo)`` each layer aggregated with, by layer index.
+        self.layer_adjacency: dict[int, tuple[SparseAdjacency, SparseAdjacency]] = {}
 
     @property
     def num_owned(self) -> int:
@@ -132,7 +134,7 @@ class DistGraph:
             raise ValueError(f"{type(module).__name__} got {x.size(0)} rows, but this worker "
                              f"owns {self.graph.num_owned} nodes")
         layer = self.layer_index(module)
-        a_own, a_halo = self.adjacency(key, weights, x.dtype)
+        a_own, a_halo = self.layer_adjacency[layer] = self.adjacency(key, weights, x.dtype)
         if self.caches_input(module, x):
             halo = self._cached_input_halo(layer, x)
             return a_own.matmul(x) + a_halo.matmul(halo)

@@ -83,7 +83,7 @@ class AssignConfig:
 @dataclass
 class TrainerConfig:
     """The training loop."""
-    epochs: int = 100                  #: training epochs
+    epochs: int = 60                   #: training epochs
     lr: float = 0.01                   #: Adam learning rate
     weight_decay: float = 0.0          #: Adam weight decay
     eval_every: int = 1                #: evaluate (full precision) every this many epochs
