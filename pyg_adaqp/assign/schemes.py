@@ -43,12 +43,15 @@ class RandomBits:
         if cycle < 1:
             raise ValueError(f"cycle must be >= 1, got {cycle}")
         self.num_layers, self.cycle, self.seed = num_layers, cycle, seed
+        self._drawn: int | None = None  # the cycle whose widths the exchange holds
 
     def on_epoch_start(self, epoch: int, graph: DistGraph) -> None:
-        if epoch % self.cycle:
+        redraw = epoch // self.cycle
+        if redraw == self._drawn:
             return
+        self._drawn = redraw
         lg = graph.graph
-        me, redraw = lg.rank, epoch // self.cycle
+        me = lg.rank
         for layer in range(self.num_layers):
             # forward: we send our send_index rows; backward: we send our halo rows back.
             for key, send_rows, recv_rows in (

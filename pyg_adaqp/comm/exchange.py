@@ -88,7 +88,8 @@ class HaloExchange:
         # Peers filling one contiguous run of halo slots (what partition_graph
         # makes) are decoded straight into the halo block, without a copy.
         self._recv_slice = {p: _as_slice(i) for p, i in graph.recv_index.items()}
-        self.default_bits = FULL_PRECISION
+        #: Width of quantized rows of keys without an assignment (:meth:`set_bits`).
+        self.default_bits = 8
         #: Optional observer of quantized messages: ``tracer.record(key, peer, ranges)``
         #: gets the per-row range ``max - min`` of every quantized message sent.
         self.tracer = None

@@ -43,8 +43,9 @@ class DistGraph:
             apart from the gradient all-reduce's. (default: the default group)
         device (torch.device, optional): Device of the layers' tensors.
             (default: :obj:`"cpu"`)
-        quantize (bool, optional): Whether training exchanges are quantized
-            (at the exchange's bit assignment). (default: :obj:`False`)
+        quantize (bool, optional): Whether training exchanges are quantized,
+            at the exchange's bit assignment (by default every row at
+            ``exchange.default_bits``, 8). (default: :obj:`False`)
         overlap (bool, optional): Whether the owned part is aggregated while
             the halo rows travel. (default: :obj:`True`)
         cache_input_halo (bool, optional): Whether a layer input that needs no

@@ -88,6 +88,8 @@ class TrainerConfig:
     weight_decay: float = 0.0          #: Adam weight decay
     eval_every: int = 1                #: evaluate (full precision) every this many epochs
     target_val: Optional[float] = None  #: report the training time to reach this val metric
+    checkpoint_every: int = 0          #: write a checkpoint every this many epochs (0: never)
+    resume: Optional[str] = None       #: checkpoint file, or directory (newest valid one), to resume
     timeout_s: float = 120.0           #: bound on every collective and on start-up
     num_threads: int = 1               #: torch threads per worker
     progress: bool = True              #: progress bar on rank 0
@@ -100,6 +102,8 @@ class TrainerConfig:
                f"must be >= 0, got {self.weight_decay}")
         _check(self.eval_every >= 1, "trainer.eval_every", f"must be >= 1, got {self.eval_every}")
         _check(self.timeout_s > 0, "trainer.timeout_s", f"must be > 0, got {self.timeout_s}")
+        _check(self.checkpoint_every >= 0, "trainer.checkpoint_every",
+               f"must be >= 0, got {self.checkpoint_every}")
         _check(self.num_threads >= 1, "trainer.num_threads",
                f"must be >= 1, got {self.num_threads}")
 

@@ -83,7 +83,7 @@ def run_worker(rank: int, world_size: int, cfg: Config, run_dir: Path, part_dir:
         if rank == 0:
             report = RunReport(cfg, run_dir, world_size, progress=cfg.trainer.progress)
         ctx = WorkerContext(rank, world_size, device, exchange_group)
-        Trainer(cfg, graph, ctx, report).fit()
+        Trainer(cfg, graph, ctx, report, checkpoint_dir=run_dir / "checkpoints").fit()
         dist.barrier()
     finally:
         dist.destroy_process_group()

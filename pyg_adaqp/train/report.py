@@ -37,6 +37,11 @@ class RunReport:
             from tqdm.auto import tqdm
             self._bar = tqdm(total=cfg.trainer.epochs, desc=f"{cfg.mode.name}", unit="epoch")
 
+    def resume(self, rows: list[dict[str, Any]]) -> None:
+        """Starts from the rows of a resumed run's earlier epochs."""
+        for row in rows:
+            self.epoch(row)
+
     def epoch(self, row: dict[str, Any]) -> None:
         self.rows.append(row)
         self._metrics.write(json.dumps(row) + "\n")

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -14,6 +15,7 @@ from pyg_adaqp.assign import RandomBits, UniformBits
 from pyg_adaqp.comm import worker_generator
 from pyg_adaqp.nn import DistGraph
 from pyg_adaqp.partition import LocalGraph
+from pyg_adaqp.train.checkpoint import CheckpointError, load_resume_point, save_checkpoint
 from pyg_adaqp.train.config import Config
 from pyg_adaqp.train.model import DistGNN
 from pyg_adaqp.train.report import RunReport
@@ -49,8 +51,9 @@ class Trainer:
     """
 
     def __init__(self, cfg: Config, graph: LocalGraph, ctx: WorkerContext,
-                 report: RunReport | None = None):
+                 report: RunReport | None = None, checkpoint_dir: Path | None = None):
         self.cfg, self.ctx, self.report = cfg, ctx, report
+        self.checkpoint_dir = checkpoint_dir
         dev = ctx.device
         self.x = graph.x.to(dev)
         self.multi_label = graph.y.dim() == 2
@@ -147,11 +150,46 @@ class Trainer:
             metric = c[:, 0] / c[:, 1].clamp(min=1)
         return dict(zip(SPLITS, metric.tolist()))
 
+    def _state(self, epoch: int) -> dict | None:
+        """The checkpoint after `epoch` (on rank 0; every rank's random state in it)."""
+        rng = {"torch": torch.get_rng_state(),
+               "quant": self.graph.exchange.generator.get_state()}
+        states: list = [rng]
+        if self.ctx.world_size > 1:
+            states = [None] * self.ctx.world_size
+            dist.all_gather_object(states, rng)
+        if self.report is None:
+            return None
+        return {"epoch": epoch, "model": self.model.state_dict(),
+                "optimizer": self.optimizer.state_dict(), "scheme": self.scheme.state_dict(),
+                "rng": states, "rows": self.report.rows, "rows_by_bits": self.rows_by_bits}
+
+    def _resume(self, path: str) -> int:
+        """Restores a checkpoint; returns the first epoch still to run."""
+        source, state = load_resume_point(path)
+        if len(state["rng"]) != self.ctx.world_size:
+            raise CheckpointError(f"checkpoint {source} was written by {len(state['rng'])} "
+                                  f"workers, this run has {self.ctx.world_size}")
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        if hasattr(self.scheme, "load_state_dict"):
+            self.scheme.load_state_dict(state["scheme"])
+        rng = state["rng"][self.ctx.rank]
+        torch.set_rng_state(rng["torch"])
+        self.graph.exchange.generator.set_state(rng["quant"])
+        self.rows_by_bits = state["rows_by_bits"]
+        if self.report is not None:
+            self.report.resume(state["rows"])
+        return state["epoch"] + 1
+
     def fit(self) -> None:
         """Trains for ``trainer.epochs`` epochs; rank 0 reports every epoch."""
         tc = self.cfg.trainer
         last_eval = {s: float("nan") for s in SPLITS}
-        for epoch in range(tc.epochs):
+        start = self._resume(tc.resume) if tc.resume else 0
+        if self.report is not None and self.report.rows:
+            last_eval = {s: self.report.rows[-1][s] for s in SPLITS}
+        for epoch in range(start, tc.epochs):
             row = self.train_epoch(epoch)
             sums = self._all_reduce(torch.tensor([row["loss"], row["bytes_sent"]]))
             times = self._all_reduce(torch.tensor([row[k] for k in TIMES]), dist.ReduceOp.MAX)
@@ -161,6 +199,10 @@ class Trainer:
                 self.report.epoch({"epoch": epoch, "loss": float(sums[0]), **last_eval,
                                    **dict(zip(TIMES, times.tolist())),
                                    "bytes_sent": int(sums[1])})
+            if tc.checkpoint_every and (epoch + 1) % tc.checkpoint_every == 0:
+                state = self._state(epoch)
+                if state is not None:
+                    save_checkpoint(self.checkpoint_dir, epoch, state)
         hist = self._bits_histogram()
         if self.report is not None:
             self.report.finish(hist)
