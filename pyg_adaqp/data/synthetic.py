@@ -26,6 +26,7 @@ def synthetic_graph(
     feature_noise: float = 2.0,
     degree_exponent: float = 2.5,
     directed: bool = False,
+    multi_label: bool = False,
     train_ratio: float = 0.6,
     val_ratio: float = 0.2,
     seed: int = 0,
@@ -50,6 +51,11 @@ def synthetic_graph(
             \theta^{-\gamma}`. (default: :obj:`2.5`)
         directed (bool, optional): If :obj:`False`, every edge is stored in
             both directions. (default: :obj:`False`)
+        multi_label (bool, optional): If :obj:`True`, ``y`` is a 2-D float
+            tensor ``[num_nodes, num_classes]`` (like Yelp's): every node
+            carries its class's label, plus the label of the next class
+            with probability 1/2 (learnable from the class) and every other
+            label with probability 0.05 (noise). (default: :obj:`False`)
         train_ratio (float, optional): Fraction of nodes in the training
             split. (default: :obj:`0.6`)
         val_ratio (float, optional): Fraction of nodes in the validation
@@ -94,6 +100,14 @@ def synthetic_graph(
     x += centroids[y]
 
     train_mask, val_mask, test_mask = random_split_masks(num_nodes, train_ratio, val_ratio, seed)
+    if multi_label:
+        labels = (torch.rand(num_nodes, num_classes, generator=gen) < 0.05).float()
+        labels[torch.arange(num_nodes), y] = 1.0
+        nxt = (y + 1) % num_classes
+        labels[torch.arange(num_nodes), nxt] = torch.maximum(
+            labels[torch.arange(num_nodes), nxt],
+            (torch.rand(num_nodes, generator=gen) < 0.5).float())
+        y = labels
     return Data(
         x=x, y=y, edge_index=edge_index, num_nodes=num_nodes, num_classes=num_classes,
         train_mask=train_mask, val_mask=val_mask, test_mask=test_mask,
