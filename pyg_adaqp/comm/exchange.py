@@ -197,7 +197,8 @@ class HaloExchange:
 
     def start_backward(self, key: str, grad_halo: Tensor, quantize: bool) -> _Flight:
         """Posts the gradient of every halo row back to its owner."""
-        rows = {p: grad_halo.index_select(0, i) for p, i in self.recv_index.items()}
+        rows = {p: grad_halo[self._recv_slice[p]] if self._recv_slice[p] is not None
+                else grad_halo.index_select(0, i) for p, i in self.recv_index.items()}
         counts = {p: i.numel() for p, i in self.send_index.items()}
         return self._start(key, rows, counts, grad_halo.size(1), quantize, grad_halo.dtype)
 
