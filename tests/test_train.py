@@ -35,7 +35,7 @@ def read_run(run_dir: Path) -> tuple[list[dict], dict]:
     ("dataset", sorted(p.stem for p in (CONF / "dataset").glob("*.yaml"))),
     ("model", ["gcn", "sage"]),
     ("mode", ["vanilla", "adaqp", "adaqp_q", "adaqp_p"]),
-    ("assign", ["uniform", "random"]),
+    ("assign", ["uniform", "random", "adaptive"]),
     ("trainer", ["default"]),
 ])
 def test_every_config_composes(group, options):

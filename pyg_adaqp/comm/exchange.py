@@ -90,8 +90,8 @@ class HaloExchange:
         self._recv_slice = {p: _as_slice(i) for p, i in graph.recv_index.items()}
         #: Width of quantized rows of keys without an assignment (:meth:`set_bits`).
         self.default_bits = 8
-        #: Optional observer of quantized messages: ``tracer.record(key, peer, ranges)``
-        #: gets the per-row range ``max - min`` of every quantized message sent.
+        #: Optional observer of quantized messages: ``tracer.record(key, peer, ranges,
+        #: width)`` gets the per-row range ``max - min`` of every quantized message sent.
         self.tracer = None
         self._bits: dict[str, tuple[dict[int, Tensor], dict[int, Tensor]]] = {}
         self._layouts: dict[tuple, MessageLayout] = {}
@@ -148,7 +148,7 @@ class HaloExchange:
             if quantize and self.tracer is not None:
                 send[p], ranges = layout.pack(x, generator=self.generator,
                                               name=f"exchange {key!r}", return_range=True)
-                self.tracer.record(key, p, ranges)
+                self.tracer.record(key, p, ranges, width)
             else:
                 send[p] = layout.pack(x, generator=self.generator, name=f"exchange {key!r}")
             stats.bytes_sent += int(send[p].numel())

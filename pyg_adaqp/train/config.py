@@ -14,7 +14,7 @@ from typing import Any, Optional
 from hydra.core.config_store import ConfigStore
 
 MODES = ("vanilla", "adaqp", "adaqp_q", "adaqp_p")
-SCHEMES = ("uniform", "random")
+SCHEMES = ("uniform", "random", "adaptive")
 MODELS = ("gcn", "sage")
 BITS = (2, 4, 8)
 
@@ -69,15 +69,20 @@ class ModeConfig:
 @dataclass
 class AssignConfig:
     """Bit widths of quantized messages."""
-    scheme: str = "uniform"            #: ``uniform`` (every message at ``bits``) or ``random``
+    scheme: str = "uniform"            #: ``uniform`` (all at ``bits``), ``random`` or ``adaptive``
     bits: int = 8                      #: width of the uniform scheme
     cycle: int = 10                    #: epochs between re-assignments (random: redraw)
+    group_size: int = 100              #: adaptive: messages of one channel sharing a width
+    coe_lambda: float = 0.5            #: adaptive: weight of variance against time, in [0, 1]
 
     def __post_init__(self) -> None:
         _check(self.scheme in SCHEMES, "assign.scheme",
                f"must be one of {SCHEMES}, got {self.scheme!r}")
         _check(self.bits in BITS, "assign.bits", f"must be one of {BITS}, got {self.bits}")
         _check(self.cycle >= 1, "assign.cycle", f"must be >= 1, got {self.cycle}")
+        _check(self.group_size >= 1, "assign.group_size", f"must be >= 1, got {self.group_size}")
+        _check(0.0 <= self.coe_lambda <= 1.0, "assign.coe_lambda",
+               f"must be in [0, 1], got {self.coe_lambda}")
 
 
 @dataclass

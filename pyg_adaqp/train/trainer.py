@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
-from pyg_adaqp.assign import RandomBits, UniformBits
+from pyg_adaqp.assign import AdaptiveBits, RandomBits, UniformBits
 from pyg_adaqp.comm import worker_generator
 from pyg_adaqp.nn import DistGraph
 from pyg_adaqp.partition import LocalGraph
@@ -74,7 +74,8 @@ class Trainer:
                                generator=worker_generator(cfg.seed, ctx.rank, dev))
         a = cfg.assign
         self.scheme = (UniformBits(a.bits) if a.scheme == "uniform"
-                       else RandomBits(m.num_layers, a.cycle, cfg.seed))
+                       else RandomBits(m.num_layers, a.cycle, cfg.seed) if a.scheme == "random"
+                       else AdaptiveBits(a.cycle, a.group_size, a.coe_lambda))
         self.rows_by_bits: dict[str, dict[int, int]] = {}
         self.num_train = self._all_reduce(torch.tensor([float(self.masks["train"].sum())]))[0]
         if self.num_train == 0:
