@@ -37,6 +37,7 @@ def read_run(run_dir: Path) -> tuple[list[dict], dict]:
     ("mode", ["vanilla", "adaqp", "adaqp_q", "adaqp_p"]),
     ("assign", ["uniform", "random", "adaptive"]),
     ("trainer", ["default"]),
+    ("+experiment", sorted(p.stem for p in (CONF / "experiment").glob("*.yaml"))),
 ])
 def test_every_config_composes(group, options):
     for option in options:
@@ -44,6 +45,9 @@ def test_every_config_composes(group, options):
         assert isinstance(cfg, Config)
         if group == "mode":
             assert cfg.mode.name == option
+        if group == "+experiment":  # the paper's settings
+            assert cfg.assign.scheme == "adaptive" and cfg.model.hidden_channels == 256
+            assert cfg.dataset.name.replace("-", "_") == option
 
 
 @pytest.mark.parametrize("override,field", [
