@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import socket
+import tempfile
 import time
 import traceback
 from datetime import timedelta
@@ -74,8 +75,12 @@ def run_worker(rank: int, world_size: int, cfg: Config, run_dir: Path, part_dir:
     try:
         if prepare and rank == 0:
             prepare_partitions(cfg, part_dir, world_size)
-        dist.barrier()
-        graph = load_partition(part_dir, rank, num_parts=world_size)
+        # Rank 0 checked (or made) the partition against the dataset; every
+        # other rank loads only a part matching that graph, so a stale copy
+        # on another machine is rejected instead of silently used.
+        box = [read_manifest(part_dir)["fingerprint"] if rank == 0 else None]
+        dist.broadcast_object_list(box, src=0)
+        graph = load_partition(part_dir, rank, num_parts=world_size, fingerprint=box[0])
         # The halo exchange gets its own group: its point-to-point traffic and
         # the gradient all-reduce on the default group can never interleave.
         exchange_group = dist.new_group(backend=backend, timeout=timeout)
@@ -116,8 +121,12 @@ def launch(cfg: Config, run_dir: Path) -> None:
         return
     world_size = cfg.world_size
     prepare_partitions(cfg, part_dir, world_size)
-    error_dir = run_dir / ".errors"
-    error_dir.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="adaqp-errors-") as errors:
+        _spawn_and_watch(cfg, run_dir, part_dir, Path(errors))
+
+
+def _spawn_and_watch(cfg: Config, run_dir: Path, part_dir: Path, error_dir: Path) -> None:
+    world_size = cfg.world_size
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     os.environ["MASTER_PORT"] = str(_free_port())
     ctx = mp.get_context("spawn")
