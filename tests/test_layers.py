@@ -8,11 +8,11 @@ import torch
 import torch.distributed as dist
 from torch_geometric.nn import GCNConv, SAGEConv
 
-from dist_utils import run_workers
 from graphs import random_directed_graph
 
 from pyg_adaqp.nn import DistGCNConv, DistGraph, DistSAGEConv
 from pyg_adaqp.partition import partition_graph
+from pyg_adaqp.train.workers import run_workers
 
 PYG = {"gcn": GCNConv, "sage": SAGEConv}
 DIST = {"gcn": DistGCNConv, "sage": DistSAGEConv}

@@ -8,7 +8,6 @@ others and raises an error naming the rank.
 from __future__ import annotations
 
 import os
-import socket
 import tempfile
 import time
 import traceback
@@ -28,6 +27,7 @@ from pyg_adaqp.partition import (
     read_manifest,
 )
 from pyg_adaqp.train.config import Config
+from pyg_adaqp.train.workers import free_port
 
 
 class WorkerFailed(RuntimeError):
@@ -104,12 +104,6 @@ def _spawned(rank: int, world_size: int, cfg: Config, run_dir: Path, part_dir: P
         raise SystemExit(1)
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def launch(cfg: Config, run_dir: Path) -> None:
     """Runs the training job described by `cfg`, writing to `run_dir`."""
     run_dir = Path(run_dir)
@@ -128,7 +122,7 @@ def launch(cfg: Config, run_dir: Path) -> None:
 def _spawn_and_watch(cfg: Config, run_dir: Path, part_dir: Path, error_dir: Path) -> None:
     world_size = cfg.world_size
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    os.environ["MASTER_PORT"] = str(_free_port())
+    os.environ["MASTER_PORT"] = str(free_port())
     ctx = mp.get_context("spawn")
     procs = [ctx.Process(target=_spawned, args=(r, world_size, cfg, run_dir, part_dir,
                                                 error_dir), daemon=False)

@@ -1,13 +1,18 @@
-"""Spawning real `torch.distributed` workers (gloo on loopback) for tests.
+"""Running a function on N local `torch.distributed` workers (gloo on loopback).
 
-Workers always run under a timeout: a broken exchange fails the test
-instead of hanging CI.
+For tests, benchmarks and notebooks that drive the distributed layers
+directly: every worker runs with one intra-op thread (spawn does not set
+``OMP_NUM_THREADS``) and a process-group timeout, and the parent joins them
+with a deadline and kills them past it, so a broken exchange fails instead
+of hanging.  Results travel back as ``torch.save`` files; a failing worker's
+traceback is re-raised in the parent.
 """
 from __future__ import annotations
 
 import os
 import socket
 import tempfile
+import time
 import traceback
 from datetime import timedelta
 from typing import Any, Callable
@@ -18,6 +23,7 @@ import torch.multiprocessing as mp
 
 
 def free_port() -> int:
+    """A TCP port free on 127.0.0.1 right now (a port in use fails rank 0 at once)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -40,10 +46,13 @@ def _entry(rank: int, world_size: int, port: int, out_dir: str, fn: Callable, ar
 
 
 def run_workers(fn: Callable, world_size: int, *args: Any, timeout_s: float = 120.0) -> list:
-    """Runs ``fn(rank, world_size, *args)`` in `world_size` spawned processes.
+    """Runs ``fn(rank, world_size, *args)`` in `world_size` spawned gloo workers.
 
-    Returns the workers' results by rank; raises with the workers' tracebacks
-    if any fails, and kills them all if they do not finish in `timeout_s`.
+    `fn` must be importable by the children (a module-level function of an
+    importable module, or of a script with an ``if __name__ == "__main__":``
+    guard).  Returns the workers' results by rank; raises with the workers'
+    tracebacks if any fails, and kills them all if they are not done
+    `timeout_s` (plus start-up slack) after the start.
     """
     ctx = mp.get_context("spawn")
     with tempfile.TemporaryDirectory() as out_dir:
@@ -53,9 +62,10 @@ def run_workers(fn: Callable, world_size: int, *args: Any, timeout_s: float = 12
                  for r in range(world_size)]
         for p in procs:
             p.start()
-        deadline = timeout_s + 30  # start-up (import torch) on top of the collective timeout
+        # `import torch` costs seconds per process, more when oversubscribed.
+        deadline = time.monotonic() + timeout_s + 30
         for p in procs:
-            p.join(deadline)
+            p.join(max(0.0, deadline - time.monotonic()))
         hung = [r for r, p in enumerate(procs) if p.is_alive()]
         for p in procs:
             if p.is_alive():
@@ -65,7 +75,8 @@ def run_workers(fn: Callable, world_size: int, *args: Any, timeout_s: float = 12
         for r in range(world_size):
             path = os.path.join(out_dir, f"{r}.err")
             if os.path.exists(path):
-                errors.append(f"--- rank {r} ---\n" + open(path).read())
+                with open(path) as f:
+                    errors.append(f"--- rank {r} ---\n" + f.read())
         if errors or hung:
             raise RuntimeError(f"workers failed (hung: {hung})\n" + "\n".join(errors))
         if any(p.exitcode != 0 for p in procs):
