@@ -75,7 +75,7 @@ def test_mistyped_value_is_rejected_by_the_schema():
 @pytest.mark.parametrize("mode", ["vanilla", "adaqp", "adaqp_q", "adaqp_p"])
 def test_each_mode_and_model_runs(tmp_path, mode, model):
     cfg = make_config(*SMALL, f"mode={mode}", f"model={model}", "trainer.epochs=2",
-                      "assign.bits=4", "trainer.plots=true")
+                      "assign=uniform", "assign.bits=4", "trainer.plots=true")
     launch(cfg, tmp_path)
     rows, summary = read_run(tmp_path)
     assert [r["epoch"] for r in rows] == [0, 1]
@@ -103,7 +103,8 @@ def test_quantized_bytes_match_the_codec(tmp_path):
 
     vanilla = make_config(*SMALL, "mode=vanilla", "trainer.epochs=2")
     launch(vanilla, tmp_path / "v")
-    quant = make_config(*SMALL, "mode=adaqp", "assign.bits=4", "trainer.epochs=2")
+    quant = make_config(*SMALL, "mode=adaqp", "assign=uniform", "assign.bits=4",
+                        "trainer.epochs=2")
     launch(quant, tmp_path / "q")
     parts = [load_partition(tmp_path / "q" / "partitions", r) for r in range(2)]
     rows = sum(i.numel() for lg in parts for i in lg.send_index.values())

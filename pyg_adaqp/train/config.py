@@ -69,7 +69,7 @@ class ModeConfig:
 @dataclass
 class AssignConfig:
     """Bit widths of quantized messages."""
-    scheme: str = "uniform"            #: ``uniform`` (all at ``bits``), ``random`` or ``adaptive``
+    scheme: str = "adaptive"           #: ``adaptive``, ``uniform`` (all at ``bits``) or ``random``
     bits: int = 8                      #: width of the uniform scheme
     cycle: int = 10                    #: epochs between re-assignments (random: redraw)
     group_size: int = 100              #: adaptive: messages of one channel sharing a width
