@@ -41,11 +41,11 @@ def prepare_partitions(cfg: Config, part_dir: Path, num_parts: int) -> None:
     fingerprint = graph_fingerprint(data)
     try:
         manifest = read_manifest(part_dir)
-        if (manifest["fingerprint"] == fingerprint and manifest["num_parts"] == num_parts
-                and manifest["seed"] == cfg.seed):
-            return
     except PartitionError:
-        pass  # missing or unreadable: partition anew
+        manifest = None  # missing or unreadable: partition anew
+    if manifest is not None and (manifest["fingerprint"], manifest["num_parts"],
+                                 manifest["seed"]) == (fingerprint, num_parts, cfg.seed):
+        return
     partition_graph(data, num_parts, seed=cfg.seed, out_dir=part_dir)
 
 
