@@ -73,10 +73,6 @@ class DistGraph:
         #: ``(A_own, A_halo)`` each layer aggregated with, by layer index.
         self.layer_adjacency: dict[int, tuple[SparseAdjacency, SparseAdjacency]] = {}
 
-    @property
-    def num_owned(self) -> int:
-        return self.graph.num_owned
-
     def layer_index(self, module: torch.nn.Module) -> int:
         """A layer's exchange index, given in the order layers are first called."""
         return self._layers.setdefault(id(module), len(self._layers))
