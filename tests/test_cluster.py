@@ -1,0 +1,104 @@
+"""The bandwidth-limited cluster of the benchmarks: shaping, failures, teardown.
+
+Network namespaces and ``tc`` need root, which CI and the development
+machines have; elsewhere these tests say why they cannot run.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+sys.path.insert(0, str(BENCHMARKS))
+
+from cluster import Cluster, ClusterError, measure_rate  # noqa: E402
+
+pytestmark = pytest.mark.skipif(os.geteuid() != 0,
+                                reason="network namespaces and tc need root")
+
+
+def netns_names() -> list[str]:
+    out = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+    return [line.split()[0] for line in out.splitlines() if line.strip()]
+
+
+@pytest.mark.timeout(60)
+def test_links_are_rate_limited_and_everything_is_torn_down():
+    with Cluster(2, "20mbit") as cluster:
+        assert set(cluster.host_ns) | {cluster.bridge_ns} <= set(netns_names())
+        # Each host has its own address, reachable from the other host only.
+        res = cluster.run(["ip", "-o", "-4", "addr", "show", "dev", "eth0"], timeout=10)
+        assert [cluster.addr(h.rank) in h.output for h in res] == [True, True]
+        mbit = measure_rate(cluster, seconds=1.5)
+    # Shaping can only slow a stream down: never above the rate (plus the
+    # one bucket of burst), and the link still works.
+    assert 5.0 < mbit < 20.0 * 1.1
+    assert cluster.leftovers() == []
+    assert not [ns for ns in netns_names() if ns.startswith(cluster.prefix)]
+
+
+@pytest.mark.timeout(60)
+def test_a_failing_host_stops_the_others():
+    with Cluster(3, "none") as cluster:
+        t0 = time.monotonic()
+        with pytest.raises(ClusterError, match="host 1 exited with code 3"):
+            cluster.run(["sh", "-c", "if [ {rank} = 1 ]; then echo boom; exit 3; fi; sleep 60"],
+                        timeout=50)
+        assert time.monotonic() - t0 < 20
+    assert cluster.leftovers() == []
+
+
+@pytest.mark.timeout(60)
+def test_the_run_is_bounded_in_time():
+    with Cluster(2, "none") as cluster:
+        with pytest.raises(ClusterError, match="timed out after 2 s"):
+            cluster.run(["sleep", "60"], timeout=2)
+    assert cluster.leftovers() == []
+
+
+def test_bad_rate_is_named():
+    with pytest.raises(ClusterError, match="rate '1 gig' is not of the form"):
+        Cluster(2, "1 gig")
+
+
+@pytest.mark.timeout(60)
+def test_sigterm_tears_the_cluster_down():
+    proc = subprocess.Popen([sys.executable, str(BENCHMARKS / "cluster.py"), "--hosts", "2",
+                             "--rate", "100mbit", "--", "sleep", "61.5"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    prefix = f"adaqp{proc.pid}"
+    deadline = time.monotonic() + 30
+    while not any(ns.startswith(prefix) for ns in netns_names()):
+        assert time.monotonic() < deadline and proc.poll() is None, proc.communicate()
+        time.sleep(0.1)
+    time.sleep(0.5)   # let it start the hosts' commands
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=30)
+    assert proc.returncode == 130 and "stopped by SIGTERM" in err
+    assert not [ns for ns in netns_names() if ns.startswith(prefix)]
+    assert subprocess.run(["pgrep", "-f", "sleep 61.5"], capture_output=True).stdout == b""
+
+
+@pytest.mark.timeout(180)
+def test_training_across_two_hosts(tmp_path):
+    """A real two-node torchrun job over the namespaces' network."""
+    repo = Path(__file__).resolve().parents[1]
+    with Cluster(2, "1gbit") as cluster:
+        cluster.run([sys.executable, "-m", "torch.distributed.run", "--nnodes={hosts}",
+                     "--node-rank={rank}", "--nproc-per-node=1", "--master-addr={master}",
+                     "--master-port=29500", "-m", "pyg_adaqp.train",
+                     f"hydra.run.dir={tmp_path}", "trainer.epochs=3", "trainer.progress=false",
+                     "trainer.plots=false", "dataset.options.num_nodes=600",
+                     "model.hidden_channels=16", "assign=uniform"],
+                    timeout=150, env={"PYTHONPATH": str(repo)})
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["world_size"] == 2 and summary["epochs"] == 3
+    assert summary["bytes_sent_per_epoch"] > 0
+    assert cluster.leftovers() == []
