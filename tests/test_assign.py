@@ -16,18 +16,24 @@ from pyg_adaqp.assign import (
     objective,
     solve_key,
 )
+from pyg_adaqp.assign.cost_model import fit_link
 from pyg_adaqp.assign.milp import TIE_BREAK
 from test_train import SMALL, launch, make_config, read_run
 
 
-def random_problem(seed: int, senders: int = 3, groups: int = 4, width: int = 16):
+def random_problem(seed: int, senders: int = 3, groups: int = 4, width: int = 16,
+                   burst: bool = True):
     rng = np.random.default_rng(seed)
     sender = np.repeat(np.arange(senders), groups)
     rows = rng.integers(1, 50, sender.size)
     coef = rng.lognormal(0, 1.5, sender.size) * rows
+    problem = KeyProblem(width, sender, rows, coef)
+    # Some links pass part of the message unmetered (a token bucket's burst).
+    free = {i: float(rng.choice([0.0, rng.uniform(0, problem.bytes[sender == i, 1].sum())]))
+            if burst else 0.0 for i in range(senders)}
     cost = CostModel({i: float(rng.uniform(1e-9, 1e-8)) for i in range(senders)},
-                     {i: float(rng.uniform(0, 1e-5)) for i in range(senders)})
-    return KeyProblem(width, sender, rows, coef), cost
+                     {i: float(rng.uniform(0, 1e-5)) for i in range(senders)}, free)
+    return problem, cost
 
 
 def test_group_messages_sorts_and_cuts():
@@ -43,6 +49,33 @@ def test_cost_model_is_the_slowest_sender():
     assert cost.predict({}) == 0.0
 
 
+def test_cost_model_lets_free_bytes_through():
+    cost = CostModel({0: 1e-9}, {0: 1e-4}, {0: 250e3})
+    assert cost.predict({0: 100e3}) == pytest.approx(1e-4)          # within the burst
+    assert cost.predict({0: 1.25e6}) == pytest.approx(1e-4 + 1e-3)  # 1 MB over it
+    assert CostModel.from_state_dict(cost.state_dict()) == cost
+    # Checkpoints written before the free bytes existed still load.
+    assert CostModel.from_state_dict({"alpha": {0: 1e-9}, "beta": {0: 0.0}}).free == {}
+
+
+@pytest.mark.parametrize("free", [0.0, 3e5])
+def test_fit_link_recovers_line_and_knot(free):
+    sent = np.array([4, 8, 16, 32, 64, 128, 256, 512, 1024]) * 5000.0
+    took = 2e-4 + 8e-9 * np.maximum(0.0, sent - free)
+    took *= 1 + 0.02 * np.random.default_rng(0).standard_normal(sent.size)  # 2% noise
+    alpha, beta, knot = fit_link(sent, took)
+    assert alpha == pytest.approx(8e-9, rel=0.1)
+    assert beta == pytest.approx(2e-4, rel=0.2)
+    pred = beta + alpha * np.maximum(0.0, sent - knot)
+    assert np.max(np.abs(pred - took) / took) < 0.1
+
+
+def test_fit_link_never_slopes_down():
+    alpha, beta, knot = fit_link(np.array([1e3, 1e4, 1e5, 1e6]),
+                                 np.array([3e-3, 2e-3, 1e-3, 1e-3]))
+    assert alpha >= 0 and beta >= 0 and knot >= 0
+
+
 @pytest.mark.parametrize("seed", range(3))
 def test_lambda_one_keeps_every_group_at_8_bits(seed):
     problem, cost = random_problem(seed)
@@ -53,10 +86,17 @@ def test_lambda_one_keeps_every_group_at_8_bits(seed):
 
 @pytest.mark.parametrize("seed", range(3))
 def test_lambda_zero_minimizes_time(seed):
-    problem, cost = random_problem(seed)
+    # A cost that grows with every byte: only all 2 bits reaches the least time.
+    problem, cost = random_problem(seed, burst=False)
     sol = solve_key(problem, cost, coe_lambda=0.0)
     assert sol.bits.tolist() == [2] * problem.num_groups
     assert sol.objective == pytest.approx(0.0, abs=1e-12)
+    # With free bytes, wider rows may cost no time; the time is still the least.
+    problem, cost = random_problem(seed)
+    sol = solve_key(problem, cost, coe_lambda=0.0)
+    assert sol.objective == pytest.approx(0.0, abs=1e-12)
+    assert objective(problem, cost, sol.bits, 0.0) == pytest.approx(
+        objective(problem, cost, np.full(problem.num_groups, 2), 0.0), abs=1e-12)
 
 
 @pytest.mark.parametrize("seed", range(4))

@@ -31,8 +31,6 @@ from pyg_adaqp.assign.tracer import RangeTracer
 from pyg_adaqp.nn import DistGraph
 
 log = logging.getLogger(__name__)
-#: Width of the rows of the cost model's check (any shared value will do).
-CHECK_WIDTH = 64
 #: Channel (sender, receiver) -> width of every row it carries, in send order.
 ChannelBits = dict[tuple[int, int], Tensor]
 
@@ -86,34 +84,39 @@ class AdaptiveBits:
                 ex.set_bits(key, send, recv)
         if ex.transport is None:
             return  # one worker: nothing is exchanged, nothing to assign
-        if self.cost is None and graph.quantize:
-            self._profile(graph)
         if epoch > 0 and epoch % self.cycle == 0:
             self.reassign(graph)
 
     # --- cost model -----------------------------------------------------------------------------
 
-    def _profile(self, graph: DistGraph) -> None:
-        """Fits and checks the cost model on the exchange's transport (collective)."""
+    def _profile(self, graph: DistGraph, widths: list[int]) -> None:
+        """Fits the cost model on the exchange's transport and checks it with
+        random assignments of the traced keys' `widths` (collective)."""
         lg, transport = graph.graph, graph.exchange.transport
         send = {p: int(i.numel()) for p, i in lg.send_index.items()}
         recv = {p: int(i.numel()) for p, i in lg.recv_index.items()}
         self.cost = profile_cost_model(transport, send, recv, self.profile_repeats)
-        self.cost_check = check_cost_model(self.cost, transport, send, recv, CHECK_WIDTH,
+        self.cost_check = check_cost_model(self.cost, transport, send, recv, widths,
                                            repeats=self.profile_repeats)
         if dist.get_rank() == 0:
-            log.info("cost model: alpha %s s/B, beta %s s; predicted vs measured: %s",
+            log.info("cost model: alpha %s s/B, beta %s s, free %s B; predicted vs measured: %s",
                      {i: f"{a:.3g}" for i, a in self.cost.alpha.items()},
                      {i: f"{b:.3g}" for i, b in self.cost.beta.items()},
+                     {i: f"{f:.3g}" for i, f in self.cost.free.items()},
                      ", ".join(f"{p * 1e3:.3f}/{m * 1e3:.3f} ms" for p, m in self.cost_check))
 
     # --- re-assignment --------------------------------------------------------------------------
 
     def reassign(self, graph: DistGraph) -> None:
         """Gathers traces and scores on rank 0, solves, installs the widths (collective)."""
-        if self.cost is None:
-            self._profile(graph)
         traces = self._tracer.collect() if self._tracer is not None else {}
+        if self.cost is None and graph.quantize:
+            # A worker without messages traced nothing: every worker checks the union.
+            traced = set(self._tracer.widths.values()) if self._tracer is not None else set()
+            everyone: list = [None] * dist.get_world_size()
+            dist.all_gather_object(everyone, traced)
+            widths = sorted(set().union(*everyone))
+            self._profile(graph, widths or [int(graph.graph.x.size(1))])
         mine = {"traces": {k: {p: t.numpy() for p, t in by_peer.items()}
                            for k, by_peer in traces.items()},
                 "widths": dict(self._tracer.widths) if self._tracer is not None else {},

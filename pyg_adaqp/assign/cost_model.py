@@ -6,13 +6,22 @@ fits :math:`\alpha \cdot \mathrm{MB} + \beta` per channel from blocking
 one-pair sends):
 
 .. math::
-    T = \max_i T_i, \qquad T_i = \alpha_i \cdot \mathrm{bytes}_i + \beta_i .
+    T = \max_i T_i, \qquad
+    T_i = \beta_i + \alpha_i \cdot \max(0, \mathrm{bytes}_i - f_i) .
+
+:math:`f_i` is what a link lets through before its rate applies: a rate
+limiter's token bucket (``tc tbf``'s burst, a switch port's buffer) passes
+that many bytes at once after the link was idle, as it is between two
+exchanges.  On a link without one the fit gives :math:`f_i = 0`, the plain
+line.  The model stays convex and piecewise linear, so the MILP keeps it
+exactly (two rows per sender).
 
 :func:`profile_cost_model` times exchanges shaped like the real one (every
-channel of the send plan, at once) at a few sizes and fits
-:math:`\alpha_i, \beta_i` for every worker from its own exchange times;
-:func:`check_cost_model` then compares predicted and measured times of a few
-random bit assignments.
+channel of the send plan, at once) at sizes from 2-bit rows of a narrow key
+to full-precision rows of a wide one, and fits :math:`\alpha_i, \beta_i,
+f_i` for every worker from its own exchange times; :func:`check_cost_model`
+then compares predicted and measured times of random bit assignments of the
+real keys' widths.
 """
 from __future__ import annotations
 
@@ -27,9 +36,9 @@ import torch.distributed as dist
 from pyg_adaqp.comm.codec import message_nbytes
 from pyg_adaqp.comm.transport import Transport
 
-#: Bytes per row of the profiling exchanges: they span 2-bit rows of narrow
-#: layers up to 8-bit rows of wide ones, so the fit interpolates.
-PROFILE_ROW_BYTES = (8, 32, 128, 512)
+#: Bytes per row of the profiling exchanges, on a log scale: from 2-bit rows
+#: of narrow keys up to 8-bit rows of 1024-wide ones, so the fit interpolates.
+PROFILE_ROW_BYTES = (4, 8, 16, 32, 64, 128, 256, 512, 1024)
 
 
 @dataclass
@@ -39,21 +48,60 @@ class CostModel:
     Args:
         alpha (dict[int, float]): Seconds per byte of every sender.
         beta (dict[int, float]): Fixed seconds of every sender.
+        free (dict[int, float], optional): Bytes every sender's link passes
+            before its rate applies (0 when missing).
     """
     alpha: dict[int, float] = field(default_factory=dict)
     beta: dict[int, float] = field(default_factory=dict)
+    free: dict[int, float] = field(default_factory=dict)
+
+    def sender_time(self, sender: int, nbytes: float) -> float:
+        """:math:`T_i` of `sender` sending `nbytes` (> 0)."""
+        over = max(0.0, nbytes - self.free.get(sender, 0.0))
+        return self.beta.get(sender, 0.0) + self.alpha.get(sender, 0.0) * over
 
     def predict(self, bytes_by_sender: dict[int, float]) -> float:
         """Predicted exchange time; a worker that sends nothing costs nothing."""
-        return max((self.alpha.get(i, 0.0) * b + self.beta.get(i, 0.0)
-                    for i, b in bytes_by_sender.items() if b > 0), default=0.0)
+        return max((self.sender_time(i, b) for i, b in bytes_by_sender.items() if b > 0),
+                   default=0.0)
 
     def state_dict(self) -> dict:
-        return {"alpha": dict(self.alpha), "beta": dict(self.beta)}
+        return {"alpha": dict(self.alpha), "beta": dict(self.beta), "free": dict(self.free)}
 
     @classmethod
     def from_state_dict(cls, state: dict) -> CostModel:
-        return cls(dict(state["alpha"]), dict(state["beta"]))
+        return cls(dict(state["alpha"]), dict(state["beta"]), dict(state.get("free", {})))
+
+
+def fit_link(sent: np.ndarray, took: np.ndarray) -> tuple[float, float, float]:
+    """Fits ``took ~ beta + alpha * max(0, sent - free)`` with alpha, beta, free >= 0.
+
+    The knot `free` is searched on a log grid from 0 up to the second
+    largest size (at least two points stay on the slope); for each, weighted
+    least squares minimizes the *relative* error, the one the check reports
+    (times span orders of magnitude).
+
+    Returns:
+        (float, float, float): ``alpha`` (s/B), ``beta`` (s) and ``free`` (B).
+    """
+    sent, took = np.asarray(sent, dtype=np.float64), np.asarray(took, dtype=np.float64)
+    w = 1.0 / np.maximum(took, 1e-9)
+    best, best_err = (0.0, float(np.median(took)), 0.0), np.inf
+    sizes = np.sort(sent[sent > 0])
+    knots = np.geomspace(sizes[0], sizes[-2], 64) if sizes.size > 2 else np.zeros(0)
+    for free in np.r_[0.0, knots]:
+        x = np.maximum(0.0, sent - free)
+        design = np.stack([x, np.ones_like(x)], axis=1) * w[:, None]
+        (alpha, beta), *_ = np.linalg.lstsq(design, took * w, rcond=None)
+        # Noise can tilt the line; time never falls with bytes nor goes below 0.
+        if alpha < 0:
+            alpha, beta = 0.0, float(np.sum(took * w * w) / np.sum(w * w))
+        elif beta < 0:
+            alpha, beta = float(np.sum(x * took * w * w) / max(np.sum(x * x * w * w), 1e-30)), 0.0
+        err = float(np.sum(((alpha * x + beta - took) * w) ** 2))
+        if err < best_err - 1e-12:
+            best, best_err = (float(alpha), float(beta), float(free)), err
+    return best
 
 
 def _timed_exchange(transport: Transport, send_bytes: dict[int, int],
@@ -77,7 +125,7 @@ def _gather(value: object) -> list:
 
 def profile_cost_model(transport: Transport, send_rows: dict[int, int],
                        recv_rows: dict[int, int], repeats: int = 5) -> CostModel:
-    """Fits :math:`\\alpha_i, \\beta_i` of every worker (collective: all call it).
+    """Fits :math:`\\alpha_i, \\beta_i, f_i` of every worker (collective: all call it).
 
     Args:
         transport (Transport): The exchange's transport.
@@ -86,21 +134,17 @@ def profile_cost_model(transport: Transport, send_rows: dict[int, int],
         repeats (int, optional): Timed exchanges per size. (default: :obj:`5`)
     """
     sent, took = [], []
-    for per_row in PROFILE_ROW_BYTES:
+    # Largest first: TCP's congestion window opens on the big transfers, as
+    # it has in training, instead of slowing the first small ones.
+    for per_row in sorted(PROFILE_ROW_BYTES, reverse=True):
         sent.append(per_row * sum(send_rows.values()))
         took.append(_timed_exchange(transport, {p: n * per_row for p, n in send_rows.items()},
                                     {p: n * per_row for p, n in recv_rows.items()}, repeats))
-    alpha, beta = 0.0, 0.0
-    if sent[-1] > 0:
-        alpha, beta = np.polyfit(np.array(sent, dtype=np.float64), np.array(took), 1)
-        # Noise on a fast link can tilt the line; time never falls with bytes.
-        if alpha < 0:
-            alpha, beta = 0.0, float(np.mean(took))
-        elif beta < 0:
-            alpha, beta = float(np.dot(sent, took) / np.dot(sent, sent)), 0.0
-    fits = _gather((float(alpha), float(beta)))
-    return CostModel({i: a for i, (a, _) in enumerate(fits)},
-                     {i: b for i, (_, b) in enumerate(fits)})
+    fit = fit_link(np.array(sent), np.array(took)) if sent[-1] > 0 else (0.0, 0.0, 0.0)
+    fits = _gather(fit)
+    return CostModel({i: a for i, (a, _, _) in enumerate(fits)},
+                     {i: b for i, (_, b, _) in enumerate(fits)},
+                     {i: f for i, (_, _, f) in enumerate(fits)})
 
 
 def _random_bytes(seed: int, trial: int, sender: int, receiver: int, rows: int,
@@ -114,11 +158,12 @@ def _random_bytes(seed: int, trial: int, sender: int, receiver: int, rows: int,
 
 
 def check_cost_model(model: CostModel, transport: Transport, send_rows: dict[int, int],
-                     recv_rows: dict[int, int], width: int = 64, trials: int = 3,
-                     repeats: int = 5, seed: int = 0) -> list[tuple[float, float]]:
-    """Predicted vs measured exchange time of `trials` random assignments (collective).
+                     recv_rows: dict[int, int], widths: list[int], repeats: int = 5,
+                     seed: int = 0) -> list[tuple[float, float]]:
+    """Predicted vs measured exchange time of random assignments (collective).
 
-    Every row of every channel gets a width drawn from {2, 4, 8}; the
+    One trial per entry of `widths` (the feature widths of the real keys):
+    every row of every channel gets a width drawn from {2, 4, 8}; the
     measured time is the slowest worker's median.
 
     Returns:
@@ -126,7 +171,7 @@ def check_cost_model(model: CostModel, transport: Transport, send_rows: dict[int
     """
     rank = transport.rank
     out = []
-    for trial in range(trials):
+    for trial, width in enumerate(widths):
         send = {p: _random_bytes(seed, trial, rank, p, n, width) for p, n in send_rows.items()}
         recv = {p: _random_bytes(seed, trial, p, rank, n, width) for p, n in recv_rows.items()}
         took = _timed_exchange(transport, send, recv, repeats)

@@ -7,8 +7,9 @@ group :math:`g` has :math:`n_g` rows and the summed variance coefficient
 
 .. math::
     V = \sum_{g,b} \frac{C_g}{(2^b - 1)^2} x_{g,b}, \qquad
-    T \ge \alpha_i \sum_{g \in i, b} \mathrm{bytes}(n_g, b)\, x_{g,b} + \beta_i
-    \quad \forall \text{ senders } i, \qquad \sum_b x_{g,b} = 1,
+    T \ge \beta_i + \alpha_i \Big(\sum_{g \in i, b} \mathrm{bytes}(n_g, b)\, x_{g,b}
+    - f_i\Big), \quad T \ge \beta_i \quad \forall \text{ senders } i, \qquad
+    \sum_b x_{g,b} = 1,
 
 minimizing :math:`\lambda \frac{V - V_{\min}}{V_{\max} - V_{\min}} + (1 - \lambda)
 \frac{T - T_{\min}}{T_{\max} - T_{\min}}`.
@@ -206,9 +207,11 @@ def _milp(problem: KeyProblem, cost: CostModel, norm: _Normalizer, coe_lambda: f
 
     one_width = sp.hstack([sp.kron(sp.eye(g, format="csr"), np.ones((1, 3)), format="csr"),
                            sp.csr_matrix((g, 1))], format="csr")
-    # Row s: alpha_s * (bytes_s(x) + fixed bytes_s) / t_scale - t <= -beta_s / t_scale.
+    # Row s: alpha_s * (bytes_s(x) + fixed bytes_s - free_s) / t_scale - t
+    #        <= -beta_s / t_scale, and t >= max beta_s / t_scale (every sender sends).
     alpha = np.array([cost.alpha.get(int(s), 0.0) for s in senders])
     beta = np.array([cost.beta.get(int(s), 0.0) for s in senders])
+    free_bytes = np.array([cost.free.get(int(s), 0.0) for s in senders])
     fixed = np.ones(problem.num_groups, dtype=bool)
     fixed[free] = False
     fixed_bytes = np.zeros(senders.size)
@@ -220,9 +223,10 @@ def _milp(problem: KeyProblem, cost: CostModel, norm: _Normalizer, coe_lambda: f
                                          shape=(senders.size, 3 * g)),
                            sp.csr_matrix(-np.ones((senders.size, 1)))], format="csr")
     constraints = [LinearConstraint(one_width, 1, 1),
-                   LinearConstraint(time_rows, -np.inf, -(beta + alpha * fixed_bytes) / t_scale)]
+                   LinearConstraint(time_rows, -np.inf,
+                                    -(beta + alpha * (fixed_bytes - free_bytes)) / t_scale)]
     integrality = np.r_[np.ones(3 * g), 0]
-    bounds = Bounds(np.zeros(3 * g + 1), np.r_[np.ones(3 * g), np.inf])
+    bounds = Bounds(np.r_[np.zeros(3 * g), beta.max() / t_scale], np.r_[np.ones(3 * g), np.inf])
     res = milp(c, constraints=constraints, integrality=integrality, bounds=bounds,
                options={"time_limit": max(time_limit, 1e-3), "mip_rel_gap": mip_rel_gap})
     if res.x is None:
@@ -258,7 +262,7 @@ def _greedy(problem: KeyProblem, cost: CostModel, norm: _Normalizer,
         choice = np.zeros(g, dtype=np.int64)
         for s, groups, spent, base in steps:
             a, b = cost.alpha.get(int(s), 0.0), cost.beta.get(int(s), 0.0)
-            budget = np.inf if a <= 0 else (cap - b) / a - base
+            budget = np.inf if a <= 0 else (cap - b) / a + cost.free.get(int(s), 0.0) - base
             taken = int(np.searchsorted(spent, budget, side="right"))
             np.add.at(choice, groups[:taken], 1)
         value = norm.objective(problem, cost, choice, coe_lambda)
