@@ -127,11 +127,13 @@ def _offline_root(key: str, spec: _PyGSpec, root: str | os.PathLike, cls: Any) -
     names = _raw_file_names(cls, spec)
     missing = [f for f in names if not (raw_dir / f).is_file()]
     if missing:
+        also = "" if raw_dir == root / "raw" else f"; also looked in {root / 'raw'}"
         raise FileNotFoundError(
             f"dataset {key!r}: raw files not found in {raw_dir} "
-            f"(missing: {', '.join(missing)}). Put PyG's raw files for "
-            f"{spec.cls_name}({spec.name_arg or ''}) there, or pass root=None "
-            f"to let PyG download them into {cache_dir()}.")
+            f"(missing: {', '.join(missing)}{also}). Put the raw files that PyG's "
+            f"torch_geometric.datasets.{spec.cls_name}({spec.name_arg or ''}) downloads "
+            f"there, or leave root unset (dataset.root=null) to let PyG download them "
+            f"into {cache_dir()}.")
     stamp = hashlib.sha1(str(raw_dir).encode())
     for f in names:
         st = (raw_dir / f).stat()
@@ -162,6 +164,12 @@ def _raw_file_names(cls: Any, spec: _PyGSpec) -> list[str]:
 def _load_ogb(key: str, root: str | os.PathLike | None, **opts: Any) -> Data:
     if opts:
         raise TypeError(f"dataset {key!r} takes no options, got {sorted(opts)}")
+    folder = key.replace("-", "_")  # where OGB keeps the dataset under its root
+    if root is not None and not (Path(root).expanduser() / folder).is_dir():
+        raise FileNotFoundError(
+            f"dataset {key!r}: no {folder} folder in {Path(root).expanduser()}. Put the "
+            f"folder that ogb's PygNodePropPredDataset({key!r}) downloads there, or leave "
+            f"root unset (dataset.root=null) to let ogb download it into {cache_dir()}.")
     try:
         from ogb.nodeproppred import PygNodePropPredDataset
     except ImportError as err:

@@ -112,10 +112,12 @@ def load_partition(part_dir: str | os.PathLike, rank: int, *, num_parts: int | N
     manifest = read_manifest(part_dir)
     if num_parts is not None and manifest["num_parts"] != num_parts:
         raise PartitionError(f"partition {part_dir} has {manifest['num_parts']} parts, "
-                             f"expected {num_parts}")
+                             f"expected {num_parts} (one per worker): partition the graph "
+                             f"again with num_parts={num_parts}, or use another directory")
     if fingerprint is not None and manifest["fingerprint"] != fingerprint:
         raise PartitionError(f"partition {part_dir} was made from another graph "
-                             f"(fingerprint {manifest['fingerprint']}, expected {fingerprint})")
+                             f"(fingerprint {manifest['fingerprint']}, expected {fingerprint}): "
+                             f"partition this graph again, or use another directory")
     entry = next((f for f in manifest["files"] if f["rank"] == rank), None)
     if entry is None:
         raise PartitionError(f"partition {part_dir} has no part for rank {rank} "

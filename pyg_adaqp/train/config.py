@@ -106,6 +106,8 @@ class TrainerConfig:
         _check(self.weight_decay >= 0, "trainer.weight_decay",
                f"must be >= 0, got {self.weight_decay}")
         _check(self.eval_every >= 1, "trainer.eval_every", f"must be >= 1, got {self.eval_every}")
+        _check(self.target_val is None or 0.0 <= self.target_val <= 1.0, "trainer.target_val",
+               f"must be in [0, 1] (an accuracy or F1), got {self.target_val}")
         _check(self.timeout_s > 0, "trainer.timeout_s", f"must be > 0, got {self.timeout_s}")
         _check(self.checkpoint_every >= 0, "trainer.checkpoint_every",
                f"must be >= 0, got {self.checkpoint_every}")

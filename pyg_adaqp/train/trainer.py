@@ -1,9 +1,11 @@
 """`Trainer`: one worker's training loop (SPEC 8)."""
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable, Sequence
 
 import torch
 import torch.distributed as dist
@@ -12,7 +14,7 @@ from torch import Tensor
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
 from pyg_adaqp.assign import AdaptiveBits, RandomBits, UniformBits
-from pyg_adaqp.comm import worker_generator
+from pyg_adaqp.comm import NonFiniteMessageError, worker_generator
 from pyg_adaqp.nn import DistGraph
 from pyg_adaqp.partition import LocalGraph
 from pyg_adaqp.train.checkpoint import CheckpointError, load_resume_point, save_checkpoint
@@ -26,6 +28,10 @@ TIMES = ("epoch_time", "comm_time", "quant_time", "wait_time", "central_time", "
          "compute_time", "reduce_time", "assign_time")
 
 
+class DivergenceError(RuntimeError):
+    """Training produced a non-finite loss, gradient or message; the message names the epoch."""
+
+
 @dataclass
 class WorkerContext:
     """Where a worker runs: its rank, device and process groups."""
@@ -33,6 +39,10 @@ class WorkerContext:
     world_size: int
     device: torch.device
     exchange_group: dist.ProcessGroup | None   # halo exchange, apart from the all-reduce
+
+
+#: Called on every worker after each epoch as ``hook(trainer, epoch)``.
+EpochHook = Callable[["Trainer", int], None]
 
 
 class Trainer:
@@ -43,17 +53,36 @@ class Trainer:
     all-reduced gradient equals the gradient of the whole graph's mean loss;
     evaluation passes exchange at full precision.
 
+    Training stops with a :class:`DivergenceError` naming the epoch as soon
+    as the all-reduced gradient or loss is not finite (every worker sees the
+    same reduced values, so all stop together), or a quantized message is
+    (naming its exchange key, i.e. the layer), before the optimizer step or
+    the checkpoint of that epoch: the last checkpoint on disk stays a good
+    one.
+
     Args:
         cfg (Config): The run's configuration.
         graph (LocalGraph): This worker's part.
         ctx (WorkerContext): Rank, device and process groups.
         report (RunReport, optional): Where rank 0 writes metrics.
+            (default: :obj:`None`)
+        checkpoint_dir (Path, optional): Where rank 0 writes checkpoints
+            every ``trainer.checkpoint_every`` epochs. (default: :obj:`None`)
+        on_epoch_end (Sequence[Callable], optional): Hooks called as
+            ``hook(trainer, epoch)`` after each epoch, once its metrics are
+            reported and its checkpoint is written, e.g. to record memory
+            use. (default: :obj:`()`)
+
+    Raises:
+        ValueError: On a worker that owns no training nodes.
     """
 
     def __init__(self, cfg: Config, graph: LocalGraph, ctx: WorkerContext,
-                 report: RunReport | None = None, checkpoint_dir: Path | None = None):
+                 report: RunReport | None = None, checkpoint_dir: Path | None = None,
+                 on_epoch_end: Sequence[EpochHook] = ()):
         self.cfg, self.ctx, self.report = cfg, ctx, report
         self.checkpoint_dir = checkpoint_dir
+        self.on_epoch_end = list(on_epoch_end)
         dev = ctx.device
         self.x = graph.x.to(dev)
         self.multi_label = graph.y.dim() == 2
@@ -77,9 +106,16 @@ class Trainer:
                        else RandomBits(m.num_layers, a.cycle, cfg.seed) if a.scheme == "random"
                        else AdaptiveBits(a.cycle, a.group_size, a.coe_lambda))
         self.rows_by_bits: dict[str, dict[int, int]] = {}
-        self.num_train = self._all_reduce(torch.tensor([float(self.masks["train"].sum())]))[0]
-        if self.num_train == 0:
-            raise ValueError("the dataset has no training nodes (train_mask is all False)")
+        counts = torch.zeros(ctx.world_size)
+        counts[ctx.rank] = float(self.masks["train"].sum())
+        counts = self._all_reduce(counts)
+        if counts[ctx.rank] == 0:
+            # Only the workers concerned raise; the others fail when they leave.
+            raise ValueError(
+                f"worker rank {ctx.rank} owns no training nodes ({int(counts.sum())} in total "
+                f"over {ctx.world_size} workers): every worker needs some; use fewer workers "
+                f"(world_size) or a split with more training nodes")
+        self.num_train = counts.sum()
 
     def _all_reduce(self, t: Tensor, op: dist.ReduceOp = dist.ReduceOp.SUM) -> Tensor:
         t = t.to(self.ctx.device)
@@ -103,13 +139,18 @@ class Trainer:
         t_assign = time.perf_counter() - t0
         self.model.train()
         self.optimizer.zero_grad(set_to_none=False)
-        loss = self._loss(self.model(self.x, self.graph))
-        loss.backward()
+        try:
+            loss = self._loss(self.model(self.x, self.graph))
+            loss.backward()
+        except NonFiniteMessageError as err:  # names the exchange key, i.e. the layer
+            raise DivergenceError(f"training diverged at epoch {epoch}: {err}") from err
         t1 = time.perf_counter()
         grads = [p.grad for p in self.model.parameters()]
         flat = _flatten_dense_tensors(grads)
         if self.ctx.world_size > 1:
             dist.all_reduce(flat)
+        if not bool(torch.isfinite(flat).all()):
+            raise DivergenceError(self._divergence(epoch, float(loss.detach()), flat))
         for g, reduced in zip(grads, _unflatten_dense_tensors(flat, grads)):
             g.copy_(reduced)
         t_reduce = time.perf_counter() - t1
@@ -126,6 +167,15 @@ class Trainer:
             row[name] = sum(getattr(s, name) for s in stats)
         row["compute_time"] = epoch_time - row["quant_time"] - row["wait_time"] - t_reduce
         return row
+
+    def _divergence(self, epoch: int, loss: float, flat: Tensor) -> str:
+        """Names the parameters whose all-reduced gradient is not finite."""
+        named = list(self.model.named_parameters())
+        grads = _unflatten_dense_tensors(flat, [p for _, p in named])
+        bad = [name for (name, _), g in zip(named, grads) if not bool(torch.isfinite(g).all())]
+        return (f"training diverged at epoch {epoch}: the all-reduced gradient is not finite "
+                f"in {len(bad)} of {len(named)} parameters ({', '.join(bad)}); this worker's "
+                f"loss was {loss}")
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
@@ -152,33 +202,43 @@ class Trainer:
         return dict(zip(SPLITS, metric.tolist()))
 
     def _state(self, epoch: int) -> dict | None:
-        """The checkpoint after `epoch` (on rank 0; every rank's random state in it)."""
-        rng = {"torch": torch.get_rng_state(),
-               "quant": self.graph.exchange.generator.get_state()}
-        states: list = [rng]
+        """The checkpoint after `epoch` (on rank 0), with every worker's own state in it.
+
+        Besides the shared model and optimizer, each worker has its random
+        states, its part of the bit-width scheme (e.g. the widths of the
+        rows *it* sends) and its last epoch's row counts per width.
+        """
+        mine = {"torch_rng": torch.get_rng_state(),
+                "quant_rng": self.graph.exchange.generator.get_state(),
+                "scheme": self.scheme.state_dict(), "rows_by_bits": self.rows_by_bits}
+        workers: list = [mine]
         if self.ctx.world_size > 1:
-            states = [None] * self.ctx.world_size
-            dist.all_gather_object(states, rng)
+            workers = [None] * self.ctx.world_size
+            dist.all_gather_object(workers, mine)
         if self.report is None:
             return None
         return {"epoch": epoch, "model": self.model.state_dict(),
-                "optimizer": self.optimizer.state_dict(), "scheme": self.scheme.state_dict(),
-                "rng": states, "rows": self.report.rows, "rows_by_bits": self.rows_by_bits}
+                "optimizer": self.optimizer.state_dict(), "workers": workers,
+                "rows": self.report.rows}
 
     def _resume(self, path: str) -> int:
         """Restores a checkpoint; returns the first epoch still to run."""
         source, state = load_resume_point(path)
-        if len(state["rng"]) != self.ctx.world_size:
-            raise CheckpointError(f"checkpoint {source} was written by {len(state['rng'])} "
+        missing = sorted({"epoch", "model", "optimizer", "workers", "rows"} - state.keys())
+        if missing:
+            raise CheckpointError(f"checkpoint {source} lacks {', '.join(missing)}: it was not "
+                                  f"written by this version of the pyg_adaqp trainer")
+        if len(state["workers"]) != self.ctx.world_size:
+            raise CheckpointError(f"checkpoint {source} was written by {len(state['workers'])} "
                                   f"workers, this run has {self.ctx.world_size}")
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
+        mine = state["workers"][self.ctx.rank]
         if hasattr(self.scheme, "load_state_dict"):
-            self.scheme.load_state_dict(state["scheme"])
-        rng = state["rng"][self.ctx.rank]
-        torch.set_rng_state(rng["torch"])
-        self.graph.exchange.generator.set_state(rng["quant"])
-        self.rows_by_bits = state["rows_by_bits"]
+            self.scheme.load_state_dict(mine["scheme"])
+        torch.set_rng_state(mine["torch_rng"])
+        self.graph.exchange.generator.set_state(mine["quant_rng"])
+        self.rows_by_bits = mine["rows_by_bits"]
         if self.report is not None:
             self.report.resume(state["rows"])
         return state["epoch"] + 1
@@ -193,6 +253,9 @@ class Trainer:
         for epoch in range(start, tc.epochs):
             row = self.train_epoch(epoch)
             sums = self._all_reduce(torch.tensor([row["loss"], row["bytes_sent"]]))
+            if not math.isfinite(float(sums[0])):
+                raise DivergenceError(f"training diverged at epoch {epoch}: the loss summed "
+                                      f"over the workers is {float(sums[0])}")
             times = self._all_reduce(torch.tensor([row[k] for k in TIMES]), dist.ReduceOp.MAX)
             if epoch % tc.eval_every == 0 or epoch == tc.epochs - 1:
                 last_eval = self.evaluate()
@@ -204,6 +267,8 @@ class Trainer:
                 state = self._state(epoch)
                 if state is not None:
                     save_checkpoint(self.checkpoint_dir, epoch, state)
+            for hook in self.on_epoch_end:
+                hook(self, epoch)
         hist = self._bits_histogram()
         if self.report is not None:
             self.report.finish(hist)
