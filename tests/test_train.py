@@ -115,13 +115,22 @@ def test_quantized_bytes_match_the_codec(tmp_path):
     expect_v = 2 * (message_nbytes(rows, hidden, 32) + message_nbytes(rows, 8, 32))
     assert read_run(tmp_path / "q")[0][-1]["bytes_sent"] == expect_q
     assert read_run(tmp_path / "v")[0][-1]["bytes_sent"] == expect_v
+    assert read_run(tmp_path / "q")[1]["exchange_widths"] == {
+        "input 0": 16, "forward 1": hidden, "backward 1": hidden, "forward 2": 8,
+        "backward 2": 8}
 
 
 def test_random_scheme_uses_every_width(tmp_path):
+    from pyg_adaqp.comm import message_nbytes
+
     cfg = make_config(*SMALL, "assign=random", "trainer.epochs=1")
     launch(cfg, tmp_path)
-    _, summary = read_run(tmp_path)
-    hist = summary["bits_histogram"]
+    rows, summary = read_run(tmp_path)
+    hist, widths = summary["bits_histogram"], summary["exchange_widths"]
+    # The bytes sent are the codec's count for the rows at each width.
+    assert rows[0]["bytes_sent"] == sum(message_nbytes(n, widths[key], int(b))
+                                        for key, counts in hist.items()
+                                        for b, n in counts.items())
     # Epoch 0 also sends layer 0's input rows once, at full precision.
     assert set(hist.pop("input 0")) == {"32"}
     for counts in hist.values():

@@ -182,6 +182,12 @@ class AdaptiveBits:
                          "objective": sol.objective, "solve_time": sol.solve_time}
         return bits, hist, info, time.perf_counter() - t0
 
+    def report(self) -> dict:
+        """What the run's summary records: the cost model, its check, the last solve."""
+        return {"cost_model": self.cost.state_dict() if self.cost is not None else None,
+                "cost_check": [list(c) for c in self.cost_check],
+                "last_solve_time": self.last_solve_time, "solve": self.solve_info}
+
     # --- checkpoints ----------------------------------------------------------------------------
 
     def state_dict(self) -> dict:

@@ -1,7 +1,8 @@
 """Bit-width schemes: which width every quantized message row travels at.
 
 A scheme is a trainer callback: :meth:`on_epoch_start` may change the
-exchange's assignment.  Both sides of a message must agree on its layout
+exchange's assignment, :meth:`report` gives what the run's summary records
+of it, and :meth:`state_dict` what a checkpoint keeps.  Both sides of a message must agree on its layout
 without a handshake per step, so every width is a function of values all
 workers share (the configuration, the epoch and the send/receive plan).
 """
@@ -26,6 +27,10 @@ class UniformBits:
 
     def on_epoch_start(self, epoch: int, graph: DistGraph) -> None:
         graph.exchange.default_bits = self.bits
+
+    def report(self) -> dict:
+        """Nothing beyond the configuration to record."""
+        return {}
 
     def state_dict(self) -> dict:
         return {"bits": self.bits}
@@ -68,6 +73,10 @@ class RandomBits:
                                  digest_size=8).digest()
         gen = torch.Generator().manual_seed(int.from_bytes(digest, "little") >> 1)
         return torch.tensor(WIDTHS)[torch.randint(len(WIDTHS), (n,), generator=gen)]
+
+    def report(self) -> dict:
+        """Nothing beyond the configuration to record."""
+        return {}
 
     def state_dict(self) -> dict:
         return {"num_layers": self.num_layers, "cycle": self.cycle, "seed": self.seed}

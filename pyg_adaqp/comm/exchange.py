@@ -47,6 +47,7 @@ class ExchangeStats:
     central_time: float = 0.0
     marginal_time: float = 0.0
     calls: int = 0
+    width: int = 0                   #: feature width of the key's messages
     rows_by_bits: dict[int, int] = field(default_factory=dict)  #: rows sent at each width
 
 
@@ -141,6 +142,7 @@ class HaloExchange:
         """Encodes `rows` (one tensor per peer) and posts the exchange."""
         stats = self.stats[key]
         stats.calls += 1
+        stats.width = width
         t0 = time.perf_counter()
         send, layouts = {}, {}
         for p, x in rows.items():

@@ -51,12 +51,15 @@ class RunReport:
                                   epoch_s=f"{row['epoch_time']:.3f}")
             self._bar.update(1)
 
-    def finish(self, bits_histogram: dict[str, dict[int, int]]) -> dict[str, Any]:
+    def finish(self, bits_histogram: dict[str, dict[int, int]],
+               exchange_widths: dict[str, int] | None = None,
+               assign: dict[str, Any] | None = None) -> dict[str, Any]:
         """Writes ``summary.json`` (and the plots); returns the summary."""
         if self._bar is not None:
             self._bar.close()
         self._metrics.close()
-        summary = summarize(self.rows, self.cfg, self.world_size, bits_histogram)
+        summary = summarize(self.rows, self.cfg, self.world_size, bits_histogram,
+                            exchange_widths, assign)
         (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
         if self.cfg.trainer.plots:
             plot_run(self.rows, bits_histogram, self.run_dir)
@@ -64,7 +67,9 @@ class RunReport:
 
 
 def summarize(rows: list[dict[str, Any]], cfg: Config, world_size: int,
-              bits_histogram: dict[str, dict[int, int]]) -> dict[str, Any]:
+              bits_histogram: dict[str, dict[int, int]],
+              exchange_widths: dict[str, int] | None = None,
+              assign: dict[str, Any] | None = None) -> dict[str, Any]:
     """The run's totals from its per-epoch rows."""
     total_time = sum(r["epoch_time"] for r in rows)
     evaluated = [r for r in rows if not math.isnan(r["val"])]
@@ -104,6 +109,8 @@ def summarize(rows: list[dict[str, Any]], cfg: Config, world_size: int,
         "mean_times": {k: v for k, v in mean.items() if k not in ("epoch_time", "bytes_sent")},
         "bits_histogram": {key: {str(b): n for b, n in sorted(counts.items())}
                            for key, counts in sorted(bits_histogram.items())},
+        "exchange_widths": dict(sorted((exchange_widths or {}).items())),
+        "assign": assign or {},
     }
 
 

@@ -106,6 +106,7 @@ class Trainer:
                        else RandomBits(m.num_layers, a.cycle, cfg.seed) if a.scheme == "random"
                        else AdaptiveBits(a.cycle, a.group_size, a.coe_lambda))
         self.rows_by_bits: dict[str, dict[int, int]] = {}
+        self.exchange_widths: dict[str, int] = {}  #: feature width of every exchange key
         counts = torch.zeros(ctx.world_size)
         counts[ctx.rank] = float(self.masks["train"].sum())
         counts = self._all_reduce(counts)
@@ -159,6 +160,7 @@ class Trainer:
 
         by_key = self.graph.exchange.reset_stats()
         self.rows_by_bits = {k: dict(s.rows_by_bits) for k, s in by_key.items() if s.rows_by_bits}
+        self.exchange_widths.update({k: s.width for k, s in by_key.items() if s.calls})
         stats = by_key.values()
         row = {"loss": float(loss.detach()), "epoch_time": epoch_time, "reduce_time": t_reduce,
                "assign_time": t_assign,
@@ -271,7 +273,7 @@ class Trainer:
                 hook(self, epoch)
         hist = self._bits_histogram()
         if self.report is not None:
-            self.report.finish(hist)
+            self.report.finish(hist, self.exchange_widths, self.scheme.report())
 
     def _bits_histogram(self) -> dict[str, dict[int, int]]:
         """Rows per width of the last training epoch's exchanges, all workers."""
