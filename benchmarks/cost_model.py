@@ -6,7 +6,8 @@ Builds the cluster of ``benchmarks/cluster.py`` and runs one ``torchrun``
 node per host.  Every worker loads its part of a METIS-partitioned synthetic
 graph, so the exchange has the send plan of real training; then, exactly as
 the adaptive allocator does at its first re-assignment, it profiles the cost
-model (all channels at once, sizes on a log scale), and compares predicted
+model (all channels at once, sizes on a log scale from 2-bit rows of the
+narrowest ``--widths`` to 8-bit rows of the widest), and compares predicted
 and measured exchange time (slowest worker, median of ``--repeats``) for
 ``--trials`` random 2/4/8-bit assignments at each message width.  Prints
 the fit of every worker and the predictions' errors.
@@ -29,7 +30,11 @@ def worker(args: argparse.Namespace) -> None:
     import torch
     import torch.distributed as dist
 
-    from pyg_adaqp.assign.cost_model import check_cost_model, profile_cost_model
+    from pyg_adaqp.assign.cost_model import (
+        check_cost_model,
+        profile_cost_model,
+        profile_row_bytes,
+    )
     from pyg_adaqp.comm.transport import Transport
     from pyg_adaqp.partition import load_partition
 
@@ -40,7 +45,8 @@ def worker(args: argparse.Namespace) -> None:
     transport = Transport(dist.new_group(backend="gloo"))
     send = {p: int(i.numel()) for p, i in lg.send_index.items()}
     recv = {p: int(i.numel()) for p, i in lg.recv_index.items()}
-    model = profile_cost_model(transport, send, recv, args.repeats)
+    model = profile_cost_model(transport, send, recv, profile_row_bytes(args.widths),
+                               args.repeats)
     checks = []
     for width in args.widths:
         checks += [(width, *c) for c in check_cost_model(

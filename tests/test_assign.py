@@ -223,3 +223,13 @@ def test_forward_scores_are_sums_of_squared_gcn_weights():
             expect = torch.zeros(data.num_nodes, dtype=torch.float64).index_add_(
                 0, edge_index[0][into], norm[into].double().square())[sent]
             np.testing.assert_allclose(scores[sender.rank], expect.numpy(), rtol=1e-5)
+
+
+def test_profile_sizes_span_the_allocators_choices():
+    from pyg_adaqp.assign.cost_model import profile_row_bytes
+    from pyg_adaqp.comm import message_nbytes
+
+    sizes = profile_row_bytes([8, 256])
+    assert sizes[0] == message_nbytes(1, 8, 2) and sizes[-1] == message_nbytes(1, 256, 8)
+    assert len(sizes) >= 5 and sizes == sorted(set(sizes))
+    assert len(profile_row_bytes([1])) >= 3   # one tiny width: still a slope to fit

@@ -25,7 +25,12 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from pyg_adaqp.assign.cost_model import CostModel, check_cost_model, profile_cost_model
+from pyg_adaqp.assign.cost_model import (
+    CostModel,
+    check_cost_model,
+    profile_cost_model,
+    profile_row_bytes,
+)
 from pyg_adaqp.assign.milp import WIDTHS, KeyProblem, group_messages, solve_key
 from pyg_adaqp.assign.tracer import RangeTracer
 from pyg_adaqp.nn import DistGraph
@@ -95,7 +100,8 @@ class AdaptiveBits:
         lg, transport = graph.graph, graph.exchange.transport
         send = {p: int(i.numel()) for p, i in lg.send_index.items()}
         recv = {p: int(i.numel()) for p, i in lg.recv_index.items()}
-        self.cost = profile_cost_model(transport, send, recv, self.profile_repeats)
+        self.cost = profile_cost_model(transport, send, recv, profile_row_bytes(widths),
+                                       self.profile_repeats)
         self.cost_check = check_cost_model(self.cost, transport, send, recv, widths,
                                            repeats=self.profile_repeats)
         if dist.get_rank() == 0:

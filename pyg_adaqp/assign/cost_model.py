@@ -17,8 +17,8 @@ line.  The model stays convex and piecewise linear, so the MILP keeps it
 exactly (two rows per sender).
 
 :func:`profile_cost_model` times exchanges shaped like the real one (every
-channel of the send plan, at once) at sizes from 2-bit rows of a narrow key
-to full-precision rows of a wide one, and fits :math:`\alpha_i, \beta_i,
+channel of the send plan, at once) at sizes from 2-bit rows of the narrowest
+key to 8-bit rows of the widest, and fits :math:`\alpha_i, \beta_i,
 f_i` for every worker from its own exchange times; :func:`check_cost_model`
 then compares predicted and measured times of random bit assignments of the
 real keys' widths.
@@ -36,9 +36,20 @@ import torch.distributed as dist
 from pyg_adaqp.comm.codec import message_nbytes
 from pyg_adaqp.comm.transport import Transport
 
-#: Bytes per row of the profiling exchanges, on a log scale: from 2-bit rows
-#: of narrow keys up to 8-bit rows of 1024-wide ones, so the fit interpolates.
-PROFILE_ROW_BYTES = (4, 8, 16, 32, 64, 128, 256, 512, 1024)
+#: Sizes profiled between the smallest and the largest message row.
+PROFILE_POINTS = 7
+
+
+def profile_row_bytes(widths: list[int], points: int = PROFILE_POINTS) -> list[int]:
+    """Bytes per row of the profiling exchanges for keys of these feature `widths`.
+
+    A log scale from a 2-bit row of the narrowest key to an 8-bit row of the
+    widest, so the fit interpolates over exactly the sizes the allocator
+    chooses between, and profiling a slow link costs no more than needed.
+    """
+    lo = message_nbytes(1, min(widths), 2)
+    hi = message_nbytes(1, max(widths), 8)
+    return sorted({int(round(b)) for b in np.geomspace(lo, max(hi, 4 * lo), points)})
 
 
 @dataclass
@@ -124,19 +135,22 @@ def _gather(value: object) -> list:
 
 
 def profile_cost_model(transport: Transport, send_rows: dict[int, int],
-                       recv_rows: dict[int, int], repeats: int = 5) -> CostModel:
+                       recv_rows: dict[int, int], row_bytes: list[int],
+                       repeats: int = 5) -> CostModel:
     """Fits :math:`\\alpha_i, \\beta_i, f_i` of every worker (collective: all call it).
 
     Args:
         transport (Transport): The exchange's transport.
         send_rows (dict[int, int]): Rows this worker sends each peer.
         recv_rows (dict[int, int]): Rows it receives from each peer.
+        row_bytes (list[int]): Bytes per row of the profiled sizes (see
+            :func:`profile_row_bytes`).
         repeats (int, optional): Timed exchanges per size. (default: :obj:`5`)
     """
     sent, took = [], []
     # Largest first: TCP's congestion window opens on the big transfers, as
     # it has in training, instead of slowing the first small ones.
-    for per_row in sorted(PROFILE_ROW_BYTES, reverse=True):
+    for per_row in sorted(row_bytes, reverse=True):
         sent.append(per_row * sum(send_rows.values()))
         took.append(_timed_exchange(transport, {p: n * per_row for p, n in send_rows.items()},
                                     {p: n * per_row for p, n in recv_rows.items()}, repeats))
