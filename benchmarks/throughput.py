@@ -178,10 +178,11 @@ def main() -> int:
                                         "config": name, "summary": summary, "rows": rows})
     print("teardown check: no namespace, link or qdisc left")
     (out / "results.json").write_text(json.dumps(results, indent=1))
-    table = report(results, args, time.time() - started)
+    lines = aggregate(results, args)
+    table = report(lines, args, time.time() - started)
     (out / "results.md").write_text(table)
     print(table)
-    plot(results, args, out / "throughput.png")
+    plot(lines, args, out / "throughput.png")
     return 0
 
 
@@ -232,9 +233,8 @@ def aggregate(results: list[dict], args: argparse.Namespace) -> list[dict]:
     return lines
 
 
-def report(results: list[dict], args: argparse.Namespace, wall_s: float) -> str:
-    """The markdown tables."""
-    lines = aggregate(results, args)
+def report(lines: list[dict], args: argparse.Namespace, wall_s: float) -> str:
+    """The markdown tables of the aggregated `lines`."""
     out = [f"command: python {' '.join(sys.argv)}",
            f"machine: {machine_line()}",
            f"cluster: {args.hosts} hosts (network namespaces, one torchrun node and one "
@@ -279,13 +279,12 @@ def _span(lo_hi: tuple[float, float]) -> str:
     return f"{lo:.4f}" if lo == hi else f"{lo:.4f}-{hi:.4f}"
 
 
-def plot(results: list[dict], args: argparse.Namespace, path: Path) -> None:
-    """Throughput ratio and epoch breakdown per configuration."""
+def plot(lines: list[dict], args: argparse.Namespace, path: Path) -> None:
+    """Throughput ratio and epoch breakdown of the aggregated `lines`."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    lines = aggregate(results, args)
     labels = [f"{ln['model']}/{ln['cache']}\n{ln['config']}" for ln in lines]
     fig, (ax1, ax2) = plt.subplots(2, 1, figsize=(max(8, 0.7 * len(lines)), 8), sharex=True)
     ax1.bar(range(len(lines)), [ln["throughput_ratio"] for ln in lines], color="tab:blue")
