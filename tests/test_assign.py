@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import itertools
+import json
 import math
 
 import numpy as np
@@ -12,27 +13,32 @@ from pyg_adaqp.assign import (
     AdaptiveBits,
     CostModel,
     KeyProblem,
+    assignment_seconds,
     group_messages,
     objective,
     solve_key,
 )
 from pyg_adaqp.assign.cost_model import fit_link
-from pyg_adaqp.assign.milp import TIE_BREAK
+from pyg_adaqp.assign.milp import TIE_BREAK, WIDTHS
+from pyg_adaqp.comm import message_nbytes
 from test_train import SMALL, launch, make_config, read_run
 
 
-def random_problem(seed: int, senders: int = 3, groups: int = 4, width: int = 16,
-                   burst: bool = True):
+def random_problem(seed: int, workers: int = 3, groups: int = 4, width: int = 16,
+                   burst: bool = True, signal: float = 0.0):
     rng = np.random.default_rng(seed)
-    sender = np.repeat(np.arange(senders), groups)
+    pairs = [(i, j) for i in range(workers) for j in range(workers) if i != j]
+    sender = np.repeat([i for i, _ in pairs], groups)
+    receiver = np.repeat([j for _, j in pairs], groups)
     rows = rng.integers(1, 50, sender.size)
     coef = rng.lognormal(0, 1.5, sender.size) * rows
-    problem = KeyProblem(width, sender, rows, coef)
+    problem = KeyProblem(width, sender, receiver, rows, coef, signal)
     # Some links pass part of the message unmetered (a token bucket's burst).
     free = {i: float(rng.choice([0.0, rng.uniform(0, problem.bytes[sender == i, 1].sum())]))
-            if burst else 0.0 for i in range(senders)}
-    cost = CostModel({i: float(rng.uniform(1e-9, 1e-8)) for i in range(senders)},
-                     {i: float(rng.uniform(0, 1e-5)) for i in range(senders)}, free)
+            if burst else 0.0 for i in range(workers)}
+    cost = CostModel({i: float(rng.uniform(1e-9, 1e-8)) for i in range(workers)},
+                     {i: float(rng.uniform(1e-9, 1e-8)) for i in range(workers)},
+                     {i: float(rng.uniform(0, 1e-5)) for i in range(workers)}, free)
     return problem, cost
 
 
@@ -42,20 +48,33 @@ def test_group_messages_sorts_and_cuts():
     assert coef.tolist() == [9.0, 4.0, 0.0]
 
 
-def test_cost_model_is_the_slowest_sender():
-    cost = CostModel({0: 1e-9, 1: 2e-9}, {0: 1e-3, 1: 0.0})
-    assert cost.predict({0: 1e6, 1: 1e6}) == pytest.approx(2e-3)
-    assert cost.predict({0: 1e6, 1: 0}) == pytest.approx(2e-3)   # 1 sends nothing
-    assert cost.predict({}) == 0.0
+def test_cost_model_is_the_critical_path_of_each_worker():
+    """T_i = encode + decode + max(0, beta + max(up * out, down * in) - hidden); T = max_i."""
+    cost = CostModel(up={0: 1e-9, 1: 2e-9}, down={0: 4e-9, 1: 1e-9}, beta={0: 1e-3, 1: 0.0},
+                     encode={0: {4: (1e-6, 0.0)}}, decode={1: {4: (0.0, 1e-8)}})
+    # Channel 0 -> 1 carries 1000 rows of width 100 at 4 bits: 54 kB each way.
+    nbytes = message_nbytes(1000, 100, 4)
+    t, per = assignment_seconds(cost, 100, {(0, 1): {4: 1000}})
+    assert per[0] == pytest.approx(1000 * 1e-6 + 1e-3 + 1e-9 * nbytes)   # encode + egress
+    assert per[1] == pytest.approx(1000 * 100 * 1e-8 + 1e-9 * nbytes)    # decode + ingress
+    assert t == pytest.approx(max(per.values()))
+    # The receiver's slow down-link is the critical path when it receives.
+    t, per = assignment_seconds(cost, 100, {(1, 0): {4: 1000}})
+    assert per[0] == pytest.approx(1e-3 + 4e-9 * nbytes) and t == per[0]
+    # What the overlap hides costs nothing; encode and decode always count.
+    _, per = assignment_seconds(cost, 100, {(0, 1): {4: 1000}}, hidden={0: 1.0})
+    assert per[0] == pytest.approx(1000 * 1e-6)
+    assert assignment_seconds(cost, 100, {}) == (0.0, {})
 
 
 def test_cost_model_lets_free_bytes_through():
-    cost = CostModel({0: 1e-9}, {0: 1e-4}, {0: 250e3})
-    assert cost.predict({0: 100e3}) == pytest.approx(1e-4)          # within the burst
-    assert cost.predict({0: 1.25e6}) == pytest.approx(1e-4 + 1e-3)  # 1 MB over it
+    cost = CostModel({0: 1e-9}, {0: 1e-9}, {0: 1e-4}, {0: 250e3})
+    assert cost.link_seconds(0, 100e3, 0) == pytest.approx(1e-4)          # within the burst
+    assert cost.link_seconds(0, 1.25e6, 0) == pytest.approx(1e-4 + 1e-3)  # 1 MB over it
+    assert cost.link_seconds(0, 0, 0) == 0.0                              # nothing to move
     assert CostModel.from_state_dict(cost.state_dict()) == cost
-    # Checkpoints written before the free bytes existed still load.
-    assert CostModel.from_state_dict({"alpha": {0: 1e-9}, "beta": {0: 0.0}}).free == {}
+    # Through JSON (summary.json) the keys become strings and come back.
+    assert CostModel.from_state_dict(json.loads(json.dumps(cost.state_dict()))) == cost
 
 
 @pytest.mark.parametrize("free", [0.0, 3e5])
@@ -99,10 +118,27 @@ def test_lambda_zero_minimizes_time(seed):
         objective(problem, cost, np.full(problem.num_groups, 2), 0.0), abs=1e-12)
 
 
+@pytest.mark.parametrize("seed", range(3))
+def test_budget_all_8_when_time_is_free_all_2_when_variance_is(seed):
+    problem, cost = random_problem(seed, signal=1e3)
+    free_time = CostModel({i: 0.0 for i in cost.up}, {i: 0.0 for i in cost.up})
+    sol = solve_key(problem, free_time, budget=0.01)
+    assert sol.bits.tolist() == [8] * problem.num_groups   # no time to save: least variance
+    problem, cost = random_problem(seed, burst=False, signal=1e3)
+    sol = solve_key(problem, cost, budget=np.inf)
+    all_2 = assignment_time(problem, cost, np.full(problem.num_groups, 2))
+    # No variance cost: the time of all 2 bits.  Groups off the critical path
+    # keep more bits where that costs no time (the tie-break toward less variance).
+    assert sol.seconds == pytest.approx(all_2)
+    assert sol.seconds < assignment_time(problem, cost, np.full(problem.num_groups, 4))
+    # Only time counts (the weighted sum at lambda 0): all 2 bits.
+    assert solve_key(problem, cost, coe_lambda=0.0).bits.tolist() == [2] * problem.num_groups
+
+
 @pytest.mark.parametrize("seed", range(4))
 @pytest.mark.parametrize("coe_lambda", [0.2, 0.5, 0.8])
 def test_milp_matches_brute_force_and_beats_uniform(seed, coe_lambda):
-    problem, cost = random_problem(seed, senders=2, groups=3)
+    problem, cost = random_problem(seed, workers=2, groups=3)
     sol = solve_key(problem, cost, coe_lambda, time_limit=5.0, mip_rel_gap=1e-9)
     assert sol.bits.shape == (problem.num_groups,)          # one width per group
     assert set(sol.bits.tolist()) <= {2, 4, 8}
@@ -116,28 +152,81 @@ def test_milp_matches_brute_force_and_beats_uniform(seed, coe_lambda):
     assert 0.0 < sol.objective < min(coe_lambda, 1 - coe_lambda)  # a real trade-off
 
 
-def test_large_key_uses_the_milp_near_the_greedy_thresholds():
-    problem, cost = random_problem(0, senders=4, groups=2000, width=64)
+@pytest.mark.parametrize("seed", range(4))
+def test_budget_milp_is_the_fastest_within_budget_by_brute_force(seed):
+    problem, cost = random_problem(seed, workers=2, groups=3)
+    uniform_noise = {b: problem.variance(np.full(problem.num_groups, k))
+                     for k, b in enumerate((2, 4, 8))}
+    problem.signal = 1.0
+    budget = float(np.sqrt(uniform_noise[2] * uniform_noise[4]))  # between 2 and 4 bits
+    sol = solve_key(problem, cost, time_limit=5.0, mip_rel_gap=1e-9, budget=budget)
+    choice = np.searchsorted(WIDTHS, sol.bits)
+    assert problem.variance(choice) <= budget * (1 + 1e-9)
+    fastest = min(assignment_time(problem, cost, bits)
+                  for bits in itertools.product((2, 4, 8), repeat=problem.num_groups)
+                  if problem.variance(np.searchsorted(WIDTHS, bits)) <= budget)
+    assert sol.seconds == pytest.approx(assignment_time(problem, cost, sol.bits))
+    assert sol.seconds <= fastest * (1 + 1e-6) + 1e-12
+    assert 0 < sol.noise <= budget * (1 + 1e-9)
+
+
+def assignment_time(problem: KeyProblem, cost: CostModel, bits) -> float:
+    """The cost model's time of a per-group assignment, from its channels' row counts."""
+    rows: dict = {}
+    for s, r, n, b in zip(problem.sender, problem.receiver, problem.rows, bits):
+        by_bits = rows.setdefault((int(s), int(r)), {})
+        by_bits[int(b)] = by_bits.get(int(b), 0) + int(n)
+    return assignment_seconds(cost, problem.width, rows, problem.hidden)[0]
+
+
+def test_widths_follow_the_link_rates():
+    """Worker 3's link is 10x slower: its channels, both ways, get the low widths."""
+    rng = np.random.default_rng(0)
+    pairs = [(i, j) for i in range(4) for j in range(4) if i != j]
+    sender = np.repeat([i for i, _ in pairs], 20)
+    receiver = np.repeat([j for _, j in pairs], 20)
+    coef = rng.lognormal(0, 1.0, sender.size) * 100
+    problem = KeyProblem(64, sender, receiver, np.full(sender.size, 100), coef)
+    problem.signal = coef.sum() / 225 / 0.5     # a budget met by 4 bits on average... x2
+    fast, slow = 8e-9, 80e-9
+    rate = {i: slow if i == 3 else fast for i in range(4)}
+    sol = solve_key(problem, CostModel(rate, dict(rate)), budget=0.5)
+    bits = sol.bits
+    slow_channels = (sender == 3) | (receiver == 3)
+    assert bits[slow_channels].mean() < bits[~slow_channels].mean()
+    # The same problem on even links spreads the widths evenly over the channels.
+    even = solve_key(problem, CostModel({i: fast for i in range(4)}, {i: fast for i in range(4)}),
+                     budget=0.5).bits
+    assert abs(even[slow_channels].mean() - even[~slow_channels].mean()) < \
+        bits[~slow_channels].mean() - bits[slow_channels].mean()
+
+
+def test_large_key_uses_the_milp_near_the_greedy_cut():
+    problem, cost = random_problem(0, workers=4, groups=700, width=64)
     sol = solve_key(problem, cost, 0.5, time_limit=1.0)
     greedy = solve_key(problem, cost, 0.5, time_limit=1e-9, max_milp_groups=0)
     assert sol.objective <= greedy.objective + TIE_BREAK
-    assert sol.solve_time < 2.0
+    assert sol.solve_time < 3.0
     for b in (2, 4, 8):
         assert sol.objective < objective(problem, cost, np.full(problem.num_groups, b), 0.5)
 
 
 def test_degenerate_inputs():
-    cost = CostModel({0: 1e-9, 1: 1e-9}, {0: 0.0, 1: 0.0})
-    empty = KeyProblem(8, [], [], [])
+    cost = CostModel({0: 1e-9, 1: 1e-9}, {0: 1e-9, 1: 1e-9})
+    empty = KeyProblem(8, [], [], [], [])
     assert solve_key(empty, cost).bits.size == 0
     # All-zero traces: no variance to buy, so every group at 2 bits, objective 0 (not NaN).
-    zero = KeyProblem(8, [0, 0, 1], [10, 10, 5], [0.0, 0.0, 0.0])
+    zero = KeyProblem(8, [0, 0, 1], [1, 1, 0], [10, 10, 5], [0.0, 0.0, 0.0])
     sol = solve_key(zero, cost, 0.5)
     assert sol.bits.tolist() == [2, 2, 2] and sol.objective == 0.0
-    # A flat cost model (no time to save) and a sender the model never saw.
-    flat = KeyProblem(8, [0, 2], [10, 10], [1.0, 2.0])
-    sol = solve_key(flat, CostModel({0: 0.0}, {0: 1e-3}), 0.5)
+    # A flat cost model (no time to save) and a worker the model never saw.
+    flat = KeyProblem(8, [0, 2], [2, 0], [10, 10], [1.0, 2.0])
+    sol = solve_key(flat, CostModel({0: 0.0}, {0: 0.0}, {0: 1e-3}), 0.5)
     assert sol.bits.tolist() == [8, 8] and not math.isnan(sol.objective)
+    # A budget no width meets: the least variance there is.
+    flat.signal = 1.0
+    sol = solve_key(flat, cost, budget=1e-9)
+    assert sol.bits.tolist() == [8, 8]
 
 
 def test_allocator_checks_its_arguments():
@@ -160,28 +249,45 @@ def test_adaptive_config_composes():
     assert (a.scheme, a.group_size, a.coe_lambda) == ("adaptive", 100, 0.5)
 
 
-@pytest.mark.parametrize("coe_lambda", [0.0, 0.5])
-def test_adaptive_training_end_to_end(tmp_path, coe_lambda):
+@pytest.mark.parametrize("budget", [None, 0.02])
+def test_adaptive_training_end_to_end(tmp_path, budget):
+    """Set-up before epoch 0, 8 bits in epoch 0 only, the budget kept from epoch 1 on."""
+    objective_override = ("assign.variance_budget=null", "assign.coe_lambda=1.0") \
+        if budget is None else (f"assign.variance_budget={budget}",)
     cfg = make_config(*SMALL, "assign=adaptive", "assign.cycle=2", "assign.group_size=20",
-                      f"assign.coe_lambda={coe_lambda}", "trainer.epochs=4")
+                      *objective_override, "trainer.epochs=4")
     launch(cfg, tmp_path)
     rows, summary = read_run(tmp_path)
     assert summary["scheme"] == "adaptive"
     assert all(math.isfinite(r["loss"]) and r["loss"] > 0 for r in rows)
     assert rows[-1]["loss"] < rows[0]["loss"]
+    # The cost model is measured once, before epoch 0 began, and counted apart.
+    assign = summary["assign"]
+    assert summary["setup_time"] > 0 and assign["cost_model"] is not None
+    assert assign["setup_window"][1] <= rows[0]["started_at"]
+    total = sum(r["epoch_time"] for r in rows)
+    assert summary["throughput_with_setup_epochs_per_s"] == pytest.approx(
+        len(rows) / (total + summary["setup_time"]))
     hist = summary["bits_histogram"]
     keys = {"forward 1", "backward 1", "forward 2", "backward 2"}
     assert keys <= set(hist)
-    if coe_lambda == 0.0:
-        # Only time counts: the allocator's widths, not the first cycle's 8 bits.
+    if budget is None:
+        # Only variance counts (the weighted sum at lambda 1): 8 bits throughout.
         for key in keys:
-            assert set(hist[key]) == {"2"}
-        assert rows[-1]["bytes_sent"] < rows[0]["bytes_sent"] / 2
+            assert set(hist[key]) == {"8"}
+        # (epoch 0 also sends the input features' halo, once, at full precision)
+        assert len({r["bytes_sent"] for r in rows[1:]}) == 1
     else:
+        for key in keys:
+            info = assign["solve"][key]
+            assert info["noise"] <= budget * (1 + 1e-6)
+            # Uniform 8 bits meets the budget, uniform 2 bits does not here.
+            assert info["noise_uniform"]["8"] <= budget < info["noise_uniform"]["2"]
         assert {b for key in keys for b in hist[key]} <= {"2", "4", "8"}
-        assert len({b for key in keys for b in hist[key]}) >= 2
-        # Same rows as the 8-bit first cycle, fewer bytes.
-        assert rows[-1]["bytes_sent"] < rows[1]["bytes_sent"]
+    # Each re-assignment after the first checks the last one's predictions
+    # against the real exchanges of the epoch before it.
+    assert {c[0] for c in assign["cost_check"]} == keys
+    assert all(p > 0 and m > 0 for _, p, m in assign["cost_check"])
 
 
 def test_adaptive_with_one_worker(tmp_path):
@@ -225,11 +331,24 @@ def test_forward_scores_are_sums_of_squared_gcn_weights():
             np.testing.assert_allclose(scores[sender.rank], expect.numpy(), rtol=1e-5)
 
 
-def test_profile_sizes_span_the_allocators_choices():
-    from pyg_adaqp.assign.cost_model import profile_row_bytes
-    from pyg_adaqp.comm import message_nbytes
+def _profile(rank: int, world_size: int) -> dict:
+    from pyg_adaqp.assign import profile_cost_model
+    from pyg_adaqp.comm.transport import Transport
 
-    sizes = profile_row_bytes([8, 256])
-    assert sizes[0] == message_nbytes(1, 8, 2) and sizes[-1] == message_nbytes(1, 256, 8)
-    assert len(sizes) >= 5 and sizes == sorted(set(sizes))
-    assert len(profile_row_bytes([1])) >= 3   # one tiny width: still a slope to fit
+    return profile_cost_model(Transport(), "cpu").state_dict()
+
+
+def test_profile_measures_every_worker_both_ways():
+    from pyg_adaqp.train.workers import run_workers
+
+    models = run_workers(_profile, 2, timeout_s=60)
+    assert models[0] == models[1]             # every worker holds the whole model
+    cost = CostModel.from_state_dict(models[0])
+    # Loopback moves bytes as memory copies, so a rate may come out as
+    # unmeasurably fast (0 s/B); what matters is that every piece is there.
+    for i in (0, 1):
+        assert min(cost.up[i], cost.down[i], cost.beta[i], cost.free[i]) >= 0
+        for table, encoding in ((cost.encode, True), (cost.decode, False)):
+            assert set(table[i]) == {2, 4, 8}
+            assert all(row >= 0 and element >= 0 for row, element in table[i].values())
+            assert all(cost.codec_seconds(i, 1000, 256, b, encoding) > 0 for b in (2, 4, 8))

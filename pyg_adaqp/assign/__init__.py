@@ -1,6 +1,6 @@
 """Bit-width assignment of quantized messages (trainer callbacks)."""
 from pyg_adaqp.assign.adaptive import AdaptiveBits
-from pyg_adaqp.assign.cost_model import CostModel, check_cost_model, profile_cost_model
+from pyg_adaqp.assign.cost_model import CostModel, assignment_seconds, profile_cost_model
 from pyg_adaqp.assign.milp import KeyProblem, Solution, group_messages, objective, solve_key
 from pyg_adaqp.assign.schemes import RandomBits, UniformBits
 from pyg_adaqp.assign.tracer import RangeTracer
@@ -13,7 +13,7 @@ __all__ = [
     "RangeTracer",
     "Solution",
     "UniformBits",
-    "check_cost_model",
+    "assignment_seconds",
     "group_messages",
     "objective",
     "profile_cost_model",

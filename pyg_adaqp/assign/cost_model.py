@@ -1,31 +1,38 @@
-r"""The communication cost model of the bit allocator, profiled on the real transport.
+r"""The cost model of the bit allocator: the critical path of one exchange, per worker.
 
-The halo exchange posts every channel at once, so its time is set by the
-slowest sender's egress, not by a sum of one-pair transfers (the original
-fits :math:`\alpha \cdot \mathrm{MB} + \beta` per channel from blocking
-one-pair sends):
+The halo exchange posts every channel at once.  Worker :math:`i` encodes
+what it sends, waits for its link to carry its egress *and* its ingress
+(each direction at that link's own rate), and decodes what arrived; the part
+of the wait that its owned-row aggregation covers (the overlap) costs
+nothing:
 
 .. math::
-    T = \max_i T_i, \qquad
-    T_i = \beta_i + \alpha_i \cdot \max(0, \mathrm{bytes}_i - f_i) .
+    T_i = E_i + D_i + \max\big(0,\; C_i - h_i\big), \qquad
+    C_i = \beta_i + \max\big(u_i (\mathrm{out}_i - f_i),\;
+                             d_i (\mathrm{in}_i - f_i),\; 0\big),
 
-:math:`f_i` is what a link lets through before its rate applies: a rate
-limiter's token bucket (``tc tbf``'s burst, a switch port's buffer) passes
-that many bytes at once after the link was idle, as it is between two
-exchanges.  On a link without one the fit gives :math:`f_i = 0`, the plain
-line.  The model stays convex and piecewise linear, so the MILP keeps it
-exactly (two rows per sender).
+and the exchange takes :math:`T = \max_i T_i`, since the slowest worker
+sets the pace.  :math:`u_i, d_i` are seconds per byte leaving and entering
+worker :math:`i`'s link, :math:`f_i` what the link passes before its rate
+applies (a token bucket's burst, a switch buffer; 0 on a plain link),
+:math:`E_i, D_i` the encode and decode time of the rows it sends and
+receives at their widths (measured per row and per element on that worker's
+device), and :math:`h_i` the aggregation time that overlaps the exchange.
+Every piece is linear in the widths' indicator variables, so the MILP keeps
+the model exactly (four rows per worker).  A worker's egress finishing last
+is also what delays its receivers: the maximum over workers covers it.
 
-:func:`profile_cost_model` times exchanges shaped like the real one (every
-channel of the send plan, at once) at sizes from 2-bit rows of the narrowest
-key to 8-bit rows of the widest, and fits :math:`\alpha_i, \beta_i,
-f_i` for every worker from its own exchange times; :func:`check_cost_model`
-then compares predicted and measured times of random bit assignments of the
-real keys' widths.
+(The original fits :math:`\alpha \cdot \mathrm{MB} + \beta` per channel from
+blocking one-pair sends while the exchange runs all channels at once, and
+counts only senders.)
+
+:func:`profile_cost_model` measures all of it once, before training, in
+bounded time: the codec on synthetic rows, and the links in one round per
+worker in which that worker sends to and receives from every peer at once,
+at a few sizes, so each end of every link is timed in both directions.
 """
 from __future__ import annotations
 
-import hashlib
 import time
 from dataclasses import dataclass, field
 
@@ -33,55 +40,81 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from pyg_adaqp.comm.codec import message_nbytes
+from pyg_adaqp.comm.codec import MessageLayout, message_nbytes
+from pyg_adaqp.comm.packing import SUPPORTED_BITS
 from pyg_adaqp.comm.transport import Transport
 
-#: Sizes profiled between the smallest and the largest message row.
-PROFILE_POINTS = 7
-
-
-def profile_row_bytes(widths: list[int], points: int = PROFILE_POINTS) -> list[int]:
-    """Bytes per row of the profiling exchanges for keys of these feature `widths`.
-
-    A log scale from a 2-bit row of the narrowest key to an 8-bit row of the
-    widest, so the fit interpolates over exactly the sizes the allocator
-    chooses between, and profiling a slow link costs no more than needed.
-    """
-    lo = message_nbytes(1, min(widths), 2)
-    hi = message_nbytes(1, max(widths), 8)
-    return sorted({int(round(b)) for b in np.geomspace(lo, max(hi, 4 * lo), points)})
+#: Bytes every profiled round moves through the timed link, largest first:
+#: TCP's congestion window opens on the big transfer, as it has in training.
+#: The smallest fits in a token bucket (it measures the latency); the largest
+#: takes ~60 ms at 100 Mbit/s, so a 4-host profile stays within ~1 s there.
+PROFILE_BYTES = (768 << 10, 256 << 10, 64 << 10, 8 << 10)
+#: Feature widths of the codec profile (per-row and per-element costs).
+CODEC_WIDTHS = (16, 256)
+#: Elements encoded per codec measurement (~1-2 ms on one CPU thread).
+CODEC_ELEMENTS = 1 << 19
 
 
 @dataclass
 class CostModel:
-    """Exchange time from the bytes each worker sends.
+    """Predicts one exchange key's time from what each worker moves and codes.
 
     Args:
-        alpha (dict[int, float]): Seconds per byte of every sender.
-        beta (dict[int, float]): Fixed seconds of every sender.
-        free (dict[int, float], optional): Bytes every sender's link passes
+        up (dict[int, float]): Seconds per byte leaving each worker.
+        down (dict[int, float]): Seconds per byte entering each worker.
+        beta (dict[int, float], optional): Fixed seconds of each worker's exchange.
+        free (dict[int, float], optional): Bytes each worker's link passes
             before its rate applies (0 when missing).
+        encode (dict[int, dict[int, tuple[float, float]]], optional): Per
+            worker and width, encode seconds ``(per row, per element)``.
+        decode (dict[int, dict[int, tuple[float, float]]], optional): The
+            same for decoding.
     """
-    alpha: dict[int, float] = field(default_factory=dict)
+    up: dict[int, float] = field(default_factory=dict)
+    down: dict[int, float] = field(default_factory=dict)
     beta: dict[int, float] = field(default_factory=dict)
     free: dict[int, float] = field(default_factory=dict)
+    encode: dict[int, dict[int, tuple[float, float]]] = field(default_factory=dict)
+    decode: dict[int, dict[int, tuple[float, float]]] = field(default_factory=dict)
 
-    def sender_time(self, sender: int, nbytes: float) -> float:
-        """:math:`T_i` of `sender` sending `nbytes` (> 0)."""
-        over = max(0.0, nbytes - self.free.get(sender, 0.0))
-        return self.beta.get(sender, 0.0) + self.alpha.get(sender, 0.0) * over
+    def codec_seconds(self, worker: int, rows: float, width: int, bits: int,
+                      encoding: bool) -> float:
+        """Seconds `worker` takes to encode (or decode) `rows` rows of `width` at `bits`."""
+        per_row, per_element = (self.encode if encoding else self.decode).get(
+            worker, {}).get(bits, (0.0, 0.0))
+        return rows * (per_row + per_element * width)
 
-    def predict(self, bytes_by_sender: dict[int, float]) -> float:
-        """Predicted exchange time; a worker that sends nothing costs nothing."""
-        return max((self.sender_time(i, b) for i, b in bytes_by_sender.items() if b > 0),
-                   default=0.0)
+    def link_seconds(self, worker: int, out_bytes: float, in_bytes: float) -> float:
+        """:math:`C_i`: seconds until `worker`'s link has carried both directions."""
+        if out_bytes <= 0 and in_bytes <= 0:
+            return 0.0
+        f = self.free.get(worker, 0.0)
+        return self.beta.get(worker, 0.0) + max(
+            0.0, self.up.get(worker, 0.0) * (out_bytes - f),
+            self.down.get(worker, 0.0) * (in_bytes - f))
+
+    def worker_seconds(self, worker: int, out_bytes: float, in_bytes: float,
+                       codec_s: float, hidden_s: float = 0.0) -> float:
+        """:math:`T_i`, given the worker's encode+decode seconds and the
+        seconds of computation that overlap its exchange."""
+        return codec_s + max(0.0, self.link_seconds(worker, out_bytes, in_bytes) - hidden_s)
 
     def state_dict(self) -> dict:
-        return {"alpha": dict(self.alpha), "beta": dict(self.beta), "free": dict(self.free)}
+        return {"up": dict(self.up), "down": dict(self.down), "beta": dict(self.beta),
+                "free": dict(self.free),
+                "encode": {i: {b: list(c) for b, c in v.items()} for i, v in self.encode.items()},
+                "decode": {i: {b: list(c) for b, c in v.items()} for i, v in self.decode.items()}}
 
     @classmethod
     def from_state_dict(cls, state: dict) -> CostModel:
-        return cls(dict(state["alpha"]), dict(state["beta"]), dict(state.get("free", {})))
+        def codec(d: dict) -> dict[int, dict[int, tuple[float, float]]]:
+            return {int(i): {int(b): tuple(c) for b, c in v.items()} for i, v in d.items()}
+
+        def floats(d: dict) -> dict[int, float]:
+            return {int(i): float(v) for i, v in d.items()}
+
+        return cls(floats(state["up"]), floats(state["down"]), floats(state["beta"]),
+                   floats(state["free"]), codec(state["encode"]), codec(state["decode"]))
 
 
 def fit_link(sent: np.ndarray, took: np.ndarray) -> tuple[float, float, float]:
@@ -98,7 +131,7 @@ def fit_link(sent: np.ndarray, took: np.ndarray) -> tuple[float, float, float]:
     sent, took = np.asarray(sent, dtype=np.float64), np.asarray(took, dtype=np.float64)
     w = 1.0 / np.maximum(took, 1e-9)
     best, best_err = (0.0, float(np.median(took)), 0.0), np.inf
-    sizes = np.sort(sent[sent > 0])
+    sizes = np.sort(np.unique(sent[sent > 0]))
     knots = np.geomspace(sizes[0], sizes[-2], 64) if sizes.size > 2 else np.zeros(0)
     for free in np.r_[0.0, knots]:
         x = np.maximum(0.0, sent - free)
@@ -115,17 +148,43 @@ def fit_link(sent: np.ndarray, took: np.ndarray) -> tuple[float, float, float]:
     return best
 
 
-def _timed_exchange(transport: Transport, send_bytes: dict[int, int],
-                    recv_bytes: dict[int, int], repeats: int) -> float:
-    """Median seconds of this worker's part of `repeats` exchanges started together."""
-    send = {p: torch.empty(n, dtype=torch.uint8) for p, n in send_bytes.items()}
-    times = []
-    for _ in range(repeats + 1):          # the first one warms up the connections
-        dist.barrier()
-        t0 = time.perf_counter()
-        transport.start(send, recv_bytes, torch.device("cpu")).wait()
-        times.append(time.perf_counter() - t0)
-    return float(np.median(times[1:]))
+def profile_codec(device: torch.device, widths: tuple[int, ...] = CODEC_WIDTHS,
+                  repeats: int = 3) -> tuple[dict[int, tuple[float, float]],
+                                             dict[int, tuple[float, float]]]:
+    """Encode and decode seconds ``(per row, per element)`` of each width on `device`.
+
+    Times :class:`~pyg_adaqp.comm.MessageLayout`'s pack and unpack (what
+    the exchange runs) of :data:`CODEC_ELEMENTS` random elements at two
+    feature widths, best of `repeats`, and solves for the two costs.
+    """
+    gen = torch.Generator(device).manual_seed(0)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    enc, dec = {}, {}
+    for bits in SUPPORTED_BITS:
+        per = {}
+        for width in widths:
+            rows = max(1, CODEC_ELEMENTS // width)
+            x = torch.randn(rows, width, generator=gen, device=device)
+            layout = MessageLayout(torch.full((rows,), bits), width)
+            buf = torch.empty(layout.nbytes, dtype=torch.uint8, device=device)
+            out = torch.empty_like(x)
+            best_e = best_d = np.inf
+            for _ in range(repeats + 1):
+                sync()
+                t0 = time.perf_counter()
+                layout.pack(x, generator=gen, out=buf)
+                sync()
+                t1 = time.perf_counter()
+                layout.unpack(buf, out=out)
+                sync()
+                t2 = time.perf_counter()
+                best_e, best_d = min(best_e, t1 - t0), min(best_d, t2 - t1)
+            per[width] = (best_e / rows, best_d / rows)
+        (w0, (e0, d0)), (w1, (e1, d1)) = sorted(per.items())[0], sorted(per.items())[-1]
+        for out_map, s0, s1 in ((enc, e0, e1), (dec, d0, d1)):
+            slope = max(0.0, (s1 - s0) / (w1 - w0)) if w1 > w0 else s1 / w1
+            out_map[bits] = (max(0.0, s1 - slope * w1), slope)
+    return enc, dec
 
 
 def _gather(value: object) -> list:
@@ -134,62 +193,85 @@ def _gather(value: object) -> list:
     return out
 
 
-def profile_cost_model(transport: Transport, send_rows: dict[int, int],
-                       recv_rows: dict[int, int], row_bytes: list[int],
-                       repeats: int = 5) -> CostModel:
-    """Fits :math:`\\alpha_i, \\beta_i, f_i` of every worker (collective: all call it).
+def profile_links(transport: Transport, device: torch.device,
+                  sizes: tuple[int, ...] = PROFILE_BYTES, repeats: int = 2
+                  ) -> dict[int, tuple[float, float, float, float]]:
+    """Up and down rate, latency and free bytes of every worker's link (collective).
 
-    Args:
-        transport (Transport): The exchange's transport.
-        send_rows (dict[int, int]): Rows this worker sends each peer.
-        recv_rows (dict[int, int]): Rows it receives from each peer.
-        row_bytes (list[int]): Bytes per row of the profiled sizes (see
-            :func:`profile_row_bytes`).
-        repeats (int, optional): Timed exchanges per size. (default: :obj:`5`)
-    """
-    sent, took = [], []
-    # Largest first: TCP's congestion window opens on the big transfers, as
-    # it has in training, instead of slowing the first small ones.
-    for per_row in sorted(row_bytes, reverse=True):
-        sent.append(per_row * sum(send_rows.values()))
-        took.append(_timed_exchange(transport, {p: n * per_row for p, n in send_rows.items()},
-                                    {p: n * per_row for p, n in recv_rows.items()}, repeats))
-    fit = fit_link(np.array(sent), np.array(took)) if sent[-1] > 0 else (0.0, 0.0, 0.0)
-    fits = _gather(fit)
-    return CostModel({i: a for i, (a, _, _) in enumerate(fits)},
-                     {i: b for i, (_, b, _) in enumerate(fits)},
-                     {i: f for i, (_, _, f) in enumerate(fits)})
-
-
-def _random_bytes(seed: int, trial: int, sender: int, receiver: int, rows: int,
-                  width: int) -> int:
-    """Bytes of `rows` rows at widths drawn from {2, 4, 8}; both ends draw the same."""
-    digest = hashlib.blake2b(f"{seed}/{trial}/{sender}/{receiver}".encode(),
-                             digest_size=8).digest()
-    gen = torch.Generator().manual_seed(int.from_bytes(digest, "little") >> 1)
-    bits = torch.tensor([2, 4, 8])[torch.randint(3, (rows,), generator=gen)]
-    return sum(message_nbytes(int((bits == b).sum()), width, b) for b in (2, 4, 8))
-
-
-def check_cost_model(model: CostModel, transport: Transport, send_rows: dict[int, int],
-                     recv_rows: dict[int, int], widths: list[int], repeats: int = 5,
-                     seed: int = 0) -> list[tuple[float, float]]:
-    """Predicted vs measured exchange time of random assignments (collective).
-
-    One trial per entry of `widths` (the feature widths of the real keys):
-    every row of every channel gets a width drawn from {2, 4, 8}; the
-    measured time is the slowest worker's median.
+    One round per worker ``i``: ``i`` sends ``size / (k - 1)`` bytes to
+    every peer and every peer sends it as much, all at once, so ``i``'s link
+    carries ``size`` bytes in each direction while every other link carries
+    a ``k - 1``-th of that.  Each peer times the arrival of ``i``'s bytes
+    (``i``'s egress) and ``i`` the arrival of all of theirs (its ingress).
 
     Returns:
-        list[tuple[float, float]]: ``(predicted, measured)`` seconds per trial.
+        dict[int, tuple]: ``(up s/B, down s/B, beta s, free B)`` per worker.
     """
-    rank = transport.rank
-    out = []
-    for trial, width in enumerate(widths):
-        send = {p: _random_bytes(seed, trial, rank, p, n, width) for p, n in send_rows.items()}
-        recv = {p: _random_bytes(seed, trial, p, rank, n, width) for p, n in recv_rows.items()}
-        took = _timed_exchange(transport, send, recv, repeats)
-        everyone = _gather((sum(send.values()), took))
-        predicted = model.predict({i: b for i, (b, _) in enumerate(everyone)})
-        out.append((predicted, max(t for _, t in everyone)))
-    return out
+    k, rank = transport.world_size, transport.rank
+    peers = [p for p in range(k) if p != rank]
+    up_t: dict[int, list] = {i: [] for i in range(k)}     # (bytes, seconds) per round owner
+    down_t: dict[int, list] = {i: [] for i in range(k)}
+
+    def exchange(owner: int, per_peer: int) -> float:
+        """This worker's time for its part of `owner`'s round."""
+        talk = peers if rank == owner else [owner]
+        send = {p: torch.empty(per_peer, dtype=torch.uint8, device=device) for p in talk}
+        dist.barrier(group=transport.group)
+        t0 = time.perf_counter()
+        seen = transport.start(send, {p: per_peer for p in talk}, device).wait_each()
+        return max(seen.values()) - t0
+
+    exchange(0, sizes[0] // max(1, k - 1))          # warms up every connection
+    for owner in range(k):
+        for size in sizes:
+            per_peer = max(1, size // max(1, k - 1))
+            took = float(np.median([exchange(owner, per_peer) for _ in range(repeats)]))
+            if rank == owner:
+                down_t[owner].append((per_peer * (k - 1), took))
+            else:
+                up_t[owner].append((per_peer * (k - 1), took))
+    # The owner's egress is timed by all its peers: the slowest arrival counts.
+    everyone = _gather((up_t, down_t))
+    fits = {}
+    for i in range(k):
+        ups = [ts[i] for ts, _ in everyone if ts[i]]
+        up_pts = [(b, max(run[j][1] for run in ups)) for j, (b, _) in enumerate(ups[0])] \
+            if ups else []
+        down_pts = everyone[i][1][i]
+        a_up, b_up, f_up = fit_link(*map(np.array, zip(*up_pts))) if up_pts else (0, 0, 0)
+        a_dn, b_dn, f_dn = fit_link(*map(np.array, zip(*down_pts))) if down_pts else (0, 0, 0)
+        fits[i] = (a_up, a_dn, min(b_up, b_dn), min(f_up, f_dn))
+    return fits
+
+
+def profile_cost_model(transport: Transport, device: torch.device | str = "cpu",
+                       repeats: int = 2) -> CostModel:
+    """Measures the whole cost model (collective: every worker calls it)."""
+    device = torch.device(device)
+    enc, dec = profile_codec(device)
+    links = profile_links(transport, device, repeats=repeats)
+    codecs = _gather((enc, dec))
+    return CostModel({i: f[0] for i, f in links.items()}, {i: f[1] for i, f in links.items()},
+                     {i: f[2] for i, f in links.items()}, {i: f[3] for i, f in links.items()},
+                     {i: c[0] for i, c in enumerate(codecs)},
+                     {i: c[1] for i, c in enumerate(codecs)})
+
+
+def assignment_seconds(model: CostModel, width: int, rows: dict[tuple[int, int], dict[int, int]],
+                       hidden: dict[int, float] | None = None) -> tuple[float, dict[int, float]]:
+    """Predicted time of one key whose channel ``(i, j)`` carries
+    ``rows[(i, j)][b]`` rows at ``b`` bits; returns ``(T, T_i by worker)``."""
+    hidden = hidden or {}
+    out: dict[int, float] = {}
+    inn: dict[int, float] = {}
+    codec: dict[int, float] = {}
+    for (i, j), by_bits in rows.items():
+        for b, n in by_bits.items():
+            nbytes = message_nbytes(n, width, b)
+            out[i] = out.get(i, 0.0) + nbytes
+            inn[j] = inn.get(j, 0.0) + nbytes
+            codec[i] = codec.get(i, 0.0) + model.codec_seconds(i, n, width, b, True)
+            codec[j] = codec.get(j, 0.0) + model.codec_seconds(j, n, width, b, False)
+    per = {w: model.worker_seconds(w, out.get(w, 0.0), inn.get(w, 0.0), codec.get(w, 0.0),
+                                   hidden.get(w, 0.0)) for w in set(out) | set(inn)}
+    return max(per.values(), default=0.0), per

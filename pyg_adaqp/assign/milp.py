@@ -3,16 +3,24 @@ r"""The bit-width MILP of one exchange key (SPEC 7) and its greedy fallback.
 Every channel (sender, receiver) of the key holds groups of message rows;
 group :math:`g` has :math:`n_g` rows and the summed variance coefficient
 :math:`C_g = \sum_{m \in g} c_m`.  With binaries :math:`x_{g,b}`,
-:math:`b \in \{2, 4, 8\}`:
+:math:`b \in \{2, 4, 8\}`, :math:`\sum_b x_{g,b} = 1`, the added variance is
+:math:`V = \sum_{g,b} C_g x_{g,b} / (2^b - 1)^2` and the time
+:math:`T \ge T_i` for every worker, :math:`T_i` the critical path of
+:mod:`~pyg_adaqp.assign.cost_model` (four linear rows per worker).
 
-.. math::
-    V = \sum_{g,b} \frac{C_g}{(2^b - 1)^2} x_{g,b}, \qquad
-    T \ge \beta_i + \alpha_i \Big(\sum_{g \in i, b} \mathrm{bytes}(n_g, b)\, x_{g,b}
-    - f_i\Big), \quad T \ge \beta_i \quad \forall \text{ senders } i, \qquad
-    \sum_b x_{g,b} = 1,
+Two objectives:
 
-minimizing :math:`\lambda \frac{V - V_{\min}}{V_{\max} - V_{\min}} + (1 - \lambda)
-\frac{T - T_{\min}}{T_{\max} - T_{\min}}`.
+- **Variance budget** (the default): minimize :math:`T` subject to
+  :math:`V \le \epsilon S`, where :math:`S = \sum_m s(m) \lVert x_m
+  \rVert^2` is the power the same messages carry into the receivers'
+  aggregation (weighted by the same squared weights as their noise).  So
+  :math:`\epsilon` is a noise-to-signal power ratio: ``0.01`` lets the
+  quantization noise reach 1% of the power of what is exchanged (-20 dB).
+  Ties in time go to the lower variance, so when time costs nothing every
+  group stays at 8 bits.
+- **The paper's weighted sum**: minimize
+  :math:`\lambda \frac{V - V_{\min}}{V_{\max} - V_{\min}} + (1 - \lambda)
+  \frac{T - T_{\min}}{T_{\max} - T_{\min}}`.
 """
 from __future__ import annotations
 
@@ -28,10 +36,11 @@ from pyg_adaqp.comm.codec import message_nbytes
 
 WIDTHS = np.array([2, 4, 8])
 _LEVELS = (2.0 ** WIDTHS - 1) ** 2
-#: Weight of the tie-break toward fewer bytes.  Without it, groups whose
-#: width changes neither term (zero range, a sender that is not the
-#: bottleneck) would get arbitrary widths; it is far above HiGHS's default
-#: absolute gap (1e-6), yet moves the reported objective by at most this much.
+#: Weight of the tie-break (toward fewer bytes under the weighted sum, toward
+#: less variance under a budget).  Without it, groups whose width changes
+#: neither term (zero range, a worker off the critical path) would get
+#: arbitrary widths; it is far above HiGHS's default absolute gap (1e-6),
+#: yet moves the reported objective by at most this much.
 TIE_BREAK = 1e-5
 
 
@@ -42,17 +51,26 @@ class KeyProblem:
     Args:
         width (int): Feature width :math:`D` of the key's messages.
         sender (np.ndarray): Sending rank of every group.
+        receiver (np.ndarray): Receiving rank of every group.
         rows (np.ndarray): Rows of every group.
         coef (np.ndarray): :math:`C_g` of every group (>= 0).
+        signal (float, optional): :math:`S`, the power the key's messages
+            carry into the aggregation (the budget's reference). (default: 0)
+        hidden (dict[int, float], optional): Seconds of each worker's
+            computation that overlap this key's exchange. (default: none)
     """
     width: int
     sender: np.ndarray
+    receiver: np.ndarray
     rows: np.ndarray
     coef: np.ndarray
+    signal: float = 0.0
+    hidden: dict[int, float] = field(default_factory=dict)
     bytes: np.ndarray = field(init=False)  #: ``[groups, 3]`` bytes of each group at 2/4/8 bits
 
     def __post_init__(self) -> None:
         self.sender = np.asarray(self.sender, dtype=np.int64)
+        self.receiver = np.asarray(self.receiver, dtype=np.int64)
         self.rows = np.asarray(self.rows, dtype=np.int64)
         self.coef = np.asarray(self.coef, dtype=np.float64)
         # message_nbytes is linear in the rows: n * (ceil(D b / 8) + 4).
@@ -63,6 +81,10 @@ class KeyProblem:
     def num_groups(self) -> int:
         return int(self.rows.size)
 
+    def variance(self, choice: np.ndarray) -> float:
+        """:math:`V` of `choice` (index into :data:`WIDTHS` per group)."""
+        return float((self.coef / _LEVELS[choice]).sum())
+
 
 @dataclass
 class Solution:
@@ -71,6 +93,8 @@ class Solution:
     objective: float        #: normalized objective (without the tie-break)
     method: str             #: ``"milp"``, ``"greedy"`` or ``"trivial"``
     solve_time: float       #: seconds
+    seconds: float = 0.0    #: predicted exchange time
+    noise: float = 0.0      #: :math:`V / S` (0 when :math:`S = 0`)
 
 
 def group_messages(coef: np.ndarray, group_size: int) -> tuple[np.ndarray, np.ndarray]:
@@ -87,146 +111,276 @@ def group_messages(coef: np.ndarray, group_size: int) -> tuple[np.ndarray, np.nd
     return np.add.reduceat(coef[order], np.arange(0, order.size, group_size)), order
 
 
-class _Normalizer:
-    """The normalization constants of the objective of one problem."""
+class _Timing:
+    """The cost model evaluated on one problem's groups (vectorized)."""
 
     def __init__(self, problem: KeyProblem, cost: CostModel):
+        self.workers = np.union1d(problem.sender, problem.receiver)
+        self.s = np.searchsorted(self.workers, problem.sender)
+        self.r = np.searchsorted(self.workers, problem.receiver)
+
+        def per_worker(values: dict, default: float = 0.0) -> np.ndarray:
+            return np.array([values.get(int(w), default) for w in self.workers], dtype=float)
+
+        self.up, self.down = per_worker(cost.up), per_worker(cost.down)
+        self.beta, self.free = per_worker(cost.beta), per_worker(cost.free)
+        self.hidden = per_worker(problem.hidden)
+        self.bytes = problem.bytes
+        d, n = problem.width, problem.rows[:, None].astype(float)
+
+        def codec(table: dict, who: np.ndarray) -> np.ndarray:
+            per = np.array([[sum(np.array(table.get(int(w), {}).get(int(b), (0.0, 0.0)))
+                                 * (1.0, d)) for b in WIDTHS] for w in self.workers])
+            return n * per[who] if self.workers.size else np.zeros((n.shape[0], 3))
+
+        self.enc, self.dec = codec(cost.encode, self.s), codec(cost.decode, self.r)
+
+    def seconds(self, choice: np.ndarray) -> float:
+        """:math:`T = \\max_i T_i` of `choice` (index into WIDTHS per group)."""
+        if choice.size == 0:
+            return 0.0
+        g = np.arange(choice.size)
+        w = self.workers.size
+        out = np.bincount(self.s, self.bytes[g, choice], minlength=w)
+        inn = np.bincount(self.r, self.bytes[g, choice], minlength=w)
+        cpu = (np.bincount(self.s, self.enc[g, choice], minlength=w)
+               + np.bincount(self.r, self.dec[g, choice], minlength=w))
+        link = self.beta + np.maximum(0.0, np.maximum(self.up * (out - self.free),
+                                                      self.down * (inn - self.free)))
+        link[(out <= 0) & (inn <= 0)] = 0.0
+        return float(np.max(cpu + np.maximum(0.0, link - self.hidden)))
+
+
+class _Objective:
+    """The objective of one problem, normalized, and its constants."""
+
+    def __init__(self, problem: KeyProblem, cost: CostModel, coe_lambda: float,
+                 budget: float | None):
+        self.problem, self.timing = problem, _Timing(problem, cost)
+        self.coe_lambda, self.budget = coe_lambda, budget
+        g = problem.num_groups
         c = problem.coef.sum()
         self.v_min, self.v_max = c / _LEVELS[2], c / _LEVELS[0]
-        self.t_min = self.time(problem, cost, np.zeros(problem.num_groups, dtype=np.int64))
-        self.t_max = self.time(problem, cost, np.full(problem.num_groups, 2, dtype=np.int64))
+        uniform = [self.timing.seconds(np.full(g, k, dtype=np.int64)) for k in range(3)]
+        self.t_min, self.t_max = min(uniform), max(uniform)
         self.b_min, self.b_max = problem.bytes[:, 0].sum(), problem.bytes[:, 2].sum()
-
-    @staticmethod
-    def time(problem: KeyProblem, cost: CostModel, choice: np.ndarray) -> float:
-        sent = problem.bytes[np.arange(problem.num_groups), choice]
-        senders = np.unique(problem.sender)
-        per = np.array([sent[problem.sender == s].sum() for s in senders])
-        return cost.predict(dict(zip(senders.tolist(), per.tolist())))
+        #: The variance the budget allows (inf without a budget or a signal).
+        self.v_cap = np.inf if budget is None or problem.signal <= 0 else budget * problem.signal
 
     @staticmethod
     def _scaled(value: float, lo: float, hi: float) -> float:
         # A range of zero (all traces zero, or a flat cost) contributes 0, never NaN.
         return (value - lo) / (hi - lo) if hi > lo else 0.0
 
-    def objective(self, problem: KeyProblem, cost: CostModel, choice: np.ndarray,
-                  coe_lambda: float) -> float:
-        v = float((problem.coef / _LEVELS[choice]).sum())
-        t = self.time(problem, cost, choice)
-        return (coe_lambda * self._scaled(v, self.v_min, self.v_max)
-                + (1 - coe_lambda) * self._scaled(t, self.t_min, self.t_max))
+    def feasible(self, choice: np.ndarray) -> bool:
+        return self.problem.variance(choice) <= self.v_cap * (1 + 1e-9)
+
+    def __call__(self, choice: np.ndarray) -> float:
+        t = self._scaled(self.timing.seconds(choice), self.t_min, self.t_max)
+        if self.budget is not None:
+            return t
+        v = self._scaled(self.problem.variance(choice), self.v_min, self.v_max)
+        return self.coe_lambda * v + (1 - self.coe_lambda) * t
+
+    def better(self, a: np.ndarray, b: np.ndarray | None) -> bool:
+        """Whether `a` beats `b` (feasibility first, then objective, then tie-break)."""
+        if b is None:
+            return True
+        fa, fb = self.feasible(a), self.feasible(b)
+        if fa != fb:
+            return fa
+        if not fa:  # neither meets the budget: the one closer to it
+            return self.problem.variance(a) < self.problem.variance(b)
+        return self(a) + self.tie(a) < self(b) + self.tie(b) - 1e-12
+
+    @property
+    def tie_weight(self) -> float:
+        """Weight of the tie-break; none at lambda 1, where the variance is all
+        (a tie-break toward fewer bytes would outweigh tiny variances)."""
+        if self.budget is not None:
+            return TIE_BREAK
+        return TIE_BREAK if self.coe_lambda < 1.0 else 0.0
+
+    def tie(self, choice: np.ndarray) -> float:
+        """The tie-break term: scaled variance (budget) or bytes (weighted sum)."""
+        if self.budget is not None:
+            return self.tie_weight * self._scaled(self.problem.variance(choice), 0.0,
+                                                  self.v_max - self.v_min)
+        nbytes = float(self.problem.bytes[np.arange(choice.size), choice].sum())
+        return self.tie_weight * self._scaled(nbytes, self.b_min, self.b_max)
 
 
-def objective(problem: KeyProblem, cost: CostModel, bits: np.ndarray, coe_lambda: float) -> float:
+def objective(problem: KeyProblem, cost: CostModel, bits: np.ndarray, coe_lambda: float = 0.5,
+              budget: float | None = None) -> float:
     """The normalized objective of assigning `bits` (one width per group)."""
     choice = np.searchsorted(WIDTHS, np.asarray(bits))
-    return _Normalizer(problem, cost).objective(problem, cost, choice, coe_lambda)
+    return _Objective(problem, cost, coe_lambda, budget)(choice)
 
 
 def solve_key(problem: KeyProblem, cost: CostModel, coe_lambda: float = 0.5,
               time_limit: float = 0.3, mip_rel_gap: float = 1e-3,
-              max_milp_groups: int = 2000) -> Solution:
+              max_milp_groups: int = 2000, budget: float | None = None) -> Solution:
     """Assigns a width to every group of `problem`.
 
     The greedy solution comes first; the MILP then decides the groups near
-    each sender's width boundaries in it (all groups when there are at most
+    its width boundaries (all groups when there are at most
     `max_milp_groups`), with the others fixed at their greedy width.  HiGHS
     runs under `time_limit` and the better of the two answers is kept, so a
     solver stopped early (or failing) never does worse than the fallback.
 
     Args:
         problem (KeyProblem): The groups of one exchange key.
-        cost (CostModel): Predicts the exchange time from bytes per sender.
+        cost (CostModel): Predicts the exchange time.
         coe_lambda (float, optional): Weight :math:`\\lambda` of the variance
-            term. (default: :obj:`0.5`)
+            term of the weighted sum (unused with a `budget`). (default: :obj:`0.5`)
         time_limit (float, optional): Seconds HiGHS may run. (default: :obj:`0.3`)
         mip_rel_gap (float, optional): Relative optimality gap at which HiGHS
             stops.  Closing the last 0.1% costs seconds even on a few
             thousand groups (measured), for a negligible gain. (default: :obj:`1e-3`)
         max_milp_groups (int, optional): Most groups the MILP decides.  HiGHS
             takes 0.5-0.8 s just to set up 10k-30k groups (measured), while
-            the greedy answer already has the optimum's shape (a threshold
-            per width along each sender's groups sorted by variance per
-            byte), so only groups near its thresholds are worth deciding.
-            (default: :obj:`2000`)
+            the greedy answer already has the optimum's shape (thresholds
+            along the groups sorted by variance bought per second), so only
+            groups near its thresholds are worth deciding. (default: :obj:`2000`)
+        budget (float, optional): Minimize time with the variance at most
+            `budget` times the signal power :math:`S` instead of the
+            weighted sum. (default: :obj:`None`)
     """
     t0 = time.perf_counter()
     if problem.num_groups == 0:
         return Solution(np.zeros(0, dtype=np.int64), 0.0, "trivial", 0.0)
-    norm = _Normalizer(problem, cost)
-    greedy = _greedy(problem, cost, norm, coe_lambda)
-    value = norm.objective(problem, cost, greedy, coe_lambda)
-    best = Solution(WIDTHS[greedy], value, "greedy", 0.0)
-    free = _near_thresholds(problem, greedy, max_milp_groups)
-    choice = _milp(problem, cost, norm, coe_lambda, time_limit, mip_rel_gap, free, greedy)
-    if choice is not None:
-        value = norm.objective(problem, cost, choice, coe_lambda)
-        if value <= best.objective + TIE_BREAK:
-            best = Solution(WIDTHS[choice], value, "milp", 0.0)
-    best.solve_time = time.perf_counter() - t0
-    return best
+    obj = _Objective(problem, cost, coe_lambda, budget)
+    greedy, steps, cut = _greedy(obj)
+    best, method = greedy, "greedy"
+    free = _near_cut(problem, steps, cut, max_milp_groups)
+    choice = _milp(obj, time_limit, mip_rel_gap, free, greedy)
+    if choice is not None and not obj.better(best, choice):
+        best, method = choice, "milp"
+    v = problem.variance(best)
+    return Solution(WIDTHS[best], obj(best), method, time.perf_counter() - t0,
+                    obj.timing.seconds(best), v / problem.signal if problem.signal > 0 else 0.0)
 
 
-def _near_thresholds(problem: KeyProblem, base: np.ndarray, max_groups: int) -> np.ndarray:
-    """Groups within a window of every width change (and of both ends) along
-    each sender's groups sorted by variance per byte; all if few enough."""
+def _greedy(obj: _Objective) -> tuple[np.ndarray, np.ndarray, int]:
+    """Fallback: upgrades groups (2->4, 4->8) in the order of variance
+    removed per second the upgrade costs on its sender's up- and receiver's
+    down-link (and in their codecs); takes the shortest prefix that meets
+    the budget, or the best prefix of the weighted sum.
+
+    Returns the choice, the ordered steps (group of each) and the prefix length.
+    """
+    p, tm = obj.problem, obj.timing
+    g = p.num_groups
+    gain = np.concatenate([p.coef * (1 / _LEVELS[0] - 1 / _LEVELS[1]),
+                           p.coef * (1 / _LEVELS[1] - 1 / _LEVELS[2])])
+    rate = np.maximum(tm.up[tm.s], tm.down[tm.r])
+    cost = np.concatenate([
+        (p.bytes[:, k + 1] - p.bytes[:, k]) * rate
+        + (tm.enc[:, k + 1] - tm.enc[:, k]) + (tm.dec[:, k + 1] - tm.dec[:, k])
+        for k in range(2)])
+    ratio = gain / np.maximum(cost, 1e-15)
+    # A group's 4->8 step never comes before its 2->4 step.
+    ratio[g:] = np.minimum(ratio[g:], ratio[:g])
+    order = np.lexsort((np.r_[np.zeros(g), np.ones(g)], -ratio))
+    groups = np.r_[np.arange(g), np.arange(g)][order]
+
+    def prefix(k: int) -> np.ndarray:
+        choice = np.zeros(g, dtype=np.int64)
+        np.add.at(choice, groups[:k], 1)
+        return choice
+
+    if obj.budget is not None:
+        removed = np.cumsum(gain[order])
+        need = p.variance(np.zeros(g, dtype=np.int64)) - obj.v_cap
+        cut = 2 * g if need > removed[-1] else int(np.searchsorted(removed, need, side="left")) + 1
+        cut = 0 if need <= 0 else min(cut, 2 * g)
+        return prefix(cut), groups, cut
+    best, best_k = None, 0
+    for k in np.unique(np.linspace(0, 2 * g, 65).astype(int)):
+        choice = prefix(int(k))
+        if obj.better(choice, best):
+            best, best_k = choice, int(k)
+    return best, groups, best_k
+
+
+def _near_cut(problem: KeyProblem, steps: np.ndarray, cut: int, max_groups: int) -> np.ndarray:
+    """The groups whose steps lie within a window of the greedy's cut (and
+    of both ends of the order); all groups if few enough."""
     if problem.num_groups <= max_groups:
         return np.arange(problem.num_groups)
-    senders = np.unique(problem.sender)
-    window = max(1, max_groups // (6 * senders.size))
-    free = []
-    for s in senders:
-        idx = np.flatnonzero(problem.sender == s)
-        order = idx[np.argsort(-problem.coef[idx] / problem.rows[idx], kind="stable")]
-        cuts = np.r_[0, np.flatnonzero(np.diff(base[order])) + 1, order.size]
-        near = np.zeros(order.size, dtype=bool)
-        for k in cuts:
-            near[max(0, k - window):k + window] = True
-        free.append(order[near])
-    return np.sort(np.concatenate(free))
+    window = max(1, max_groups // 3)
+    near = np.r_[steps[max(0, cut - window):cut + window], steps[:window // 4],
+                 steps[-(window // 4) or steps.size:]]
+    return np.unique(near)[:max_groups]
 
 
-def _milp(problem: KeyProblem, cost: CostModel, norm: _Normalizer, coe_lambda: float,
-          time_limit: float, mip_rel_gap: float, free: np.ndarray,
+def _milp(obj: _Objective, time_limit: float, mip_rel_gap: float, free: np.ndarray,
           base: np.ndarray) -> np.ndarray | None:
     """The MILP's choice (index into WIDTHS per group) with the groups not in
     `free` fixed at `base`, or None if it found none."""
-    g = free.size
-    senders = np.unique(problem.sender)
-    # The time variable is in units of T_max - T_min, so its row coefficients
-    # are of order one whatever the link speed.
-    t_scale = norm.t_max - norm.t_min if norm.t_max > norm.t_min else 1.0
-    v_scale = norm.v_max - norm.v_min
-    coef, nbytes, sender = problem.coef[free], problem.bytes[free], problem.sender[free]
-    c = np.zeros(3 * g + 1)
-    if v_scale > 0:
-        c[:3 * g] += coe_lambda * (coef[:, None] / _LEVELS[None, :]).ravel() / v_scale
-    if norm.b_max > norm.b_min:
-        c[:3 * g] += TIE_BREAK * nbytes.ravel() / (norm.b_max - norm.b_min)
-    c[-1] = (1 - coe_lambda) if norm.t_max > norm.t_min else 0.0
+    p, tm = obj.problem, obj.timing
+    g, w = free.size, tm.workers.size
+    if g == 0:
+        return None
+    # Time in units of T_max - T_min, so the rows' coefficients are of order
+    # one whatever the link speed.
+    t_scale = obj.t_max - obj.t_min if obj.t_max > obj.t_min else max(obj.t_max, 1e-9)
+    v_scale = obj.v_max - obj.v_min if obj.v_max > obj.v_min else 1.0
+    coef, nbytes = p.coef[free], p.bytes[free]
+    s, r = tm.s[free], tm.r[free]
+    fixed = np.ones(p.num_groups, dtype=bool)
+    fixed[free] = False
+    idx = np.flatnonzero(fixed)
+    ch = base[idx]
+    out_fixed = np.bincount(tm.s[idx], p.bytes[idx, ch], minlength=w)
+    in_fixed = np.bincount(tm.r[idx], p.bytes[idx, ch], minlength=w)
+    cpu_fixed = (np.bincount(tm.s[idx], tm.enc[idx, ch], minlength=w)
+                 + np.bincount(tm.r[idx], tm.dec[idx, ch], minlength=w))
+    v_fixed = float((p.coef[idx] / _LEVELS[ch]).sum())
 
+    c = np.zeros(3 * g + 1)
+    if obj.budget is not None:
+        c[-1] = 1.0
+        c[:3 * g] += obj.tie_weight * (coef[:, None] / _LEVELS[None, :]).ravel() / v_scale
+    else:
+        c[:3 * g] += obj.coe_lambda * (coef[:, None] / _LEVELS[None, :]).ravel() / v_scale
+        if obj.b_max > obj.b_min:
+            c[:3 * g] += obj.tie_weight * nbytes.ravel() / (obj.b_max - obj.b_min)
+        c[-1] = (1 - obj.coe_lambda) if obj.t_max > obj.t_min else 0.0
+
+    cols = np.arange(3 * g)
+    rs, rr = np.repeat(s, 3), np.repeat(r, 3)
+
+    def rows(extra_rows: np.ndarray | None, extra_vals: np.ndarray | None) -> sp.csr_matrix:
+        ri = [rs, rr] + ([extra_rows] if extra_rows is not None else [])
+        vi = [tm.enc[free].ravel(), tm.dec[free].ravel()] + (
+            [extra_vals] if extra_vals is not None else [])
+        ci = [cols, cols] + ([cols] if extra_rows is not None else [])
+        m = sp.csr_matrix((np.concatenate(vi) / t_scale, (np.concatenate(ri), np.concatenate(ci))),
+                          shape=(w, 3 * g))
+        return sp.hstack([m, sp.csr_matrix(-np.ones((w, 1)))], format="csr")
+
+    base_cost = tm.beta - tm.hidden
+    blocks = [  # t >= cpu; cpu + beta - h; cpu + beta - h + u (out - f); ... + d (in - f)
+        (rows(None, None), -cpu_fixed),
+        (rows(None, None), -(cpu_fixed + base_cost)),
+        (rows(rs, (tm.up[s][:, None] * nbytes).ravel()),
+         -(cpu_fixed + base_cost + tm.up * (out_fixed - tm.free))),
+        (rows(rr, (tm.down[r][:, None] * nbytes).ravel()),
+         -(cpu_fixed + base_cost + tm.down * (in_fixed - tm.free))),
+    ]
     one_width = sp.hstack([sp.kron(sp.eye(g, format="csr"), np.ones((1, 3)), format="csr"),
                            sp.csr_matrix((g, 1))], format="csr")
-    # Row s: alpha_s * (bytes_s(x) + fixed bytes_s - free_s) / t_scale - t
-    #        <= -beta_s / t_scale, and t >= max beta_s / t_scale (every sender sends).
-    alpha = np.array([cost.alpha.get(int(s), 0.0) for s in senders])
-    beta = np.array([cost.beta.get(int(s), 0.0) for s in senders])
-    free_bytes = np.array([cost.free.get(int(s), 0.0) for s in senders])
-    fixed = np.ones(problem.num_groups, dtype=bool)
-    fixed[free] = False
-    fixed_bytes = np.zeros(senders.size)
-    np.add.at(fixed_bytes, np.searchsorted(senders, problem.sender[fixed]),
-              problem.bytes[fixed, base[fixed]])
-    row_of = np.searchsorted(senders, sender)
-    vals = (alpha[row_of][:, None] * nbytes).ravel() / t_scale
-    time_rows = sp.hstack([sp.csr_matrix((vals, (np.repeat(row_of, 3), np.arange(3 * g))),
-                                         shape=(senders.size, 3 * g)),
-                           sp.csr_matrix(-np.ones((senders.size, 1)))], format="csr")
-    constraints = [LinearConstraint(one_width, 1, 1),
-                   LinearConstraint(time_rows, -np.inf,
-                                    -(beta + alpha * (fixed_bytes - free_bytes)) / t_scale)]
+    constraints = [LinearConstraint(one_width, 1, 1)]
+    constraints += [LinearConstraint(m, -np.inf, ub / t_scale) for m, ub in blocks]
+    if np.isfinite(obj.v_cap):
+        room = obj.v_cap - v_fixed
+        if room < (coef / _LEVELS[2]).sum():
+            return None  # even all 8 bits misses the budget: the greedy's answer stands
+        var_row = np.r_[(coef[:, None] / _LEVELS[None, :]).ravel(), 0.0] / v_scale
+        constraints.append(LinearConstraint(var_row[None, :], -np.inf, room / v_scale))
     integrality = np.r_[np.ones(3 * g), 0]
-    bounds = Bounds(np.r_[np.zeros(3 * g), beta.max() / t_scale], np.r_[np.ones(3 * g), np.inf])
+    bounds = Bounds(np.zeros(3 * g + 1), np.r_[np.ones(3 * g), np.inf])
     res = milp(c, constraints=constraints, integrality=integrality, bounds=bounds,
                options={"time_limit": max(time_limit, 1e-3), "mip_rel_gap": mip_rel_gap})
     if res.x is None:
@@ -234,38 +388,3 @@ def _milp(problem: KeyProblem, cost: CostModel, norm: _Normalizer, coe_lambda: f
     choice = base.copy()
     choice[free] = np.argmax(res.x[:3 * g].reshape(g, 3), axis=1)
     return choice
-
-
-def _greedy(problem: KeyProblem, cost: CostModel, norm: _Normalizer,
-            coe_lambda: float) -> np.ndarray:
-    """Fallback: sweeps a time cap; under each, every sender buys variance
-    reduction in the order of least bytes per unit of variance removed.
-
-    Upgrades 2->4 and 4->8 of one group are ordered by their ratio, and the
-    2->4 step always has the larger one, so a prefix of the sorted steps is
-    a valid assignment.
-    """
-    g = problem.num_groups
-    best, best_value = np.zeros(g, dtype=np.int64), np.inf
-    steps = []
-    for s in np.unique(problem.sender):
-        idx = np.flatnonzero(problem.sender == s)
-        gain = np.concatenate([problem.coef[idx] * (1 / _LEVELS[0] - 1 / _LEVELS[1]),
-                               problem.coef[idx] * (1 / _LEVELS[1] - 1 / _LEVELS[2])])
-        extra = np.concatenate([problem.bytes[idx, 1] - problem.bytes[idx, 0],
-                                problem.bytes[idx, 2] - problem.bytes[idx, 1]])
-        ratio = gain / np.maximum(extra, 1e-12)
-        order = np.lexsort((np.r_[np.zeros(idx.size), np.ones(idx.size)], -ratio))
-        steps.append((s, np.r_[idx, idx][order], np.cumsum(extra[order]),
-                      problem.bytes[idx, 0].sum()))
-    for cap in np.linspace(norm.t_min, norm.t_max, 41):
-        choice = np.zeros(g, dtype=np.int64)
-        for s, groups, spent, base in steps:
-            a, b = cost.alpha.get(int(s), 0.0), cost.beta.get(int(s), 0.0)
-            budget = np.inf if a <= 0 else (cap - b) / a + cost.free.get(int(s), 0.0) - base
-            taken = int(np.searchsorted(spent, budget, side="right"))
-            np.add.at(choice, groups[:taken], 1)
-        value = norm.objective(problem, cost, choice, coe_lambda)
-        if value < best_value:
-            best, best_value = choice, value
-    return best

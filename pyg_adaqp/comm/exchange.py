@@ -92,7 +92,8 @@ class HaloExchange:
         #: Width of quantized rows of keys without an assignment (:meth:`set_bits`).
         self.default_bits = 8
         #: Optional observer of quantized messages: ``tracer.record(key, peer, ranges,
-        #: width)`` gets the per-row range ``max - min`` of every quantized message sent.
+        #: width, power)`` gets the per-row range ``max - min`` and squared norm of
+        #: every quantized message sent.
         self.tracer = None
         self._bits: dict[str, tuple[dict[int, Tensor], dict[int, Tensor]]] = {}
         self._layouts: dict[tuple, MessageLayout] = {}
@@ -150,7 +151,8 @@ class HaloExchange:
             if quantize and self.tracer is not None:
                 send[p], ranges = layout.pack(x, generator=self.generator,
                                               name=f"exchange {key!r}", return_range=True)
-                self.tracer.record(key, p, ranges, width)
+                power = torch.linalg.vector_norm(x, dim=1).square()
+                self.tracer.record(key, p, ranges, width, power)
             else:
                 send[p] = layout.pack(x, generator=self.generator, name=f"exchange {key!r}")
             stats.bytes_sent += int(send[p].numel())

@@ -30,6 +30,8 @@ class PendingExchange:
     stage_to: torch.device | None = None   # copy received CPU buffers there (gloo + CUDA)
     sending: list[Tensor] = field(default_factory=list)  # alive until the sends complete
     posted_at: float = field(default_factory=time.perf_counter)
+    #: The work of every peer's receive, when each has its own (point-to-point).
+    recv_works: dict[int, object] = field(default_factory=dict)
 
     def wait(self) -> dict[int, Tensor]:
         for work in self.works:
@@ -38,6 +40,24 @@ class PendingExchange:
         if self.stage_to is not None:
             return {p: b.to(self.stage_to, non_blocking=True) for p, b in self.recv.items()}
         return self.recv
+
+    def wait_each(self) -> dict[int, float]:
+        """Waits like :meth:`wait`; returns when each peer's buffer was seen
+        complete (``perf_counter`` seconds), in the order they were posted.
+
+        Each time is an upper bound: a buffer that arrived while an earlier
+        one was awaited is seen when that wait returns.  With one collective
+        for all peers (NCCL) every peer gets the collective's time.
+        """
+        seen = {}
+        for p, work in self.recv_works.items():
+            work.wait()   # a gloo work must be waited on once: a second wait hangs
+            seen[p] = time.perf_counter()
+        awaited = {id(w) for w in self.recv_works.values()}
+        self.works = [w for w in self.works if id(w) not in awaited]
+        self.wait()
+        done = time.perf_counter()
+        return {p: seen.get(p, done) for p in self.recv}
 
 
 class Transport:
@@ -76,8 +96,9 @@ class Transport:
         pin = device.type == "cuda"
         recv = {p: torch.empty(n, dtype=torch.uint8, pin_memory=pin)
                 for p, n in recv_bytes.items() if n > 0}
-        works = [dist.irecv(buf, src=self._global(p), group=self.group)
-                 for p, buf in recv.items()]
+        recv_works = {p: dist.irecv(buf, src=self._global(p), group=self.group)
+                      for p, buf in recv.items()}
+        works = list(recv_works.values())
         sending = []
         for p, buf in send.items():
             if buf.numel() == 0:
@@ -86,7 +107,8 @@ class Transport:
                 buf = buf.to("cpu")
             sending.append(buf)
             works.append(dist.isend(buf, dst=self._global(p), group=self.group))
-        return PendingExchange(works, recv, device if pin else None, sending=sending)
+        return PendingExchange(works, recv, device if pin else None, sending=sending,
+                               recv_works=recv_works)
 
     def _start_nccl(self, send: dict[int, Tensor], recv_bytes: dict[int, int],
                     device: torch.device) -> PendingExchange:

@@ -73,7 +73,11 @@ class AssignConfig:
     bits: int = 8                      #: width of the uniform scheme
     cycle: int = 10                    #: epochs between re-assignments (random: redraw)
     group_size: int = 100              #: adaptive: messages of one channel sharing a width
-    coe_lambda: float = 0.5            #: adaptive: weight of variance against time, in [0, 1]
+    #: adaptive: the fastest widths whose quantization noise stays within this
+    #: fraction of the exchanged messages' power, per layer and direction
+    #: (0.02: -17 dB); null uses the paper's weighted sum with ``coe_lambda``
+    variance_budget: Optional[float] = 0.02
+    coe_lambda: float = 0.5            #: adaptive, without a budget: weight of variance against time
 
     def __post_init__(self) -> None:
         _check(self.scheme in SCHEMES, "assign.scheme",
@@ -83,6 +87,8 @@ class AssignConfig:
         _check(self.group_size >= 1, "assign.group_size", f"must be >= 1, got {self.group_size}")
         _check(0.0 <= self.coe_lambda <= 1.0, "assign.coe_lambda",
                f"must be in [0, 1], got {self.coe_lambda}")
+        _check(self.variance_budget is None or self.variance_budget >= 0.0,
+               "assign.variance_budget", f"must be >= 0 or null, got {self.variance_budget}")
 
 
 @dataclass

@@ -104,7 +104,8 @@ class Trainer:
         a = cfg.assign
         self.scheme = (UniformBits(a.bits) if a.scheme == "uniform"
                        else RandomBits(m.num_layers, a.cycle, cfg.seed) if a.scheme == "random"
-                       else AdaptiveBits(a.cycle, a.group_size, a.coe_lambda))
+                       else AdaptiveBits(a.cycle, a.group_size, a.coe_lambda,
+                                         a.variance_budget))
         self.rows_by_bits: dict[str, dict[int, int]] = {}
         self.exchange_widths: dict[str, int] = {}  #: feature width of every exchange key
         counts = torch.zeros(ctx.world_size)
@@ -159,6 +160,8 @@ class Trainer:
         epoch_time = time.perf_counter() - t0
 
         by_key = self.graph.exchange.reset_stats()
+        if hasattr(self.scheme, "observe"):
+            self.scheme.observe(by_key)
         self.rows_by_bits = {k: dict(s.rows_by_bits) for k, s in by_key.items() if s.rows_by_bits}
         self.exchange_widths.update({k: s.width for k, s in by_key.items() if s.calls})
         stats = by_key.values()
@@ -252,7 +255,14 @@ class Trainer:
         start = self._resume(tc.resume) if tc.resume else 0
         if self.report is not None and self.report.rows:
             last_eval = {s: self.report.rows[-1][s] for s in SPLITS}
+        # The scheme's one-off measurements run here, in no epoch's time.
+        t0 = time.perf_counter()
+        if hasattr(self.scheme, "setup"):
+            self.scheme.setup(self.graph)
+        setup_time = float(self._all_reduce(torch.tensor([time.perf_counter() - t0]),
+                                            dist.ReduceOp.MAX)[0])
         for epoch in range(start, tc.epochs):
+            started_at = time.time()
             row = self.train_epoch(epoch)
             sums = self._all_reduce(torch.tensor([row["loss"], row["bytes_sent"]]))
             if not math.isfinite(float(sums[0])):
@@ -262,7 +272,8 @@ class Trainer:
             if epoch % tc.eval_every == 0 or epoch == tc.epochs - 1:
                 last_eval = self.evaluate()
             if self.report is not None:
-                self.report.epoch({"epoch": epoch, "loss": float(sums[0]), **last_eval,
+                self.report.epoch({"epoch": epoch, "started_at": started_at,
+                                   "loss": float(sums[0]), **last_eval,
                                    **dict(zip(TIMES, times.tolist())),
                                    "bytes_sent": int(sums[1])})
             if tc.checkpoint_every and (epoch + 1) % tc.checkpoint_every == 0:
@@ -273,7 +284,7 @@ class Trainer:
                 hook(self, epoch)
         hist = self._bits_histogram()
         if self.report is not None:
-            self.report.finish(hist, self.exchange_widths, self.scheme.report())
+            self.report.finish(hist, self.exchange_widths, self.scheme.report(), setup_time)
 
     def _bits_histogram(self) -> dict[str, dict[int, int]]:
         """Rows per width of the last training epoch's exchanges, all workers."""
