@@ -4,6 +4,7 @@
         torchrun --nnodes={hosts} --node-rank={rank} --nproc-per-node=1 \
             --master-addr={master} --master-port=29500 -m pyg_adaqp.train ...
     python benchmarks/cluster.py --hosts 2 --rate 100mbit --check-rate
+    python benchmarks/cluster.py --hosts 4 --rates 1gbit 1gbit 1gbit 100mbit -- ...
 
 Every host is a Linux network namespace with one interface, ``eth0``, at
 ``10.213.0.<rank + 1>/24``; a veth pair joins it to a bridge that lives in a
@@ -94,16 +95,24 @@ class Cluster:
 
     Args:
         hosts (int): Number of test hosts.
-        rate (str): Link rate for ``tc tbf`` (``100mbit``, ``1gbit``, ...) or
-            ``"none"`` for unlimited links.
+        rate (str or list[str]): Link rate for ``tc tbf`` (``100mbit``,
+            ``1gbit``, ...) or ``"none"`` for unlimited links; one for every
+            host, or a list with one per host (uneven links: a host's rate
+            applies to its link in both directions).
     """
 
-    def __init__(self, hosts: int, rate: str = "1gbit"):
+    def __init__(self, hosts: int, rate: str | list[str] = "1gbit"):
         if not 1 <= hosts <= 250:
             raise ClusterError(f"hosts must be in [1, 250], got {hosts}")
         self.hosts = hosts
-        self.rate = rate
-        self.bits = None if rate == "none" else rate_bits(rate)
+        self.rates = [rate] * hosts if isinstance(rate, str) else list(rate)
+        if len(self.rates) != hosts:
+            raise ClusterError(f"{len(self.rates)} rates given for {hosts} hosts: give one "
+                               f"rate, or one per host")
+        self.rate = self.rates[0] if len(set(self.rates)) == 1 else " ".join(self.rates)
+        #: Bits per second of every host's link (None: unlimited).
+        self.host_bits = [None if r == "none" else rate_bits(r) for r in self.rates]
+        self.bits = None if None in self.host_bits else min(self.host_bits)
         self.prefix = f"adaqp{os.getpid()}"
         self.bridge_ns = f"{self.prefix}br"
         self.host_ns = [f"{self.prefix}h{r}" for r in range(hosts)]
@@ -138,15 +147,15 @@ class Cluster:
             _ns(ns, "ip", "addr", "add", f"{self.addr(r)}/24", "dev", "eth0")
             _ns(ns, "ip", "link", "set", "eth0", "up")
             _ns(ns, "ip", "link", "set", "lo", "up")
-            if self.bits is not None:
-                self._shape(ns, "eth0")                 # host -> switch
-                self._shape(self.bridge_ns, f"h{r}")    # switch -> host
+            if self.host_bits[r] is not None:
+                self._shape(ns, "eth0", r)                 # host -> switch
+                self._shape(self.bridge_ns, f"h{r}", r)    # switch -> host
 
-    def _shape(self, ns: str, dev: str) -> None:
+    def _shape(self, ns: str, dev: str, rank: int) -> None:
         # A bucket of ~2 ms of traffic (at least 64 KiB, several full-size
         # frames): larger bursts would let whole messages through unshaped.
-        burst = max(int(self.bits * 0.002 / 8), 64 * 1024)
-        _ns(ns, "tc", "qdisc", "add", "dev", dev, "root", "tbf", "rate", self.rate,
+        burst = max(int(self.host_bits[rank] * 0.002 / 8), 64 * 1024)
+        _ns(ns, "tc", "qdisc", "add", "dev", dev, "root", "tbf", "rate", self.rates[rank],
             "burst", str(burst), "latency", "100ms")
 
     def run(self, command: list[str], timeout: float, env: dict[str, str] | None = None,
@@ -310,6 +319,8 @@ def main() -> int:
     ap.add_argument("--hosts", type=int, default=2, help="number of test hosts")
     ap.add_argument("--rate", default="1gbit",
                     help="link rate in both directions (tc syntax: 100mbit, 1gbit) or 'none'")
+    ap.add_argument("--rates", nargs="+", metavar="RATE",
+                    help="one rate per host instead of --rate (uneven links)")
     ap.add_argument("--timeout", type=float, default=1800, help="bound on the whole run, s")
     ap.add_argument("--check-rate", action="store_true",
                     help="measure one TCP stream from host 0 to host 1 instead of a command")
@@ -322,8 +333,8 @@ def main() -> int:
 
     stop_on_signals()
     try:
-        with Cluster(args.hosts, args.rate) as cluster:
-            print(f"cluster: {args.hosts} hosts on {SUBNET}.0/24, links at {args.rate}",
+        with Cluster(args.hosts, args.rates or args.rate) as cluster:
+            print(f"cluster: {args.hosts} hosts on {SUBNET}.0/24, links at {cluster.rate}",
                   flush=True)
             if args.check_rate:
                 print(f"host 0 -> host 1: {measure_rate(cluster):.1f} Mbit/s")

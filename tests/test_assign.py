@@ -249,7 +249,7 @@ def test_adaptive_config_composes():
     assert (a.scheme, a.group_size, a.coe_lambda) == ("adaptive", 100, 0.5)
 
 
-@pytest.mark.parametrize("budget", [None, 0.02])
+@pytest.mark.parametrize("budget", [None, 1e-3])
 def test_adaptive_training_end_to_end(tmp_path, budget):
     """Set-up before epoch 0, 8 bits in epoch 0 only, the budget kept from epoch 1 on."""
     objective_override = ("assign.variance_budget=null", "assign.coe_lambda=1.0") \
@@ -352,3 +352,32 @@ def test_profile_measures_every_worker_both_ways():
             assert set(table[i]) == {2, 4, 8}
             assert all(row >= 0 and element >= 0 for row, element in table[i].values())
             assert all(cost.codec_seconds(i, 1000, 256, b, encoding) > 0 for b in (2, 4, 8))
+
+
+def test_reassignment_sends_each_sender_one_uint8_per_group_of_its_own():
+    """Rank 0 gets group sums only, and returns each sender its own groups' widths."""
+    rng = np.random.default_rng(0)
+    allocator = AdaptiveBits(group_size=10, variance_budget=0.05)
+    allocator.cost = CostModel({i: 8e-8 for i in range(3)}, {i: 8e-8 for i in range(3)})
+    gathered = []
+    for i in range(3):
+        groups = {}
+        for key in ("forward 1", "backward 1"):
+            for j in range(3):
+                if j != i:
+                    coef, _ = group_messages(rng.lognormal(0, 1, 95), 10)
+                    groups.setdefault(key, {})[j] = (coef, np.r_[np.full(9, 10), 5])
+        gathered.append({"groups": groups, "signal": {"forward 1": 50.0, "backward 1": 50.0},
+                         "widths": {"forward 1": 32, "backward 1": 32}, "observed": {},
+                         "overlap": True})
+    parts = allocator._solve(gathered)
+    assert len(parts) == 3
+    for i, (keys, mine) in enumerate(parts):
+        assert keys == ["backward 1", "forward 1"]
+        for key in keys:
+            assert sorted(mine[key]) == [j for j in range(3) if j != i]   # its own channels
+            for widths in mine[key].values():
+                assert widths.dtype == np.uint8 and widths.shape == (10,)  # one per group
+                assert set(widths.tolist()) <= {2, 4, 8}
+    for key in ("forward 1", "backward 1"):
+        assert allocator.solve_info[key]["noise"] <= 0.05 * (1 + 1e-6)

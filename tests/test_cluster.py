@@ -45,6 +45,18 @@ def test_links_are_rate_limited_and_everything_is_torn_down():
 
 
 @pytest.mark.timeout(60)
+def test_every_host_can_have_its_own_rate():
+    with pytest.raises(ClusterError, match="3 rates given for 2 hosts"):
+        Cluster(2, ["1gbit", "1gbit", "1gbit"])
+    with Cluster(2, ["20mbit", "none"]) as cluster:
+        res = cluster.run(["tc", "qdisc", "show", "dev", "eth0"], timeout=10)
+        shown = {h.rank: h.output for h in res}
+        assert "tbf" in shown[0] and "20Mbit" in shown[0]
+        assert "tbf" not in shown[1]
+    assert cluster.leftovers() == []
+
+
+@pytest.mark.timeout(60)
 def test_a_failing_host_stops_the_others():
     with Cluster(3, "none") as cluster:
         t0 = time.monotonic()

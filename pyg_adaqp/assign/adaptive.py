@@ -2,12 +2,13 @@ r"""`AdaptiveBits`: AdaQP's adaptive bit-width allocator as a trainer callback (
 
 Schedule: :meth:`AdaptiveBits.setup` measures the cost model once, before
 epoch 0 and outside every epoch's time.  Epoch 0 exchanges at 8 bits while a
-:class:`RangeTracer` records every row's range statistic and power; the
+:class:`RangeTracer` records every row's range statistic and each key's signal; the
 first assignment is made from those traces at the start of epoch 1, and
 then re-made every ``cycle`` epochs from the traces of the cycle.  At each,
-rank 0 gathers traces and scores, solves one MILP per exchange key
-(:func:`~pyg_adaqp.assign.milp.solve_key`) and broadcasts the widths, and
-every worker installs them with :meth:`~pyg_adaqp.comm.HaloExchange.set_bits`.
+every sender groups its rows, rank 0 gathers the groups' sums, solves one
+MILP per exchange key (:func:`~pyg_adaqp.assign.milp.solve_key`) and returns
+each sender its groups' widths, the senders tell their receivers, and every
+worker installs them with :meth:`~pyg_adaqp.comm.HaloExchange.set_bits`.
 
 The variance a row :math:`m` adds at :math:`b` bits is modelled as
 :math:`c_m / (2^b - 1)^2` with :math:`c_m = s(m) \cdot \mathrm{trace}(m)`.
@@ -15,9 +16,11 @@ A forward row :math:`u` sent to worker :math:`j` scores
 :math:`s(u) = \sum_v a_{vu}^2` over its edges into :math:`j`'s owned nodes
 (the squared weights: independent noise adds in variance), which :math:`j`
 reads off the column sums of squares of its halo adjacency; backward rows
-are already aggregated gradients and score 1.  The signal of a key is
-:math:`S = \sum_m s(m) \lVert x_m \rVert^2`, the power its messages carry
-into the aggregation, so ``variance_budget`` is a noise-to-signal ratio.
+are already aggregated gradients and score 1.  The signal of a key is the
+power of what its messages are added into, summed over every worker's owned
+rows: the layer's aggregated output in forward, the gradient of the rows
+sent in backward.  So ``variance_budget`` is a noise-to-signal power ratio
+of the layer's output (or input gradient).
 """
 from __future__ import annotations
 
@@ -35,8 +38,6 @@ from pyg_adaqp.assign.tracer import RangeTracer
 from pyg_adaqp.nn import DistGraph
 
 log = logging.getLogger(__name__)
-#: Channel (sender, receiver) -> width of every row it carries, in send order.
-ChannelBits = dict[tuple[int, int], Tensor]
 #: The default noise-to-signal budget of every exchange key (see the README).
 DEFAULT_BUDGET = 0.02
 
@@ -54,8 +55,9 @@ class AdaptiveBits:
             `variance_budget` is :obj:`None`. (default: :obj:`0.5`)
         variance_budget (float, optional): The fastest assignment whose
             quantization noise stays within this fraction of the power of
-            the exchanged messages, per exchange key; :obj:`None` uses the
-            paper's weighted sum with `coe_lambda`. (default: :obj:`0.02`)
+            the layer's aggregated output (forward) or of the gradient of
+            its input rows (backward), per exchange key; :obj:`None` uses
+            the paper's weighted sum with `coe_lambda`. (default: :obj:`0.02`)
         time_limit (float, optional): Seconds the MILPs of one
             re-assignment may take together. (default: :obj:`1.5`)
         profile_repeats (int, optional): Timed exchanges per size when
@@ -95,6 +97,10 @@ class AdaptiveBits:
         self._tracer: RangeTracer | None = None
         self._observed: dict[str, dict[str, float]] = {}  # this worker's last epoch, by key
         self._predicted: dict[str, float] = {}            # rank 0: the last solve's times
+        #: Scores of the forward rows this worker sends, by layer and receiver (static).
+        self._scores: dict[int, dict[int, np.ndarray]] | None = None
+        #: Message order of the last grouping, by key and receiver.
+        self._orders: dict[str, dict[int, np.ndarray]] = {}
 
     # --- set-up, before epoch 0 -----------------------------------------------------------------
 
@@ -144,102 +150,128 @@ class AdaptiveBits:
     # --- re-assignment --------------------------------------------------------------------------
 
     def reassign(self, graph: DistGraph) -> None:
-        """Gathers traces and scores on rank 0, solves, installs the widths (collective)."""
-        traces, power = self._tracer.collect() if self._tracer is not None else ({}, {})
-        mine = {"traces": {k: {p: t.numpy() for p, t in by_peer.items()}
-                           for k, by_peer in traces.items()},
-                "power": {k: {p: t.numpy() for p, t in by_peer.items()}
-                          for k, by_peer in power.items()},
+        """Re-assigns every key's widths from the traces so far (collective).
+
+        Traffic: every sender sorts and groups the rows it sends (forward
+        rows by :math:`c_m = s(m) \cdot \mathrm{trace}(m)`, with the scores
+        its receivers sent once) and gives rank 0 only each group's
+        :math:`C_g` and row count; rank 0 solves and returns one uint8 width
+        per group to that sender alone; the sender tells each receiver the
+        widths of the rows it will send it, point to point.
+        """
+        ex = graph.exchange
+        if self._scores is None:
+            self._scores = _exchange_scores(graph)
+        traces, signal = self._tracer.collect() if self._tracer is not None else ({}, {})
+        groups, self._orders = {}, {}
+        for key, by_peer in traces.items():
+            layer = int(key.split()[-1])
+            for peer, trace in by_peer.items():
+                c = trace.numpy()
+                if key.startswith("forward") and peer in self._scores.get(layer, {}):
+                    c = c * self._scores[layer][peer]
+                coef, order = group_messages(c, self.group_size)
+                rows = np.diff(np.r_[np.arange(0, order.size, self.group_size), order.size])
+                groups.setdefault(key, {})[peer] = (coef, rows.astype(np.int32))
+                self._orders.setdefault(key, {})[peer] = order
+        mine = {"groups": groups, "signal": signal,
                 "widths": dict(self._tracer.widths) if self._tracer is not None else {},
-                "scores": _forward_scores(graph), "observed": self._observed,
-                "overlap": graph.overlap}
-        rank = dist.get_rank()
-        gathered = [None] * dist.get_world_size() if rank == 0 else None
+                "observed": self._observed, "overlap": graph.overlap}
+        rank, world = dist.get_rank(), dist.get_world_size()
+        gathered = [None] * world if rank == 0 else None
         dist.gather_object(mine, gathered, dst=0)
-        box = [self._solve(gathered) if rank == 0 else None]
-        dist.broadcast_object_list(box, src=0)
-        bits, self.histogram, self.solve_info, self.last_solve_time, checks = box[0]
-        self.cost_check += checks
-        if not bits:
+        parts = self._solve(gathered) if rank == 0 else [None] * world
+        box = [None]
+        dist.scatter_object_list(box, parts, src=0)
+        keys, group_bits = box[0]
+        if not keys:
             return  # nothing was traced (e.g. no quantized exchange): keep the assignment
         lg = graph.graph
-        for key, channels in bits.items():
-            # Forward rows go out in send_index order; backward rows (halo
-            # gradients) in recv_index order.
-            out, into = ((lg.send_index, lg.recv_index) if key.startswith("forward")
-                         else (lg.recv_index, lg.send_index))
-            send = {p: _channel_bits(channels, (rank, p), i.numel()) for p, i in out.items()}
-            recv = {p: _channel_bits(channels, (p, rank), i.numel()) for p, i in into.items()}
-            graph.exchange.set_bits(key, send, recv)
-            self.assignment[key] = (send, recv)
+        # Forward rows go out in send_index order; backward rows (halo
+        # gradients) in recv_index order.
+        plan = [(key, *((lg.send_index, lg.recv_index) if key.startswith("forward")
+                        else (lg.recv_index, lg.send_index))) for key in keys]
+        send = {key: {p: self._row_bits(key, p, group_bits, idx.numel())
+                      for p, idx in out.items()} for key, out, _ in plan}
+        recv = _tell_receivers(ex.transport, ex.device, send, plan)
+        for key, _, _ in plan:
+            ex.set_bits(key, send[key], recv[key])
+            self.assignment[key] = (send[key], recv[key])
         if rank == 0:
-            log.info("adaptive bits: solved %d keys in %.3f s; %s", len(bits),
+            log.info("adaptive bits: solved %d keys in %.3f s; %s", len(keys),
                      self.last_solve_time,
                      "; ".join(f"{k} {self.solve_info[k]['groups']} groups "
                                f"({self.solve_info[k]['method']}): {self.histogram[k]}"
-                               for k in sorted(bits)))
+                               for k in keys))
 
-    def _solve(self, gathered: list[dict]) -> tuple:
-        """Rank 0: the widths of every row of every channel, by key."""
+    def _row_bits(self, key: str, peer: int, group_bits: dict, num_rows: int) -> Tensor:
+        """Widths of the rows this worker sends `peer` under `key`, in send order."""
+        widths = group_bits.get(key, {}).get(peer)
+        if widths is None:  # untraced (no rows): 8 bits, as the receiver assumes
+            return torch.full((num_rows,), int(WIDTHS[-1]), dtype=torch.uint8)
+        order = self._orders[key][peer]
+        per_row = np.empty(order.size, dtype=np.uint8)
+        per_row[order] = np.repeat(widths, self.group_size)[:order.size]
+        return torch.from_numpy(per_row)
+
+    def _solve(self, gathered: list[dict]) -> list[tuple]:
+        """Rank 0: solves every key; returns what each rank gets (its groups' widths)."""
         t0 = time.perf_counter()
         # The previous solve's predictions against the epoch just measured.
-        checks = []
         for key, predicted in self._predicted.items():
             measured = [part["observed"][key]["measured"] for part in gathered
                         if key in part["observed"]]
             if measured:
-                checks.append((key, predicted, max(measured)))
-        keys = sorted({k for part in gathered for k in part["traces"]})
-        bits, hist, info, self._predicted = {}, {}, {}, {}
+                self.cost_check.append((key, predicted, max(measured)))
+        keys = sorted({k for part in gathered for k in part["groups"]})
+        out: list[dict] = [{} for _ in gathered]
+        hist, info, self._predicted = {}, {}, {}
         for key in keys:
             problem, channels = self._problem(key, gathered)
             sol = solve_key(problem, self.cost, self.coe_lambda, self.time_limit / len(keys),
                             budget=self.variance_budget)
-            bits[key], at = {}, 0
-            for i, j, order in channels:
-                per_row = np.empty(order.size, dtype=np.int64)
-                group = np.arange(order.size) // self.group_size
-                per_row[order] = sol.bits[at + group]
-                at += -(-order.size // self.group_size)
-                bits[key][(i, j)] = torch.from_numpy(per_row)
+            by_channel, at = {}, 0
+            for i, j, ng in channels:
+                widths = sol.bits[at:at + ng].astype(np.uint8)
+                rows = problem.rows[at:at + ng]
+                out[i].setdefault(key, {})[j] = widths
+                by_channel[f"{i}->{j}"] = {int(b): int(rows[widths == b].sum()) for b in WIDTHS}
+                at += ng
             hist[key] = {int(b): int((problem.rows[sol.bits == b]).sum()) for b in WIDTHS}
             s = problem.signal
             info[key] = {"groups": problem.num_groups, "method": sol.method,
                          "objective": sol.objective, "solve_time": sol.solve_time,
                          "predicted_s": sol.seconds, "noise": sol.noise,
                          "noise_uniform": {int(b): float(problem.coef.sum() / lv / s) if s > 0
-                                           else 0.0 for b, lv in zip(WIDTHS, _LEVELS)}}
+                                           else 0.0 for b, lv in zip(WIDTHS, _LEVELS)},
+                         "channels": by_channel}
             self._predicted[key] = sol.seconds
-        return bits, hist, info, time.perf_counter() - t0, checks
+        self.histogram, self.solve_info = hist, info
+        self.last_solve_time = time.perf_counter() - t0
+        return [(keys, mine) for mine in out]
 
     def _problem(self, key: str, gathered: list[dict]) -> tuple[KeyProblem, list]:
-        """The key's groups over all channels, and each channel's message order."""
+        """The key's groups over all channels, and each channel's ``(i, j, groups)``."""
         width = max(part["widths"].get(key, 0) for part in gathered)
         layer = int(key.split()[-1])
-        forward = key.startswith("forward")
         channels, coef, sender, receiver, rows = [], [], [], [], []
-        signal = 0.0
         for i, part in enumerate(gathered):
-            for j, trace in sorted(part["traces"].get(key, {}).items()):
-                c, power = trace, part["power"][key][j]
-                if forward:
-                    score = gathered[j]["scores"].get(layer, {}).get(i)
-                    if score is not None:
-                        c, power = trace * score, power * score
-                signal += float(power.sum())
-                group_coef, order = group_messages(c, self.group_size)
-                channels.append((i, j, order))
+            for j, (group_coef, group_rows) in sorted(part["groups"].get(key, {}).items()):
+                channels.append((i, j, group_coef.size))
                 coef.append(group_coef)
+                rows.append(group_rows)
                 sender.append(np.full(group_coef.size, i))
                 receiver.append(np.full(group_coef.size, j))
-                rows.append(np.diff(np.r_[np.arange(0, order.size, self.group_size),
-                                          order.size]))
+        signal = sum(part["signal"].get(key, 0.0) for part in gathered)
         # The owned-row aggregation overlaps the exchange: forward layer l's
         # measured time, and in backward its transpose, which costs the same.
         forward_key = f"forward {layer}"
         hidden = {i: part["observed"].get(forward_key, {}).get("hidden", 0.0)
                   for i, part in enumerate(gathered) if part["overlap"]}
-        cat = (lambda parts: np.concatenate(parts) if parts else np.zeros(0))
+
+        def cat(parts: list) -> np.ndarray:
+            return np.concatenate(parts) if parts else np.zeros(0)
+
         return KeyProblem(width, cat(sender), cat(receiver), cat(rows), cat(coef), signal,
                           hidden), channels
 
@@ -282,10 +314,47 @@ def _describe(cost: CostModel) -> str:
                      for i in sorted(cost.up))
 
 
-def _channel_bits(channels: ChannelBits, channel: tuple[int, int], num_rows: int) -> Tensor:
-    """A channel's widths; 8 bits for one nobody traced (both ends agree on that)."""
-    bits = channels.get(channel)
-    return bits if bits is not None else torch.full((num_rows,), int(WIDTHS[-1]))
+def _exchange_scores(graph: DistGraph) -> dict[int, dict[int, np.ndarray]]:
+    """Every receiver sends each sender the scores of the forward rows it
+    receives from it, once (collective); returns this worker's, by layer and
+    receiver, in send order."""
+    ex, lg = graph.exchange, graph.graph
+    mine = _forward_scores(graph)                     # as a receiver: by layer, sender
+    layers = sorted(mine)
+    send = {p: torch.from_numpy(np.concatenate([mine[layer][p] for layer in layers])
+                                .astype(np.float32)).view(torch.uint8)
+            for p in lg.recv_index}
+    recv_bytes = {p: 4 * len(layers) * int(i.numel()) for p, i in lg.send_index.items()}
+    got = ex.transport.start({p: b.to(ex.device) for p, b in send.items()}, recv_bytes,
+                             ex.device).wait()
+    out: dict[int, dict[int, np.ndarray]] = {layer: {} for layer in layers}
+    for p, buf in got.items():
+        values = buf.cpu().view(torch.float32).double().numpy().reshape(len(layers), -1)
+        for k, layer in enumerate(layers):
+            out[layer][p] = values[k]
+    return out
+
+
+def _tell_receivers(transport, device: torch.device, send: dict[str, dict[int, Tensor]],
+                    plan: list) -> dict[str, dict[int, Tensor]]:
+    """Sends every receiver the widths of the rows it will get, one uint8 per
+    row, all keys in one buffer per peer; returns the widths received."""
+    peers_out = {p for _, out, _ in plan for p in out}
+    buffers = {p: torch.cat([send[key][p] for key, out, _ in plan if p in out])
+               for p in peers_out}
+    recv_bytes = {p: sum(int(into[p].numel()) for _, _, into in plan if p in into)
+                  for _, _, into in plan for p in into}
+    got = transport.start({p: b.to(device) for p, b in buffers.items()}, recv_bytes,
+                          device).wait()
+    recv: dict[str, dict[int, Tensor]] = {key: {} for key, _, _ in plan}
+    at: dict[int, int] = {}
+    for key, _, into in plan:
+        for p, idx in into.items():
+            n, start = int(idx.numel()), at.get(p, 0)
+            recv[key][p] = got[p][start:start + n].cpu() if n else \
+                torch.zeros(0, dtype=torch.uint8)
+            at[p] = start + n
+    return recv
 
 
 def _forward_scores(graph: DistGraph) -> dict[int, dict[int, np.ndarray]]:

@@ -11,11 +11,11 @@ group :math:`g` has :math:`n_g` rows and the summed variance coefficient
 Two objectives:
 
 - **Variance budget** (the default): minimize :math:`T` subject to
-  :math:`V \le \epsilon S`, where :math:`S = \sum_m s(m) \lVert x_m
-  \rVert^2` is the power the same messages carry into the receivers'
-  aggregation (weighted by the same squared weights as their noise).  So
+  :math:`V \le \epsilon S`, where :math:`S` is the power of what the
+  noise is added into (a layer's aggregated output in forward, summed over
+  all owned rows; the gradient of the rows sent in backward).  So
   :math:`\epsilon` is a noise-to-signal power ratio: ``0.01`` lets the
-  quantization noise reach 1% of the power of what is exchanged (-20 dB).
+  quantization noise reach 1% of the power of the layer's output (-20 dB).
   Ties in time go to the lower variance, so when time costs nothing every
   group stays at 8 bits.
 - **The paper's weighted sum**: minimize
@@ -54,8 +54,8 @@ class KeyProblem:
         receiver (np.ndarray): Receiving rank of every group.
         rows (np.ndarray): Rows of every group.
         coef (np.ndarray): :math:`C_g` of every group (>= 0).
-        signal (float, optional): :math:`S`, the power the key's messages
-            carry into the aggregation (the budget's reference). (default: 0)
+        signal (float, optional): :math:`S`, the power of what the key's
+            messages are added into (the budget's reference). (default: 0)
         hidden (dict[int, float], optional): Seconds of each worker's
             computation that overlap this key's exchange. (default: none)
     """

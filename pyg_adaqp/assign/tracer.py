@@ -8,8 +8,9 @@ accumulates for every exchange key, peer and message row
 
 summed over the calls of a cycle: the variance model of one row at
 :math:`b` bits is this divided by :math:`(2^b - 1)^2`.  Beside it, the
-row's power :math:`\lVert \mathbf{x} \rVert^2` over the same calls: the
-signal that a variance budget is relative to.  It uses the row's
+power of what the messages are added into (the layer's aggregated output in
+forward, the gradient of the rows sent in backward), summed over the owned
+rows and the same calls: the signal that a variance budget is relative to.  It uses the row's
 true range, as SPEC 7 says, not the transmitted one: the codec rounds the
 bfloat16 ``lo`` down and the scale up, so for rows far from zero the range
 actually covered (``B * scale``) can be much wider than ``hi - lo``; that
@@ -22,30 +23,35 @@ from torch import Tensor
 
 
 class RangeTracer:
-    """Accumulates :math:`\\frac{D}{6}(hi - lo)^2` and :math:`\\lVert x \\rVert^2`
-    per (key, peer, row) on the device."""
+    """Accumulates :math:`\\frac{D}{6}(hi - lo)^2` per (key, peer, row) and the
+    signal power per key, on the device."""
 
     def __init__(self) -> None:
         self.traces: dict[str, dict[int, Tensor]] = {}
-        self.power: dict[str, dict[int, Tensor]] = {}
+        self.signal: dict[str, Tensor] = {}
         #: Feature width :math:`D` of the messages of every key seen.
         self.widths: dict[str, int] = {}
 
-    def record(self, key: str, peer: int, ranges: Tensor, width: int, power: Tensor) -> None:
-        """Adds one message's per-row ranges and powers (called by the exchange)."""
+    def record(self, key: str, peer: int, ranges: Tensor, width: int) -> None:
+        """Adds one message's per-row ranges (called by the exchange)."""
         self.widths[key] = width
-        for table, stat in ((self.traces, ranges.detach().double().square() * (width / 6.0)),
-                            (self.power, power.detach().double())):
-            by_peer = table.setdefault(key, {})
-            if peer in by_peer:
-                by_peer[peer] += stat
-            else:
-                by_peer[peer] = stat
+        stat = ranges.detach().double().square() * (width / 6.0)
+        by_peer = self.traces.setdefault(key, {})
+        if peer in by_peer:
+            by_peer[peer] += stat
+        else:
+            by_peer[peer] = stat
 
-    def collect(self) -> tuple[dict[str, dict[int, Tensor]], dict[str, dict[int, Tensor]]]:
-        """The traces and powers so far (on the CPU, float64) by key and peer;
-        starts new ones."""
-        out = tuple({k: {p: t.cpu() for p, t in by_peer.items()} for k, by_peer in table.items()}
-                    for table in (self.traces, self.power))
-        self.traces, self.power = {}, {}
-        return out
+    def record_signal(self, key: str, power: Tensor) -> None:
+        """Adds the squared norm of what `key`'s messages were added into."""
+        power = power.detach().double()
+        self.signal[key] = self.signal[key] + power if key in self.signal else power
+
+    def collect(self) -> tuple[dict[str, dict[int, Tensor]], dict[str, float]]:
+        """The traces (on the CPU, float64) by key and peer, and the signal
+        power by key, so far; starts new ones."""
+        traces = {k: {p: t.cpu() for p, t in by_peer.items()}
+                  for k, by_peer in self.traces.items()}
+        signal = {k: float(v) for k, v in self.signal.items()}
+        self.traces, self.signal = {}, {}
+        return traces, signal

@@ -91,9 +91,11 @@ class HaloExchange:
         self._recv_slice = {p: _as_slice(i) for p, i in graph.recv_index.items()}
         #: Width of quantized rows of keys without an assignment (:meth:`set_bits`).
         self.default_bits = 8
-        #: Optional observer of quantized messages: ``tracer.record(key, peer, ranges,
-        #: width, power)`` gets the per-row range ``max - min`` and squared norm of
-        #: every quantized message sent.
+        #: Optional observer of quantized exchanges: ``tracer.record(key, peer, ranges,
+        #: width)`` gets the per-row range ``max - min`` of every quantized message
+        #: sent, ``tracer.record_signal(key, power)`` the squared norm of what the
+        #: messages are added into (a forward layer's output, the gradient of the
+        #: rows sent).
         self.tracer = None
         self._bits: dict[str, tuple[dict[int, Tensor], dict[int, Tensor]]] = {}
         self._layouts: dict[tuple, MessageLayout] = {}
@@ -151,8 +153,7 @@ class HaloExchange:
             if quantize and self.tracer is not None:
                 send[p], ranges = layout.pack(x, generator=self.generator,
                                               name=f"exchange {key!r}", return_range=True)
-                power = torch.linalg.vector_norm(x, dim=1).square()
-                self.tracer.record(key, p, ranges, width, power)
+                self.tracer.record(key, p, ranges, width)
             else:
                 send[p] = layout.pack(x, generator=self.generator, name=f"exchange {key!r}")
             stats.bytes_sent += int(send[p].numel())
@@ -300,8 +301,13 @@ class _PostHalo(Function):
                                                         state.width))
         flight, state.grad_received = state.grad_received, None
         if isinstance(flight, _Done):
-            return grad_x if flight.value is None else grad_x + flight.value, None
-        return state.exchange.finish_backward(flight, grad_x), None
+            grad = grad_x if flight.value is None else grad_x + flight.value
+        else:
+            grad = state.exchange.finish_backward(flight, grad_x)
+        tracer = state.exchange.tracer
+        if state.quantize and tracer is not None:
+            tracer.record_signal(f"backward {state.layer}", grad.detach().square().sum())
+        return grad, None
 
 
 class _CollectHalo(Function):

@@ -145,6 +145,11 @@ class DistGraph:
         out = out + a_halo.matmul(halo)
         stats.central_time += t1 - t0
         stats.marginal_time += time.perf_counter() - t2
+        tracer = self.exchange.tracer
+        if self.quantize and tracer is not None:
+            # What the quantization noise is added into: the allocator's budget
+            # is relative to this power.
+            tracer.record_signal(f"forward {layer}", out.detach().square().sum())
         return out
 
     def _cached_input_halo(self, layer: int, x: Tensor) -> Tensor:
