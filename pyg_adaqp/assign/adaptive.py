@@ -222,7 +222,7 @@ class AdaptiveBits:
             measured = [part["observed"][key]["measured"] for part in gathered
                         if key in part["observed"]]
             if measured:
-                self.cost_check.append((key, predicted, max(measured)))
+                self.cost_check.append((key, float(predicted), float(max(measured))))
         keys = sorted({k for part in gathered for k in part["groups"]})
         out: list[dict] = [{} for _ in gathered]
         hist, info, self._predicted = {}, {}, {}

@@ -100,10 +100,17 @@ class CostModel:
         return codec_s + max(0.0, self.link_seconds(worker, out_bytes, in_bytes) - hidden_s)
 
     def state_dict(self) -> dict:
-        return {"up": dict(self.up), "down": dict(self.down), "beta": dict(self.beta),
-                "free": dict(self.free),
-                "encode": {i: {b: list(c) for b, c in v.items()} for i, v in self.encode.items()},
-                "decode": {i: {b: list(c) for b, c in v.items()} for i, v in self.decode.items()}}
+        """Plain ints and floats (checkpoints load with ``weights_only=True``)."""
+        def floats(d: dict) -> dict:
+            return {int(i): float(v) for i, v in d.items()}
+
+        def codec(d: dict) -> dict:
+            return {int(i): {int(b): [float(x) for x in c] for b, c in v.items()}
+                    for i, v in d.items()}
+
+        return {"up": floats(self.up), "down": floats(self.down), "beta": floats(self.beta),
+                "free": floats(self.free), "encode": codec(self.encode),
+                "decode": codec(self.decode)}
 
     @classmethod
     def from_state_dict(cls, state: dict) -> CostModel:
@@ -185,7 +192,7 @@ def profile_codec(device: torch.device, widths: tuple[int, ...] = CODEC_WIDTHS,
         (w0, (e0, d0)), (w1, (e1, d1)) = sorted(per.items())[0], sorted(per.items())[-1]
         for out_map, s0, s1 in ((enc, e0, e1), (dec, d0, d1)):
             slope = max(0.0, (s1 - s0) / (w1 - w0)) if w1 > w0 else s1 / w1
-            out_map[bits] = (max(0.0, s1 - slope * w1), slope)
+            out_map[bits] = (float(max(0.0, s1 - slope * w1)), float(slope))
     return enc, dec
 
 
@@ -242,7 +249,7 @@ def profile_links(transport: Transport, device: torch.device,
         down_pts = everyone[i][1][i]
         a_up, b_up, f_up = fit_link(*map(np.array, zip(*up_pts))) if up_pts else (0, 0, 0)
         a_dn, b_dn, f_dn = fit_link(*map(np.array, zip(*down_pts))) if down_pts else (0, 0, 0)
-        fits[i] = (a_up, a_dn, min(b_up, b_dn), min(f_up, f_dn))
+        fits[i] = (float(a_up), float(a_dn), float(min(b_up, b_dn)), float(min(f_up, f_dn)))
     return fits
 
 

@@ -11,7 +11,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor
-from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
+from torch.nn.parallel import DistributedDataParallel
 
 from pyg_adaqp.assign import AdaptiveBits, RandomBits, UniformBits
 from pyg_adaqp.comm import NonFiniteMessageError, worker_generator
@@ -94,6 +94,13 @@ class Trainer:
         m = cfg.model
         self.model = DistGNN(m.name, self.x.size(1), m.hidden_channels, num_classes,
                              m.num_layers, m.dropout, m.layer_norm).to(dev)
+        # Gradients are all-reduced bucket by bucket while the backward pass
+        # goes on (DDP on the default group; the halo exchange has its own).
+        self.ddp = (DistributedDataParallel(self.model, broadcast_buffers=False,
+                                            gradient_as_bucket_view=True)
+                    if ctx.world_size > 1 else None)
+        if self.ddp is not None:
+            self.ddp.register_comm_hook(None, _sum_gradients)
         torch.manual_seed(cfg.seed * 7919 + ctx.rank + 1)  # independent dropout per worker
         self.optimizer = torch.optim.Adam(self.model.parameters(), lr=cfg.trainer.lr,
                                           weight_decay=cfg.trainer.weight_decay)
@@ -142,19 +149,14 @@ class Trainer:
         self.model.train()
         self.optimizer.zero_grad(set_to_none=False)
         try:
-            loss = self._loss(self.model(self.x, self.graph))
-            loss.backward()
+            loss = self._loss((self.ddp or self.model)(self.x, self.graph))
+            loss.backward()   # with DDP, returns once every bucket is all-reduced
         except NonFiniteMessageError as err:  # names the exchange key, i.e. the layer
             raise DivergenceError(f"training diverged at epoch {epoch}: {err}") from err
         t1 = time.perf_counter()
         grads = [p.grad for p in self.model.parameters()]
-        flat = _flatten_dense_tensors(grads)
-        if self.ctx.world_size > 1:
-            dist.all_reduce(flat)
-        if not bool(torch.isfinite(flat).all()):
-            raise DivergenceError(self._divergence(epoch, float(loss.detach()), flat))
-        for g, reduced in zip(grads, _unflatten_dense_tensors(flat, grads)):
-            g.copy_(reduced)
+        if not all(bool(torch.isfinite(g).all()) for g in grads):
+            raise DivergenceError(self._divergence(epoch, float(loss.detach())))
         t_reduce = time.perf_counter() - t1
         self.optimizer.step()
         epoch_time = time.perf_counter() - t0
@@ -173,11 +175,10 @@ class Trainer:
         row["compute_time"] = epoch_time - row["quant_time"] - row["wait_time"] - t_reduce
         return row
 
-    def _divergence(self, epoch: int, loss: float, flat: Tensor) -> str:
+    def _divergence(self, epoch: int, loss: float) -> str:
         """Names the parameters whose all-reduced gradient is not finite."""
         named = list(self.model.named_parameters())
-        grads = _unflatten_dense_tensors(flat, [p for _, p in named])
-        bad = [name for (name, _), g in zip(named, grads) if not bool(torch.isfinite(g).all())]
+        bad = [name for name, p in named if not bool(torch.isfinite(p.grad).all())]
         return (f"training diverged at epoch {epoch}: the all-reduced gradient is not finite "
                 f"in {len(bad)} of {len(named)} parameters ({', '.join(bad)}); this worker's "
                 f"loss was {loss}")
@@ -300,3 +301,14 @@ class Trainer:
                     total.setdefault(key, {}).setdefault(bits, 0)
                     total[key][bits] += n
         return total
+
+
+def _sum_gradients(state, bucket):
+    """DDP communication hook: sums a bucket (a ``dist.GradBucket``) over the workers.
+
+    DDP's own hook averages; the loss here is already divided by the
+    *global* number of training nodes, so the sum is the whole graph's gradient.
+    (No annotations: DDP checks the bucket's, and this module's are strings.)
+    """
+    work = dist.all_reduce(bucket.buffer(), async_op=True)
+    return work.get_future().then(lambda fut: fut.value()[0])
