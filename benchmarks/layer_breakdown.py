@@ -23,8 +23,8 @@ worker) and its parts, bytes sent per epoch (all workers), ratios to
 ``vanilla``; per mode and layer: forward and backward time (backward
 hooks on each layer's output mark where its backward starts); per mode and
 exchange key (``forward l`` / ``backward l``, from
-``HaloExchange.stats``): mean per-epoch quantize, communicate, wait, central
-and marginal aggregation time (mean over workers) and bytes sent.  The last
+``HaloExchange.stats``): mean per-epoch quantize, communicate, wait, owned-row
+and halo-row aggregation time (mean over workers) and bytes sent.  The last
 line says how much CPU other processes took during the run (on a 2-core
 machine any other load distorts the times).
 
@@ -59,7 +59,7 @@ MODES = {  # name: (quantize, overlap)
     "adaqp_p": (False, True),
 }
 STAT_FIELDS = ("bytes_sent", "bytes_recv", "quant_time", "comm_time", "wait_time",
-               "central_time", "marginal_time", "calls")
+               "owned_agg_time", "halo_agg_time", "calls")
 PHASES = ("forward", "backward", "allreduce", "step", "epoch")
 
 
@@ -326,11 +326,12 @@ def main() -> None:
     print("\n### Per layer and exchange key (mean per epoch; times averaged over workers)\n")
     print("quant = encode + decode; comm = post → seen complete; wait = blocked part of comm; "
           "not blocked = 1 − wait/comm (the share of comm spent posting the sends and, with overlap, computing; without overlap only posting); "
-          "central/marginal = aggregation of the owned rows / halo rows (forward keys only; "
-          "without overlap 'central' runs after the exchange); MiB = bytes sent by all workers; "
+          "owned/halo agg = aggregation of the owned rows / halo rows (forward keys only; "
+          "without overlap the owned part runs after the exchange); MiB = bytes sent by all "
+          "workers; "
           "max wait = the worst worker's mean wait.\n")
     print("| mode | key | calls | quant ms | comm ms | wait ms | max wait ms | not blocked | "
-          "central ms | marginal ms | MiB sent |")
+          "owned agg ms | halo agg ms | MiB sent |")
     print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for name in modes:
         keys = sorted({k for r in results for k in r[name]["stats"]}, key=key_order)
@@ -343,14 +344,14 @@ def main() -> None:
 
             comm, wait = avg("comm_time"), avg("wait_time")
             hidden = f"{1 - wait / comm:.0%}" if comm > 0 else "–"
-            central = f"{avg('central_time') * 1e3:.1f}" if key.startswith("forward") else "–"
-            marginal = f"{avg('marginal_time') * 1e3:.1f}" if key.startswith("forward") else "–"
+            owned = f"{avg('owned_agg_time') * 1e3:.1f}" if key.startswith("forward") else "–"
+            halo = f"{avg('halo_agg_time') * 1e3:.1f}" if key.startswith("forward") else "–"
             max_wait = max(p["wait_time"] for p in per) / n_ep
             calls = sum(p["calls"] for p in per) / len(per) / n_ep
             sent = sum(p["bytes_sent"] for p in per) / n_ep
             print(f"| {name} | {key} | {calls:g} | {avg('quant_time') * 1e3:.1f} | "
                   f"{comm * 1e3:.1f} | {wait * 1e3:.1f} | {max_wait * 1e3:.1f} | {hidden} | "
-                  f"{central} | {marginal} | {sent / 2**20:.2f} |")
+                  f"{owned} | {halo} | {sent / 2**20:.2f} |")
 
     if "vanilla" in summary and "adaqp_p" in summary:
         same = results[0]["vanilla"]["loss"] == results[0]["adaqp_p"]["loss"]

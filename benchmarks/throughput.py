@@ -23,7 +23,8 @@ Reported per configuration (mean over seeds): epochs/s (training steps and
 the set-up before epoch 0, i.e. the allocator's cost model; the evaluation
 passes are not timed) and its ratio to ``vanilla``, payload
 bytes per epoch and ratio, the epoch's parts (wait for messages, quantize,
-central + marginal aggregation, gradient all-reduce, allocator), best
+aggregation of the owned rows and of the halo rows, gradient all-reduce
+(what DDP has not hidden under the backward pass), allocator), best
 validation and the test metric at it with the difference to ``vanilla``, and
 the training time until validation first reaches 98% of ``vanilla``'s best.
 Also reported: each adaptive run's cost-model check (predicted vs measured
@@ -56,7 +57,7 @@ CONFIGS = {
     "adaqp-random": ["mode=adaqp", "assign=random"],
 }
 DATA = Path(__file__).resolve().parents[1] / ".." / "shared" / "data"
-TIME_PARTS = ("wait_time", "quant_time", "central_time", "marginal_time", "reduce_time",
+TIME_PARTS = ("wait_time", "quant_time", "owned_agg_time", "halo_agg_time", "reduce_time",
               "assign_time")
 #: Disjoint parts of an epoch, for the plot (aggregation is inside compute).
 PLOT_PARTS = ("wait_time", "quant_time", "reduce_time", "assign_time", "compute_time")
@@ -272,7 +273,7 @@ def report(lines: list[dict], args: argparse.Namespace, wall_s: float) -> str:
            f"wall {wall_s / 60:.1f} min",
            "",
            "| model | input cache | config | epochs/s | × vanilla | set-up s | MB/epoch | "
-           "× vanilla | sent / codec count | epoch ms | wait | quant | central | marginal | "
+           "× vanilla | sent / codec count | epoch ms | wait | quant | owned agg | halo agg | "
            "all-reduce | allocator | best val | test at best val | Δ test | "
            "time to target s (vanilla) | × vanilla |",
            "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
@@ -291,7 +292,7 @@ def report(lines: list[dict], args: argparse.Namespace, wall_s: float) -> str:
             f"{ln['bytes_ratio']:.3f}× | "
             f"{_span(ln['sent_vs_codec'])} | "
             f"{ln['epoch_ms']:.0f} | {t['wait_time']:.0f} | {t['quant_time']:.0f} | "
-            f"{t['central_time']:.0f} | {t['marginal_time']:.0f} | {t['reduce_time']:.0f} | "
+            f"{t['owned_agg_time']:.0f} | {t['halo_agg_time']:.0f} | {t['reduce_time']:.0f} | "
             f"{t['assign_time']:.0f} | {100 * ln['best_val']:.2f} | {100 * ln['test']:.2f}{sd} | "
             f"{100 * ln['test_diff']:+.2f} pt | {ttt} | {ttt_ratio} |")
     checks = [(ln, c) for ln in lines for c in ln["cost_checks"]]

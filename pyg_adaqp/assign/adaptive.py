@@ -144,7 +144,7 @@ class AdaptiveBits:
         self._observed = {}
         for key, s in stats.items():
             if s.calls and not key.startswith("input"):
-                self._observed[key] = {"hidden": s.central_time / s.calls,
+                self._observed[key] = {"hidden": s.owned_agg_time / s.calls,
                                        "measured": (s.quant_time + s.wait_time) / s.calls}
 
     # --- re-assignment --------------------------------------------------------------------------

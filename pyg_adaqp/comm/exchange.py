@@ -35,17 +35,17 @@ class ExchangeStats:
     Times are in seconds: ``quant_time`` encodes and decodes messages,
     ``comm_time`` runs from posting an exchange until it is seen complete,
     ``wait_time`` is the part of it spent blocked (not overlapped).  For
-    forward keys the layer also records its aggregation: ``central_time``
+    forward keys the layer also records its aggregation: ``owned_agg_time``
     for the owned-row part (overlapped with the exchange when overlap is
-    on), ``marginal_time`` for the halo part.
+    on), ``halo_agg_time`` for the halo part.
     """
     bytes_sent: int = 0
     bytes_recv: int = 0
     quant_time: float = 0.0
     comm_time: float = 0.0
     wait_time: float = 0.0
-    central_time: float = 0.0
-    marginal_time: float = 0.0
+    owned_agg_time: float = 0.0
+    halo_agg_time: float = 0.0
     calls: int = 0
     width: int = 0                   #: feature width of the key's messages
     rows_by_bits: dict[int, int] = field(default_factory=dict)  #: rows sent at each width

@@ -143,8 +143,8 @@ class DistGraph:
         halo = handle.halo()
         t2 = time.perf_counter()
         out = out + a_halo.matmul(halo)
-        stats.central_time += t1 - t0
-        stats.marginal_time += time.perf_counter() - t2
+        stats.owned_agg_time += t1 - t0
+        stats.halo_agg_time += time.perf_counter() - t2
         tracer = self.exchange.tracer
         if self.quantize and tracer is not None:
             # What the quantization noise is added into: the allocator's budget

@@ -91,8 +91,8 @@ def summarize(rows: list[dict[str, Any]], cfg: Config, world_size: int,
                 time_to_target = elapsed
                 break
     mean = {k: sum(r[k] for r in rows) / len(rows) for k in (
-        "epoch_time", "comm_time", "quant_time", "wait_time", "central_time", "marginal_time",
-        "compute_time", "reduce_time", "assign_time", "bytes_sent")}
+        "epoch_time", "comm_time", "quant_time", "wait_time", "owned_agg_time",
+        "halo_agg_time", "compute_time", "reduce_time", "assign_time", "bytes_sent")}
     return {
         "mode": cfg.mode.name,
         "scheme": cfg.assign.scheme if cfg.mode.quantize else "full_precision",

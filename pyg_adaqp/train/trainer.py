@@ -24,8 +24,8 @@ from pyg_adaqp.train.report import RunReport
 
 SPLITS = ("train", "val", "test")
 # Per-epoch timings reduced with MAX over workers (the slowest one sets the pace).
-TIMES = ("epoch_time", "comm_time", "quant_time", "wait_time", "central_time", "marginal_time",
-         "compute_time", "reduce_time", "assign_time")
+TIMES = ("epoch_time", "comm_time", "quant_time", "wait_time", "owned_agg_time",
+         "halo_agg_time", "compute_time", "reduce_time", "assign_time")
 
 
 class DivergenceError(RuntimeError):
@@ -96,8 +96,7 @@ class Trainer:
                              m.num_layers, m.dropout, m.layer_norm).to(dev)
         # Gradients are all-reduced bucket by bucket while the backward pass
         # goes on (DDP on the default group; the halo exchange has its own).
-        self.ddp = (DistributedDataParallel(self.model, broadcast_buffers=False,
-                                            gradient_as_bucket_view=True)
+        self.ddp = (DistributedDataParallel(self.model, gradient_as_bucket_view=True)
                     if ctx.world_size > 1 else None)
         if self.ddp is not None:
             self.ddp.register_comm_hook(None, _sum_gradients)
@@ -170,7 +169,7 @@ class Trainer:
         row = {"loss": float(loss.detach()), "epoch_time": epoch_time, "reduce_time": t_reduce,
                "assign_time": t_assign,
                "bytes_sent": float(sum(s.bytes_sent for s in stats))}
-        for name in ("comm_time", "quant_time", "wait_time", "central_time", "marginal_time"):
+        for name in ("comm_time", "quant_time", "wait_time", "owned_agg_time", "halo_agg_time"):
             row[name] = sum(getattr(s, name) for s in stats)
         row["compute_time"] = epoch_time - row["quant_time"] - row["wait_time"] - t_reduce
         return row
