@@ -191,10 +191,19 @@ class MessageLayout:
                              f"{sorted(set(bits_per_row[bad].tolist()))}")
         self.bits_per_row, self.width, self.num_rows = bits_per_row, width, bits_per_row.numel()
         self.counts = {b: int((bits_per_row == b).sum()) for b in LAYOUT_BITS}
-        # Index tensors, kept on CPU and copied once to each device used.
-        self._index: dict[Union[int, str], Tensor] = {
-            b: (bits_per_row == b).nonzero().view(-1) for b in LAYOUT_BITS
-            if 0 < self.counts[b] < self.num_rows}
+        # Index tensors, kept on CPU and copied once to each device used; a
+        # bucket whose rows are consecutive is a slice instead (no gather, no
+        # scatter: rows sorted by width cost what a uniform message does).
+        self._index: dict[Union[int, str], Tensor] = {}
+        self._slices: dict[int, slice] = {}
+        for b in LAYOUT_BITS:
+            if 0 < self.counts[b] < self.num_rows:
+                index = (bits_per_row == b).nonzero().view(-1)
+                start = int(index[0])
+                if int(index[-1]) - start + 1 == index.numel():
+                    self._slices[b] = slice(start, start + index.numel())
+                else:
+                    self._index[b] = index
         self._index['quantized'] = bits_per_row != FULL_PRECISION
         self._index_on: dict[tuple[Union[int, str], torch.device], Tensor] = {}
         # Byte offsets: raw float32 rows, then lo/scale fields, then codes.
@@ -215,8 +224,13 @@ class MessageLayout:
 
     def rows(self, bits: int, device: Union[str, torch.device] = 'cpu') -> Optional[Tensor]:
         """Rows at ``bits`` bits in order, on ``device``; :obj:`None` when the
-        bucket is empty or the whole message (no gather needed)."""
+        bucket is empty, the whole message or a slice (no gather needed)."""
         return self._on(bits, torch.device(device)) if bits in self._index else None
+
+    @property
+    def contiguous(self) -> bool:
+        """Whether every width's rows are consecutive (no gather or scatter)."""
+        return not any(isinstance(b, int) for b in self._index)
 
     def _on(self, key: Union[int, str], device: torch.device) -> Tensor:
         if (key, device) not in self._index_on:
@@ -260,16 +274,18 @@ class MessageLayout:
 
         if self.counts[FULL_PRECISION]:
             rows = self.rows(FULL_PRECISION, x.device)
-            raw = x if rows is None else x.index_select(0, rows)
+            raw = x[self._slices.get(FULL_PRECISION, slice(None))] if rows is None \
+                else x.index_select(0, rows)
             _write(self._segment(buf, 0, FULL_PRECISION), raw.float())
         for b in quantized:
             rows = self.rows(b, x.device)
+            sl = self._slices.get(b, slice(None))
             n = self.counts[b]
-            headers = row_headers(_take(lo, rows), _take(hi, rows), b, name)
+            headers = row_headers(_take(lo[sl], rows), _take(hi[sl], rows), b, name)
             _write(buf[self._header_at[b]:self._header_at[b] + 2 * n], headers.lo)
             _write(buf[self._header_at[b] + 2 * n:self._header_at[b] + 4 * n], headers.scale)
-            encode_rows(x, headers, b, self._segment(buf, self._payload_at[b], b), rows=rows,
-                        generator=generator)
+            encode_rows(x[sl], headers, b, self._segment(buf, self._payload_at[b], b),
+                        rows=rows, generator=generator)
         return (buf, hi - lo) if return_range else buf
 
     @torch.no_grad()
@@ -292,7 +308,7 @@ class MessageLayout:
             raw = raw.view(-1, self.width)
             rows = self.rows(FULL_PRECISION, buffer.device)
             if rows is None:
-                out.copy_(raw)
+                out[self._slices.get(FULL_PRECISION, slice(None))].copy_(raw)
             else:
                 out.index_copy_(0, rows, raw.to(out.dtype))
         for b in SUPPORTED_BITS:
@@ -304,7 +320,8 @@ class MessageLayout:
                           torch.bfloat16)
             payload = self._segment(buffer, self._payload_at[b], b)
             lo, scale = decode_headers(lo, scale, payload[:, 0])
-            decode_rows(payload, lo, scale, b, out, rows=self.rows(b, buffer.device))
+            decode_rows(payload, lo, scale, b, out[self._slices.get(b, slice(None))],
+                        rows=self.rows(b, buffer.device))
         return out
 
     def _segment(self, buf: Tensor, at: int, bits: int) -> Tensor:

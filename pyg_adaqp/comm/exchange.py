@@ -59,6 +59,9 @@ class _Flight:
     stats: ExchangeStats
     dtype: torch.dtype
     started: float = field(default_factory=time.perf_counter)
+    #: Where each peer's received rows go when they travel sorted by width
+    #: (halo slots, or owned rows to add into); None: the plan's own order.
+    into: dict[int, Tensor] | None = None
 
 
 class HaloExchange:
@@ -97,7 +100,11 @@ class HaloExchange:
         #: messages are added into (a forward layer's output, the gradient of the
         #: rows sent).
         self.tracer = None
+        # Per key: the widths (sorted) and the order rows travel in, by peer,
+        # for what this worker sends and receives.
         self._bits: dict[str, tuple[dict[int, Tensor], dict[int, Tensor]]] = {}
+        self._order: dict[str, tuple[dict[int, Tensor], dict[int, Tensor]]] = {}
+        self._rows: dict[tuple, dict[int, Tensor]] = {}
         self._layouts: dict[tuple, MessageLayout] = {}
         self.stats: dict[str, ExchangeStats] = defaultdict(ExchangeStats)
 
@@ -113,9 +120,29 @@ class HaloExchange:
             recv_bits (dict[int, LongTensor]): Width of every row received
                 from each peer, in receive order (the peer's `send_bits`).
         """
-        self._bits[key] = ({p: b.cpu() for p, b in send_bits.items()},
-                           {p: b.cpu() for p, b in recv_bits.items()})
+        # Each peer's rows travel sorted by width (a stable sort, which both
+        # ends compute alike from the same widths), so every width's rows are
+        # one slice of the message: no per-width gather or scatter.
+        order = ({p: torch.sort(b.cpu().long(), stable=True)[1] for p, b in send_bits.items()},
+                 {p: torch.sort(b.cpu().long(), stable=True)[1] for p, b in recv_bits.items()})
+        self._bits[key] = tuple({p: bits[p].cpu()[o[p]] for p in o}
+                                for bits, o in zip((send_bits, recv_bits), order))
+        self._order[key] = order
         self._layouts = {k: v for k, v in self._layouts.items() if k[0] != key}
+        self._rows = {k: v for k, v in self._rows.items() if k[0] != key}
+
+    def _rows_of(self, key: str, sending: bool, base: dict[int, Tensor],
+                 quantize: bool) -> dict[int, Tensor] | None:
+        """`base` (rows of each peer's message in plan order) in the order they
+        travel under `key`'s assignment; None when they travel in plan order."""
+        order = self._order.get(key) if quantize else None
+        if order is None:
+            return None
+        cache_key = (key, sending)
+        if cache_key not in self._rows:
+            perm = order[0 if sending else 1]
+            self._rows[cache_key] = {p: i[perm[p].to(i.device)] for p, i in base.items()}
+        return self._rows[cache_key]
 
     def _layout(self, key: str, peer: int, sending: bool, num_rows: int, width: int,
                 quantize: bool) -> MessageLayout:
@@ -153,6 +180,10 @@ class HaloExchange:
             if quantize and self.tracer is not None:
                 send[p], ranges = layout.pack(x, generator=self.generator,
                                               name=f"exchange {key!r}", return_range=True)
+                order = self._order.get(key)
+                if order is not None:  # back to plan order, the allocator's row identity
+                    ranges = torch.empty_like(ranges).index_copy_(
+                        0, order[0][p].to(ranges.device), ranges)
                 self.tracer.record(key, p, ranges, width)
             else:
                 send[p] = layout.pack(x, generator=self.generator, name=f"exchange {key!r}")
@@ -186,26 +217,37 @@ class HaloExchange:
 
     def start_forward(self, key: str, x: Tensor, quantize: bool) -> _Flight:
         """Posts the rows of `x` (owned rows) that peers hold as halo rows."""
-        rows = {p: x.index_select(0, i) for p, i in self.send_index.items()}
+        index = self._rows_of(key, True, self.send_index, quantize) or self.send_index
+        rows = {p: x.index_select(0, i) for p, i in index.items()}
         counts = {p: i.numel() for p, i in self.recv_index.items()}
-        return self._start(key, rows, counts, x.size(1), quantize, x.dtype)
+        flight = self._start(key, rows, counts, x.size(1), quantize, x.dtype)
+        flight.into = self._rows_of(key, False, self.recv_index, quantize)
+        return flight
 
     def finish_forward(self, flight: _Flight, width: int) -> Tensor:
         """The halo block, ``[num_halo, width]``."""
         # Every halo slot is filled by exactly one peer: no need to zero it.
         halo = torch.empty(self.graph.num_halo, width, dtype=flight.dtype, device=self.device)
-        into = {p: halo[s] for p, s in self._recv_slice.items() if s is not None}
+        into = {} if flight.into is not None else \
+            {p: halo[s] for p, s in self._recv_slice.items() if s is not None}
+        slots = flight.into or self.recv_index
         for p, rows in self._finish(flight, into).items():
             if p not in into:
-                halo.index_copy_(0, self.recv_index[p], rows)
+                halo.index_copy_(0, slots[p], rows)
         return halo
 
     def start_backward(self, key: str, grad_halo: Tensor, quantize: bool) -> _Flight:
         """Posts the gradient of every halo row back to its owner."""
-        rows = {p: grad_halo[self._recv_slice[p]] if self._recv_slice[p] is not None
-                else grad_halo.index_select(0, i) for p, i in self.recv_index.items()}
+        index = self._rows_of(key, True, self.recv_index, quantize)
+        if index is not None:
+            rows = {p: grad_halo.index_select(0, i) for p, i in index.items()}
+        else:
+            rows = {p: grad_halo[self._recv_slice[p]] if self._recv_slice[p] is not None
+                    else grad_halo.index_select(0, i) for p, i in self.recv_index.items()}
         counts = {p: i.numel() for p, i in self.send_index.items()}
-        return self._start(key, rows, counts, grad_halo.size(1), quantize, grad_halo.dtype)
+        flight = self._start(key, rows, counts, grad_halo.size(1), quantize, grad_halo.dtype)
+        flight.into = self._rows_of(key, False, self.send_index, quantize)
+        return flight
 
     def finish_backward(self, flight: _Flight, grad_x: Tensor | None) -> Tensor | None:
         """`grad_x` plus the gradients the peers sent back for our rows.
@@ -219,8 +261,9 @@ class HaloExchange:
         # the sequential path then round identically.
         some = next(iter(received.values()))
         total = some.new_zeros(self.graph.num_owned, some.size(1))
+        into = flight.into or self.send_index
         for p, rows in received.items():
-            total.index_add_(0, self.send_index[p], rows)
+            total.index_add_(0, into[p], rows)
         return total if grad_x is None else grad_x + total
 
     def exchange(self, key: str, x: Tensor, quantize: bool = False) -> Tensor:
