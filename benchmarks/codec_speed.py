@@ -2,8 +2,9 @@
 
 Prints markdown tables: quantize+pack and unpack+dequantize time at 2, 4 and
 8 bits (median of several repeats after warm-up), their GB/s of float32
-input and their ratio to ``x.clone()`` timed in the same run; then the bytes
-on the wire relative to float32.
+input and their ratio to ``x.clone()`` timed in the same run; a mixed
+assignment against uniform messages of the same bytes; then the bytes on
+the wire relative to float32.
 
     python benchmarks/codec_speed.py [--device cpu|cuda] [--rows N] [--width D] [--threads 1]
 
@@ -83,6 +84,8 @@ def main() -> None:
             t = timeit(fn, device, args.repeats, args.warmup)
             print(f"| {bits} | {label} | {t * 1e3:.1f} | {gigabytes / t:.2f} | {t / clone:.2f} |")
 
+    mixed(x, device, args)
+
     widths = (100, 256, 602)
     print("\nBytes on the wire relative to float32 (headers included):\n")
     print("| bits | " + " | ".join(f"D={w}" for w in widths) + " |")
@@ -90,6 +93,44 @@ def main() -> None:
     for bits in (2, 4, 8):
         ratios = [message_nbytes(1, w, bits) / message_nbytes(1, w, 32) for w in widths]
         print(f"| {bits} | " + " | ".join(f"{r:.4f}" for r in ratios) + " |")
+
+
+def mixed(x: torch.Tensor, device: torch.device, args: argparse.Namespace) -> None:
+    """Encode+decode of a mixed assignment (a third of the rows at each width)
+    against the same rows sent as three uniform messages, one per width: the
+    same bytes.  Rows in random order gather and scatter per width; sorted by
+    width (as the halo exchange sends them) every width is one slice."""
+    gen = worker_generator(0, 0, device)
+    rows = x.size(0)
+    bits = torch.tensor([2, 4, 8])[torch.randint(3, (rows,), generator=torch.Generator()
+                                                 .manual_seed(0))]
+    out = torch.empty_like(x)
+
+    def round_trip(layout: MessageLayout, data: torch.Tensor, into: torch.Tensor) -> None:
+        buf = layout.pack(data, gen)
+        layout.unpack(buf, out=into)
+
+    shuffled = MessageLayout(bits, args.width)
+    order = torch.sort(bits, stable=True)[1]
+    ordered = MessageLayout(bits[order], args.width)
+    x_sorted = x[order]
+    parts = [(MessageLayout(torch.full((int((bits == b).sum()),), b), args.width),
+              x_sorted[bits[order] == b].contiguous()) for b in (2, 4, 8)]
+    outs = [torch.empty_like(part) for _, part in parts]
+    equiv = timeit(lambda: [round_trip(lay, part, o) for (lay, part), o in zip(parts, outs)],
+                   device, args.repeats, args.warmup)
+    t_shuffled = timeit(lambda: round_trip(shuffled, x, out), device, args.repeats, args.warmup)
+    t_sorted = timeit(lambda: round_trip(ordered, x_sorted, out), device, args.repeats,
+                      args.warmup)
+    print(f"\nMixed widths, {rows} rows, a third at each of 2/4/8 bits: encode+decode "
+          f"({ordered.nbytes / 1e6:.1f} MB on the wire)\n")
+    print("| rows | ms | x uniform messages of the same bytes |")
+    print("|---|---:|---:|")
+    print(f"| three uniform messages (2, 4, 8 bits) | {equiv * 1e3:.1f} | 1.00 |")
+    print(f"| one message, rows sorted by width (the halo exchange) | {t_sorted * 1e3:.1f} | "
+          f"{t_sorted / equiv:.2f} |")
+    print(f"| one message, rows in random order | {t_shuffled * 1e3:.1f} | "
+          f"{t_shuffled / equiv:.2f} |")
 
 
 if __name__ == '__main__':
