@@ -39,7 +39,7 @@ from pyg_adaqp.nn import DistGraph
 
 log = logging.getLogger(__name__)
 #: The default noise-to-signal budget of every exchange key (see the README).
-DEFAULT_BUDGET = 0.02
+DEFAULT_BUDGET = 0.002
 
 
 class AdaptiveBits:
@@ -57,15 +57,16 @@ class AdaptiveBits:
             quantization noise stays within this fraction of the power of
             the layer's aggregated output (forward) or of the gradient of
             its input rows (backward), per exchange key; :obj:`None` uses
-            the paper's weighted sum with `coe_lambda`. (default: :obj:`0.02`)
+            the paper's weighted sum with `coe_lambda`. (default: :obj:`0.002`)
         time_limit (float, optional): Seconds the MILPs of one
-            re-assignment may take together. (default: :obj:`1.5`)
+            re-assignment may take together; past it the greedy answer
+            stands. (default: :obj:`0.3`)
         profile_repeats (int, optional): Timed exchanges per size when
             profiling the links. (default: :obj:`2`)
     """
 
     def __init__(self, cycle: int = 10, group_size: int = 100, coe_lambda: float = 0.5,
-                 variance_budget: float | None = DEFAULT_BUDGET, time_limit: float = 1.5,
+                 variance_budget: float | None = DEFAULT_BUDGET, time_limit: float = 0.3,
                  profile_repeats: int = 2):
         if cycle < 1:
             raise ValueError(f"cycle must be >= 1, got {cycle}")

@@ -212,6 +212,8 @@ def profile_links(transport: Transport, device: torch.device,
     carries ``size`` bytes in each direction while every other link carries
     a ``k - 1``-th of that.  Each peer times the arrival of ``i``'s bytes
     (``i``'s egress) and ``i`` the arrival of all of theirs (its ingress).
+    A last round loads every link at once, as training does; where that is
+    slower than the fitted links predict, every rate is scaled by the ratio.
 
     Returns:
         dict[int, tuple]: ``(up s/B, down s/B, beta s, free B)`` per worker.
@@ -230,6 +232,14 @@ def profile_links(transport: Transport, device: torch.device,
         seen = transport.start(send, {p: per_peer for p in talk}, device).wait_each()
         return max(seen.values()) - t0
 
+    def everyone(per_peer: int) -> float:
+        """This worker's time when every worker sends every peer `per_peer` bytes."""
+        send = {p: torch.empty(per_peer, dtype=torch.uint8, device=device) for p in peers}
+        dist.barrier(group=transport.group)
+        t0 = time.perf_counter()
+        seen = transport.start(send, {p: per_peer for p in peers}, device).wait_each()
+        return max(seen.values()) - t0
+
     exchange(0, sizes[0] // max(1, k - 1))          # warms up every connection
     for owner in range(k):
         for size in sizes:
@@ -239,18 +249,30 @@ def profile_links(transport: Transport, device: torch.device,
                 down_t[owner].append((per_peer * (k - 1), took))
             else:
                 up_t[owner].append((per_peer * (k - 1), took))
+    # Every link busy at once, both ways, as in training: TCP shares each
+    # link with the acknowledgements of the other direction, which the
+    # one-link rounds do not see; the ratio scales every rate.
+    per_peer = max(1, sizes[0] // max(1, k - 1))
+    all_took = float(np.median([everyone(per_peer) for _ in range(repeats)]))
     # The owner's egress is timed by all its peers: the slowest arrival counts.
-    everyone = _gather((up_t, down_t))
+    gathered = _gather((up_t, down_t, all_took))
     fits = {}
     for i in range(k):
-        ups = [ts[i] for ts, _ in everyone if ts[i]]
+        ups = [ts[i] for ts, _, _ in gathered if ts[i]]
         up_pts = [(b, max(run[j][1] for run in ups)) for j, (b, _) in enumerate(ups[0])] \
             if ups else []
-        down_pts = everyone[i][1][i]
+        down_pts = gathered[i][1][i]
         a_up, b_up, f_up = fit_link(*map(np.array, zip(*up_pts))) if up_pts else (0, 0, 0)
         a_dn, b_dn, f_dn = fit_link(*map(np.array, zip(*down_pts))) if down_pts else (0, 0, 0)
-        fits[i] = (float(a_up), float(a_dn), float(min(b_up, b_dn)), float(min(f_up, f_dn)))
-    return fits
+        fits[i] = [float(a_up), float(a_dn), float(min(b_up, b_dn)), float(min(f_up, f_dn))]
+    total = per_peer * (k - 1)
+    predicted = max(b + max(u, d) * max(0.0, total - f) for u, d, b, f in fits.values())
+    measured = max(t for _, _, t in gathered)
+    scale = max(1.0, measured / predicted) if predicted > 0 else 1.0
+    for fit in fits.values():
+        fit[0] *= scale
+        fit[1] *= scale
+    return {i: tuple(f) for i, f in fits.items()}
 
 
 def profile_cost_model(transport: Transport, device: torch.device | str = "cpu",

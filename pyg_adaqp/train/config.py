@@ -75,8 +75,8 @@ class AssignConfig:
     group_size: int = 100              #: adaptive: messages of one channel sharing a width
     #: adaptive: the fastest widths whose quantization noise stays within this
     #: fraction of the exchanged messages' power, per layer and direction
-    #: (0.02: -17 dB); null uses the paper's weighted sum with ``coe_lambda``
-    variance_budget: Optional[float] = 0.02
+    #: (0.002: -27 dB); null uses the paper's weighted sum with ``coe_lambda``
+    variance_budget: Optional[float] = 0.002
     coe_lambda: float = 0.5            #: adaptive, without a budget: weight of variance against time
 
     def __post_init__(self) -> None:
