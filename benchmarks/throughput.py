@@ -163,6 +163,8 @@ def main() -> int:
     ap.add_argument("--epochs", type=int, default=40)
     ap.add_argument("--eval-every", type=int, default=1)
     ap.add_argument("--run-timeout", type=float, default=900, help="bound on one run, s")
+    ap.add_argument("--override", nargs="+", default=[], metavar="KEY=VALUE",
+                    help="extra trainer overrides for every run, e.g. model.num_layers=4")
     ap.add_argument("--out", default="throughput-runs")
     args = ap.parse_args()
     if "vanilla" not in args.configs:
@@ -174,7 +176,8 @@ def main() -> int:
 
     common = [f"model.hidden_channels={args.hidden}", f"trainer.epochs={args.epochs}",
               f"trainer.eval_every={args.eval_every}", "trainer.progress=false",
-              "trainer.plots=false", "trainer.num_threads=1", *dataset_overrides(args)]
+              "trainer.plots=false", "trainer.num_threads=1", *dataset_overrides(args),
+              *args.override]
     started = time.time()
     results = []
     if args.rates and len(args.rates) != args.hosts:
@@ -269,7 +272,8 @@ def report(lines: list[dict], args: argparse.Namespace, wall_s: float) -> str:
            f"machine: {machine_line()}",
            f"cluster: {args.hosts} hosts (network namespaces, one torchrun node and one "
            f"worker with one torch thread each), links at {args.rate}; "
-           f"{args.dataset}, hidden {args.hidden}, {args.epochs} epochs, seeds {args.seeds}; "
+           f"{args.dataset}, hidden {args.hidden}, {args.epochs} epochs, seeds {args.seeds}"
+           f"{', ' + ' '.join(args.override) if args.override else ''}; "
            f"wall {wall_s / 60:.1f} min",
            "",
            "| model | input cache | config | epochs/s | × vanilla | set-up s | MB/epoch | "

@@ -151,7 +151,7 @@ class AdaptiveBits:
     # --- re-assignment --------------------------------------------------------------------------
 
     def reassign(self, graph: DistGraph) -> None:
-        """Re-assigns every key's widths from the traces so far (collective).
+        r"""Re-assigns every key's widths from the traces so far (collective).
 
         Traffic: every sender sorts and groups the rows it sends (forward
         rows by :math:`c_m = s(m) \cdot \mathrm{trace}(m)`, with the scores
@@ -161,7 +161,7 @@ class AdaptiveBits:
         widths of the rows it will send it, point to point.
         """
         ex = graph.exchange
-        if self._scores is None:
+        if not self._scores:  # none yet (or no layer has run since a resume)
             self._scores = _exchange_scores(graph)
         traces, signal = self._tracer.collect() if self._tracer is not None else ({}, {})
         groups, self._orders = {}, {}
@@ -322,6 +322,8 @@ def _exchange_scores(graph: DistGraph) -> dict[int, dict[int, np.ndarray]]:
     ex, lg = graph.exchange, graph.graph
     mine = _forward_scores(graph)                     # as a receiver: by layer, sender
     layers = sorted(mine)
+    if not layers:  # no layer has run yet (every worker alike): nothing to score
+        return {}
     send = {p: torch.from_numpy(np.concatenate([mine[layer][p] for layer in layers])
                                 .astype(np.float32)).view(torch.uint8)
             for p in lg.recv_index}
