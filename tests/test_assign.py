@@ -234,10 +234,14 @@ def test_allocator_checks_its_arguments():
         AdaptiveBits(coe_lambda=1.5)
     with pytest.raises(ValueError, match="group_size"):
         AdaptiveBits(group_size=0)
+    with pytest.raises(ValueError, match="variance_budget"):
+        AdaptiveBits(variance_budget=-0.1)
 
 
 @pytest.mark.parametrize("override,field", [("assign.coe_lambda=-0.1", "assign.coe_lambda"),
-                                            ("assign.group_size=0", "assign.group_size")])
+                                            ("assign.group_size=0", "assign.group_size"),
+                                            ("assign.variance_budget=-1",
+                                             "assign.variance_budget")])
 def test_bad_allocator_config_names_the_field(override, field):
     with pytest.raises(ValueError, match=rf"config field '{field}'"):
         make_config("assign=adaptive", override)
@@ -247,6 +251,9 @@ def test_adaptive_config_composes():
     cfg = make_config("assign=adaptive")
     a = cfg.assign
     assert (a.scheme, a.group_size, a.coe_lambda) == ("adaptive", 100, 0.5)
+    assert a.variance_budget == 0.002            # the default objective: a variance budget
+    assert make_config("assign=adaptive", "assign.variance_budget=null").assign \
+        .variance_budget is None                 # the paper's weighted sum
 
 
 @pytest.mark.parametrize("budget", [None, 1e-3])
