@@ -223,28 +223,23 @@ def profile_links(transport: Transport, device: torch.device,
     up_t: dict[int, list] = {i: [] for i in range(k)}     # (bytes, seconds) per round owner
     down_t: dict[int, list] = {i: [] for i in range(k)}
 
-    def exchange(owner: int, per_peer: int) -> float:
-        """This worker's time for its part of `owner`'s round."""
-        talk = peers if rank == owner else [owner]
+    def exchange(talk: list[int], per_peer: int) -> float:
+        """This worker's time to send and receive `per_peer` bytes with `talk`."""
         send = {p: torch.empty(per_peer, dtype=torch.uint8, device=device) for p in talk}
         dist.barrier(group=transport.group)
         t0 = time.perf_counter()
         seen = transport.start(send, {p: per_peer for p in talk}, device).wait_each()
-        return max(seen.values()) - t0
+        return max(seen.values(), default=t0) - t0
 
-    def everyone(per_peer: int) -> float:
-        """This worker's time when every worker sends every peer `per_peer` bytes."""
-        send = {p: torch.empty(per_peer, dtype=torch.uint8, device=device) for p in peers}
-        dist.barrier(group=transport.group)
-        t0 = time.perf_counter()
-        seen = transport.start(send, {p: per_peer for p in peers}, device).wait_each()
-        return max(seen.values()) - t0
+    def round_of(owner: int) -> list[int]:
+        return peers if rank == owner else [owner]
 
-    exchange(0, sizes[0] // max(1, k - 1))          # warms up every connection
+    exchange(round_of(0), sizes[0] // max(1, k - 1))     # warms up every connection
     for owner in range(k):
         for size in sizes:
             per_peer = max(1, size // max(1, k - 1))
-            took = float(np.median([exchange(owner, per_peer) for _ in range(repeats)]))
+            took = float(np.median([exchange(round_of(owner), per_peer)
+                                    for _ in range(repeats)]))
             if rank == owner:
                 down_t[owner].append((per_peer * (k - 1), took))
             else:
@@ -253,7 +248,7 @@ def profile_links(transport: Transport, device: torch.device,
     # link with the acknowledgements of the other direction, which the
     # one-link rounds do not see; the ratio scales every rate.
     per_peer = max(1, sizes[0] // max(1, k - 1))
-    all_took = float(np.median([everyone(per_peer) for _ in range(repeats)]))
+    all_took = float(np.median([exchange(peers, per_peer) for _ in range(repeats)]))
     # The owner's egress is timed by all its peers: the slowest arrival counts.
     gathered = _gather((up_t, down_t, all_took))
     fits = {}

@@ -309,8 +309,9 @@ def _near_cut(problem: KeyProblem, steps: np.ndarray, cut: int, max_groups: int)
     if problem.num_groups <= max_groups:
         return np.arange(problem.num_groups)
     window = max(1, max_groups // 3)
-    near = np.r_[steps[max(0, cut - window):cut + window], steps[:window // 4],
-                 steps[-(window // 4) or steps.size:]]
+    ends = window // 4
+    near = np.r_[steps[max(0, cut - window):cut + window], steps[:ends],
+                 steps[steps.size - ends:]]
     return np.unique(near)[:max_groups]
 
 

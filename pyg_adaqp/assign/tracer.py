@@ -10,9 +10,10 @@ summed over the calls of a cycle: the variance model of one row at
 :math:`b` bits is this divided by :math:`(2^b - 1)^2`.  Beside it, the
 power of what the messages are added into (the layer's aggregated output in
 forward, the gradient of the rows sent in backward), summed over the owned
-rows and the same calls: the signal that a variance budget is relative to.  It uses the row's
-true range, as SPEC 7 says, not the transmitted one: the codec rounds the
-bfloat16 ``lo`` down and the scale up, so for rows far from zero the range
+rows and the same calls: the signal that a variance budget is relative to.
+
+The range is the row's true one, as SPEC 7 says, not the transmitted one:
+the codec rounds the bfloat16 ``lo`` down and the scale up, so for rows far from zero the range
 actually covered (``B * scale``) can be much wider than ``hi - lo``; that
 extra width is a property of the number format, the same at every bit
 width, and so does not change which widths are worth buying.

@@ -123,11 +123,13 @@ class HaloExchange:
         # Each peer's rows travel sorted by width (a stable sort, which both
         # ends compute alike from the same widths), so every width's rows are
         # one slice of the message: no per-width gather or scatter.
-        order = ({p: torch.sort(b.cpu().long(), stable=True)[1] for p, b in send_bits.items()},
-                 {p: torch.sort(b.cpu().long(), stable=True)[1] for p, b in recv_bits.items()})
+        order = tuple({p: torch.sort(b.cpu().long(), stable=True)[1] for p, b in bits.items()}
+                      for bits in (send_bits, recv_bits))
         self._bits[key] = tuple({p: bits[p].cpu()[o[p]] for p in o}
                                 for bits, o in zip((send_bits, recv_bits), order))
-        self._order[key] = order
+        # Kept on the exchange's device: used at every exchange of the key.
+        self._order[key] = tuple({p: o.to(self.device) for p, o in side.items()}
+                                 for side in order)
         self._layouts = {k: v for k, v in self._layouts.items() if k[0] != key}
         self._rows = {k: v for k, v in self._rows.items() if k[0] != key}
 
@@ -141,7 +143,7 @@ class HaloExchange:
         cache_key = (key, sending)
         if cache_key not in self._rows:
             perm = order[0 if sending else 1]
-            self._rows[cache_key] = {p: i[perm[p].to(i.device)] for p, i in base.items()}
+            self._rows[cache_key] = {p: i[perm[p]] for p, i in base.items()}
         return self._rows[cache_key]
 
     def _layout(self, key: str, peer: int, sending: bool, num_rows: int, width: int,
@@ -182,8 +184,7 @@ class HaloExchange:
                                               name=f"exchange {key!r}", return_range=True)
                 order = self._order.get(key)
                 if order is not None:  # back to plan order, the allocator's row identity
-                    ranges = torch.empty_like(ranges).index_copy_(
-                        0, order[0][p].to(ranges.device), ranges)
+                    ranges = torch.empty_like(ranges).index_copy_(0, order[0][p], ranges)
                 self.tracer.record(key, p, ranges, width)
             else:
                 send[p] = layout.pack(x, generator=self.generator, name=f"exchange {key!r}")
@@ -349,7 +350,8 @@ class _PostHalo(Function):
             grad = state.exchange.finish_backward(flight, grad_x)
         tracer = state.exchange.tracer
         if state.quantize and tracer is not None:
-            tracer.record_signal(f"backward {state.layer}", grad.detach().square().sum())
+            tracer.record_signal(f"backward {state.layer}",
+                                 torch.linalg.vector_norm(grad.detach()).square())
         return grad, None
 
 

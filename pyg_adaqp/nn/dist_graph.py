@@ -149,7 +149,8 @@ class DistGraph:
         if self.quantize and tracer is not None:
             # What the quantization noise is added into: the allocator's budget
             # is relative to this power.
-            tracer.record_signal(f"forward {layer}", out.detach().square().sum())
+            tracer.record_signal(f"forward {layer}",
+                                 torch.linalg.vector_norm(out.detach()).square())
         return out
 
     def _cached_input_halo(self, layer: int, x: Tensor) -> Tensor:
