@@ -94,12 +94,6 @@ class Trainer:
         m = cfg.model
         self.model = DistGNN(m.name, self.x.size(1), m.hidden_channels, num_classes,
                              m.num_layers, m.dropout, m.layer_norm).to(dev)
-        # Gradients are all-reduced bucket by bucket while the backward pass
-        # goes on (DDP on the default group; the halo exchange has its own).
-        self.ddp = (DistributedDataParallel(self.model, gradient_as_bucket_view=True)
-                    if ctx.world_size > 1 else None)
-        if self.ddp is not None:
-            self.ddp.register_comm_hook(None, _sum_gradients)
         torch.manual_seed(cfg.seed * 7919 + ctx.rank + 1)  # independent dropout per worker
         self.optimizer = torch.optim.Adam(self.model.parameters(), lr=cfg.trainer.lr,
                                           weight_decay=cfg.trainer.weight_decay)
@@ -124,6 +118,14 @@ class Trainer:
                 f"over {ctx.world_size} workers): every worker needs some; use fewer workers "
                 f"(world_size) or a split with more training nodes")
         self.num_train = counts.sum()
+        # Gradients are all-reduced bucket by bucket while the backward pass
+        # goes on (DDP on the default group; the halo exchange has its own).
+        # Built after the checks above, so a worker that fails them holds no
+        # DDP state that could keep its peers waiting.
+        self.ddp = (DistributedDataParallel(self.model, gradient_as_bucket_view=True)
+                    if ctx.world_size > 1 else None)
+        if self.ddp is not None:
+            self.ddp.register_comm_hook(None, _sum_gradients)
 
     def _all_reduce(self, t: Tensor, op: dist.ReduceOp = dist.ReduceOp.SUM) -> Tensor:
         t = t.to(self.ctx.device)
