@@ -3,16 +3,11 @@
 Spawned processes import their target function by module name, and a
 function defined in a notebook has no importable module, so the worker lives
 here, next to the notebook.  It is what a user writes around their own model:
-join the process group, load this worker's part, train with the loss over the
+load this worker's part, train with the loss over the
 worker's training nodes divided by the *global* training count, all-reduce the
 gradients (so every worker keeps the same model), and all-reduce the accuracy.
 """
 from __future__ import annotations
-
-import json
-import traceback
-from datetime import timedelta
-from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -24,26 +19,16 @@ from pyg_adaqp.partition import load_partition
 SPLITS = ("train", "val", "test")
 
 
-def train_worker(rank: int, world_size: int, port: int, part_dir: str, out_dir: str,
-                 model_cls: type, model_args: dict, state: dict, epochs: int, lr: float,
-                 quantize: bool, overlap: bool) -> None:
+def train_worker(rank: int, world_size: int, part_dir: str, model_cls: type, model_args: dict,
+                 state: dict, epochs: int, lr: float, quantize: bool, overlap: bool
+                 ) -> list[dict] | None:
     """Trains `model_cls(**model_args)`, started from `state`, on part `rank`.
 
-    Rank 0 writes the per-epoch history to ``out_dir/history.json``; a worker
-    that fails writes its traceback to ``out_dir/rank<r>.err``.
+    Runs inside :func:`pyg_adaqp.train.run_workers`, which has joined the
+    process group.  Returns the per-epoch history on rank 0.
     """
-    torch.set_num_threads(1)  # two workers on a two-core machine
-    try:
-        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
-                                world_size=world_size, timeout=timedelta(seconds=60))
-        history = _train(rank, part_dir, model_cls, model_args, state, epochs, lr,
-                         quantize, overlap)
-        if rank == 0:
-            Path(out_dir, "history.json").write_text(json.dumps(history))
-        dist.destroy_process_group()
-    except BaseException:
-        Path(out_dir, f"rank{rank}.err").write_text(traceback.format_exc())
-        raise
+    history = _train(rank, part_dir, model_cls, model_args, state, epochs, lr, quantize, overlap)
+    return history if rank == 0 else None
 
 
 def _train(rank: int, part_dir: str, model_cls: type, model_args: dict, state: dict,

@@ -25,7 +25,7 @@ def test_notebook(tmp_path):
     nb = nbformat.read(tmp_path / "distributed_gcn.ipynb", as_version=4)
     # One more cell hands the notebook's results to the test.
     nb.cells.append(nbformat.v4.new_code_cell(
-        "print(json.dumps({'dist': history_dist, 'single': history_single, "
+        "import json\nprint(json.dumps({'dist': history_dist, 'single': history_single, "
         "'exact_dist': exact_dist, 'exact_single': exact_single}))"))
     client = nbclient.NotebookClient(nb, timeout=120, kernel_name="python3",
                                      resources={"metadata": {"path": str(tmp_path)}})

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import traceback
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -46,6 +47,26 @@ _PYG: dict[str, _PyGSpec] = {
 _OGB = ("ogbn-arxiv", "ogbn-products")
 
 DATASET_NAMES: tuple[str, ...] = ("synthetic", *_PYG, *_OGB)
+
+
+class DatasetDownloadError(RuntimeError):
+    """Downloading a dataset failed (no internet, say); the message says how to load it offline."""
+
+
+def _downloading(err: BaseException) -> bool:
+    """Whether `err` was raised while a dataset class was downloading its files."""
+    return any(frame.name in ("download", "_download")
+               for frame in traceback.extract_tb(err.__traceback__))
+
+
+def _download_failed(key: str, what: str, url: str | None, files: str, layout: str,
+                     err: BaseException) -> DatasetDownloadError:
+    cause = str(err).strip().splitlines()[0] if str(err).strip() else ""
+    source = f" from {url}" if url else ""
+    return DatasetDownloadError(
+        f"dataset {key!r}: downloading it with {what}{source} into {cache_dir()} failed "
+        f"({type(err).__name__}: {cause}). To load it offline, put {files} in {layout} and "
+        f"pass dataset.root=<dir>.")
 
 
 def load_dataset(name: str = "synthetic", root: str | os.PathLike | None = None,
@@ -89,7 +110,15 @@ def _load_pyg(key: str, spec: _PyGSpec, root: str | os.PathLike | None, *,
     cls: Callable[..., Any] = getattr(pyg_datasets, spec.cls_name)
     pyg_root = str(cache_dir()) if root is None else _offline_root(key, spec, root, cls)
     args = (pyg_root, spec.name_arg) if spec.name_arg else (os.path.join(pyg_root, spec.subdir),)
-    data = cls(*args)[0]
+    try:
+        data = cls(*args)[0]
+    except Exception as err:
+        if root is not None or not _downloading(err):
+            raise
+        what = f"torch_geometric.datasets.{spec.cls_name}({spec.name_arg or ''})"
+        files = f"its raw files ({', '.join(_raw_file_names(cls, spec))})"
+        raise _download_failed(key, what, getattr(cls, "url", None), files,
+                               f"<dir>/{spec.subdir}/raw", err) from err
 
     out = Data(x=data.x.float(), edge_index=data.edge_index, num_nodes=data.num_nodes)
     if spec.multi_label:
@@ -175,8 +204,15 @@ def _load_ogb(key: str, root: str | os.PathLike | None, **opts: Any) -> Data:
     except ImportError as err:
         raise ImportError(
             f"dataset {key!r} needs the ogb package: pip install 'pyg_adaqp[ogb]'") from err
+    given = root
     root = str(Path(root).expanduser()) if root is not None else str(cache_dir())
-    dataset = PygNodePropPredDataset(key, root=root)
+    try:
+        dataset = PygNodePropPredDataset(key, root=root)
+    except Exception as err:
+        if given is not None or not _downloading(err):
+            raise
+        raise _download_failed(key, f"ogb's PygNodePropPredDataset({key!r})", None,
+                               f"the {folder} folder it downloads", "<dir>", err) from err
     data = dataset[0]
     split = dataset.get_idx_split()
     out = Data(x=data.x.float(), edge_index=data.edge_index, num_nodes=data.num_nodes,

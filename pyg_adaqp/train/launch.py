@@ -3,18 +3,20 @@
 All distributed state (ranks, devices, process groups) is set up here and
 nowhere else.  Start-up and every collective run under ``trainer.timeout_s``.
 The launcher of local workers checks the dataset and the checkpoint to
-resume from before it starts them, watches them, and when one raises or
-dies, gives the others ``timeout_s`` to stop (they fail at once when a peer
-leaves), kills what is left, and raises :class:`WorkerFailed` naming the
-rank that failed first and the cause.
+resume from before it starts them, and runs them with
+:func:`~pyg_adaqp.train.workers.spawn_workers`: they die with the launcher,
+and when one raises or dies, the others get ``timeout_s`` to stop (they fail
+at once when a peer leaves), what is left is killed, and
+:class:`~pyg_adaqp.train.workers.WorkerFailed` names the rank that failed
+first and the cause.  Under ``torchrun`` a worker dies with its agent, and a
+worker whose peer died or became unreachable names that rank (see
+:mod:`~pyg_adaqp.train.liveness`).
 """
 from __future__ import annotations
 
 import dataclasses
 import os
-import signal
-import tempfile
-import time
+import sys
 import traceback
 from datetime import timedelta
 from pathlib import Path
@@ -22,7 +24,6 @@ from typing import TYPE_CHECKING, Sequence
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from pyg_adaqp.data import check_dataset, load_dataset
 from pyg_adaqp.partition import (
@@ -34,22 +35,11 @@ from pyg_adaqp.partition import (
 )
 from pyg_adaqp.train.checkpoint import load_resume_point
 from pyg_adaqp.train.config import Config
-from pyg_adaqp.train.workers import free_port
+from pyg_adaqp.train.liveness import Heartbeat
+from pyg_adaqp.train.workers import die_with_parent, free_port, spawn_workers
 
 if TYPE_CHECKING:
     from pyg_adaqp.train.trainer import EpochHook
-
-
-class WorkerFailed(RuntimeError):
-    """A worker raised or died; the message names its rank and the cause.
-
-    Attributes:
-        rank (int): The worker that failed first.
-    """
-
-    def __init__(self, message: str, rank: int):
-        super().__init__(message)
-        self.rank = rank
 
 
 def prepare_partitions(cfg: Config, part_dir: Path, num_parts: int) -> None:
@@ -92,21 +82,25 @@ def _devices(cfg: Config, local_rank: int, local_world: int) -> tuple[torch.devi
 
 def run_worker(rank: int, world_size: int, cfg: Config, run_dir: Path, part_dir: Path,
                local_rank: int, local_world: int, prepare: bool,
-               on_epoch_end: Sequence[EpochHook] = (), error_file: Path | None = None) -> None:
+               on_epoch_end: Sequence[EpochHook] = ()) -> None:
     """One worker: joins the process group, loads its part and trains.
 
-    A failure is written to `error_file` (if given) *before* the worker
-    leaves the process group: its peers fail as soon as it leaves, and the
-    launcher names the worker that reported first.
+    A communication error (gloo's plain ``RuntimeError``, or a
+    ``torch.distributed.DistError``) becomes a :class:`PeerLost` naming the
+    ranks whose heartbeat stopped, when some did.  On failure the process
+    groups are not torn down: that can block on a peer's unfinished work,
+    and the caller leaves the process at once instead.
     """
     from pyg_adaqp.train.report import RunReport
     from pyg_adaqp.train.trainer import Trainer, WorkerContext
 
+    heartbeat = None
     try:
         torch.set_num_threads(cfg.trainer.num_threads)
         device, backend = _devices(cfg, local_rank, local_world)
         timeout = timedelta(seconds=cfg.trainer.timeout_s)
         dist.init_process_group(backend, rank=rank, world_size=world_size, timeout=timeout)
+        heartbeat = Heartbeat(rank, world_size).start()
         if prepare and rank == 0:
             prepare_partitions(cfg, part_dir, world_size)
         # Rank 0 checked (or made) the partition against the dataset; every
@@ -125,22 +119,20 @@ def run_worker(rank: int, world_size: int, cfg: Config, run_dir: Path, part_dir:
         Trainer(cfg, graph, ctx, report, checkpoint_dir=run_dir / "checkpoints",
                 on_epoch_end=on_epoch_end).fit()
         dist.barrier()
-    except BaseException as err:
-        if error_file is not None:
-            error_file.write_text(f"{type(err).__name__}: {err}\n\n{traceback.format_exc()}")
+    except Exception as err:
+        if heartbeat is not None and (type(err) is RuntimeError or isinstance(err, dist.DistError)):
+            lost = heartbeat.explain(err)
+            if lost is not None:
+                raise lost from err
         raise
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+    heartbeat.stop()
+    dist.destroy_process_group()
 
 
 def _spawned(rank: int, world_size: int, cfg: Config, run_dir: Path, part_dir: Path,
-             error_dir: Path, on_epoch_end: Sequence[EpochHook]) -> None:
-    try:
-        run_worker(rank, world_size, cfg, run_dir, part_dir, rank, world_size, prepare=False,
-                   on_epoch_end=on_epoch_end, error_file=error_dir / f"rank{rank}.err")
-    except BaseException:
-        raise SystemExit(1)  # the error is in the file; no second traceback on stderr
+             on_epoch_end: Sequence[EpochHook]) -> None:
+    run_worker(rank, world_size, cfg, run_dir, part_dir, rank, world_size, prepare=False,
+               on_epoch_end=on_epoch_end)
 
 
 def launch(cfg: Config, run_dir: Path, on_epoch_end: Sequence[EpochHook] = ()) -> None:
@@ -164,10 +156,7 @@ def launch(cfg: Config, run_dir: Path, on_epoch_end: Sequence[EpochHook] = ()) -
     run_dir = Path(run_dir)
     part_dir = Path(cfg.partition_dir) if cfg.partition_dir else run_dir / "partitions"
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ:  # under torchrun
-        run_worker(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), cfg, run_dir,
-                   part_dir, int(os.environ.get("LOCAL_RANK", 0)),
-                   int(os.environ.get("LOCAL_WORLD_SIZE", 1)), prepare=True,
-                   on_epoch_end=on_epoch_end)
+        _torchrun_worker(cfg, run_dir, part_dir, on_epoch_end)
         return
     if cfg.trainer.resume:
         # Fail before starting anything, and resume every worker from the same file.
@@ -175,74 +164,24 @@ def launch(cfg: Config, run_dir: Path, on_epoch_end: Sequence[EpochHook] = ()) -
         cfg = dataclasses.replace(cfg, trainer=dataclasses.replace(cfg.trainer,
                                                                    resume=str(source)))
     prepare_partitions(cfg, part_dir, cfg.world_size)
-    with tempfile.TemporaryDirectory(prefix="adaqp-errors-") as errors:
-        _spawn_and_watch(cfg, run_dir, part_dir, Path(errors), on_epoch_end)
-
-
-def _spawn_and_watch(cfg: Config, run_dir: Path, part_dir: Path, error_dir: Path,
-                     on_epoch_end: Sequence[EpochHook]) -> None:
-    world_size = cfg.world_size
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     os.environ["MASTER_PORT"] = str(free_port())
-    ctx = mp.get_context("spawn")
-    procs = [ctx.Process(target=_spawned, args=(r, world_size, cfg, run_dir, part_dir,
-                                                error_dir, on_epoch_end), daemon=False)
-             for r in range(world_size)]
+    spawn_workers(_spawned, cfg.world_size, (cfg.world_size, cfg, run_dir, part_dir, on_epoch_end),
+                  grace_s=cfg.trainer.timeout_s)
+
+
+def _torchrun_worker(cfg: Config, run_dir: Path, part_dir: Path,
+                     on_epoch_end: Sequence[EpochHook]) -> None:
+    """One worker of a ``torchrun`` job: dies with its agent, leaves at once on failure."""
+    rank = int(os.environ["RANK"])
+    if "TORCHELASTIC_RUN_ID" in os.environ:  # started by torchrun's agent, which is our parent
+        die_with_parent(os.getppid())
     try:
-        for p in procs:
-            p.start()
-        _watch(procs, error_dir, cfg.trainer.timeout_s)
-    finally:
-        # Whatever stopped the watch (e.g. Ctrl-C), leave no worker behind.
-        for p in procs:
-            if p.pid is not None:
-                if p.is_alive():
-                    p.kill()
-                p.join()
-
-
-def _watch(procs: list, error_dir: Path, timeout_s: float) -> None:
-    """Waits for the workers; on the first failure, gives the rest `timeout_s` to stop."""
-    failed_at = None
-    killed: set[int] = set()
-    while any(p.is_alive() for p in procs):
-        if failed_at is None and any(p.exitcode not in (None, 0) for p in procs):
-            failed_at = time.monotonic()
-        if failed_at is not None and time.monotonic() - failed_at > timeout_s:
-            for rank, p in enumerate(procs):
-                if p.is_alive():
-                    p.kill()
-                    killed.add(rank)
-        time.sleep(0.05)
-    for p in procs:
-        p.join()
-    if any(p.exitcode != 0 for p in procs):
-        raise WorkerFailed(*_failure(procs, error_dir, killed, timeout_s))
-
-
-def _failure(procs: list, error_dir: Path, killed: set[int],
-             timeout_s: float) -> tuple[str, int]:
-    """What went wrong, starting with the worker that failed first, and its rank."""
-    reports = {int(f.stem.removeprefix("rank")): f for f in error_dir.glob("rank*.err")}
-    causes = {}
-    for rank, p in enumerate(procs):
-        if p.exitcode == 0:
-            continue
-        if rank in reports:
-            causes[rank] = reports[rank].read_text()
-        elif rank in killed:
-            causes[rank] = f"still running {timeout_s:g} s after the first failure, killed"
-        elif p.exitcode < 0:
-            causes[rank] = f"killed by signal {-p.exitcode} ({signal.Signals(-p.exitcode).name})"
-        else:
-            causes[rank] = f"exited with code {p.exitcode} without reporting an error"
-    # A worker that died without a word (a signal, the OOM killer) is the cause:
-    # its peers only report that it left.  Otherwise the first report is.
-    silent = [r for r in causes if r not in reports and r not in killed]
-    first = silent[0] if silent else min(reports, key=lambda r: reports[r].stat().st_mtime_ns)
-    message, _, trace = causes[first].partition("\n\n")
-    others = [f"rank {r}: {causes[r].splitlines()[0][:300]}" for r in causes if r != first]
-    text = f"worker rank {first} failed: {message}"
-    if others:
-        text += "\nthe other workers stopped too: " + "; ".join(others)
-    return text + (f"\n\n{trace}" if trace else ""), first
+        run_worker(rank, int(os.environ["WORLD_SIZE"]), cfg, run_dir, part_dir,
+                   int(os.environ.get("LOCAL_RANK", 0)), int(os.environ.get("LOCAL_WORLD_SIZE", 1)),
+                   prepare=True, on_epoch_end=on_epoch_end)
+    except BaseException as err:
+        print(f"worker rank {rank} failed: {type(err).__name__}: {err}\n\n"
+              f"{traceback.format_exc()}", file=sys.stderr, flush=True)
+        sys.stdout.flush()
+        os._exit(1)

@@ -1,25 +1,53 @@
-"""Running a function on N local `torch.distributed` workers (gloo on loopback).
+"""Local workers: the one spawner of the launcher, the tests and the notebooks.
 
-For tests, benchmarks and notebooks that drive the distributed layers
-directly: every worker runs with one intra-op thread (spawn does not set
-``OMP_NUM_THREADS``) and a process-group timeout, and the parent joins them
-with a deadline and kills them past it, so a broken exchange fails instead
-of hanging.  Results travel back as ``torch.save`` files; a failing worker's
-traceback is re-raised in the parent.
+:func:`spawn_workers` starts one process per rank and watches them:
+
+- every worker dies with the process that spawned it (``PR_SET_PDEATHSIG``
+  on Linux, a thread watching the parent's pid elsewhere), so a launcher
+  killed by an OOM killer or a batch scheduler leaves no worker behind;
+- a worker that fails writes ``<Type>: <message>`` and its traceback to its
+  report file and leaves at once, without tearing down its process groups
+  (which can block on a peer's unfinished work): its sockets close, so its
+  peers fail at once instead of at their time-out;
+- from the first failure (a report or a non-zero exit), the others get
+  `grace_s` to stop on their own; whatever still runs is killed, and
+  :class:`WorkerFailed` names the rank that failed first and the cause.
+
+:func:`run_workers` runs a function in a gloo process group on loopback, for
+tests, benchmarks and notebooks that drive the distributed layers directly.
 """
 from __future__ import annotations
 
+import ctypes
 import os
+import signal
 import socket
+import sys
 import tempfile
+import threading
 import time
 import traceback
 from datetime import timedelta
-from typing import Any, Callable
+from pathlib import Path
+from typing import Any, Callable, Sequence
 
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+
+_PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
+
+
+class WorkerFailed(RuntimeError):
+    """A worker raised or died; the message names its rank and the cause.
+
+    Attributes:
+        rank (int): The worker that failed first.
+    """
+
+    def __init__(self, message: str, rank: int):
+        super().__init__(message)
+        self.rank = rank
 
 
 def free_port() -> int:
@@ -29,57 +57,181 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _entry(rank: int, world_size: int, port: int, out_dir: str, fn: Callable, args: tuple,
-           timeout_s: float) -> None:
-    torch.set_num_threads(1)
+def die_with_parent(parent_pid: int) -> None:
+    """Makes this process die (SIGKILL) when `parent_pid`, its parent, exits.
+
+    On Linux the kernel sends the signal (``prctl(PR_SET_PDEATHSIG)``); if
+    the parent is already gone when this runs, the process exits at once.
+    Elsewhere a daemon thread checks the parent's pid every second.
+    """
+    if sys.platform.startswith("linux"):
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
+            raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG) failed")
+        if os.getppid() != parent_pid:  # the parent died before the prctl
+            os._exit(1)
+        return
+
+    def watch() -> None:
+        while os.getppid() == parent_pid:
+            time.sleep(1.0)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="die-with-parent", daemon=True).start()
+
+
+def report_failure(path: Path, err: BaseException) -> None:
+    """Writes ``<Type>: <message>``, a blank line and the traceback to `path` (a worker's report)."""
+    text = f"{type(err).__name__}: {err}\n\n{traceback.format_exc()}"
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)  # the watcher never reads half a report
+
+
+def _child(rank: int, parent_pid: int, report_dir: str, target: Callable, args: tuple) -> None:
+    die_with_parent(parent_pid)
+    report_dir = Path(report_dir)
     try:
-        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
-                                world_size=world_size, timeout=timedelta(seconds=timeout_s))
-        result = fn(rank, world_size, *args)
-        torch.save(result, os.path.join(out_dir, f"{rank}.pt"))
-        dist.barrier()
-        dist.destroy_process_group()
-    except BaseException:
-        with open(os.path.join(out_dir, f"{rank}.err"), "w") as f:
-            f.write(traceback.format_exc())
-        raise
+        result = target(rank, *args)
+        if result is not None:
+            torch.save(result, report_dir / f"rank{rank}.pt")
+    except BaseException as err:
+        report_failure(report_dir / f"rank{rank}.err", err)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(1)
+
+
+def spawn_workers(target: Callable, world_size: int, args: Sequence[Any] = (), *,
+                  grace_s: float, deadline_s: float | None = None) -> list[Any]:
+    """Runs ``target(rank, *args)`` in `world_size` spawned processes and watches them.
+
+    Args:
+        target (Callable): Importable by the children (a module-level function).
+        world_size (int): Number of processes.
+        args (Sequence): Further arguments, picklable.
+        grace_s (float): After the first failure, how long the others have
+            to stop on their own before they are killed.
+        deadline_s (float, optional): Kill every worker still running this
+            long after the start. (default: :obj:`None`, no bound)
+
+    Returns:
+        What each rank's `target` returned (:obj:`None` results are not sent
+        back).
+
+    Raises:
+        WorkerFailed: If a worker raised, died or was killed.
+    """
+    ctx = mp.get_context("spawn")
+    with tempfile.TemporaryDirectory(prefix="adaqp-workers-") as report_dir:
+        procs = [ctx.Process(target=_child, args=(r, os.getpid(), report_dir, target, tuple(args)),
+                             daemon=False) for r in range(world_size)]
+        try:
+            for p in procs:
+                p.start()
+            _watch(procs, Path(report_dir), grace_s, deadline_s)
+        finally:
+            # Whatever stopped the watch (e.g. Ctrl-C), leave no worker behind.
+            for p in procs:
+                if p.pid is not None:
+                    if p.is_alive():
+                        p.kill()
+                    p.join()
+        results = []
+        for r in range(world_size):
+            path = Path(report_dir, f"rank{r}.pt")
+            results.append(torch.load(path, weights_only=False) if path.exists() else None)
+        return results
+
+
+def _watch(procs: list, report_dir: Path, grace_s: float, deadline_s: float | None) -> None:
+    """Waits for the workers; kills them `grace_s` after the first failure or at the deadline."""
+    start = time.monotonic()
+    failed_at = None
+    killed: dict[int, str] = {}
+    while any(p.is_alive() for p in procs):
+        now = time.monotonic()
+        if failed_at is None and (any(p.exitcode not in (None, 0) for p in procs)
+                                  or any(report_dir.glob("rank*.err"))):
+            failed_at = now
+        if failed_at is not None and now - failed_at > grace_s:
+            reason = f"still running {grace_s:g} s after the first failure, killed"
+        elif deadline_s is not None and now - start > deadline_s:
+            reason = f"still running {deadline_s:g} s after the start, killed"
+        else:
+            time.sleep(0.05)
+            continue
+        for rank, p in enumerate(procs):
+            if p.is_alive():
+                p.kill()
+                killed[rank] = reason
+        for p in procs:
+            p.join()
+    for p in procs:
+        p.join()
+    if any(p.exitcode != 0 for p in procs):
+        raise WorkerFailed(*_failure(procs, report_dir, killed))
+
+
+def _failure(procs: list, report_dir: Path, killed: dict[int, str]) -> tuple[str, int]:
+    """What went wrong, starting with the worker that failed first, and its rank."""
+    reports = {int(f.stem.removeprefix("rank")): f for f in report_dir.glob("rank*.err")}
+    causes = {}
+    for rank, p in enumerate(procs):
+        if rank in reports:
+            causes[rank] = reports[rank].read_text()
+        elif rank in killed:
+            causes[rank] = killed[rank]
+        elif p.exitcode is not None and p.exitcode < 0:
+            causes[rank] = f"killed by signal {-p.exitcode} ({signal.Signals(-p.exitcode).name})"
+        elif p.exitcode != 0:
+            causes[rank] = f"exited with code {p.exitcode} without reporting an error"
+    # A worker that died without a word (a signal, the OOM killer) is the cause:
+    # its peers only report that it left.  Otherwise the first report is, and
+    # failing both, the first worker killed.
+    silent = [r for r in causes if r not in reports and r not in killed]
+    if silent:
+        first = silent[0]
+    elif reports:
+        first = min(reports, key=lambda r: reports[r].stat().st_mtime_ns)
+    else:
+        first = min(killed)
+    message, _, trace = causes[first].partition("\n\n")
+    others = [f"rank {r}: {causes[r].splitlines()[0][:300]}" for r in causes if r != first]
+    text = f"worker rank {first} failed: {message}"
+    if others:
+        text += "\nthe other workers stopped too: " + "; ".join(others)
+    return text + (f"\n\n{trace}" if trace else ""), first
+
+
+def _in_process_group(rank: int, world_size: int, port: int, timeout_s: float, fn: Callable,
+                      args: tuple) -> Any:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+                            world_size=world_size, timeout=timedelta(seconds=timeout_s))
+    result = fn(rank, world_size, *args)
+    dist.barrier()
+    dist.destroy_process_group()
+    return result
 
 
 def run_workers(fn: Callable, world_size: int, *args: Any, timeout_s: float = 120.0) -> list:
     """Runs ``fn(rank, world_size, *args)`` in `world_size` spawned gloo workers.
 
-    `fn` must be importable by the children (a module-level function of an
-    importable module, or of a script with an ``if __name__ == "__main__":``
-    guard).  Returns the workers' results by rank; raises with the workers'
-    tracebacks if any fails, and kills them all if they are not done
-    `timeout_s` (plus start-up slack) after the start.
+    Every worker runs with one intra-op thread (spawn does not set
+    ``OMP_NUM_THREADS``) in a gloo process group on loopback whose
+    collectives time out after `timeout_s`.  `fn` must be importable by the
+    children (a module-level function of an importable module, or of a
+    script with an ``if __name__ == "__main__":`` guard).
+
+    Returns:
+        The workers' results by rank.
+
+    Raises:
+        WorkerFailed: With the failing worker's traceback if any fails, or
+            if they are not done `timeout_s` (plus 30 s of start-up: ``import
+            torch`` costs seconds per process) after the start.
     """
-    ctx = mp.get_context("spawn")
-    with tempfile.TemporaryDirectory() as out_dir:
-        port = free_port()
-        procs = [ctx.Process(target=_entry, args=(r, world_size, port, out_dir, fn, args,
-                                                  timeout_s), daemon=True)
-                 for r in range(world_size)]
-        for p in procs:
-            p.start()
-        # `import torch` costs seconds per process, more when oversubscribed.
-        deadline = time.monotonic() + timeout_s + 30
-        for p in procs:
-            p.join(max(0.0, deadline - time.monotonic()))
-        hung = [r for r, p in enumerate(procs) if p.is_alive()]
-        for p in procs:
-            if p.is_alive():
-                p.kill()
-                p.join(5)
-        errors = []
-        for r in range(world_size):
-            path = os.path.join(out_dir, f"{r}.err")
-            if os.path.exists(path):
-                with open(path) as f:
-                    errors.append(f"--- rank {r} ---\n" + f.read())
-        if errors or hung:
-            raise RuntimeError(f"workers failed (hung: {hung})\n" + "\n".join(errors))
-        if any(p.exitcode != 0 for p in procs):
-            raise RuntimeError(f"workers exited with {[p.exitcode for p in procs]}")
-        return [torch.load(os.path.join(out_dir, f"{r}.pt"), weights_only=False)
-                for r in range(world_size)]
+    return spawn_workers(_in_process_group, world_size,
+                         (world_size, free_port(), timeout_s, fn, args),
+                         grace_s=timeout_s, deadline_s=timeout_s + 30)
