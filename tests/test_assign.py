@@ -295,6 +295,12 @@ def test_adaptive_training_end_to_end(tmp_path, budget):
     # against the real exchanges of the epoch before it.
     assert {c[0] for c in assign["cost_check"]} == keys
     assert all(p > 0 and m > 0 for _, p, m in assign["cost_check"])
+    # Every re-assignment is recorded with the links' slow-down, timed from
+    # the real exchanges' arrivals (both workers' links, both directions).
+    assert [h["epoch"] for h in assign["history"]] == [1, 2]
+    for h in assign["history"]:
+        assert set(h["link_slowdown"]) == {"0", "1"} and set(h["mean_bits"]) == {"0->1", "1->0"}
+        assert all(f == 1.0 or f >= 2.0 for fs in h["link_slowdown"].values() for f in fs)
 
 
 def test_adaptive_with_one_worker(tmp_path):
@@ -388,3 +394,46 @@ def test_reassignment_sends_each_sender_one_uint8_per_group_of_its_own():
                 assert set(widths.tolist()) <= {2, 4, 8}
     for key in ("forward 1", "backward 1"):
         assert allocator.solve_info[key]["noise"] <= 0.05 * (1 + 1e-6)
+
+
+def test_a_link_that_slows_down_moves_its_channels_to_lower_widths():
+    """Arrivals 10x slower on every pair of host 2 (no added traffic): its up-
+    and downlink count 10x slower, its channels get fewer bits, and they come
+    back when its link recovers; the others' links are not charged."""
+    rng = np.random.default_rng(0)
+    allocator = AdaptiveBits(group_size=10, variance_budget=0.05)
+    allocator.cost = CostModel({i: 8e-8 for i in range(3)}, {i: 8e-8 for i in range(3)})
+    keys = ("forward 1", "backward 1")
+    groups = [{key: {j: (group_messages(rng.lognormal(0, 1, 95), 10)[0], np.r_[np.full(9, 10), 5])
+                     for j in range(3) if j != i} for key in keys} for i in range(3)]
+
+    def gathered(slow_host):
+        parts = []
+        for i in range(3):
+            peers = [j for j in range(3) if j != i]
+            # Predicted arrival: 8e-8 s/B x 2e5 B each way = 16 ms; measured 20 ms,
+            # or 200 ms on the pairs with the slow host.
+            observed = {key: {"hidden": 0.0, "measured": 0.02,
+                              "sent": {j: 1e5 for j in peers}, "recv": {j: 1e5 for j in peers},
+                              "arrival": {j: 0.2 if slow_host in (i, j) else 0.02
+                                          for j in peers}} for key in keys}
+            parts.append({"groups": groups[i], "signal": {key: 50.0 for key in keys},
+                          "widths": {key: 32 for key in keys}, "observed": observed,
+                          "overlap": True})
+        return parts
+
+    for epoch, slow_host in enumerate((None, 2, None)):
+        allocator._epoch = epoch
+        allocator._solve(gathered(slow_host))
+    before, slow, after = allocator.history
+    assert before["link_slowdown"] == after["link_slowdown"] == {i: [1.0, 1.0] for i in range(3)}
+    assert slow["link_slowdown"][2] == pytest.approx([10.0, 10.0])
+    assert slow["link_slowdown"][0] == slow["link_slowdown"][1] == [1.0, 1.0]
+    assert after["mean_bits"] == before["mean_bits"]
+    via_2 = [c for c in slow["mean_bits"] if "2" in c]
+    assert len(via_2) == 4
+    for c in via_2:
+        assert slow["mean_bits"][c] < before["mean_bits"][c]
+    assert max(slow["mean_bits"][c] for c in via_2) < min(
+        slow["mean_bits"][c] for c in ("0->1", "1->0"))
+    assert [h["epoch"] for h in allocator.history] == [0, 1, 2]

@@ -24,8 +24,10 @@ of the layer's output (or input gradient).
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
+from collections import defaultdict
 
 import numpy as np
 import torch
@@ -40,6 +42,9 @@ from pyg_adaqp.nn import DistGraph
 log = logging.getLogger(__name__)
 #: The default noise-to-signal budget of every exchange key (see the README).
 DEFAULT_BUDGET = 0.002
+#: A link's slow-down (measured arrival over predicted, against its best) below
+#: this is taken as noise; at or above it, the link's profiled rate is scaled.
+DRIFT_BAND = 2.0
 
 
 class AdaptiveBits:
@@ -102,6 +107,10 @@ class AdaptiveBits:
         self._scores: dict[int, dict[int, np.ndarray]] | None = None
         #: Message order of the last grouping, by key and receiver.
         self._orders: dict[str, dict[int, np.ndarray]] = {}
+        #: Rank 0: each re-assignment's epoch, link slow-downs and mean width per channel.
+        self.history: list[dict] = []
+        self._best_ratio: dict[tuple[int, int], float] = {}  # (receiver, sender) -> best
+        self._epoch = 0
 
     # --- set-up, before epoch 0 -----------------------------------------------------------------
 
@@ -134,6 +143,7 @@ class AdaptiveBits:
 
     def on_epoch_start(self, epoch: int, graph: DistGraph) -> None:
         self._attach(graph)
+        self._epoch = epoch
         if graph.exchange.transport is None or self.cost is None:
             return  # one worker, or full precision: nothing to assign
         if epoch == 1 or (epoch > 1 and epoch % self.cycle == 0):
@@ -145,8 +155,12 @@ class AdaptiveBits:
         self._observed = {}
         for key, s in stats.items():
             if s.calls and not key.startswith("input"):
-                self._observed[key] = {"hidden": s.owned_agg_time / s.calls,
-                                       "measured": (s.quant_time + s.wait_time) / s.calls}
+                self._observed[key] = {
+                    "hidden": s.owned_agg_time / s.calls,
+                    "measured": (s.quant_time + s.wait_time) / s.calls,
+                    "arrival": {p: t / s.calls for p, t in s.peer_arrival.items()},
+                    "sent": {p: b / s.calls for p, b in s.peer_sent.items()},
+                    "recv": {p: b / s.calls for p, b in s.peer_recv.items()}}
 
     # --- re-assignment --------------------------------------------------------------------------
 
@@ -227,9 +241,14 @@ class AdaptiveBits:
         keys = sorted({k for part in gathered for k in part["groups"]})
         out: list[dict] = [{} for _ in gathered]
         hist, info, self._predicted = {}, {}, {}
+        drift = self._link_drift(gathered)
+        cost = dataclasses.replace(
+            self.cost, up={i: r * drift.get(i, (1.0, 1.0))[0] for i, r in self.cost.up.items()},
+            down={i: r * drift.get(i, (1.0, 1.0))[1] for i, r in self.cost.down.items()})
+        channel_bits: dict[str, list] = defaultdict(lambda: [0.0, 0])
         for key in keys:
             problem, channels = self._problem(key, gathered)
-            sol = solve_key(problem, self.cost, self.coe_lambda, self.time_limit / len(keys),
+            sol = solve_key(problem, cost, self.coe_lambda, self.time_limit / len(keys),
                             budget=self.variance_budget)
             by_channel, at = {}, 0
             for i, j, ng in channels:
@@ -237,6 +256,8 @@ class AdaptiveBits:
                 rows = problem.rows[at:at + ng]
                 out[i].setdefault(key, {})[j] = widths
                 by_channel[f"{i}->{j}"] = {int(b): int(rows[widths == b].sum()) for b in WIDTHS}
+                channel_bits[f"{i}->{j}"][0] += float((rows * widths).sum())
+                channel_bits[f"{i}->{j}"][1] += int(rows.sum())
                 at += ng
             hist[key] = {int(b): int((problem.rows[sol.bits == b]).sum()) for b in WIDTHS}
             s = problem.signal
@@ -248,8 +269,49 @@ class AdaptiveBits:
                          "channels": by_channel}
             self._predicted[key] = sol.seconds
         self.histogram, self.solve_info = hist, info
+        if keys:
+            self.history.append({
+                "epoch": self._epoch,
+                "link_slowdown": {i: list(f) for i, f in sorted(drift.items())},
+                "mean_bits": {c: round(b / n, 3) for c, (b, n) in sorted(channel_bits.items())
+                              if n}})
         self.last_solve_time = time.perf_counter() - t0
         return [(keys, mine) for mine in out]
+
+    def _link_drift(self, gathered: list[dict]) -> dict[int, tuple[float, float]]:
+        """Per worker, the (uplink, downlink) slow-down of its link from the
+        last epoch's arrivals (1.0 within :data:`DRIFT_BAND`); see the module."""
+        ratios: dict[tuple[int, int], list[float]] = defaultdict(list)
+        keys = {k for part in gathered for k in part["observed"]}
+        for key in keys:
+            obs = {i: part["observed"][key] for i, part in enumerate(gathered)
+                   if key in part["observed"]}
+            out = {j: sum(o["sent"].values()) for j, o in obs.items()}
+            for i, o in obs.items():
+                into = sum(o["recv"].values())
+                for j, arrival in o["arrival"].items():
+                    predicted = self.cost.beta.get(i, 0.0) + max(
+                        self.cost.up.get(j, 0.0) * out.get(j, 0.0),
+                        self.cost.down.get(i, 0.0) * into)
+                    if predicted > 0 and arrival > 0:
+                        ratios[(i, j)].append(arrival / predicted)
+        slow: dict[tuple[int, int], float] = {}
+        for pair, values in ratios.items():
+            now = float(np.median(values))
+            best = min(self._best_ratio.get(pair, now), now)
+            self._best_ratio[pair] = best
+            slow[pair] = now / best
+        up: dict[int, list[float]] = defaultdict(list)
+        down: dict[int, list[float]] = defaultdict(list)
+        for (i, j), f in slow.items():
+            up[j].append(f)
+            down[i].append(f)
+
+        def band(values: list[float]) -> float:
+            f = min(values, default=1.0)
+            return f if f >= DRIFT_BAND else 1.0
+
+        return {w: (band(up[w]), band(down[w])) for w in sorted(set(up) | set(down))}
 
     def _problem(self, key: str, gathered: list[dict]) -> tuple[KeyProblem, list]:
         """The key's groups over all channels, and each channel's ``(i, j, groups)``."""
@@ -282,7 +344,8 @@ class AdaptiveBits:
                 "setup_time": self.setup_time, "setup_window": self.setup_window,
                 "variance_budget": self.variance_budget,
                 "cost_check": [list(c) for c in self.cost_check],
-                "last_solve_time": self.last_solve_time, "solve": self.solve_info}
+                "last_solve_time": self.last_solve_time, "solve": self.solve_info,
+                "history": self.history}
 
     # --- checkpoints ----------------------------------------------------------------------------
 

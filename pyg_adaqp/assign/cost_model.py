@@ -228,7 +228,9 @@ def profile_links(transport: Transport, device: torch.device,
         send = {p: torch.empty(per_peer, dtype=torch.uint8, device=device) for p in talk}
         dist.barrier(group=transport.group)
         t0 = time.perf_counter()
-        seen = transport.start(send, {p: per_peer for p in talk}, device).wait_each()
+        pending = transport.start(send, {p: per_peer for p in talk}, device)
+        pending.wait()
+        seen = pending.arrived
         return max(seen.values(), default=t0) - t0
 
     def round_of(owner: int) -> list[int]:

@@ -37,7 +37,9 @@ class ExchangeStats:
     ``wait_time`` is the part of it spent blocked (not overlapped).  For
     forward keys the layer also records its aggregation: ``owned_agg_time``
     for the owned-row part (overlapped with the exchange when overlap is
-    on), ``halo_agg_time`` for the halo part.
+    on), ``halo_agg_time`` for the halo part.  Per peer, ``peer_sent`` and
+    ``peer_recv`` count bytes and ``peer_arrival`` sums the seconds from
+    posting an exchange to the arrival of that peer's buffer.
     """
     bytes_sent: int = 0
     bytes_recv: int = 0
@@ -49,6 +51,9 @@ class ExchangeStats:
     calls: int = 0
     width: int = 0                   #: feature width of the key's messages
     rows_by_bits: dict[int, int] = field(default_factory=dict)  #: rows sent at each width
+    peer_sent: dict[int, int] = field(default_factory=dict)
+    peer_recv: dict[int, int] = field(default_factory=dict)
+    peer_arrival: dict[int, float] = field(default_factory=dict)
 
 
 @dataclass
@@ -189,6 +194,7 @@ class HaloExchange:
             else:
                 send[p] = layout.pack(x, generator=self.generator, name=f"exchange {key!r}")
             stats.bytes_sent += int(send[p].numel())
+            stats.peer_sent[p] = stats.peer_sent.get(p, 0) + int(send[p].numel())
             for bits, count in layout.counts.items():
                 if count:
                     stats.rows_by_bits[bits] = stats.rows_by_bits.get(bits, 0) + count
@@ -197,6 +203,7 @@ class HaloExchange:
             layouts[p] = self._layout(key, p, False, n, width, quantize)
             recv_bytes[p] = layouts[p].nbytes
             stats.bytes_recv += recv_bytes[p]
+            stats.peer_recv[p] = stats.peer_recv.get(p, 0) + recv_bytes[p]
         t1 = time.perf_counter()
         stats.quant_time += t1 - t0
         pending = self.transport.start(send, recv_bytes, self.device) if self.transport else None
@@ -208,8 +215,12 @@ class HaloExchange:
         t0 = time.perf_counter()
         raw = flight.pending.wait() if flight.pending is not None else {}
         t1 = time.perf_counter()
-        flight.stats.wait_time += t1 - t0
-        flight.stats.comm_time += t1 - flight.started
+        stats = flight.stats
+        stats.wait_time += t1 - t0
+        stats.comm_time += t1 - flight.started
+        if flight.pending is not None:
+            for p, at in flight.pending.arrived.items():
+                stats.peer_arrival[p] = stats.peer_arrival.get(p, 0.0) + at - flight.started
         out = out or {}
         decoded = {p: layout.unpack(raw[p], dtype=flight.dtype, out=out.get(p))
                    for p, layout in flight.layouts.items() if layout.num_rows}

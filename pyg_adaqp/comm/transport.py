@@ -14,12 +14,48 @@ and the bit assignment), so no size handshake travels with the data.
 """
 from __future__ import annotations
 
+import queue
+import threading
 import time
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
+
+
+class _ReceiveWaiters:
+    """Daemon threads that wait on gloo receives and time when each arrived.
+
+    A gloo receive completes only inside ``work.wait()`` (``is_completed()``
+    stays False until then), so waiting on the peers one after another sees
+    a buffer that arrived early only when the earlier waits return.  Each
+    receive waits in a thread of its own (``wait`` releases the GIL); the
+    time and any failure come back through a future.  Daemon threads: a
+    process that leaves after a failure does not wait for a receive that
+    never completes.
+    """
+
+    def __init__(self, threads: int):
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        for i in range(threads):
+            threading.Thread(target=self._run, name=f"adaqp-recv-{i}", daemon=True).start()
+
+    def _run(self) -> None:
+        while True:
+            work, future = self._queue.get()
+            try:
+                work.wait()   # a gloo work must be waited on once: a second wait hangs
+            except BaseException as err:
+                future.set_exception(err)
+            else:
+                future.set_result(time.perf_counter())
+
+    def submit(self, work) -> Future:
+        future: Future = Future()
+        self._queue.put((work, future))
+        return future
 
 
 @dataclass
@@ -30,34 +66,26 @@ class PendingExchange:
     stage_to: torch.device | None = None   # copy received CPU buffers there (gloo + CUDA)
     sending: list[Tensor] = field(default_factory=list)  # alive until the sends complete
     posted_at: float = field(default_factory=time.perf_counter)
-    #: The work of every peer's receive, when each has its own (point-to-point).
-    recv_works: dict[int, object] = field(default_factory=dict)
+    #: Every peer's receive, timed in a thread of its own (point-to-point).
+    arrivals: dict[int, Future] = field(default_factory=dict)
+    #: When each peer's buffer arrived (``perf_counter`` seconds), filled by
+    #: :meth:`wait`.  With one collective for all peers (NCCL) every peer
+    #: gets the collective's end.
+    arrived: dict[int, float] = field(default_factory=dict)
 
     def wait(self) -> dict[int, Tensor]:
+        for p, future in self.arrivals.items():
+            self.arrived[p] = future.result()   # re-raises a failed receive
         for work in self.works:
             work.wait()
+        done = time.perf_counter()
+        for p in self.recv:
+            self.arrived.setdefault(p, done)
+        self.arrivals, self.works = {}, []
         self.sending.clear()
         if self.stage_to is not None:
             return {p: b.to(self.stage_to, non_blocking=True) for p, b in self.recv.items()}
         return self.recv
-
-    def wait_each(self) -> dict[int, float]:
-        """Waits like :meth:`wait`; returns when each peer's buffer was seen
-        complete (``perf_counter`` seconds), in the order they were posted.
-
-        Each time is an upper bound: a buffer that arrived while an earlier
-        one was awaited is seen when that wait returns.  With one collective
-        for all peers (NCCL) every peer gets the collective's time.
-        """
-        seen = {}
-        for p, work in self.recv_works.items():
-            work.wait()   # a gloo work must be waited on once: a second wait hangs
-            seen[p] = time.perf_counter()
-        awaited = {id(w) for w in self.recv_works.values()}
-        self.works = [w for w in self.works if id(w) not in awaited]
-        self.wait()
-        done = time.perf_counter()
-        return {p: seen.get(p, done) for p in self.recv}
 
 
 class Transport:
@@ -75,6 +103,7 @@ class Transport:
         self.backend = dist.get_backend(group)
         self.rank = dist.get_rank(group)
         self.world_size = dist.get_world_size(group)
+        self._waiters: _ReceiveWaiters | None = None  # started at the first point-to-point exchange
 
     def start(self, send: dict[int, Tensor], recv_bytes: dict[int, int],
               device: torch.device) -> PendingExchange:
@@ -96,10 +125,12 @@ class Transport:
         pin = device.type == "cuda"
         recv = {p: torch.empty(n, dtype=torch.uint8, pin_memory=pin)
                 for p, n in recv_bytes.items() if n > 0}
-        recv_works = {p: dist.irecv(buf, src=self._global(p), group=self.group)
-                      for p, buf in recv.items()}
-        works = list(recv_works.values())
-        sending = []
+        if self._waiters is None:
+            # Two per peer: an exchange may be posted before the previous one is waited on.
+            self._waiters = _ReceiveWaiters(2 * max(1, self.world_size - 1))
+        arrivals = {p: self._waiters.submit(dist.irecv(buf, src=self._global(p), group=self.group))
+                    for p, buf in recv.items()}
+        works, sending = [], []
         for p, buf in send.items():
             if buf.numel() == 0:
                 continue
@@ -108,7 +139,7 @@ class Transport:
             sending.append(buf)
             works.append(dist.isend(buf, dst=self._global(p), group=self.group))
         return PendingExchange(works, recv, device if pin else None, sending=sending,
-                               recv_works=recv_works)
+                               arrivals=arrivals)
 
     def _start_nccl(self, send: dict[int, Tensor], recv_bytes: dict[int, int],
                     device: torch.device) -> PendingExchange:
