@@ -35,6 +35,7 @@ import sys
 import tempfile
 import time
 from dataclasses import dataclass
+from typing import Callable
 
 SUBNET = "10.213.0"
 RATE = re.compile(r"^(\d+(?:\.\d+)?)(bit|kbit|mbit|gbit)$")
@@ -85,6 +86,7 @@ class HostResult:
     rank: int
     returncode: int | None   # None: killed at the time-out or on a signal
     output: str
+    exited_at: float = 0.0   # time.monotonic() when it exited (or was killed)
 
 
 class Cluster:
@@ -151,20 +153,24 @@ class Cluster:
                 self._shape(ns, "eth0", r)                 # host -> switch
                 self._shape(self.bridge_ns, f"h{r}", r)    # switch -> host
 
-    def _shape(self, ns: str, dev: str, rank: int) -> None:
+    def _shape(self, ns: str, dev: str, rank: int, verb: str = "add") -> None:
         # A bucket of ~2 ms of traffic (at least 64 KiB, several full-size
         # frames): larger bursts would let whole messages through unshaped.
         burst = max(int(self.host_bits[rank] * 0.002 / 8), 64 * 1024)
-        _ns(ns, "tc", "qdisc", "add", "dev", dev, "root", "tbf", "rate", self.rates[rank],
+        _ns(ns, "tc", "qdisc", verb, "dev", dev, "root", "tbf", "rate", self.rates[rank],
             "burst", str(burst), "latency", "100ms")
 
     def run(self, command: list[str], timeout: float, env: dict[str, str] | None = None,
-            hosts: list[int] | None = None) -> list[HostResult]:
+            hosts: list[int] | None = None, watch: Callable[[], None] | None = None,
+            keep_going: bool = False, check: bool = True) -> list[HostResult]:
         """Runs `command` on every host (or on `hosts`) and waits for all of them.
 
-        The first host to fail, the time-out or a signal kills the others.
-        Raises :class:`ClusterError` when a host failed or the time ran out;
-        the error carries every host's output.
+        The first host to fail, the time-out or a signal kills the others
+        (with `keep_going`, a failing host does not: the others run on until
+        they exit or the time-out).  `watch` is called about every 50 ms
+        while the hosts run, e.g. to inject a fault.  Raises
+        :class:`ClusterError` when a host failed or the time ran out (unless
+        not `check`); the error carries every host's output.
         """
         ranks = list(range(self.hosts)) if hosts is None else hosts
         procs, logs = {}, {}
@@ -180,25 +186,34 @@ class Cluster:
                                         stdout=log, stderr=subprocess.STDOUT, env=base,
                                         start_new_session=True)
         deadline = time.monotonic() + timeout
-        failed, timed_out = None, False
+        failed, timed_out, exited = None, False, {}
         try:
-            while any(p.poll() is None for p in procs.values()):
+            while len(exited) < len(procs):
                 for r, p in procs.items():
-                    if failed is None and p.poll() not in (None, 0):
-                        failed = r
-                if failed is not None or time.monotonic() > deadline:
-                    timed_out = failed is None
+                    if r not in exited and p.poll() is not None:
+                        exited[r] = time.monotonic()
+                        if failed is None and p.returncode != 0:
+                            failed = r
+                if len(exited) == len(procs):
                     break
+                if (failed is not None and not keep_going) or time.monotonic() > deadline:
+                    timed_out = time.monotonic() > deadline
+                    break
+                if watch is not None:
+                    watch()
                 time.sleep(0.05)
         finally:
             for p in procs.values():
                 _kill_group(p)
+        now = time.monotonic()
         results = []
         for r, log in logs.items():
             log.seek(0)
-            results.append(HostResult(r, procs[r].returncode, log.read()))
+            results.append(HostResult(r, procs[r].returncode if r in exited else None,
+                                      log.read(), exited.get(r, now)))
             log.close()
-        if failed is not None or timed_out or any(h.returncode != 0 for h in results):
+        if check and (failed is not None or timed_out or any(h.returncode != 0
+                                                             for h in results)):
             why = (f"host {failed} exited with code {procs[failed].returncode}"
                    if failed is not None else f"timed out after {timeout:.0f} s"
                    if timed_out else "a host failed")
@@ -206,6 +221,29 @@ class Cluster:
                               for h in results)
             raise ClusterError(f"cluster run failed: {why}\n{tails}")
         return results
+
+    def set_link(self, rank: int, up: bool) -> None:
+        """Takes host `rank`'s link down (both directions) or up again, at the switch port."""
+        _ns(self.bridge_ns, "ip", "link", "set", f"h{rank}", "up" if up else "down")
+
+    def set_rate(self, rank: int, rate: str) -> None:
+        """Changes host `rank`'s link rate (both directions) while it carries traffic."""
+        if self.host_bits[rank] is None:
+            raise ClusterError(f"host {rank}'s link is unlimited: there is no rate to change")
+        self.rates[rank] = rate
+        self.host_bits[rank] = rate_bits(rate)
+        self._shape(self.host_ns[rank], "eth0", rank, "change")
+        self._shape(self.bridge_ns, f"h{rank}", rank, "change")
+
+    def kill_host(self, rank: int) -> None:
+        """SIGKILLs every process on host `rank`, as when a machine dies."""
+        pids = subprocess.run(["ip", "netns", "pids", self.host_ns[rank]], capture_output=True,
+                              text=True).stdout.split()
+        for pid in pids:
+            try:
+                os.kill(int(pid), signal.SIGKILL)
+            except ProcessLookupError:
+                pass
 
     def teardown(self) -> None:
         """Kills every process in the namespaces, deletes them, checks nothing is left."""

@@ -62,8 +62,8 @@ def test_a_failing_host_stops_the_others():
         with pytest.raises(ClusterError, match="host 1 exited with code 3") as err:
             cluster.run(["sh", "-c", "if [ {rank} = 1 ]; then echo boom; exit 3; fi; sleep 60"],
                         timeout=50)
-        # The others were killed (SIGKILL), not left to finish their sleep.
-        assert "host 0 (exit -9)" in str(err.value) and "host 2 (exit -9)" in str(err.value)
+        # The others were killed by the run (exit None), not left to finish their sleep.
+        assert "host 0 (exit None)" in str(err.value) and "host 2 (exit None)" in str(err.value)
     assert cluster.leftovers() == []
 
 
@@ -114,3 +114,62 @@ def test_training_across_two_hosts(tmp_path):
     assert summary["world_size"] == 2 and summary["epochs"] == 3
     assert summary["bytes_sent_per_epoch"] > 0
     assert cluster.leftovers() == []
+
+
+# --- faults on two hosts (short forms of benchmarks/faults.py) ---------------------------------
+
+FAULT_JOB = ["trainer.progress=false", "trainer.plots=false", "dataset.options.num_nodes=2000",
+             "model.hidden_channels=16", "assign=uniform"]
+HANG_GUARD_S = 150  # bounds each job; the jobs end long before (a hang fails the test)
+
+
+def fault_job(cluster, tmp_path, port, *overrides):
+    from faults import Job
+
+    return Job(cluster, list(overrides), tmp_path, port, job=FAULT_JOB)
+
+
+@pytest.mark.timeout(200)
+def test_a_link_down_for_a_few_seconds_is_survived(tmp_path):
+    with Cluster(2, "1gbit") as cluster:
+        job = fault_job(cluster, tmp_path, 29611, "trainer.epochs=8", "trainer.timeout_s=30")
+        back = []
+
+        def link_up_after(seconds):
+            if not back and seconds >= 3:
+                cluster.set_link(1, True)
+                back.append(seconds)
+
+        results = job.run(HANG_GUARD_S, at_epoch=2, fault=lambda: cluster.set_link(1, False),
+                          then=link_up_after, check=False)
+        assert back, "the link was never taken down and up while the job ran"
+        assert [h.returncode for h in results] == [0, 0], results
+        assert [r["epoch"] for r in job.rows()] == list(range(8))
+
+
+@pytest.mark.timeout(200)
+def test_a_link_down_past_the_timeout_stops_every_host_naming_the_lost_rank(tmp_path):
+    with Cluster(2, "1gbit") as cluster:
+        job = fault_job(cluster, tmp_path, 29612, "trainer.epochs=100000", "trainer.timeout_s=5")
+        try:
+            results = job.run(HANG_GUARD_S, at_epoch=2, fault=lambda: cluster.set_link(1, False),
+                              check=False)
+        finally:
+            cluster.set_link(1, True)
+        host0, host1 = results
+        assert host0.returncode not in (0, None) and host1.returncode not in (0, None), results
+        assert "PeerLost: lost rank 1: no heartbeat" in host0.output
+        # The cut-off host cannot tell which side lost the network: it names
+        # the store's host, rank 0.
+        assert "PeerLost: lost rank 0: the rendezvous store at 10.213.0.1:29612" in host1.output
+
+
+@pytest.mark.timeout(200)
+def test_a_killed_host_stops_the_others_naming_it(tmp_path):
+    with Cluster(2, "1gbit") as cluster:
+        job = fault_job(cluster, tmp_path, 29613, "trainer.epochs=100000",
+                        "trainer.timeout_s=10")
+        host0, host1 = job.run(HANG_GUARD_S, at_epoch=2, fault=lambda: cluster.kill_host(1),
+                               check=False)
+        assert host0.returncode not in (0, None), host0.output[-3000:]
+        assert "PeerLost: lost rank 1: no heartbeat" in host0.output

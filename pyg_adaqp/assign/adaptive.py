@@ -107,7 +107,8 @@ class AdaptiveBits:
         self._scores: dict[int, dict[int, np.ndarray]] | None = None
         #: Message order of the last grouping, by key and receiver.
         self._orders: dict[str, dict[int, np.ndarray]] = {}
-        #: Rank 0: each re-assignment's epoch, link slow-downs and mean width per channel.
+        #: Rank 0: each re-assignment's epoch, link slow-downs, and per channel
+        #: ``i->j`` the rows at each width (all keys) and their mean width.
         self.history: list[dict] = []
         self._best_ratio: dict[tuple[int, int], float] = {}  # (receiver, sender) -> best
         self._epoch = 0
@@ -245,7 +246,7 @@ class AdaptiveBits:
         cost = dataclasses.replace(
             self.cost, up={i: r * drift.get(i, (1.0, 1.0))[0] for i, r in self.cost.up.items()},
             down={i: r * drift.get(i, (1.0, 1.0))[1] for i, r in self.cost.down.items()})
-        channel_bits: dict[str, list] = defaultdict(lambda: [0.0, 0])
+        channel_rows: dict[str, dict[int, int]] = defaultdict(lambda: {int(b): 0 for b in WIDTHS})
         for key in keys:
             problem, channels = self._problem(key, gathered)
             sol = solve_key(problem, cost, self.coe_lambda, self.time_limit / len(keys),
@@ -256,8 +257,8 @@ class AdaptiveBits:
                 rows = problem.rows[at:at + ng]
                 out[i].setdefault(key, {})[j] = widths
                 by_channel[f"{i}->{j}"] = {int(b): int(rows[widths == b].sum()) for b in WIDTHS}
-                channel_bits[f"{i}->{j}"][0] += float((rows * widths).sum())
-                channel_bits[f"{i}->{j}"][1] += int(rows.sum())
+                for b, n in by_channel[f"{i}->{j}"].items():
+                    channel_rows[f"{i}->{j}"][b] += n
                 at += ng
             hist[key] = {int(b): int((problem.rows[sol.bits == b]).sum()) for b in WIDTHS}
             s = problem.signal
@@ -273,8 +274,9 @@ class AdaptiveBits:
             self.history.append({
                 "epoch": self._epoch,
                 "link_slowdown": {i: list(f) for i, f in sorted(drift.items())},
-                "mean_bits": {c: round(b / n, 3) for c, (b, n) in sorted(channel_bits.items())
-                              if n}})
+                "rows_by_bits": dict(sorted(channel_rows.items())),
+                "mean_bits": {c: round(sum(b * n for b, n in h.items()) / sum(h.values()), 3)
+                              for c, h in sorted(channel_rows.items()) if sum(h.values())}})
         self.last_solve_time = time.perf_counter() - t0
         return [(keys, mine) for mine in out]
 
