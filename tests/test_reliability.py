@@ -222,6 +222,9 @@ def test_heartbeat_names_the_peer_that_stopped():
         assert str(lost) == ("lost rank 2: no heartbeat for 3 s (the process died, or its host is "
                              "unreachable); the failed operation said: Connection closed by peer "
                              "[127.0.0.1]:4242")
+        # Rank 1 has left because it lost rank 2: rank 0 names rank 2 alone.
+        beats[1].stop()
+        assert beats[0].explain(RuntimeError("Connection closed by peer")).ranks == [2]
         del store  # the store's host is gone
         lost = beats[0].explain(RuntimeError("Timed out"))
         assert lost.ranks == [0] and str(lost).startswith(

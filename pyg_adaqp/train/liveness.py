@@ -6,7 +6,9 @@ Every worker therefore bumps a counter of its own in the rendezvous store
 (``MASTER_ADDR:MASTER_PORT``, the store that ``init_process_group`` and
 ``torchrun`` use) twice a second, over a connection of its own.  After a
 communication error, :meth:`Heartbeat.lost_ranks` watches the counters for
-a few seconds: a peer whose counter stopped has died or is cut off.
+a few seconds: a peer whose counter stopped has died or is cut off.  A
+worker that stops because it lost a peer says so in the store first
+(:meth:`Heartbeat.leaving`), so the others do not name it too.
 """
 from __future__ import annotations
 
@@ -56,6 +58,9 @@ class Heartbeat:
     def _key(self, rank: int) -> str:
         return f"adaqp/heartbeat/{rank}"
 
+    def _left_key(self, rank: int) -> str:
+        return f"adaqp/left/{rank}"
+
     def _store(self) -> dist.TCPStore:
         return dist.TCPStore(self.host, self.port, is_master=False,
                              timeout=timedelta(seconds=STORE_TIMEOUT_S), wait_for_workers=False)
@@ -89,9 +94,18 @@ class Heartbeat:
             before = [store.add(self._key(r), 0) for r in peers]
             time.sleep(window_s)
             after = [store.add(self._key(r), 0) for r in peers]
+            stalled = [r for r, a, b in zip(peers, before, after) if a == b]
+            # A peer that left because it lost another is not itself the cause.
+            return [r for r in stalled if not store.check([self._left_key(r)])]
         except Exception:
             return None
-        return [r for r, a, b in zip(peers, before, after) if a == b]
+
+    def leaving(self) -> None:
+        """Records that this worker stops because it lost a peer (best effort)."""
+        try:
+            self._store().set(self._left_key(self.rank), "1")
+        except Exception:
+            pass
 
     def explain(self, err: BaseException) -> PeerLost | None:
         """A :class:`PeerLost` naming the lost peers behind `err`, or None if every peer is alive."""
@@ -104,6 +118,7 @@ class Heartbeat:
                             f"{cause}", [0])
         if not lost:
             return None
+        self.leaving()
         names = ", ".join(map(str, lost))
         return PeerLost(f"lost rank{'s' if len(lost) > 1 else ''} {names}: no heartbeat for "
                         f"{WINDOW_S:g} s (the process died, or its host is unreachable); the "
