@@ -21,6 +21,20 @@ power of what its messages are added into, summed over every worker's owned
 rows: the layer's aggregated output in forward, the gradient of the rows
 sent in backward.  So ``variance_budget`` is a noise-to-signal power ratio
 of the layer's output (or input gradient).
+
+Links change during training (a congested switch port, a host moved to a
+slower network).  Every exchange times each peer's buffer from posting to
+arrival; at each re-assignment rank 0 divides every pair's arrival by the
+profiled model's prediction and compares the ratio with the best seen for
+that pair.  A worker's uplink runs ``min`` over its receivers of that
+slow-down, its downlink ``min`` over its senders (a slow peer at the other
+end is not charged to it).  The downlink's figure is a lower bound: a
+worker behind its peers posts its receives late, when part of their data
+has already crossed, and the 10x slower link of ``benchmarks/faults.py``
+measured 8.7x up but 4.8x down.  So a worker's link counts as slowed by the
+larger of the two, both ways; a slow-down of at least :data:`DRIFT_BAND`
+scales the profiled rates for this solve, so the slow host's channels move
+to lower widths and return when the link recovers.  No traffic is added.
 """
 from __future__ import annotations
 
@@ -282,7 +296,8 @@ class AdaptiveBits:
 
     def _link_drift(self, gathered: list[dict]) -> dict[int, tuple[float, float]]:
         """Per worker, the (uplink, downlink) slow-down of its link from the
-        last epoch's arrivals (1.0 within :data:`DRIFT_BAND`); see the module."""
+        last epoch's arrivals (1.0 within :data:`DRIFT_BAND`; both the larger
+        of the two estimates, see the module)."""
         ratios: dict[tuple[int, int], list[float]] = defaultdict(list)
         keys = {k for part in gathered for k in part["observed"]}
         for key in keys:
@@ -309,11 +324,12 @@ class AdaptiveBits:
             up[j].append(f)
             down[i].append(f)
 
-        def band(values: list[float]) -> float:
-            f = min(values, default=1.0)
-            return f if f >= DRIFT_BAND else 1.0
-
-        return {w: (band(up[w]), band(down[w])) for w in sorted(set(up) | set(down))}
+        slowdown = {}
+        for w in sorted(set(up) | set(down)):
+            f = max(min(up[w], default=1.0), min(down[w], default=1.0))
+            f = f if f >= DRIFT_BAND else 1.0
+            slowdown[w] = (f, f)
+        return slowdown
 
     def _problem(self, key: str, gathered: list[dict]) -> tuple[KeyProblem, list]:
         """The key's groups over all channels, and each channel's ``(i, j, groups)``."""
