@@ -141,8 +141,10 @@ def slow_link(cluster: Cluster, work: Path, epochs: int, port: int) -> Outcome:
     clean = Job(cluster, uniform, work / "slow_clean", port)
     clean.run(timeout=900)
     faulty = Job(cluster, uniform, work / "slow_uniform", port)
-    faulty.run(timeout=900, at_epoch=at, fault=lambda: cluster.set_rate(slow, slowed))
-    cluster.set_rate(slow, fast)
+    try:
+        faulty.run(timeout=900, at_epoch=at, fault=lambda: cluster.set_rate(slow, slowed))
+    finally:
+        cluster.set_rate(slow, fast)
     diff = same_losses(clean.rows(), faulty.rows())
     before = [r["epoch_time"] for r in faulty.rows()[1:at]]
     after = [r["epoch_time"] for r in faulty.rows()[at + 1:]]
@@ -150,8 +152,10 @@ def slow_link(cluster: Cluster, work: Path, epochs: int, port: int) -> Outcome:
     cycle = max(2, epochs // 6)
     adaptive = Job(cluster, ["assign=adaptive", f"assign.cycle={cycle}",
                              f"trainer.epochs={epochs}"], work / "slow_adaptive", port)
-    adaptive.run(timeout=900, at_epoch=at, fault=lambda: cluster.set_rate(slow, slowed))
-    cluster.set_rate(slow, fast)
+    try:
+        adaptive.run(timeout=900, at_epoch=at, fault=lambda: cluster.set_rate(slow, slowed))
+    finally:
+        cluster.set_rate(slow, fast)
     history = adaptive.summary()["assign"]["history"]
     last_before = [h for h in history if h["epoch"] <= at][-1]
     first_after = [h for h in history if h["epoch"] > at + 1][0]

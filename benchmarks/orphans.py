@@ -57,6 +57,7 @@ def orphan_seconds(argv: list[str], run_dir: Path, limit_s: float = 120.0) -> tu
     """(processes below the launcher, seconds until the last is gone) after the kill."""
     launcher = subprocess.Popen([*argv, f"hydra.run.dir={run_dir}"], stdout=subprocess.DEVNULL,
                                 stderr=subprocess.DEVNULL)
+    procs = []
     try:
         while not (run_dir / "metrics.jsonl").exists():
             if launcher.poll() is not None:
@@ -70,11 +71,11 @@ def orphan_seconds(argv: list[str], run_dir: Path, limit_s: float = 120.0) -> tu
             time.sleep(0.01)
         return len(procs), time.monotonic() - t0
     finally:
-        for pid in tree(launcher.pid) + [launcher.pid]:
-            try:
+        launcher.kill()
+        launcher.wait()
+        for pid in procs or tree(launcher.pid):
+            if alive(pid):
                 os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
 
 
 def main() -> int:

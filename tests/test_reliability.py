@@ -204,6 +204,25 @@ def test_divergence_stops_with_epoch_and_layer_and_keeps_the_last_good_checkpoin
     assert all(bool(torch.isfinite(t).all()) for t in state["model"].values())
 
 
+def test_the_first_event_names_the_failure(tmp_path):
+    """A report that came before a silent death (say NCCL's watchdog aborting a
+    survivor with SIGABRT) is the cause; a silent death before any report is."""
+    from types import SimpleNamespace
+
+    from pyg_adaqp.train.workers import _failure
+
+    report = tmp_path / "rank1.err"
+    report.write_text("ValueError: bad input\n\nTraceback ...")
+    t = report.stat().st_mtime
+    procs = [SimpleNamespace(exitcode=-6), SimpleNamespace(exitcode=1)]
+    text, rank = _failure(procs, tmp_path, {}, {0: t + 5, 1: t})
+    assert rank == 1 and text.startswith("worker rank 1 failed: ValueError: bad input\n"
+                                         "the other workers stopped too: rank 0: killed by "
+                                         "signal 6 (SIGABRT)")
+    text, rank = _failure(procs, tmp_path, {}, {0: t - 5, 1: t})
+    assert rank == 0 and text.startswith("worker rank 0 failed: killed by signal 6 (SIGABRT)")
+
+
 @pytest.mark.timeout(60)
 def test_heartbeat_names_the_peer_that_stopped():
     from datetime import timedelta
@@ -267,12 +286,14 @@ def kill_launcher_and_count_leftovers(argv: list[str], started: Path, workers: i
                                       env: dict | None = None) -> list[int]:
     """Starts `argv`, waits until `started` exists and `workers` processes run below it,
     SIGKILLs the launcher alone, and returns the processes of its tree still alive after."""
-    launcher = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+    log = open(started.parent / "launcher.log", "w")  # a pipe nobody reads could fill up
+    launcher = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT,
                                 env={**os.environ, **(env or {})})
+    tree = []
     try:
         deadline = time.monotonic() + HANG_GUARD_S
         while not (started.exists() and len(descendants(launcher.pid)) >= workers):
-            assert launcher.poll() is None, launcher.stderr.read()[-3000:]
+            assert launcher.poll() is None, (started.parent / "launcher.log").read_text()[-3000:]
             assert time.monotonic() < deadline, "the job never started"
             time.sleep(0.2)
         tree = descendants(launcher.pid)
@@ -283,11 +304,12 @@ def kill_launcher_and_count_leftovers(argv: list[str], started: Path, workers: i
             time.sleep(0.2)
         return [pid for pid in tree if alive(pid)]
     finally:
-        for pid in descendants(launcher.pid) + [launcher.pid]:
-            try:
+        launcher.kill()
+        launcher.wait()
+        log.close()
+        for pid in tree or descendants(launcher.pid):  # left behind: never load later tests
+            if alive(pid):
                 os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
 
 
 LONG_RUN = [*SMALL, "trainer.epochs=100000"]
@@ -450,7 +472,7 @@ def test_bad_config_value_on_the_command_line_prints_its_message_alone(tmp_path,
     assert proc.returncode == 1
     if full_error:  # whoever wants the trace gets it
         assert "Traceback" in proc.stderr
-        assert "ValueError: config field 'world_size': must be >= 1, got 0" in proc.stderr
+        assert "ConfigError: config field 'world_size': must be >= 1, got 0" in proc.stderr
     else:
         assert proc.stderr == "error: config field 'world_size': must be >= 1, got 0\n"
 

@@ -59,6 +59,8 @@ DEFAULT_BUDGET = 0.002
 #: A link's slow-down (measured arrival over predicted, against its best) below
 #: this is taken as noise; at or above it, the link's profiled rate is scaled.
 DRIFT_BAND = 2.0
+#: Pairs whose predicted link time is below this are too short to time.
+MIN_PREDICTED_S = 1e-4
 
 
 class AdaptiveBits:
@@ -307,10 +309,10 @@ class AdaptiveBits:
             for i, o in obs.items():
                 into = sum(o["recv"].values())
                 for j, arrival in o["arrival"].items():
-                    predicted = self.cost.beta.get(i, 0.0) + max(
-                        self.cost.up.get(j, 0.0) * out.get(j, 0.0),
-                        self.cost.down.get(i, 0.0) * into)
-                    if predicted > 0 and arrival > 0:
+                    # The model's own link time, as the solver sees it.
+                    predicted = max(self.cost.link_seconds(j, out.get(j, 0.0), 0.0),
+                                    self.cost.link_seconds(i, 0.0, into))
+                    if predicted > MIN_PREDICTED_S and arrival > 0:
                         ratios[(i, j)].append(arrival / predicted)
         slow: dict[tuple[int, int], float] = {}
         for pair, values in ratios.items():
@@ -373,7 +375,8 @@ class AdaptiveBits:
                 "time_limit": self.time_limit,
                 "cost": self.cost.state_dict() if self.cost is not None else None,
                 "cost_check": list(self.cost_check), "assignment": self.assignment,
-                "histogram": self.histogram, "last_solve_time": self.last_solve_time}
+                "histogram": self.histogram, "last_solve_time": self.last_solve_time,
+                "history": list(self.history), "best_ratio": dict(self._best_ratio)}
 
     def load_state_dict(self, state: dict) -> None:
         """Restores the allocator; the assignment is installed at the next epoch."""
@@ -384,6 +387,9 @@ class AdaptiveBits:
         self.cost_check = list(state["cost_check"])
         self.assignment = state["assignment"]
         self.histogram, self.last_solve_time = state["histogram"], state["last_solve_time"]
+        # (absent from checkpoints written before link slow-downs were followed)
+        self.history = list(state.get("history", []))
+        self._best_ratio = dict(state.get("best_ratio", {}))
         self._tracer = None  # re-attach and re-install at the next epoch
 
 

@@ -19,18 +19,19 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-from pyg_adaqp.data import DatasetDownloadError
+from pyg_adaqp.data import DatasetDownloadError, DatasetError
 from pyg_adaqp.partition import PartitionError
 from pyg_adaqp.train.checkpoint import CheckpointError
-from pyg_adaqp.train.config import Config, register_configs
+from pyg_adaqp.train.config import Config, ConfigError, register_configs
 from pyg_adaqp.train.launch import launch
 from pyg_adaqp.train.workers import WorkerFailed
 
 register_configs()
 
-#: Errors whose message says what to do (DatasetError and config errors are ValueErrors).
-USER_ERRORS = (ValueError, FileNotFoundError, ImportError, DatasetDownloadError, PartitionError,
-               CheckpointError, WorkerFailed)
+#: Errors whose message says what to do (FileNotFoundError: raw files missing
+#: from dataset.root, or a resume or partition path that does not exist).
+USER_ERRORS = (ConfigError, DatasetError, DatasetDownloadError, FileNotFoundError,
+               PartitionError, CheckpointError, WorkerFailed)
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")

@@ -19,9 +19,13 @@ MODELS = ("gcn", "sage")
 BITS = (2, 4, 8)
 
 
+class ConfigError(ValueError):
+    """A config value is out of range or does not fit the dataset; the message names the field."""
+
+
 def _check(ok: bool, field_name: str, message: str) -> None:
     if not ok:
-        raise ValueError(f"config field {field_name!r}: {message}")
+        raise ConfigError(f"config field {field_name!r}: {message}")
 
 
 @dataclass

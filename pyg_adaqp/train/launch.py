@@ -34,7 +34,7 @@ from pyg_adaqp.partition import (
     read_manifest,
 )
 from pyg_adaqp.train.checkpoint import load_resume_point
-from pyg_adaqp.train.config import Config
+from pyg_adaqp.train.config import Config, ConfigError
 from pyg_adaqp.train.liveness import Heartbeat
 from pyg_adaqp.train.workers import die_with_parent, free_port, spawn_workers
 
@@ -48,13 +48,13 @@ def prepare_partitions(cfg: Config, part_dir: Path, num_parts: int) -> None:
     Raises:
         DatasetError: If the dataset cannot be trained on (see
             :func:`~pyg_adaqp.data.check_dataset`).
-        ValueError: If there are more workers than nodes.
+        ConfigError: If there are more workers than nodes.
     """
     d = cfg.dataset
     data = load_dataset(d.name, d.root, **d.options)
     check_dataset(data, d.name)
     if num_parts > data.num_nodes:
-        raise ValueError(f"world_size={num_parts} exceeds the {data.num_nodes} nodes of dataset "
+        raise ConfigError(f"world_size={num_parts} exceeds the {data.num_nodes} nodes of dataset "
                          f"{d.name!r}: every worker must own at least one node")
     fingerprint = graph_fingerprint(data)
     try:
@@ -125,7 +125,7 @@ def run_worker(rank: int, world_size: int, cfg: Config, run_dir: Path, part_dir:
             if lost is not None:
                 raise lost from err
         raise
-    heartbeat.stop()
+    heartbeat.stop(wait=False)  # a last beat after this does no harm
     dist.destroy_process_group()
 
 

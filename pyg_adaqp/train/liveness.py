@@ -86,19 +86,25 @@ class Heartbeat:
             self._stop.wait(PERIOD_S)
 
     def lost_ranks(self, window_s: float = WINDOW_S) -> list[int] | None:
-        """The peers whose counters stood still for `window_s`; None if the store is unreachable."""
+        """The peers whose counters stood still for `window_s`; None if the
+        store is unreachable, [] if it went away during the check."""
+        peers = [r for r in range(self.world_size) if r != self.rank]
         try:
             store = self._store()
-            peers = [r for r in range(self.world_size) if r != self.rank]
             # add(key, 0) reads a counter without waiting for it to exist.
             before = [store.add(self._key(r), 0) for r in peers]
+        except Exception:
+            return None
+        try:
             time.sleep(window_s)
             after = [store.add(self._key(r), 0) for r in peers]
             stalled = [r for r, a, b in zip(peers, before, after) if a == b]
             # A peer that left because it lost another is not itself the cause.
             return [r for r in stalled if not store.check([self._left_key(r)])]
         except Exception:
-            return None
+            # Its host (rank 0's, locally) left meanwhile, most likely having
+            # named the lost peer itself: name nobody rather than guess.
+            return []
 
     def leaving(self) -> None:
         """Records that this worker stops because it lost a peer (best effort)."""

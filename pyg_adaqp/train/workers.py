@@ -96,10 +96,12 @@ def _child(rank: int, parent_pid: int, report_dir: str, target: Callable, args: 
         if result is not None:
             torch.save(result, report_dir / f"rank{rank}.pt")
     except BaseException as err:
-        report_failure(report_dir / f"rank{rank}.err", err)
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(1)
+        try:
+            report_failure(report_dir / f"rank{rank}.err", err)
+            sys.stdout.flush()
+            sys.stderr.flush()
+        finally:
+            os._exit(1)
 
 
 def spawn_workers(target: Callable, world_size: int, args: Sequence[Any] = (), *,
@@ -149,8 +151,12 @@ def _watch(procs: list, report_dir: Path, grace_s: float, deadline_s: float | No
     start = time.monotonic()
     failed_at = None
     killed: dict[int, str] = {}
+    exited: dict[int, float] = {}  # when each exit was first seen (time.time(), as the reports)
     while any(p.is_alive() for p in procs):
         now = time.monotonic()
+        for rank, p in enumerate(procs):
+            if rank not in exited and p.exitcode is not None:
+                exited[rank] = time.time()
         if failed_at is None and (any(p.exitcode not in (None, 0) for p in procs)
                                   or any(report_dir.glob("rank*.err"))):
             failed_at = now
@@ -167,13 +173,15 @@ def _watch(procs: list, report_dir: Path, grace_s: float, deadline_s: float | No
                 killed[rank] = reason
         for p in procs:
             p.join()
-    for p in procs:
+    for rank, p in enumerate(procs):
         p.join()
+        exited.setdefault(rank, time.time())
     if any(p.exitcode != 0 for p in procs):
-        raise WorkerFailed(*_failure(procs, report_dir, killed))
+        raise WorkerFailed(*_failure(procs, report_dir, killed, exited))
 
 
-def _failure(procs: list, report_dir: Path, killed: dict[int, str]) -> tuple[str, int]:
+def _failure(procs: list, report_dir: Path, killed: dict[int, str],
+             exited: dict[int, float]) -> tuple[str, int]:
     """What went wrong, starting with the worker that failed first, and its rank."""
     reports = {int(f.stem.removeprefix("rank")): f for f in report_dir.glob("rank*.err")}
     causes = {}
@@ -186,16 +194,12 @@ def _failure(procs: list, report_dir: Path, killed: dict[int, str]) -> tuple[str
             causes[rank] = f"killed by signal {-p.exitcode} ({signal.Signals(-p.exitcode).name})"
         elif p.exitcode != 0:
             causes[rank] = f"exited with code {p.exitcode} without reporting an error"
-    # A worker that died without a word (a signal, the OOM killer) is the cause:
-    # its peers only report that it left.  Otherwise the first report is, and
-    # failing both, the first worker killed.
-    silent = [r for r in causes if r not in reports and r not in killed]
-    if silent:
-        first = silent[0]
-    elif reports:
-        first = min(reports, key=lambda r: reports[r].stat().st_mtime_ns)
-    else:
-        first = min(killed)
+    # The first event is the cause: a report, or a death without a word (a
+    # signal, the OOM killer), whose peers only report later that it left.
+    # Workers the watcher killed come last.
+    events = {r: reports[r].stat().st_mtime for r in reports}
+    events.update({r: exited[r] for r in causes if r not in reports and r not in killed})
+    first = min(events, key=events.get) if events else min(killed)
     message, _, trace = causes[first].partition("\n\n")
     others = [f"rank {r}: {causes[r].splitlines()[0][:300]}" for r in causes if r != first]
     text = f"worker rank {first} failed: {message}"
