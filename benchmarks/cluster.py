@@ -237,25 +237,13 @@ class Cluster:
 
     def kill_host(self, rank: int) -> None:
         """SIGKILLs every process on host `rank`, as when a machine dies."""
-        pids = subprocess.run(["ip", "netns", "pids", self.host_ns[rank]], capture_output=True,
-                              text=True).stdout.split()
-        for pid in pids:
-            try:
-                os.kill(int(pid), signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+        _kill_namespace(self.host_ns[rank])
 
     def teardown(self) -> None:
         """Kills every process in the namespaces, deletes them, checks nothing is left."""
         ours = [ns for ns in [*self.host_ns, self.bridge_ns] if ns in _netns_list()]
         for ns in ours:
-            pids = subprocess.run(["ip", "netns", "pids", ns], capture_output=True,
-                                  text=True).stdout.split()
-            for pid in pids:
-                try:
-                    os.kill(int(pid), signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
+            _kill_namespace(ns)
         for ns in ours:
             # Deleting a namespace deletes its veth ends and their qdiscs.
             subprocess.run(["ip", "netns", "del", ns], capture_output=True)
@@ -281,6 +269,16 @@ def _fill(part: str, fields: dict) -> str:
     for name, value in fields.items():
         part = part.replace("{" + name + "}", str(value))
     return part
+
+
+def _kill_namespace(ns: str) -> None:
+    """SIGKILLs every process in network namespace `ns`."""
+    pids = subprocess.run(["ip", "netns", "pids", ns], capture_output=True, text=True).stdout
+    for pid in pids.split():
+        try:
+            os.kill(int(pid), signal.SIGKILL)
+        except ProcessLookupError:
+            pass
 
 
 def _netns_list() -> list[str]:

@@ -6,7 +6,8 @@ For the local launcher (``python -m pyg_adaqp.train world_size=2``) and
 ``torchrun``'s agent (``--standalone --nproc-per-node=2``): start a long run
 of the synthetic graph, wait for its first epoch, SIGKILL the launcher alone
 (as an OOM killer or a batch scheduler does), and time until no process of
-its tree is left, polling ``/proc`` every 10 ms.  Prints one table.
+its tree is left, polling ``/proc`` every 10 ms.  Prints one table.  The
+tests of ``tests/test_reliability.py`` use the same helpers, without timing.
 """
 from __future__ import annotations
 
@@ -31,13 +32,13 @@ LAUNCHERS = {
 }
 
 
-def tree(pid: int) -> list[int]:
-    """The processes below `pid`."""
+def process_tree(pid: int) -> list[int]:
+    """Every process below `pid` (children, their children, ...), from ``/proc``."""
     parent_of = {}
     for proc in Path("/proc").glob("[0-9]*"):
         try:
             parent_of[int(proc.name)] = int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1])
-        except (OSError, IndexError, ValueError):
+        except (OSError, IndexError, ValueError):  # exited meanwhile
             continue
     found, frontier = [], [pid]
     while frontier:
@@ -47,35 +48,64 @@ def tree(pid: int) -> list[int]:
 
 
 def alive(pid: int) -> bool:
+    """Whether `pid` runs (a zombie, dead but not yet reaped, does not)."""
     try:
         return (Path("/proc") / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
     except OSError:
         return False
 
 
-def orphan_seconds(argv: list[str], run_dir: Path, limit_s: float = 120.0) -> tuple[int, float]:
+def kill_launcher(argv: list[str], started: Path, workers: int, log: Path,
+                  env: dict | None = None) -> list[int]:
+    """Starts `argv` (its output to `log`), waits until `started` exists and
+    `workers` processes run below it, then SIGKILLs the launcher alone, as an
+    OOM killer or a batch scheduler would.  Returns the processes that were
+    below it.
+
+    Raises:
+        RuntimeError: If the launcher exits before that.
+    """
+    with open(log, "w") as out:  # a pipe nobody reads could fill up
+        launcher = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT,
+                                    env={**os.environ, **(env or {})})
+        try:
+            while not (started.exists() and len(process_tree(launcher.pid)) >= workers):
+                if launcher.poll() is not None:
+                    raise RuntimeError(f"{' '.join(argv)} exited with {launcher.returncode} "
+                                       f"before it started:\n{log.read_text()[-3000:]}")
+                time.sleep(0.05)
+            return process_tree(launcher.pid)
+        finally:
+            launcher.kill()
+            launcher.wait()
+
+
+def wait_gone(pids: list[int]) -> None:
+    """Returns once none of `pids` runs (callers bound it: a test time-out)."""
+    while any(map(alive, pids)):
+        time.sleep(0.01)
+
+
+def kill_all(pids: list[int]) -> None:
+    """SIGKILLs whatever of `pids` still runs."""
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+def orphan_seconds(argv: list[str], run_dir: Path) -> tuple[int, float]:
     """(processes below the launcher, seconds until the last is gone) after the kill."""
-    launcher = subprocess.Popen([*argv, f"hydra.run.dir={run_dir}"], stdout=subprocess.DEVNULL,
-                                stderr=subprocess.DEVNULL)
-    procs = []
+    run_dir.mkdir(parents=True)
+    procs = kill_launcher([*argv, f"hydra.run.dir={run_dir}"], run_dir / "metrics.jsonl",
+                          workers=2, log=run_dir / "launcher.log")
+    t0 = time.monotonic()
     try:
-        while not (run_dir / "metrics.jsonl").exists():
-            if launcher.poll() is not None:
-                raise RuntimeError(f"{argv} exited with {launcher.returncode} before epoch 0")
-            time.sleep(0.1)
-        procs = tree(launcher.pid)
-        launcher.kill()
-        t0 = time.monotonic()
-        launcher.wait()
-        while any(map(alive, procs)) and time.monotonic() - t0 < limit_s:
-            time.sleep(0.01)
+        wait_gone(procs)
         return len(procs), time.monotonic() - t0
     finally:
-        launcher.kill()
-        launcher.wait()
-        for pid in procs or tree(launcher.pid):
-            if alive(pid):
-                os.kill(pid, signal.SIGKILL)
+        kill_all(procs)
 
 
 def main() -> int:

@@ -33,13 +33,16 @@ from pyg_adaqp.data import (
 )
 from pyg_adaqp.partition import PartitionError, graph_fingerprint, load_partition, partition_graph
 from pyg_adaqp.train import PeerLost, WorkerFailed, launch
-from pyg_adaqp.train.liveness import Heartbeat
 from pyg_adaqp.train.checkpoint import (
     CheckpointError,
     checkpoint_path,
     load_checkpoint,
     load_resume_point,
 )
+from pyg_adaqp.train.liveness import Heartbeat
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+from orphans import alive, kill_all, kill_launcher, wait_gone  # noqa: E402
 
 TIMEOUT_S = 30  # trainer.timeout_s of the fault runs
 # Quantized messages at random widths redrawn every 2 epochs, dropout, a
@@ -256,60 +259,19 @@ def test_heartbeat_names_the_peer_that_stopped():
 
 # --- launcher death ---------------------------------------------------------------------------
 
-HANG_GUARD_S = 60  # bounds each wait below; the kernel kills the workers at once
-
-
-def descendants(pid: int) -> list[int]:
-    """Every process below `pid` (children, their children, ...), from ``/proc``."""
-    parent_of = {}
-    for proc in Path("/proc").glob("[0-9]*"):
-        try:
-            parent_of[int(proc.name)] = int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1])
-        except (OSError, IndexError, ValueError):  # exited meanwhile
-            continue
-    found, frontier = [], [pid]
-    while frontier:
-        frontier = [c for c, p in parent_of.items() if p in frontier]
-        found += frontier
-    return found
-
-
-def alive(pid: int) -> bool:
-    """Whether `pid` runs (a zombie, dead but not yet reaped, does not)."""
-    try:
-        return (Path("/proc") / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
-
-
 def kill_launcher_and_count_leftovers(argv: list[str], started: Path, workers: int,
                                       env: dict | None = None) -> list[int]:
-    """Starts `argv`, waits until `started` exists and `workers` processes run below it,
-    SIGKILLs the launcher alone, and returns the processes of its tree still alive after."""
-    log = open(started.parent / "launcher.log", "w")  # a pipe nobody reads could fill up
-    launcher = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT,
-                                env={**os.environ, **(env or {})})
-    tree = []
+    """SIGKILLs the launcher `argv` once it runs (see benchmarks/orphans.py) and
+    returns the processes of its tree still alive once they are gone.  The
+    event is their exit: no clock; a worker that never dies fails the test
+    at its pytest time-out, and is killed then."""
+    tree = kill_launcher(argv, started, workers, started.parent / "launcher.log", env)
     try:
-        deadline = time.monotonic() + HANG_GUARD_S
-        while not (started.exists() and len(descendants(launcher.pid)) >= workers):
-            assert launcher.poll() is None, (started.parent / "launcher.log").read_text()[-3000:]
-            assert time.monotonic() < deadline, "the job never started"
-            time.sleep(0.2)
-        tree = descendants(launcher.pid)
-        launcher.kill()  # as an OOM killer or a batch scheduler would: no chance to clean up
-        launcher.wait()
-        deadline = time.monotonic() + HANG_GUARD_S
-        while any(map(alive, tree)) and time.monotonic() < deadline:
-            time.sleep(0.2)
+        assert len(tree) >= workers
+        wait_gone(tree)
         return [pid for pid in tree if alive(pid)]
     finally:
-        launcher.kill()
-        launcher.wait()
-        log.close()
-        for pid in tree or descendants(launcher.pid):  # left behind: never load later tests
-            if alive(pid):
-                os.kill(pid, signal.SIGKILL)
+        kill_all(tree)  # whatever was left: never load the later tests
 
 
 LONG_RUN = [*SMALL, "trainer.epochs=100000"]
