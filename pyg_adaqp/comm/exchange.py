@@ -38,11 +38,10 @@ class ExchangeStats:
     forward keys the layer also records its aggregation: ``owned_agg_time``
     for the owned-row part (overlapped with the exchange when overlap is
     on), ``halo_agg_time`` for the halo part.  Per peer, ``peer_sent`` and
-    ``peer_recv`` count bytes and ``peer_arrival`` sums the seconds from
-    posting an exchange to the arrival of that peer's buffer.
+    ``peer_recv`` count bytes (``bytes_sent`` and ``bytes_recv`` are their
+    sums) and ``peer_arrival`` sums the seconds from posting an exchange to
+    the arrival of that peer's buffer.
     """
-    bytes_sent: int = 0
-    bytes_recv: int = 0
     quant_time: float = 0.0
     comm_time: float = 0.0
     wait_time: float = 0.0
@@ -54,6 +53,14 @@ class ExchangeStats:
     peer_sent: dict[int, int] = field(default_factory=dict)
     peer_recv: dict[int, int] = field(default_factory=dict)
     peer_arrival: dict[int, float] = field(default_factory=dict)
+
+    @property
+    def bytes_sent(self) -> int:
+        return sum(self.peer_sent.values())
+
+    @property
+    def bytes_recv(self) -> int:
+        return sum(self.peer_recv.values())
 
 
 @dataclass
@@ -193,7 +200,6 @@ class HaloExchange:
                 self.tracer.record(key, p, ranges, width)
             else:
                 send[p] = layout.pack(x, generator=self.generator, name=f"exchange {key!r}")
-            stats.bytes_sent += int(send[p].numel())
             stats.peer_sent[p] = stats.peer_sent.get(p, 0) + int(send[p].numel())
             for bits, count in layout.counts.items():
                 if count:
@@ -202,7 +208,6 @@ class HaloExchange:
         for p, n in recv_rows.items():
             layouts[p] = self._layout(key, p, False, n, width, quantize)
             recv_bytes[p] = layouts[p].nbytes
-            stats.bytes_recv += recv_bytes[p]
             stats.peer_recv[p] = stats.peer_recv.get(p, 0) + recv_bytes[p]
         t1 = time.perf_counter()
         stats.quant_time += t1 - t0

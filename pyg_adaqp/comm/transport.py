@@ -65,7 +65,6 @@ class PendingExchange:
     recv: dict[int, Tensor]
     stage_to: torch.device | None = None   # copy received CPU buffers there (gloo + CUDA)
     sending: list[Tensor] = field(default_factory=list)  # alive until the sends complete
-    posted_at: float = field(default_factory=time.perf_counter)
     #: Every peer's receive, timed in a thread of its own (point-to-point).
     arrivals: dict[int, Future] = field(default_factory=dict)
     #: When each peer's buffer arrived (``perf_counter`` seconds), filled by

@@ -17,7 +17,6 @@ from __future__ import annotations
 import dataclasses
 import os
 import sys
-import traceback
 from datetime import timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Sequence
@@ -36,7 +35,7 @@ from pyg_adaqp.partition import (
 from pyg_adaqp.train.checkpoint import load_resume_point
 from pyg_adaqp.train.config import Config, ConfigError
 from pyg_adaqp.train.liveness import Heartbeat
-from pyg_adaqp.train.workers import die_with_parent, free_port, spawn_workers
+from pyg_adaqp.train.workers import die_with_parent, failure_text, free_port, spawn_workers
 
 if TYPE_CHECKING:
     from pyg_adaqp.train.trainer import EpochHook
@@ -181,7 +180,8 @@ def _torchrun_worker(cfg: Config, run_dir: Path, part_dir: Path,
                    int(os.environ.get("LOCAL_RANK", 0)), int(os.environ.get("LOCAL_WORLD_SIZE", 1)),
                    prepare=True, on_epoch_end=on_epoch_end)
     except BaseException as err:
-        print(f"worker rank {rank} failed: {type(err).__name__}: {err}\n\n"
-              f"{traceback.format_exc()}", file=sys.stderr, flush=True)
-        sys.stdout.flush()
-        os._exit(1)
+        try:
+            print(f"worker rank {rank} failed: {failure_text(err)}", file=sys.stderr, flush=True)
+            sys.stdout.flush()
+        finally:
+            os._exit(1)

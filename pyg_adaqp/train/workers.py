@@ -80,11 +80,15 @@ def die_with_parent(parent_pid: int) -> None:
     threading.Thread(target=watch, name="die-with-parent", daemon=True).start()
 
 
+def failure_text(err: BaseException) -> str:
+    """``<Type>: <message>``, a blank line and the traceback of `err` (being handled)."""
+    return f"{type(err).__name__}: {err}\n\n{traceback.format_exc()}"
+
+
 def report_failure(path: Path, err: BaseException) -> None:
-    """Writes ``<Type>: <message>``, a blank line and the traceback to `path` (a worker's report)."""
-    text = f"{type(err).__name__}: {err}\n\n{traceback.format_exc()}"
+    """Writes :func:`failure_text` to `path` (a worker's report)."""
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
+    tmp.write_text(failure_text(err))
     os.replace(tmp, path)  # the watcher never reads half a report
 
 
