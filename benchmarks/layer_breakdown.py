@@ -109,7 +109,7 @@ def worker(rank: int, world_size: int, parts, opts: dict) -> dict:
     for name in opts["modes"]:
         quantize, overlap = MODES[name]
         graph = DistGraph(lg, group=exchange_group, quantize=quantize, overlap=overlap,
-                          cache_input_halo=opts["input_cache"],
+                          cache_input=opts["input_cache"],
                           generator=worker_generator(opts["seed"], rank))
         graph.exchange.default_bits = opts["bits"]
         torch.manual_seed(opts["seed"])  # the same initial weights on every rank and mode

@@ -9,9 +9,8 @@
 # Arguments are further Hydra overrides for every run, e.g. world_size=4,
 # assign.bits=4, or dataset=cora dataset.root=../shared/data.  The runs go one
 # after another (Hydra's basic launcher), each in $SWEEP_DIR/<job>_<overrides>/,
-# and share one partition in $SWEEP_DIR/partitions, so every mode is measured
-# on the same parts (a run whose graph, number of workers or seed differs
-# partitions it anew).
+# and share one partition (the first run makes it in the partition cache, the
+# others reuse it), so every mode is measured on the same parts.
 # The table is printed and kept in $SWEEP_DIR/table.md; re-tabulate any time:
 #   python -m pyg_adaqp.train.tabulate "$SWEEP_DIR" --sort throughput --reverse
 set -euo pipefail
@@ -21,6 +20,5 @@ EPOCHS="${EPOCHS:-20}"
 PYTHON="${PYTHON:-python}"
 
 "$PYTHON" -m pyg_adaqp.train -m mode=vanilla,adaqp model=gcn,sage "trainer.epochs=$EPOCHS" \
-    "partition_dir=$SWEEP_DIR/partitions" "hydra.sweep.dir=$SWEEP_DIR" \
-    "hydra.job.config.override_dirname.exclude_keys=[partition_dir]" "$@"
+    "hydra.sweep.dir=$SWEEP_DIR" "$@"
 "$PYTHON" -m pyg_adaqp.train.tabulate "$SWEEP_DIR" | tee "$SWEEP_DIR/table.md"

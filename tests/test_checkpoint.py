@@ -52,8 +52,9 @@ def test_resume_point_is_the_newest_valid(tmp_path):
 def test_resume_continues_the_same_run(tmp_path):
     # Quantized exchanges and dropout: resuming must restore every worker's
     # random state, the optimizer and the model to match exactly.
+    # Metrics compared epoch by epoch: evaluate every epoch.
     common = [*SMALL, "mode=adaqp", "assign=random", "assign.cycle=2",
-              "trainer.checkpoint_every=2"]
+              "trainer.checkpoint_every=2", "trainer.eval_every=1"]
     launch(make_config(*common, "trainer.epochs=6"), tmp_path / "full")
     launch(make_config(*common, "trainer.epochs=4"), tmp_path / "first")
     checkpoints = tmp_path / "first" / "checkpoints"

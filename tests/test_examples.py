@@ -60,7 +60,8 @@ def test_notebook(tmp_path):
 
 def test_sweep_script(tmp_path):
     sweep = tmp_path / "sweep"
-    env = dict(os.environ, SWEEP_DIR=str(sweep), EPOCHS="2", PYTHON=sys.executable)
+    env = dict(os.environ, SWEEP_DIR=str(sweep), EPOCHS="2", PYTHON=sys.executable,
+               PYG_ADAQP_CACHE=str(tmp_path / "cache"))
     proc = subprocess.run(["bash", str(EXAMPLES / "sweep.sh"), *SMALL], cwd=tmp_path, env=env,
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -72,7 +73,10 @@ def test_sweep_script(tmp_path):
         s = json.loads(path.read_text())
         summaries[s["mode"], s["model"]] = s
     assert set(summaries) == {(m, n) for m in ("vanilla", "adaqp") for n in ("gcn", "sage")}
-    assert (sweep / "partitions" / "manifest.json").is_file()  # one partition for all runs
+    # One partition for all runs: the first makes it, the others reuse it.
+    logs = "".join(p.read_text() for p in sweep.glob("*/*.log"))
+    assert logs.count("partition: wrote 2 parts") == 1
+    assert logs.count("partition: reusing") == 3
 
     lines = [line for line in proc.stdout.splitlines() if line.startswith("| `")]
     assert len(lines) == 4

@@ -186,44 +186,62 @@ def test_quantized_error_within_variance_bound(cora, bits):
     assert err >= 0.1 * bound
 
 
-def cache_worker(rank, world_size, parts, x, state, cache):
+def cache_worker(rank, world_size, kind, parts, x, state, cache):
+    from pyg_adaqp.nn.spmm import SparseAdjacency
+    wide = []  # products over the input's full width: layer 0's aggregation of the features
+    matmul = SparseAdjacency.matmul
+    SparseAdjacency.matmul = lambda self, t: (wide.append(1) if t.size(1) == x.size(1)
+                                              else None) or matmul(self, t)
     lg = parts[rank]
-    graph = DistGraph(lg, cache_input_halo=cache)
-    model = TwoLayer(DistGCNConv, x.size(1), 4, 6)
+    graph = DistGraph(lg, cache_input=cache)
+    model = TwoLayer(DIST[kind], x.size(1), 4, 6)
     model.load_state_dict(state)
     x_own = x[lg.owned_ids]  # features: no gradient needed
     outs = [model(x_own, graph) for _ in range(3)]
     for out in outs:
         out.sum().backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters()}
     with torch.no_grad():
         outs.append(model(x_own, graph))
     stats = {k: (v.calls, v.bytes_sent) for k, v in graph.exchange.stats.items()}
-    return {"outs": [o.detach() for o in outs], "ids": lg.owned_ids, "stats": stats}
+    return {"outs": [o.detach() for o in outs], "ids": lg.owned_ids, "stats": stats,
+            "grads": grads, "wide_products": len(wide)}
 
 
+@pytest.mark.parametrize("kind", ["gcn", "sage"])
 @pytest.mark.parametrize("cache", [True, False])
-def test_layer0_input_cache(cora, cache):
+def test_layer0_input_cache(cora, kind, cache):
     torch.manual_seed(0)
-    model = TwoLayer(GCNConv, cora.x.size(1), 4, 6)
-    expected = model(cora.x, cora.edge_index).detach()
+    model = TwoLayer(PYG[kind], cora.x.size(1), 4, 6)
+    expected = model(cora.x, cora.edge_index)
+    expected.sum().backward()
+    expected_grads = {n: 3 * p.grad for n, p in model.named_parameters()}  # 3 passes
     parts = partition_graph(cora, 2)
-    results = run_workers(cache_worker, 2, parts, cora.x, model.state_dict(), cache)
+    results = run_workers(cache_worker, 2, kind, parts, cora.x, model.state_dict(), cache)
     for i in range(4):
         got = torch.zeros_like(expected)
         for r in results:
             got[r["ids"]] = r["outs"][i]
-        torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(got, expected.detach(), atol=1e-5, rtol=1e-5)
+    # The workers' gradients sum to the whole graph's, cached or not.
+    for name, grad in expected_grads.items():
+        torch.testing.assert_close(sum(r["grads"][name] for r in results), grad,
+                                   atol=1e-4, rtol=1e-4)
     stats = results[0]["stats"]
     if cache:
-        # Input rows travel once, at full precision (4 bytes per value).
+        # Input rows travel once, at full precision (4 bytes per value), and
+        # the features are aggregated once (owned and halo products) for the
+        # three training passes and the evaluation.
         assert stats["input 0"][0] == 1
         assert stats["input 0"][1] == parts[0].send_index[1].numel() * cora.x.size(1) * 4
         assert "forward 0" not in stats
+        assert [r["wide_products"] for r in results] == [2, 2]
     else:
         # Without the cache, layer 0 transforms first (4 < 1433 columns)
         # and exchanges every call: 3 training passes and one evaluation.
         assert "input 0" not in stats
         assert stats["forward 0"] == (4, 4 * parts[0].send_index[1].numel() * 4 * 4)
+        assert [r["wide_products"] for r in results] == [0, 0]
     assert stats["forward 1"][0] == 4 and stats["backward 1"][0] == 3
 
 

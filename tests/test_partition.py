@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 from collections import Counter
 
+import numpy as np
 import pytest
 import torch
 from torch_geometric.data import Data
@@ -215,3 +216,66 @@ def test_fingerprint_sees_features_and_structure():
     changed = data.clone()
     changed.edge_index = changed.edge_index.flip(0)
     assert graph_fingerprint(changed) != fp
+
+
+def test_metis_graph_is_the_symmetrized_graph_without_loops():
+    from pyg_adaqp.partition.metis import _symmetric_keys
+    data = random_directed_graph()
+    src, dst = data.edge_index.tolist()
+    loops = torch.arange(5)
+    edge_index = torch.cat([data.edge_index, torch.stack([loops, loops])], 1)  # self loops
+    edge_index = torch.cat([edge_index, edge_index[:, :7]], 1)                # duplicates
+    N = data.num_nodes
+    expected = sorted({u * N + v for u, v in zip(src, dst) if u != v}
+                      | {v * N + u for u, v in zip(src, dst) if u != v})
+    assert _symmetric_keys(edge_index, N).tolist() == expected
+
+
+def _metis_inputs(monkeypatch):
+    """Records what METIS is given, then lets it run."""
+    import pymetis
+    seen = []
+    real = pymetis.part_graph
+
+    def record(nparts, adjacency, **kwargs):
+        seen.append((np.array(adjacency.adj_starts), np.array(adjacency.adjacent)))
+        return real(nparts, adjacency, **kwargs)
+
+    monkeypatch.setattr(pymetis, "part_graph", record)
+    return seen
+
+
+def test_metis_sees_a_symmetric_sample_when_over_its_budget(monkeypatch):
+    from pyg_adaqp.data import synthetic_graph
+    from pyg_adaqp.partition import metis_membership
+    data = synthetic_graph(num_nodes=3000, avg_degree=20, seed=1)
+    N = data.num_nodes
+    seen = _metis_inputs(monkeypatch)
+    full = metis_membership(data.edge_index, N, 4)
+    sampled = metis_membership(data.edge_index, N, 4, max_entries=20_000)
+    again = metis_membership(data.edge_index, N, 4, max_entries=20_000)
+    (xadj_full, adj_full), (xadj, adj), _ = seen
+    assert adj_full.size == data.edge_index.size(1)  # symmetric input: every edge once
+    assert 0.8 * 20_000 <= adj.size <= 1.2 * 20_000   # the sample's size is what was asked
+    rows = torch.repeat_interleave(torch.arange(N), torch.from_numpy(xadj).diff())
+    keys = set((rows * N + torch.from_numpy(adj)).tolist())
+    assert keys <= set((data.edge_index[1] * N + data.edge_index[0]).tolist())  # real edges
+    assert all((k % N) * N + k // N in keys for k in keys)   # both directions of each
+    assert torch.equal(sampled, again)                       # deterministic
+    for parts in (full, sampled):                            # balanced, every part used
+        counts = torch.bincount(parts, minlength=4)
+        assert counts.min() > 0 and counts.max() <= 1.1 * N / 4
+    # The sample still finds the communities: far fewer cut edges than chance (3/4).
+    cut = lambda p: float((p[data.edge_index[0]] != p[data.edge_index[1]]).float().mean())
+    assert cut(sampled) < 0.5 and cut(full) < 0.5
+
+
+def test_partition_to_disk_writes_what_partition_graph_returns(tmp_path, cora):
+    from pyg_adaqp.partition import partition_to_disk, read_manifest
+    parts = partition_graph(cora, 3)
+    partition_to_disk(cora, 3, tmp_path, dataset_key="cora-test")
+    manifest = read_manifest(tmp_path)
+    assert manifest["dataset_key"] == "cora-test" and manifest["num_parts"] == 3
+    fp = graph_fingerprint(cora)
+    for lg in parts:
+        assert load_partition(tmp_path, lg.rank, num_parts=3, fingerprint=fp) == lg

@@ -349,12 +349,15 @@ def test_bad_dataset_is_rejected_before_any_worker_starts(tmp_path, monkeypatch,
     data = poisoned(what)
     with pytest.raises(DatasetError, match=message):
         check_dataset(data, "synthetic")
-    # The launcher checks the dataset it loads before partitioning.
+    # The launcher checks the dataset it loads before partitioning (into a
+    # fresh cache: a partition already cached is reused without loading).
+    monkeypatch.setenv("PYG_ADAQP_CACHE", str(tmp_path / "cache"))
     launcher = importlib.import_module("pyg_adaqp.train.launch")  # `launch` is also a function
     monkeypatch.setattr(launcher, "load_dataset", lambda *args, **kwargs: data)
+    cfg = make_config(*SMALL)
     with pytest.raises(DatasetError, match=message):
-        launch(make_config(*SMALL), tmp_path)
-    assert not (tmp_path / "partitions").exists()
+        launch(cfg, tmp_path)
+    assert not launcher.partition_dir(cfg, cfg.world_size).exists()
 
 
 def test_label_of_a_node_outside_the_splits_is_not_read():

@@ -100,13 +100,14 @@ def test_quantized_bytes_match_the_codec(tmp_path):
     """Bytes per epoch at uniform 4 bits are what message_nbytes predicts."""
     from pyg_adaqp.comm import message_nbytes
     from pyg_adaqp.partition import load_partition
+    from pyg_adaqp.train.launch import partition_dir
 
     vanilla = make_config(*SMALL, "mode=vanilla", "trainer.epochs=2")
     launch(vanilla, tmp_path / "v")
     quant = make_config(*SMALL, "mode=adaqp", "assign=uniform", "assign.bits=4",
                         "trainer.epochs=2")
     launch(quant, tmp_path / "q")
-    parts = [load_partition(tmp_path / "q" / "partitions", r) for r in range(2)]
+    parts = [load_partition(partition_dir(quant, 2), r) for r in range(2)]
     rows = sum(i.numel() for lg in parts for i in lg.send_index.values())
     hidden = 16
     # Per epoch: layers 1 and 2 exchange hidden-wide rows forward and back.

@@ -7,6 +7,7 @@ and ``num_classes``; multi-label datasets have a 2-D float ``y``.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import traceback
 from dataclasses import dataclass
@@ -101,6 +102,42 @@ def load_dataset(name: str = "synthetic", root: str | os.PathLike | None = None,
     if key in _OGB:
         return _load_ogb(key, root, **opts)
     raise ValueError(f"unknown dataset {name!r}; known datasets: {', '.join(DATASET_NAMES)}")
+
+
+def dataset_key(name: str = "synthetic", root: str | os.PathLike | None = None,
+                **opts: Any) -> str:
+    """A fingerprint of the graph :func:`load_dataset` would return, without loading it.
+
+    It hashes the dataset's name and options, and, for a dataset read from
+    `root`, the path, size and modification time of its raw files; a
+    generated graph is a function of its options and of this package's
+    version, which the hash includes.  A dataset left to download (no
+    `root`) is keyed by its name and options: it comes from its published
+    source.  Partitions are cached under this key (see
+    :func:`pyg_adaqp.train.launch.prepare_partitions`), so a worker machine never
+    has to load the whole graph to find its part.
+    """
+    import pyg_adaqp
+
+    key = name.lower()
+    if key not in DATASET_NAMES:
+        raise ValueError(f"unknown dataset {name!r}; known datasets: {', '.join(DATASET_NAMES)}")
+    h = hashlib.blake2b(digest_size=8)
+    h.update(json.dumps({"name": key, "options": opts, "version": pyg_adaqp.__version__},
+                        sort_keys=True, default=str).encode())
+    if root is not None and key != "synthetic":
+        root = Path(root).expanduser().resolve()
+        if key in _PYG:
+            raw_dir = root / _PYG[key].subdir / "raw"
+            raw_dir = raw_dir if raw_dir.is_dir() else root / "raw"
+        else:
+            raw_dir = root / key.replace("-", "_") / "raw"
+        # No raw files: loading will say which are missing.
+        files = sorted(p for p in raw_dir.rglob("*") if p.is_file()) if raw_dir.is_dir() else []
+        for f in files:
+            st = f.stat()
+            h.update(f"{f}:{st.st_size}:{st.st_mtime_ns};".encode())
+    return f"{key}-{h.hexdigest()}"
 
 
 def _load_pyg(key: str, spec: _PyGSpec, root: str | os.PathLike | None, *,

@@ -24,7 +24,8 @@ class DistGraph:
 
     It owns the :class:`~pyg_adaqp.comm.HaloExchange`, the aggregation
     matrices of every normalization the layers ask for (built once), the
-    layer-0 input cache, and the mode switches.  A layer's aggregation is
+    layer-0 input cache (the aggregated input features), and the mode
+    switches.  A layer's aggregation is
 
     .. math::
         \mathbf{Y} = \mathbf{A}_{\text{own}} \mathbf{X}
@@ -48,10 +49,12 @@ class DistGraph:
             ``exchange.default_bits``, 8). (default: :obj:`False`)
         overlap (bool, optional): Whether the owned part is aggregated while
             the halo rows travel. (default: :obj:`True`)
-        cache_input_halo (bool, optional): Whether a layer input that needs no
-            gradient (the input features) is exchanged once, at full
-            precision, and reused while it is the same, unchanged tensor.
-            :obj:`False` resends it at every call, as the original AdaQP does.
+        cache_input (bool, optional): Whether the aggregation of a layer
+            input that needs no gradient (the input features) is computed
+            once, its halo rows exchanged once at full precision, and reused
+            while the input is the same, unchanged tensor: layer 0 then costs
+            one dense transform per epoch.  :obj:`False` exchanges and
+            aggregates it at every call, as the original AdaQP does.
             (default: :obj:`True`)
         generator (torch.Generator, optional): Rounding noise of the
             quantizer. (default: :obj:`None`)
@@ -59,17 +62,18 @@ class DistGraph:
 
     def __init__(self, graph: LocalGraph, exchange: HaloExchange | None = None, *,
                  group: dist.ProcessGroup | None = None, device: torch.device | str = "cpu",
-                 quantize: bool = False, overlap: bool = True, cache_input_halo: bool = True,
+                 quantize: bool = False, overlap: bool = True, cache_input: bool = True,
                  generator: torch.Generator | None = None):
         self.graph = graph
         self.device = torch.device(device)
         self.exchange = exchange or HaloExchange(graph, group, self.device, generator)
         self.quantize = quantize
         self.overlap = overlap
-        self.cache_input_halo = cache_input_halo
+        self.cache_input = cache_input
         self._layers: dict[int, int] = {}
         self._adjacency: dict[tuple, tuple[SparseAdjacency, SparseAdjacency]] = {}
-        self._input_halo: dict[int, tuple[weakref.ref, int, Tensor]] = {}
+        #: Aggregated constant inputs by layer: ``(input ref, its version, key, A @ X)``.
+        self._input_aggregate: dict[int, tuple[weakref.ref, int, tuple, Tensor]] = {}
         #: ``(A_own, A_halo)`` each layer aggregated with, by layer index.
         self.layer_adjacency: dict[int, tuple[SparseAdjacency, SparseAdjacency]] = {}
 
@@ -102,17 +106,16 @@ class DistGraph:
         return self._adjacency[cache_key]
 
     def caches_input(self, module: torch.nn.Module, x: Tensor) -> bool:
-        """Whether :meth:`aggregate` will take `x`'s halo block from the input cache.
+        """Whether :meth:`aggregate` will take `x`'s aggregation from the input cache.
 
-        Layers aggregate such an input before transforming it, since its
-        exchange costs nothing after the first.
+        Layers aggregate such an input before transforming it: after the
+        first call its aggregation costs nothing.
         """
-        if not self.cache_input_halo or x.requires_grad:
+        if not self.cache_input or x.requires_grad:
             return False
         if torch.is_grad_enabled():
             return True
-        cached = self._input_halo.get(self.layer_index(module))
-        return cached is not None and cached[0]() is x and cached[1] == x._version
+        return self._cached_aggregate(self.layer_index(module), x) is not None
 
     def aggregate(self, module: torch.nn.Module, x: Tensor, key: tuple,
                   weights: EdgeWeightFn) -> Tensor:
@@ -133,8 +136,7 @@ class DistGraph:
         layer = self.layer_index(module)
         a_own, a_halo = self.layer_adjacency[layer] = self.adjacency(key, weights, x.dtype)
         if self.caches_input(module, x):
-            halo = self._cached_input_halo(layer, x)
-            return a_own.matmul(x) + a_halo.matmul(halo)
+            return self._aggregate_input(layer, x, key, a_own, a_halo)
         handle = self.exchange.begin(layer, x, quantize=self.quantize, overlap=self.overlap)
         stats = self.exchange.stats[f"forward {layer}"]
         t0 = time.perf_counter()
@@ -153,17 +155,27 @@ class DistGraph:
                                  torch.linalg.vector_norm(out.detach()).square())
         return out
 
-    def _cached_input_halo(self, layer: int, x: Tensor) -> Tensor:
-        """The halo block of an input needing no gradient, exchanged once per tensor.
+    def _cached_aggregate(self, layer: int, x: Tensor, key: tuple | None = None) -> Tensor | None:
+        """The cached aggregation of `x` at `layer`, if `x` is the cached, unchanged tensor."""
+        cached = self._input_aggregate.get(layer)
+        if (cached is None or cached[0]() is not x or cached[1] != x._version
+                or (key is not None and cached[2] != key)):
+            return None
+        return cached[3]
 
-        Under ``torch.no_grad()`` every activation needs no gradient, so
-        there only a tensor already cached is reused (see
+    def _aggregate_input(self, layer: int, x: Tensor, key: tuple, a_own: SparseAdjacency,
+                         a_halo: SparseAdjacency) -> Tensor:
+        """``A @ X`` for an input needing no gradient, computed once per tensor.
+
+        Its halo rows are exchanged once, at full precision, and dropped
+        once aggregated.  Under ``torch.no_grad()`` every activation needs no
+        gradient, so there only a tensor already cached is reused (see
         :meth:`caches_input`).  Every worker makes the same choice, because
         it depends only on what the training loop passes to all of them.
         """
-        cached = self._input_halo.get(layer)
-        if cached is not None and cached[0]() is x and cached[1] == x._version:
-            return cached[2]
-        halo = self.exchange.exchange(f"input {layer}", x, quantize=False)
-        self._input_halo[layer] = (weakref.ref(x), x._version, halo)
-        return halo
+        out = self._cached_aggregate(layer, x, (*key, x.dtype))
+        if out is None:
+            halo = self.exchange.exchange(f"input {layer}", x, quantize=False)
+            out = a_own.matmul(x) + a_halo.matmul(halo)
+            self._input_aggregate[layer] = (weakref.ref(x), x._version, (*key, x.dtype), out)
+        return out

@@ -2,19 +2,20 @@
 
 A multi-machine job partitions once and lets every machine load only its own
 part.  The manifest records the format version, ``num_parts``, the METIS
-seed, a fingerprint of the graph, and the size and SHA-256 of every part
+seed, a fingerprint of the graph, the key of the dataset it came from (see
+:func:`~pyg_adaqp.data.dataset_key`), and the size and SHA-256 of every part
 file, so a stale, mismatched or damaged partition is detected instead of
-silently used.  Part files hold only tensors, ints and dicts and load with
+silently used.  Parts are written and checked one file at a time, streamed
+through the hash, so neither side holds more than one part in memory.  Part files hold only tensors, ints and dicts and load with
 ``torch.load(..., weights_only=True)``.
 """
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
 import torch
 from torch_geometric.data import Data
@@ -47,29 +48,34 @@ def graph_fingerprint(data: Data) -> str:
     return h.hexdigest()
 
 
-def save_partition(parts: list[LocalGraph], out_dir: str | os.PathLike, fingerprint: str,
-                   seed: int = 0) -> Path:
+def save_partition(parts: Iterable[LocalGraph], out_dir: str | os.PathLike, fingerprint: str,
+                   seed: int = 0, dataset_key: str | None = None) -> Path:
     """Writes `parts` and their manifest to `out_dir`; returns the manifest's path.
 
-    Every file is written to a temporary name and renamed, and the manifest
-    last, so a crash never leaves a manifest that points at partial files.
+    `parts` may be a generator (e.g. :func:`~pyg_adaqp.partition.local_graphs`):
+    each part is written and dropped before the next is made.  Every file is
+    written to a temporary name and renamed, and the manifest last, so a
+    crash never leaves a manifest that points at partial files.
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / MANIFEST).unlink(missing_ok=True)
-    files = []
+    files, num_nodes = [], 0
     for lg in parts:
-        buf = io.BytesIO()
-        torch.save(lg.to_dict(), buf)
-        blob = buf.getvalue()
         name = f"part_{lg.rank}.pt"
-        _atomic_write(out / name, blob)
-        files.append({"rank": lg.rank, "file": name, "bytes": len(blob),
-                      "sha256": hashlib.sha256(blob).hexdigest()})
-    manifest = {"format": FORMAT, "version": FORMAT_VERSION, "num_parts": len(parts),
-                "seed": seed, "fingerprint": fingerprint,
-                "num_nodes": parts[0].num_nodes_global if parts else 0, "files": files}
-    _atomic_write(out / MANIFEST, json.dumps(manifest, indent=2).encode())
+        tmp = out / (name + ".tmp")
+        torch.save(lg.to_dict(), tmp)
+        size, digest = _file_digest(tmp)
+        _sync_and_rename(tmp, out / name)
+        files.append({"rank": lg.rank, "file": name, "bytes": size, "sha256": digest})
+        num_nodes = lg.num_nodes_global
+        del lg
+    manifest = {"format": FORMAT, "version": FORMAT_VERSION, "num_parts": len(files),
+                "seed": seed, "fingerprint": fingerprint, "dataset_key": dataset_key,
+                "num_nodes": num_nodes, "files": files}
+    tmp = out / (MANIFEST + ".tmp")
+    tmp.write_text(json.dumps(manifest, indent=2))
+    _sync_and_rename(tmp, out / MANIFEST)
     return out / MANIFEST
 
 
@@ -125,12 +131,11 @@ def load_partition(part_dir: str | os.PathLike, rank: int, *, num_parts: int | N
     path = Path(part_dir) / entry["file"]
     if not path.is_file():
         raise PartitionError(f"part file {path} is missing")
-    blob = path.read_bytes()
-    if len(blob) != entry["bytes"] or hashlib.sha256(blob).hexdigest() != entry["sha256"]:
+    if _file_digest(path) != (entry["bytes"], entry["sha256"]):
         raise PartitionError(f"part file {path} is corrupt: its size or checksum differs "
                              f"from the manifest's; partition again")
     try:
-        lg = LocalGraph.from_dict(torch.load(io.BytesIO(blob), weights_only=True))
+        lg = LocalGraph.from_dict(torch.load(path, weights_only=True))
     except Exception as err:  # any unpickling or field error means a bad file
         raise PartitionError(f"part file {path} cannot be read: {err}") from err
     if lg.rank != rank or lg.num_parts != manifest["num_parts"]:
@@ -139,10 +144,17 @@ def load_partition(part_dir: str | os.PathLike, rank: int, *, num_parts: int | N
     return lg
 
 
-def _atomic_write(path: Path, blob: bytes) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(blob)
-        f.flush()
+def _file_digest(path: Path) -> tuple[int, str]:
+    """Size and SHA-256 of a file, read in blocks."""
+    h, size = hashlib.sha256(), 0
+    with open(path, "rb") as f:
+        while block := f.read(1 << 24):
+            h.update(block)
+            size += len(block)
+    return size, h.hexdigest()
+
+
+def _sync_and_rename(tmp: Path, path: Path) -> None:
+    with open(tmp, "rb+") as f:
         os.fsync(f.fileno())
     os.replace(tmp, path)

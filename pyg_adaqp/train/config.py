@@ -64,7 +64,7 @@ class ModeConfig:
     name: str = "adaqp"                #: ``vanilla``, ``adaqp``, ``adaqp_q`` or ``adaqp_p``
     quantize: bool = True              #: quantize training exchanges
     overlap: bool = True               #: aggregate owned rows while halo rows travel
-    cache_input: bool = True           #: exchange the input features' halo once (beyond the original)
+    cache_input: bool = True           #: aggregate the input features once (layer 0), not every epoch
 
     def __post_init__(self) -> None:
         _check(self.name in MODES, "mode.name", f"must be one of {MODES}, got {self.name!r}")
@@ -101,12 +101,13 @@ class TrainerConfig:
     epochs: int = 60                   #: training epochs
     lr: float = 0.01                   #: Adam learning rate
     weight_decay: float = 0.0          #: Adam weight decay
-    eval_every: int = 1                #: evaluate (full precision) every this many epochs
+    eval_every: int = 5                #: evaluate (full precision) every this many epochs, and last
     target_val: Optional[float] = None  #: report the training time to reach this val metric
     checkpoint_every: int = 0          #: write a checkpoint every this many epochs (0: never)
     resume: Optional[str] = None       #: checkpoint file, or directory (newest valid one), to resume
-    timeout_s: float = 120.0           #: bound on every collective and on start-up
-    num_threads: int = 1               #: torch threads per worker
+    timeout_s: float = 120.0           #: bound on every collective and on joining the job
+    startup_timeout_s: float = 3600.0  #: torchrun: how long ranks wait for rank 0's partition
+    num_threads: Optional[int] = None  #: torch threads per worker (null: cores / local workers)
     progress: bool = True              #: progress bar on rank 0
     plots: bool = True                 #: write PNG plots at the end
 
@@ -119,9 +120,11 @@ class TrainerConfig:
         _check(self.target_val is None or 0.0 <= self.target_val <= 1.0, "trainer.target_val",
                f"must be in [0, 1] (an accuracy or F1), got {self.target_val}")
         _check(self.timeout_s > 0, "trainer.timeout_s", f"must be > 0, got {self.timeout_s}")
+        _check(self.startup_timeout_s > 0, "trainer.startup_timeout_s",
+               f"must be > 0, got {self.startup_timeout_s}")
         _check(self.checkpoint_every >= 0, "trainer.checkpoint_every",
                f"must be >= 0, got {self.checkpoint_every}")
-        _check(self.num_threads >= 1, "trainer.num_threads",
+        _check(self.num_threads is None or self.num_threads >= 1, "trainer.num_threads",
                f"must be >= 1, got {self.num_threads}")
 
 
@@ -136,7 +139,7 @@ class Config:
     world_size: int = 2                #: local workers to start (ignored under torchrun)
     device: str = "cpu"                #: ``cpu`` or ``cuda``
     seed: int = 0                      #: seeds the model, partitioning and quantization noise
-    partition_dir: Optional[str] = None  #: where parts are written/read (default: run dir)
+    partition_dir: Optional[str] = None  #: where parts are written/read (default: a cache by dataset key)
 
     def __post_init__(self) -> None:
         _check(self.world_size >= 1, "world_size", f"must be >= 1, got {self.world_size}")

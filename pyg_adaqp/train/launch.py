@@ -1,35 +1,44 @@
 """Starting workers: local spawn (``world_size=N``) or ``torchrun``.
 
 All distributed state (ranks, devices, process groups) is set up here and
-nowhere else.  Start-up and every collective run under ``trainer.timeout_s``.
-The launcher of local workers checks the dataset and the checkpoint to
-resume from before it starts them, and runs them with
+nowhere else.  Joining the job and every collective run under
+``trainer.timeout_s``; partitioning never runs inside one.  The partition
+comes from a cache keyed by the dataset, the number of parts and the seed
+(:func:`prepare_partitions`), made on a miss before any worker joins.  The
+launcher of local workers finds or makes it, checks the checkpoint to
+resume from, then starts the workers with
 :func:`~pyg_adaqp.train.workers.spawn_workers`: they die with the launcher,
 and when one raises or dies, the others get ``timeout_s`` to stop (they fail
 at once when a peer leaves), what is left is killed, and
 :class:`~pyg_adaqp.train.workers.WorkerFailed` names the rank that failed
-first and the cause.  Under ``torchrun`` a worker dies with its agent, and a
-worker whose peer died or became unreachable names that rank (see
+first and the cause.  Under ``torchrun`` rank 0 finds or makes the
+partition before joining while the others wait for its manifest (up to
+``trainer.startup_timeout_s``), a worker dies with its agent, and a worker
+whose peer died or became unreachable names that rank (see
 :mod:`~pyg_adaqp.train.liveness`).
 """
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 import sys
+import time
 from datetime import timedelta
 from pathlib import Path
-from typing import TYPE_CHECKING, Sequence
+from typing import TYPE_CHECKING, Callable, Sequence
 
 import torch
 import torch.distributed as dist
+from torch_geometric.data import Data
 
-from pyg_adaqp.data import check_dataset, load_dataset
+from pyg_adaqp.data import check_dataset, dataset_key, load_dataset
+from pyg_adaqp.data.datasets import cache_dir
 from pyg_adaqp.partition import (
     PartitionError,
     graph_fingerprint,
     load_partition,
-    partition_graph,
+    partition_to_disk,
     read_manifest,
 )
 from pyg_adaqp.train.checkpoint import load_resume_point
@@ -40,30 +49,130 @@ from pyg_adaqp.train.workers import die_with_parent, failure_text, free_port, sp
 if TYPE_CHECKING:
     from pyg_adaqp.train.trainer import EpochHook
 
+log = logging.getLogger(__name__)
 
-def prepare_partitions(cfg: Config, part_dir: Path, num_parts: int) -> None:
-    """Checks the dataset and partitions it into `part_dir` unless a matching partition is there.
+
+def partition_dir(cfg: Config, num_parts: int) -> Path:
+    """Where the run's parts are: ``partition_dir``, or the cache entry of its dataset key."""
+    if cfg.partition_dir:
+        return Path(cfg.partition_dir)
+    d = cfg.dataset
+    key = dataset_key(d.name, d.root, **d.options)
+    return cache_dir() / "partitions" / f"{key}-{num_parts}parts-seed{cfg.seed}"
+
+
+def _mismatch(manifest: dict, key: str, num_parts: int, seed: int) -> str | None:
+    """What differs between a partition's manifest and the run, or :obj:`None`."""
+    for what, have, want in (("parts", manifest["num_parts"], num_parts),
+                             ("seed", manifest["seed"], seed),
+                             ("dataset key", manifest.get("dataset_key"), key)):
+        if have != want:
+            return f"it has {what} {have!r}, the run needs {want!r}"
+    return None
+
+
+def prepare_partitions(cfg: Config, num_parts: int,
+                       on_loaded: Callable[[Data], None] | None = None) -> Path:
+    """The run's partition directory, partitioning the dataset into it unless it holds a match.
+
+    By default parts are cached under the dataset's key (see
+    :func:`~pyg_adaqp.data.dataset_key`), the number of parts and the seed,
+    so a second run of the same graph reuses them without loading the
+    graph.  A ``partition_dir`` given in the config must match the run (or
+    be empty): a partition made from another graph, or with other parts or
+    seed, raises instead of being overwritten.  A manifest that records no
+    dataset key (written by ``partition_graph(..., out_dir=...)``) is
+    checked against the loaded graph's fingerprint instead.
+
+    Args:
+        cfg (Config): The run's configuration.
+        num_parts (int): Number of parts (workers).
+        on_loaded (callable, optional): Called with the graph once it is
+            loaded and checked, before partitioning (e.g. to measure memory).
+            (default: :obj:`None`)
 
     Raises:
         DatasetError: If the dataset cannot be trained on (see
             :func:`~pyg_adaqp.data.check_dataset`).
         ConfigError: If there are more workers than nodes.
+        PartitionError: If a given ``partition_dir`` holds a partition that
+            does not match the run.
     """
     d = cfg.dataset
+    key = dataset_key(d.name, d.root, **d.options)
+    part_dir = partition_dir(cfg, num_parts)
+    try:
+        manifest = read_manifest(part_dir)
+    except PartitionError:
+        if cfg.partition_dir and (part_dir / "manifest.json").exists():
+            raise  # a given directory with a damaged manifest: say so, do not overwrite
+        manifest = None  # missing (or a damaged cache entry): partition anew
+    if manifest is not None and manifest.get("dataset_key") is not None:
+        differs = _mismatch(manifest, key, num_parts, cfg.seed)
+        if differs is None:
+            log.info("partition: reusing %s (%d parts of %s, seed %d)", part_dir, num_parts,
+                     key, cfg.seed)
+            return part_dir
+        if cfg.partition_dir:
+            raise PartitionError(f"partition_dir {part_dir} holds a partition made for another "
+                                 f"run ({differs}): pass an empty directory, or leave "
+                                 f"partition_dir unset to use the cache")
+    t0 = time.perf_counter()
     data = load_dataset(d.name, d.root, **d.options)
     check_dataset(data, d.name)
     if num_parts > data.num_nodes:
         raise ConfigError(f"world_size={num_parts} exceeds the {data.num_nodes} nodes of dataset "
                          f"{d.name!r}: every worker must own at least one node")
-    fingerprint = graph_fingerprint(data)
-    try:
-        manifest = read_manifest(part_dir)
-    except PartitionError:
-        manifest = None  # missing or unreadable: partition anew
-    if manifest is not None and (manifest["fingerprint"], manifest["num_parts"],
-                                 manifest["seed"]) == (fingerprint, num_parts, cfg.seed):
-        return
-    partition_graph(data, num_parts, seed=cfg.seed, out_dir=part_dir)
+    if on_loaded is not None:
+        on_loaded(data)
+    if manifest is not None:  # recorded no dataset key: compare the graph itself
+        fingerprint = graph_fingerprint(data)
+        if (manifest["fingerprint"], manifest["num_parts"], manifest["seed"]) == (
+                fingerprint, num_parts, cfg.seed):
+            log.info("partition: reusing %s (its graph fingerprint matches)", part_dir)
+            return part_dir
+        if cfg.partition_dir:
+            raise PartitionError(f"partition_dir {part_dir} holds a partition of another graph, "
+                                 f"or with other parts or seed: pass an empty directory, or "
+                                 f"leave partition_dir unset to use the cache")
+    partition_to_disk(data, num_parts, part_dir, seed=cfg.seed, dataset_key=key)
+    log.info("partition: wrote %d parts of %s to %s in %.1f s", num_parts, key, part_dir,
+             time.perf_counter() - t0)
+    return part_dir
+
+
+def wait_for_partition(cfg: Config, num_parts: int) -> Path:
+    """Waits, up to ``trainer.startup_timeout_s``, until the run's partition is on disk.
+
+    Under ``torchrun`` rank 0 partitions before it joins the process group,
+    so no rank waits for it inside a collective bounded by ``timeout_s``;
+    the other ranks wait here for the manifest instead.
+    """
+    part_dir = partition_dir(cfg, num_parts)
+    d = cfg.dataset
+    key = dataset_key(d.name, d.root, **d.options)
+    deadline = time.monotonic() + cfg.trainer.startup_timeout_s
+    while True:
+        try:
+            manifest = read_manifest(part_dir)
+            if (manifest["num_parts"], manifest["seed"]) == (num_parts, cfg.seed) and (
+                    manifest.get("dataset_key") in (None, key)):
+                return part_dir
+        except PartitionError:
+            pass
+        if time.monotonic() > deadline:
+            raise PartitionError(
+                f"no partition of {key} into {num_parts} parts (seed {cfg.seed}) appeared in "
+                f"{part_dir} within trainer.startup_timeout_s={cfg.trainer.startup_timeout_s} s: "
+                f"rank 0 writes it there; on machines without a shared filesystem, partition "
+                f"beforehand with python -m pyg_adaqp.partition and copy it to that path")
+        time.sleep(1.0)
+
+
+def default_threads(local_workers: int) -> int:
+    """Torch threads per worker by default: this machine's usable cores shared by its workers."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return max(1, (cores or 1) // max(1, local_workers))
 
 
 def _devices(cfg: Config, local_rank: int, local_world: int) -> tuple[torch.device, str]:
@@ -80,8 +189,7 @@ def _devices(cfg: Config, local_rank: int, local_world: int) -> tuple[torch.devi
 
 
 def run_worker(rank: int, world_size: int, cfg: Config, run_dir: Path, part_dir: Path,
-               local_rank: int, local_world: int, prepare: bool,
-               on_epoch_end: Sequence[EpochHook] = ()) -> None:
+               local_rank: int, local_world: int, on_epoch_end: Sequence[EpochHook] = ()) -> None:
     """One worker: joins the process group, loads its part and trains.
 
     A communication error (gloo's plain ``RuntimeError``, or a
@@ -95,16 +203,14 @@ def run_worker(rank: int, world_size: int, cfg: Config, run_dir: Path, part_dir:
 
     heartbeat = None
     try:
-        torch.set_num_threads(cfg.trainer.num_threads)
+        torch.set_num_threads(cfg.trainer.num_threads or default_threads(local_world))
         device, backend = _devices(cfg, local_rank, local_world)
         timeout = timedelta(seconds=cfg.trainer.timeout_s)
         dist.init_process_group(backend, rank=rank, world_size=world_size, timeout=timeout)
         heartbeat = Heartbeat(rank, world_size).start()
-        if prepare and rank == 0:
-            prepare_partitions(cfg, part_dir, world_size)
-        # Rank 0 checked (or made) the partition against the dataset; every
-        # other rank loads only a part matching that graph, so a stale copy
-        # on another machine is rejected instead of silently used.
+        # Rank 0 checked (or made) the partition for the dataset; every other
+        # rank loads only a part of the same graph, so a stale copy on
+        # another machine is rejected instead of silently used.
         box = [read_manifest(part_dir)["fingerprint"] if rank == 0 else None]
         dist.broadcast_object_list(box, src=0)
         graph = load_partition(part_dir, rank, num_parts=world_size, fingerprint=box[0])
@@ -130,7 +236,7 @@ def run_worker(rank: int, world_size: int, cfg: Config, run_dir: Path, part_dir:
 
 def _spawned(rank: int, world_size: int, cfg: Config, run_dir: Path, part_dir: Path,
              on_epoch_end: Sequence[EpochHook]) -> None:
-    run_worker(rank, world_size, cfg, run_dir, part_dir, rank, world_size, prepare=False,
+    run_worker(rank, world_size, cfg, run_dir, part_dir, rank, world_size,
                on_epoch_end=on_epoch_end)
 
 
@@ -153,32 +259,37 @@ def launch(cfg: Config, run_dir: Path, on_epoch_end: Sequence[EpochHook] = ()) -
         CheckpointError: If ``trainer.resume`` holds no valid checkpoint.
     """
     run_dir = Path(run_dir)
-    part_dir = Path(cfg.partition_dir) if cfg.partition_dir else run_dir / "partitions"
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ:  # under torchrun
-        _torchrun_worker(cfg, run_dir, part_dir, on_epoch_end)
+        _torchrun_worker(cfg, run_dir, on_epoch_end)
         return
     if cfg.trainer.resume:
         # Fail before starting anything, and resume every worker from the same file.
         source, _ = load_resume_point(cfg.trainer.resume)
         cfg = dataclasses.replace(cfg, trainer=dataclasses.replace(cfg.trainer,
                                                                    resume=str(source)))
-    prepare_partitions(cfg, part_dir, cfg.world_size)
+    part_dir = prepare_partitions(cfg, cfg.world_size)
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     os.environ["MASTER_PORT"] = str(free_port())
     spawn_workers(_spawned, cfg.world_size, (cfg.world_size, cfg, run_dir, part_dir, on_epoch_end),
                   grace_s=cfg.trainer.timeout_s)
 
 
-def _torchrun_worker(cfg: Config, run_dir: Path, part_dir: Path,
-                     on_epoch_end: Sequence[EpochHook]) -> None:
-    """One worker of a ``torchrun`` job: dies with its agent, leaves at once on failure."""
-    rank = int(os.environ["RANK"])
+def _torchrun_worker(cfg: Config, run_dir: Path, on_epoch_end: Sequence[EpochHook]) -> None:
+    """One worker of a ``torchrun`` job: dies with its agent, leaves at once on failure.
+
+    Rank 0 partitions (or finds the partition) before joining the process
+    group; the others wait for it outside any collective, up to
+    ``trainer.startup_timeout_s``.
+    """
+    rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     if "TORCHELASTIC_RUN_ID" in os.environ:  # started by torchrun's agent, which is our parent
         die_with_parent(os.getppid())
     try:
-        run_worker(rank, int(os.environ["WORLD_SIZE"]), cfg, run_dir, part_dir,
+        part_dir = (prepare_partitions(cfg, world_size) if rank == 0
+                    else wait_for_partition(cfg, world_size))
+        run_worker(rank, world_size, cfg, run_dir, part_dir,
                    int(os.environ.get("LOCAL_RANK", 0)), int(os.environ.get("LOCAL_WORLD_SIZE", 1)),
-                   prepare=True, on_epoch_end=on_epoch_end)
+                   on_epoch_end=on_epoch_end)
     except BaseException as err:
         try:
             print(f"worker rank {rank} failed: {failure_text(err)}", file=sys.stderr, flush=True)

@@ -99,7 +99,7 @@ class Trainer:
                                           weight_decay=cfg.trainer.weight_decay)
         self.graph = DistGraph(graph, group=ctx.exchange_group, device=dev,
                                quantize=cfg.mode.quantize, overlap=cfg.mode.overlap,
-                               cache_input_halo=cfg.mode.cache_input,
+                               cache_input=cfg.mode.cache_input,
                                generator=worker_generator(cfg.seed, ctx.rank, dev))
         a = cfg.assign
         self.scheme = (UniformBits(a.bits) if a.scheme == "uniform"
