@@ -49,9 +49,9 @@ from pathlib import Path
 import torch
 
 SIZES = {  # name: (nodes, avg degree asked of the generator, features, classes, multi-label, parts)
-    "reddit": (232_965, 540, 602, 41, False, 4),
-    "products": (2_449_029, 53, 100, 47, False, 8),
-    "amazon": (1_569_960, 180, 200, 107, True, 8),
+    "reddit": (232_965, 608, 602, 41, False, 4),
+    "products": (2_449_029, 51.6, 100, 47, False, 8),
+    "amazon": (1_569_960, 183.5, 200, 107, True, 8),
 }
 PAPER_EDGES = {"reddit": 114.6e6, "products": 123.7e6, "amazon": 264.3e6}
 

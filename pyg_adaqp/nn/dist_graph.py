@@ -97,13 +97,23 @@ class DistGraph:
         if cache_key not in self._adjacency:
             g = self.graph
             src, dst, w = weights(g)
-            src, dst, w = src.to(self.device), dst.to(self.device), w.to(self.device, dtype)
             own = src < g.num_owned
-            a_own = SparseAdjacency(src[own], dst[own], w[own], (g.num_owned, g.num_owned))
-            a_halo = SparseAdjacency(src[~own] - g.num_owned, dst[~own], w[~own],
-                                     (g.num_owned, g.num_halo))
+            # Split, then drop the whole edge list before building: on a large
+            # part the triplets, not the matrices, set the peak memory.
+            own_block = (src[own], dst[own], w[own], g.num_owned)
+            halo_block = (src[~own].sub_(g.num_owned), dst[~own], w[~own], g.num_halo)
+            del src, dst, w, own
+            a_own = self._matrix(*own_block, dtype)
+            del own_block
+            a_halo = self._matrix(*halo_block, dtype)
+            del halo_block
             self._adjacency[cache_key] = (a_own, a_halo)
         return self._adjacency[cache_key]
+
+    def _matrix(self, src: Tensor, dst: Tensor, w: Tensor, num_src: int,
+                 dtype: torch.dtype) -> SparseAdjacency:
+        return SparseAdjacency(src.to(self.device), dst.to(self.device), w.to(self.device, dtype),
+                               (self.graph.num_owned, num_src))
 
     def caches_input(self, module: torch.nn.Module, x: Tensor) -> bool:
         """Whether :meth:`aggregate` will take `x`'s aggregation from the input cache.
@@ -144,7 +154,8 @@ class DistGraph:
         t1 = time.perf_counter()
         halo = handle.halo()
         t2 = time.perf_counter()
-        out = out + a_halo.matmul(halo)
+        if a_halo.nnz:  # a worker without halo rows adds nothing
+            out = out + a_halo.matmul(halo)
         stats.owned_agg_time += t1 - t0
         stats.halo_agg_time += time.perf_counter() - t2
         tracer = self.exchange.tracer
@@ -176,6 +187,8 @@ class DistGraph:
         out = self._cached_aggregate(layer, x, (*key, x.dtype))
         if out is None:
             halo = self.exchange.exchange(f"input {layer}", x, quantize=False)
-            out = a_own.matmul(x) + a_halo.matmul(halo)
+            out = a_own.matmul(x)
+            if a_halo.nnz:
+                out += a_halo.matmul(halo)
             self._input_aggregate[layer] = (weakref.ref(x), x._version, (*key, x.dtype), out)
         return out

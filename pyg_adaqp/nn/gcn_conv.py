@@ -120,5 +120,5 @@ class DistGCNConv(GCNConv):
         else:
             out = self.lin(graph.aggregate(self, x, key, weights))
         if self.bias is not None:
-            out = out + self.bias
+            out += self.bias  # out is always a fresh product here, never a cached tensor
         return out

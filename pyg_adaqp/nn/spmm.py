@@ -15,10 +15,15 @@ from torch.autograd import Function
 
 
 def _csr(row: Tensor, col: Tensor, value: Tensor, size: tuple[int, int]) -> Tensor:
-    perm = torch.argsort(row * max(size[1], 1) + col)
-    row, col, value = row[perm], col[perm], value[perm]
-    crow = torch.zeros(size[0] + 1, dtype=torch.long, device=row.device)
+    """A CSR matrix from COO triplets; int32 indices where they fit (half the memory)."""
+    index_dtype = torch.int32 if max(size) < 2**31 and row.numel() < 2**31 else torch.long
+    crow = torch.zeros(size[0] + 1, dtype=index_dtype, device=row.device)
     crow[1:] = torch.cumsum(torch.bincount(row, minlength=size[0]), 0)
+    key, perm = torch.sort(row * max(size[1], 1) + col)
+    col = key.remainder_(max(size[1], 1)).to(index_dtype)
+    del key
+    value = value[perm]
+    del perm
     with warnings.catch_warnings():
         # "Sparse CSR tensor support is in beta state": matmul is all we use.
         warnings.simplefilter("ignore", UserWarning)
