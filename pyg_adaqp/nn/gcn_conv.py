@@ -41,7 +41,7 @@ def dist_gcn_norm(graph: LocalGraph, improved: bool = False, add_self_loops: boo
     loop = graph.loop_weight
     if add_self_loops:
         keep = src != dst
-        owned = torch.arange(graph.num_owned)
+        owned = torch.arange(graph.num_owned, dtype=src.dtype)
         fill = 2.0 if improved else 1.0
         loop = torch.where(loop.isnan(), torch.full_like(loop, fill), loop)
         src = torch.cat([src[keep], owned])

@@ -19,7 +19,7 @@ def _csr(row: Tensor, col: Tensor, value: Tensor, size: tuple[int, int]) -> Tens
     index_dtype = torch.int32 if max(size) < 2**31 and row.numel() < 2**31 else torch.long
     crow = torch.zeros(size[0] + 1, dtype=index_dtype, device=row.device)
     crow[1:] = torch.cumsum(torch.bincount(row, minlength=size[0]), 0)
-    key, perm = torch.sort(row * max(size[1], 1) + col)
+    key, perm = torch.sort(row.long() * max(size[1], 1) + col)
     col = key.remainder_(max(size[1], 1)).to(index_dtype)
     del key
     value = value[perm]

@@ -40,10 +40,11 @@ class LocalGraph:
             :obj:`[num_local]`.
         halo_owner (LongTensor): Owning rank of every halo row, shape
             :obj:`[num_halo]`.
-        edge_index (LongTensor): All in-edges of owned rows in local ids,
+        edge_index (IntTensor): All in-edges of owned rows in local ids,
             sources in :obj:`[0, num_local)`, targets in
             :obj:`[0, num_owned)`, sorted by (target, source); shape
-            :obj:`[2, num_edges]`.
+            :obj:`[2, num_edges]`; int32 (int64 past :math:`2^{31}` local
+            rows, and in partitions written before int32).
         edge_weight (Tensor, optional): Weight of every local edge, shape
             :obj:`[num_edges]`, or :obj:`None` for an unweighted graph.
         in_degree (Tensor): *Global* weighted in-degree of every local row,
