@@ -1,7 +1,7 @@
 """The paper's graph sizes on one machine: partition once, train within memory.
 
     python benchmarks/scale.py                       # all of it, ~40 min on 2 cores, 24 GiB
-    python benchmarks/scale.py --scale 0.01          # the small form the tests run
+    python benchmarks/scale.py --scale 0.004 --epochs 2   # the small form the tests run
     python benchmarks/scale.py --sizes reddit --skip-train
 
 Synthetic graphs (:func:`pyg_adaqp.data.synthetic_graph`) shaped like the
@@ -27,6 +27,11 @@ and never loads the graph.  Peak RSS is the kernel's ``VmHWM`` of the
 launcher (reset before each run) and of every worker (recorded after each
 epoch).  The whole-graph reference is PyG's ``GCNConv`` (same model) on a
 CSR adjacency in one process, one training step, its peak RSS likewise.
+
+``--metis`` also partitions a quarter of the products-sized graph's nodes,
+at its degree and at half of it, into 8 with METIS on its default edge
+sample and on the whole graph, each in a process of its own, and reports
+the edge cut and METIS's peak memory per edge.
 
 ``--step`` also times one worker's training step against plain PyG on the
 whole graph (200k nodes, 4M edges, 2 threads, GCN and SAGE, median of
@@ -196,6 +201,40 @@ def pyg_model(kind: str, in_channels: int, hidden: int, out_channels: int, layer
     return Model()
 
 
+METIS_CODE = """
+import json, sys, torch
+sys.path.insert(0, {bench!r})
+from scale import vm, reset_peak
+from pyg_adaqp.data import synthetic_graph
+from pyg_adaqp.partition import metis_membership
+data = synthetic_graph(**json.loads({opts!r}))
+ei = data.edge_index
+loaded = vm('VmRSS'); reset_peak()
+part = metis_membership(ei, data.num_nodes, 8, max_entries={max_entries})
+cut = float((part[ei[0]] != part[ei[1]]).float().mean())
+print(json.dumps({{"cut": cut, "bytes_per_edge": (vm('VmHWM') - loaded) * 2**30 / ei.size(1),
+                  "edges": ei.size(1)}}))
+"""
+
+
+def metis_sample_check(env: dict) -> list[dict]:
+    """Edge cut and METIS memory, default sample against the whole graph (separate processes).
+
+    On a quarter of the products-sized graph's nodes, at its degree and at half of it.
+    """
+    rows = []
+    for degree in (SIZES["products"][1], SIZES["products"][1] / 2):
+        opts = dict(synthetic_options("products", 0.25), avg_degree=degree)
+        for sees, max_entries in (("sample", None), ("whole graph", 2**62)):
+            code = METIS_CODE.format(bench=os.path.dirname(os.path.abspath(__file__)),
+                                     opts=json.dumps(opts), max_entries=max_entries)
+            run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
+                                 text=True, check=True)
+            rows.append(dict(json.loads(run.stdout.strip().splitlines()[-1]),
+                             nodes=opts["num_nodes"], sees=sees))
+    return rows
+
+
 def step_worker(rank, world_size, kind, steps):
     """One worker (world size 1) against PyG on the whole graph, steps interleaved."""
     import torch.nn.functional as F
@@ -240,6 +279,8 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=3)
     ap.add_argument("--skip-train", action="store_true", help="partition only")
     ap.add_argument("--step", action="store_true", help="also time one worker's step against PyG")
+    ap.add_argument("--metis", action="store_true",
+                    help="also compare METIS on its edge sample with the whole graph")
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--json", type=Path, help="also write every figure here")
     args = ap.parse_args()
@@ -287,6 +328,15 @@ def main() -> None:
               f"(graph loaded: {ref['loaded_gib']:.2f}) | {ref['peak_gib']:.2f} |")
         print(f"\nPyG whole-graph training step: {min(ref['step_s']):.1f} s (best of "
               f"{len(ref['step_s'])})")
+
+    if args.metis:
+        result["metis"] = metis_sample_check(env)
+        print("\nMETIS into 8 parts on a quarter of the products-sized graph's nodes\n")
+        print("| nodes | edges | METIS sees | edge cut | METIS peak bytes per edge |\n"
+              "|---:|---:|---|---:|---:|")
+        for c in result["metis"]:
+            print(f"| {c['nodes']:,} | {c['edges']:,} | {c['sees']} | {c['cut']:.1%} | "
+                  f"{c['bytes_per_edge']:.1f} |", flush=True)
 
     if args.step:
         from pyg_adaqp.train.workers import run_workers

@@ -36,10 +36,11 @@ def metis_membership(edge_index: Tensor, num_nodes: int, num_parts: int, seed: i
     partitions.  So when the symmetrized graph has more than `max_entries`
     entries, METIS partitions a uniform sample of the undirected edges of
     that size (every node kept; which edges is a hash of the edge and
-    `seed`).  On a dense graph the sample keeps its communities and the cut
-    barely changes: on the synthetic graph with 612,000 nodes and 50 edges
-    per node, into 8 parts, METIS on a 30% sample cut 29.9% of the edges,
-    on the whole graph 28.6% (at 110 instead of 38 bytes per edge).
+    `seed`).  The denser the graph, the less the sample costs: on the
+    synthetic graph with 612,000 nodes into 8 parts (``python
+    benchmarks/scale.py --metis``), METIS on the sample cut 30.0% of the
+    edges against 28.5% on the whole graph at 50 edges per node (38 instead
+    of 110 bytes per edge), but 34.5% against 28.0% at 25 edges per node.
 
     Args:
         edge_index (LongTensor): Edges, shape :obj:`[2, num_edges]`.
