@@ -1,6 +1,6 @@
 """The paper's graph sizes on one machine: partition once, train within memory.
 
-    python benchmarks/scale.py                       # all of it, ~40 min on 2 cores, 24 GiB
+    python benchmarks/scale.py --step               # the README's figures, ~25 min on 2 cores, 24 GiB
     python benchmarks/scale.py --scale 0.004 --epochs 2   # the small form the tests run
     python benchmarks/scale.py --sizes reddit --skip-train
 
