@@ -53,26 +53,14 @@ from pathlib import Path
 
 import torch
 
+from pyg_adaqp.partition.peak_memory import reset_peak, status_gib as vm
+
 SIZES = {  # name: (nodes, avg degree asked of the generator, features, classes, multi-label, parts)
     "reddit": (232_965, 608, 602, 41, False, 4),
     "products": (2_449_029, 51.6, 100, 47, False, 8),
     "amazon": (1_569_960, 183.5, 200, 107, True, 8),
 }
 PAPER_EDGES = {"reddit": 114.6e6, "products": 123.7e6, "amazon": 264.3e6}
-
-
-def vm(field: str, pid: str = "self") -> float:
-    """A /proc memory field in GiB."""
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) / 2**20
-    raise KeyError(field)
-
-
-def reset_peak() -> None:
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
 
 
 def synthetic_options(name: str, scale: float) -> dict:
@@ -149,7 +137,8 @@ def whole_graph_reference(name: str, scale: float, env: dict) -> dict:
     code = f"""
 import json, sys, time, torch
 sys.path.insert(0, {os.path.dirname(os.path.abspath(__file__))!r})
-from scale import vm, reset_peak, pyg_model, csr_adjacency
+from scale import pyg_model, csr_adjacency
+from pyg_adaqp.partition.peak_memory import reset_peak, status_gib as vm
 from pyg_adaqp.data import synthetic_graph
 data = synthetic_graph(**json.loads({json.dumps(synthetic_options(name, scale))!r}))
 loaded = vm('VmRSS'); reset_peak()
@@ -171,11 +160,16 @@ print(json.dumps({{"loaded_gib": loaded, "peak_gib": vm('VmHWM'), "step_s": time
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def csr_adjacency(edge_index, num_nodes: int):
-    """GCN's normalized adjacency (with self loops) as a torch CSR tensor, for PyG's layers."""
+def csr_adjacency(edge_index, num_nodes: int, gcn: bool = True):
+    """The transposed adjacency as a torch CSR tensor, for PyG's layers: GCN's normalized
+    one with self loops, or (``gcn=False``) the plain one, which SAGE's mean reads."""
     from torch_geometric.nn.conv.gcn_conv import gcn_norm
-    ei, w = gcn_norm(edge_index, None, num_nodes, add_self_loops=True)
-    return torch.sparse_coo_tensor(ei.flip(0), w, (num_nodes, num_nodes)).coalesce().to_sparse_csr()
+    if gcn:
+        edge_index, w = gcn_norm(edge_index, None, num_nodes, add_self_loops=True)
+    else:
+        w = torch.ones(edge_index.size(1))
+    return torch.sparse_coo_tensor(edge_index.flip(0), w,
+                                   (num_nodes, num_nodes)).coalesce().to_sparse_csr()
 
 
 def pyg_model(kind: str, in_channels: int, hidden: int, out_channels: int, layers: int = 3):
@@ -202,9 +196,8 @@ def pyg_model(kind: str, in_channels: int, hidden: int, out_channels: int, layer
 
 
 METIS_CODE = """
-import json, sys, torch
-sys.path.insert(0, {bench!r})
-from scale import vm, reset_peak
+import json, torch
+from pyg_adaqp.partition.peak_memory import reset_peak, status_gib as vm
 from pyg_adaqp.data import synthetic_graph
 from pyg_adaqp.partition import metis_membership
 data = synthetic_graph(**json.loads({opts!r}))
@@ -226,8 +219,7 @@ def metis_sample_check(env: dict) -> list[dict]:
     for degree in (SIZES["products"][1], SIZES["products"][1] / 2):
         opts = dict(synthetic_options("products", 0.25), avg_degree=degree)
         for sees, max_entries in (("sample", None), ("whole graph", 2**62)):
-            code = METIS_CODE.format(bench=os.path.dirname(os.path.abspath(__file__)),
-                                     opts=json.dumps(opts), max_entries=max_entries)
+            code = METIS_CODE.format(opts=json.dumps(opts), max_entries=max_entries)
             run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
                                  text=True, check=True)
             rows.append(dict(json.loads(run.stdout.strip().splitlines()[-1]),
@@ -251,9 +243,7 @@ def step_worker(rank, world_size, kind, steps):
     ours = DistGNN(kind, 128, 256, 16)
     x = lg.x
     theirs = pyg_model(kind, 128, 256, 16)
-    adj = (csr_adjacency(data.edge_index, data.num_nodes) if kind == "gcn"
-           else torch.sparse_coo_tensor(data.edge_index.flip(0), torch.ones(data.edge_index.size(1)),
-                                        (data.num_nodes,) * 2).coalesce().to_sparse_csr())
+    adj = csr_adjacency(data.edge_index, data.num_nodes, gcn=kind == "gcn")
     mask = data.train_mask
 
     def step(model, inp, a, y, m):

@@ -260,8 +260,8 @@ class AdaptiveBits:
         hist, info, self._predicted = {}, {}, {}
         drift = self._link_drift(gathered)
         cost = dataclasses.replace(
-            self.cost, up={i: r * drift.get(i, (1.0, 1.0))[0] for i, r in self.cost.up.items()},
-            down={i: r * drift.get(i, (1.0, 1.0))[1] for i, r in self.cost.down.items()})
+            self.cost, up={i: r * drift.get(i, 1.0) for i, r in self.cost.up.items()},
+            down={i: r * drift.get(i, 1.0) for i, r in self.cost.down.items()})
         channel_rows: dict[str, dict[int, int]] = defaultdict(lambda: {int(b): 0 for b in WIDTHS})
         for key in keys:
             problem, channels = self._problem(key, gathered)
@@ -289,17 +289,18 @@ class AdaptiveBits:
         if keys:
             self.history.append({
                 "epoch": self._epoch,
-                "link_slowdown": {i: list(f) for i, f in sorted(drift.items())},
+                # (up, down) in the report; one slow-down counts both ways
+                "link_slowdown": {i: [f, f] for i, f in sorted(drift.items())},
                 "rows_by_bits": dict(sorted(channel_rows.items())),
                 "mean_bits": {c: round(sum(b * n for b, n in h.items()) / sum(h.values()), 3)
                               for c, h in sorted(channel_rows.items()) if sum(h.values())}})
         self.last_solve_time = time.perf_counter() - t0
         return [(keys, mine) for mine in out]
 
-    def _link_drift(self, gathered: list[dict]) -> dict[int, tuple[float, float]]:
-        """Per worker, the (uplink, downlink) slow-down of its link from the
-        last epoch's arrivals (1.0 within :data:`DRIFT_BAND`; both the larger
-        of the two estimates, see the module)."""
+    def _link_drift(self, gathered: list[dict]) -> dict[int, float]:
+        """Per worker, the slow-down of its link from the last epoch's arrivals
+        (1.0 within :data:`DRIFT_BAND`): the larger of its uplink's and its
+        downlink's estimate, applied both ways (see the module)."""
         ratios: dict[tuple[int, int], list[float]] = defaultdict(list)
         keys = {k for part in gathered for k in part["observed"]}
         for key in keys:
@@ -329,8 +330,7 @@ class AdaptiveBits:
         slowdown = {}
         for w in sorted(set(up) | set(down)):
             f = max(min(up[w], default=1.0), min(down[w], default=1.0))
-            f = f if f >= DRIFT_BAND else 1.0
-            slowdown[w] = (f, f)
+            slowdown[w] = f if f >= DRIFT_BAND else 1.0
         return slowdown
 
     def _problem(self, key: str, gathered: list[dict]) -> tuple[KeyProblem, list]:

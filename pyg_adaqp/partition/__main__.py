@@ -26,29 +26,8 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 import pyg_adaqp
+from pyg_adaqp.partition.peak_memory import reset_peak, status_gib
 from pyg_adaqp.partition.storage import PartitionError, read_manifest
-
-
-def _status_gib(field: str) -> float | None:
-    """A ``/proc/self/status`` memory field (``VmRSS``, ``VmHWM``) in GiB; None off Linux."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith(field + ":"):
-                    return int(line.split()[1]) / 2**20
-    except OSError:
-        return None
-    return None
-
-
-def _reset_peak() -> bool:
-    """Resets the kernel's peak-RSS mark of this process (Linux)."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
 
 
 def main(argv: list[str]) -> int:
@@ -62,8 +41,8 @@ def main(argv: list[str]) -> int:
 
     def loaded(data) -> None:
         stats.update(nodes=int(data.num_nodes), edges=int(data.edge_index.size(1)),
-                     load_s=time.perf_counter() - t0, loaded_rss_gib=_status_gib("VmRSS"))
-        stats["peak_measured"] = _reset_peak()
+                     load_s=time.perf_counter() - t0, loaded_rss_gib=status_gib("VmRSS"))
+        stats["peak_measured"] = reset_peak()
         stats["partition_start"] = time.perf_counter()
 
     try:
@@ -84,7 +63,7 @@ def main(argv: list[str]) -> int:
         out["partition_s"] = time.perf_counter() - stats.pop("partition_start")
         measured = stats.pop("peak_measured")
         out.update(stats)
-        peak = _status_gib("VmHWM")
+        peak = status_gib("VmHWM")
         if measured and peak is not None and stats["loaded_rss_gib"] is not None:
             out["peak_rss_gib"] = peak
             out["bytes_per_edge"] = (peak - stats["loaded_rss_gib"]) * 2**30 / max(1, stats["edges"])

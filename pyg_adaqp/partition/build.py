@@ -127,6 +127,7 @@ class _Builder:
         self.src, self.dst = edge_index
         self.weight = edge_weight
         self.part = part.to(torch.int16 if num_parts < 2**15 else torch.int32)
+        self.num_parts = num_parts
         N, P, E = num_nodes, num_parts, self.src.numel()
 
         # Global degrees, self loops kept apart (GCN replaces them, see
@@ -222,7 +223,7 @@ class _Builder:
         node_ids = torch.cat([owned, halo_nodes])
         # What r sends to p is p's halo slice of owner r, in p's slot order.
         send_index, recv_index = {}, {}
-        for p in range(len(self.halo)):
+        for p in range(self.num_parts):
             if p == r:
                 continue
             lo, hi = self._owned_range(self.halo[p], r)
@@ -232,7 +233,7 @@ class _Builder:
             if hi > lo:
                 recv_index[p] = torch.arange(lo, hi)
         return LocalGraph(
-            rank=r, num_parts=len(self.halo), num_nodes_global=self.pos.numel(),
+            rank=r, num_parts=self.num_parts, num_nodes_global=self.pos.numel(),
             num_central=num_owned - int(self.marginal_count[r]),
             num_marginal=int(self.marginal_count[r]),
             node_ids=node_ids, halo_owner=self.part[halo_nodes].long(),

@@ -52,20 +52,28 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
-def partition_dir(cfg: Config, num_parts: int) -> Path:
-    """Where the run's parts are: ``partition_dir``, or the cache entry of its dataset key."""
+def _dataset_key(cfg: Config) -> str:
+    d = cfg.dataset
+    return dataset_key(d.name, d.root, **d.options)
+
+
+def partition_dir(cfg: Config, num_parts: int, key: str | None = None) -> Path:
+    """Where the run's parts are: ``partition_dir``, or the cache entry of its dataset key
+    (`key`, computed from `cfg` if not given)."""
     if cfg.partition_dir:
         return Path(cfg.partition_dir)
-    d = cfg.dataset
-    key = dataset_key(d.name, d.root, **d.options)
+    key = key or _dataset_key(cfg)
     return cache_dir() / "partitions" / f"{key}-{num_parts}parts-seed{cfg.seed}"
 
 
 def _mismatch(manifest: dict, key: str, num_parts: int, seed: int) -> str | None:
-    """What differs between a partition's manifest and the run, or :obj:`None`."""
+    """What differs between a partition's manifest and the run, or :obj:`None`.
+
+    A manifest that records no dataset key is compared on parts and seed only.
+    """
     for what, have, want in (("parts", manifest["num_parts"], num_parts),
                              ("seed", manifest["seed"], seed),
-                             ("dataset key", manifest.get("dataset_key"), key)):
+                             ("dataset key", manifest.get("dataset_key") or key, key)):
         if have != want:
             return f"it has {what} {have!r}, the run needs {want!r}"
     return None
@@ -99,8 +107,8 @@ def prepare_partitions(cfg: Config, num_parts: int,
             does not match the run.
     """
     d = cfg.dataset
-    key = dataset_key(d.name, d.root, **d.options)
-    part_dir = partition_dir(cfg, num_parts)
+    key = _dataset_key(cfg)
+    part_dir = partition_dir(cfg, num_parts, key)
     try:
         manifest = read_manifest(part_dir)
     except PartitionError:
@@ -148,15 +156,12 @@ def wait_for_partition(cfg: Config, num_parts: int) -> Path:
     so no rank waits for it inside a collective bounded by ``timeout_s``;
     the other ranks wait here for the manifest instead.
     """
-    part_dir = partition_dir(cfg, num_parts)
-    d = cfg.dataset
-    key = dataset_key(d.name, d.root, **d.options)
+    key = _dataset_key(cfg)
+    part_dir = partition_dir(cfg, num_parts, key)
     deadline = time.monotonic() + cfg.trainer.startup_timeout_s
     while True:
         try:
-            manifest = read_manifest(part_dir)
-            if (manifest["num_parts"], manifest["seed"]) == (num_parts, cfg.seed) and (
-                    manifest.get("dataset_key") in (None, key)):
+            if _mismatch(read_manifest(part_dir), key, num_parts, cfg.seed) is None:
                 return part_dir
         except PartitionError:
             pass
