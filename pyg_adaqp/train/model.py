@@ -46,12 +46,10 @@ class DistGNN(torch.nn.Module):
 def relu_dropout(x: Tensor, p: float, training: bool = True) -> Tensor:
     r"""``F.dropout(x.relu(), p, training)``, as one multiplication on CPU.
 
-    PyTorch's CPU ``bernoulli_`` draws about 13 ns per element (0.67 s for a
-    200,000 x 256 activation on 2 threads, a third of a GCN training step);
-    comparing uniform 16-bit integers with a threshold takes 0.2 s.  The
-    keep mask, the ReLU's and the scale :math:`1 / (1 - p)` then make one
-    factor, so forward and backward are one product each: half the time of
-    ``relu`` and ``F.dropout``.  Each element is dropped with probability
+    PyTorch's CPU ``bernoulli_`` is slow (the largest single operation of a
+    profiled GCN step); comparing uniform 16-bit integers with a threshold
+    is cheaper.  The keep mask, the ReLU's and the scale :math:`1 / (1 - p)`
+    then make one factor, so forward and backward are one product each.  Each element is dropped with probability
     :math:`p` rounded to a multiple of :math:`2^{-16}` (exact for 0.5).  On
     CUDA, or with nothing to drop, it is ``F.dropout(x.relu())``.
     """
