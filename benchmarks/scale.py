@@ -132,6 +132,39 @@ def train(name: str, scale: float, epochs: int, cache: bool, work: Path) -> dict
             "summed_peak_gib": launcher + sum(workers)}
 
 
+def today(name: str, scale: float, epochs: int, rev: str, work: Path, env: dict) -> dict:
+    """The trainer at git revision `rev` (the code before the layer-0 cache), same graph.
+
+    Its own defaults (one thread per worker, as this machine's default gives
+    4 local workers on 2 cores); it partitions inside its run.  Runs from a
+    temporary ``git worktree``, the package imported from there.
+    """
+    repo = Path(__file__).resolve().parent.parent
+    tree, run = work / f"today-{rev}", work / "train-today"
+    subprocess.run(["git", "-C", str(repo), "worktree", "add", "--detach", str(tree), rev],
+                   check=True, capture_output=True)
+    try:
+        env = dict(env, PYTHONPATH=str(tree))
+        args = [sys.executable, "-m", "pyg_adaqp.train", *dataset_overrides(name, scale),
+                f"world_size={SIZES[name][5]}", "mode=vanilla", "model=gcn",
+                f"trainer.epochs={epochs}", "trainer.progress=false", "trainer.plots=false",
+                f"hydra.run.dir={run}"]
+        where = subprocess.run([sys.executable, "-c", "import pyg_adaqp; print(pyg_adaqp.__file__)"],
+                               env=env, cwd=tree, capture_output=True, text=True, check=True)
+        if not where.stdout.strip().startswith(str(tree)):
+            raise RuntimeError(f"revision {rev}: imported {where.stdout.strip()}, not {tree}")
+        out = subprocess.run(args, env=env, cwd=tree, capture_output=True, text=True)
+        if out.returncode:
+            raise RuntimeError(f"training at {rev} failed:\n{out.stderr[-3000:]}")
+    finally:
+        subprocess.run(["git", "-C", str(repo), "worktree", "remove", "--force", str(tree)],
+                       capture_output=True)
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return {"rev": rev, "epochs": [{k: r[k] for k in ("epoch", "loss", "epoch_time",
+                                                      "compute_time", "wait_time")}
+                                   for r in rows]}
+
+
 def whole_graph_reference(name: str, scale: float, env: dict) -> dict:
     """PyG's GCN on the whole graph in one process: one training step's time and peak RSS."""
     code = f"""
@@ -271,6 +304,9 @@ def main() -> None:
     ap.add_argument("--step", action="store_true", help="also time one worker's step against PyG")
     ap.add_argument("--metis", action="store_true",
                     help="also compare METIS on its edge sample with the whole graph")
+    ap.add_argument("--today", metavar="REV",
+                    help="also train the reddit-sized graph with the code at this git revision "
+                         "(the README's: a39584b, before the layer-0 cache)")
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--json", type=Path, help="also write every figure here")
     args = ap.parse_args()
@@ -297,6 +333,9 @@ def main() -> None:
         runs = [train("reddit", args.scale, args.epochs, cache, work) for cache in (True, False)]
         ref = whole_graph_reference("reddit", args.scale, env)
         result["train"] = {"runs": runs, "whole_graph_pyg": ref}
+        if args.today:
+            result["train"]["today"] = today("reddit", args.scale, args.epochs, args.today, work,
+                                             env)
         print(f"\nreddit-sized, 4 workers, {args.epochs} epochs, GCN hidden 256, vanilla, "
               f"torch threads per worker: {runs[0]['threads']}")
         print("\n| layer-0 cache | epoch | epoch s | compute s | wait s | all-reduce s |")
@@ -305,10 +344,18 @@ def main() -> None:
             for e in run["epochs"]:
                 print(f"| {'on' if run['cache'] else 'off'} | {e['epoch']} | {e['epoch_time']:.1f} | "
                       f"{e['compute_time']:.1f} | {e['wait_time']:.1f} | {e['reduce_time']:.1f} |")
-        on, off = (statistics.mean(e["compute_time"] for e in r["epochs"][1:] or r["epochs"])
-                   for r in runs)
+        if args.today:
+            for e in result["train"]["today"]["epochs"]:
+                print(f"| at {args.today} | {e['epoch']} | {e['epoch_time']:.1f} | "
+                      f"{e['compute_time']:.1f} | {e['wait_time']:.1f} | – |")
+        later = [r["epochs"] for r in runs] + ([result["train"]["today"]["epochs"]]
+                                               if args.today else [])
+        on, off, *old = (statistics.mean(e["compute_time"] for e in epochs[1:] or epochs)
+                         for epochs in later)
         print(f"\ncompute per epoch (after the first): {on:.1f} s cached, {off:.1f} s uncached: "
               f"{on / off:.2f}x")
+        if old:
+            print(f"at {args.today}: {old[0]:.1f} s; cached against it: {on / old[0]:.2f}x")
         print("\n| run | launcher peak GiB | worker peaks GiB | summed GiB |\n|---|---:|---|---:|")
         for run in runs:
             print(f"| cache {'on' if run['cache'] else 'off'} | {run['launcher_peak_gib']:.2f} | "

@@ -11,6 +11,7 @@ from torch_geometric.nn import GCNConv, SAGEConv
 from graphs import random_directed_graph
 
 from pyg_adaqp.nn import DistGCNConv, DistGraph, DistSAGEConv
+from pyg_adaqp.nn.dist_graph import INPUT_BLOCK_COLUMNS
 from pyg_adaqp.partition import partition_graph
 from pyg_adaqp.train.workers import run_workers
 
@@ -188,14 +189,17 @@ def test_quantized_error_within_variance_bound(cora, bits):
 
 def cache_worker(rank, world_size, kind, parts, x, state, cache):
     from pyg_adaqp.nn.spmm import SparseAdjacency
-    wide = []  # products over the input's full width: layer 0's aggregation of the features
+    wide = []  # columns of the products wider than the model (layer 0's aggregation of x)
     matmul = SparseAdjacency.matmul
-    SparseAdjacency.matmul = lambda self, t: (wide.append(1) if t.size(1) == x.size(1)
+    SparseAdjacency.matmul = lambda self, t: (wide.append(t.size(1)) if t.size(1) > 6
                                               else None) or matmul(self, t)
     lg = parts[rank]
     graph = DistGraph(lg, cache_input=cache)
     model = TwoLayer(DIST[kind], x.size(1), 4, 6)
     model.load_state_dict(state)
+    # As the trainer does: every matrix built up front, then the edge list freed.
+    graph.build_adjacency(model, x.dtype)
+    graph.release_edge_list()
     x_own = x[lg.owned_ids]  # features: no gradient needed
     outs = [model(x_own, graph) for _ in range(3)]
     for out in outs:
@@ -204,8 +208,15 @@ def cache_worker(rank, world_size, kind, parts, x, state, cache):
     with torch.no_grad():
         outs.append(model(x_own, graph))
     stats = {k: (v.calls, v.bytes_sent) for k, v in graph.exchange.stats.items()}
+    # A normalization not built before the release cannot be built any more.
+    other = DIST[kind](4, 6, **({"improved": True} if kind == "gcn" else {"aggr": "sum"}))
+    try:
+        other(outs[0].detach()[:, :4], graph)
+        released = None
+    except RuntimeError as err:
+        released = str(err)
     return {"outs": [o.detach() for o in outs], "ids": lg.owned_ids, "stats": stats,
-            "grads": grads, "wide_products": len(wide)}
+            "grads": grads, "wide_columns": sum(wide), "released": released}
 
 
 @pytest.mark.parametrize("kind", ["gcn", "sage"])
@@ -228,21 +239,25 @@ def test_layer0_input_cache(cora, kind, cache):
         torch.testing.assert_close(sum(r["grads"][name] for r in results), grad,
                                    atol=1e-4, rtol=1e-4)
     stats = results[0]["stats"]
+    width = cora.x.size(1)
     if cache:
-        # Input rows travel once, at full precision (4 bytes per value), and
-        # the features are aggregated once (owned and halo products) for the
-        # three training passes and the evaluation.
-        assert stats["input 0"][0] == 1
-        assert stats["input 0"][1] == parts[0].send_index[1].numel() * cora.x.size(1) * 4
+        # Input rows travel once, at full precision (4 bytes per value), in
+        # blocks of INPUT_BLOCK_COLUMNS columns, and the features are
+        # aggregated once (owned and halo products) for the three training
+        # passes and the evaluation.
+        assert stats["input 0"][0] == -(-width // INPUT_BLOCK_COLUMNS) > 1
+        assert stats["input 0"][1] == parts[0].send_index[1].numel() * width * 4
         assert "forward 0" not in stats
-        assert [r["wide_products"] for r in results] == [2, 2]
+        assert [r["wide_columns"] for r in results] == [2 * width, 2 * width]
     else:
         # Without the cache, layer 0 transforms first (4 < 1433 columns)
         # and exchanges every call: 3 training passes and one evaluation.
         assert "input 0" not in stats
         assert stats["forward 0"] == (4, 4 * parts[0].send_index[1].numel() * 4 * 4)
-        assert [r["wide_products"] for r in results] == [0, 0]
+        assert [r["wide_columns"] for r in results] == [0, 0]
     assert stats["forward 1"][0] == 4 and stats["backward 1"][0] == 3
+    for r in results:
+        assert "edge list was released" in r["released"]
 
 
 class _Mark(torch.autograd.Function):

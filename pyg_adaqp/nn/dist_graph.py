@@ -17,6 +17,9 @@ from pyg_adaqp.partition import LocalGraph
 #: Builds ``(src, dst, weight)`` of the layer's aggregation from a local graph.
 EdgeWeightFn = Callable[[LocalGraph], "tuple[Tensor, Tensor, Tensor]"]
 
+#: The input cache exchanges the input's halo rows this many columns at a time.
+INPUT_BLOCK_COLUMNS = 128
+
 
 class DistGraph:
     r"""One worker's distributed-graph context for :class:`DistGCNConv` and
@@ -90,12 +93,35 @@ class DistGraph:
         finally:
             self.quantize = quantize
 
+    def build_adjacency(self, model: torch.nn.Module, dtype: torch.dtype) -> None:
+        """Builds now, not at their first call, the matrices of every distributed layer in
+        `model` (every module with a ``dist_aggregation()``), for inputs of `dtype`."""
+        for module in model.modules():
+            if callable(getattr(module, "dist_aggregation", None)):
+                self.adjacency(*module.dist_aggregation(), dtype)
+
+    def release_edge_list(self) -> None:
+        """Frees the local graph's edge list and edge weights (sets them to :obj:`None`).
+
+        Once the layers' matrices are built (:meth:`build_adjacency`) they
+        hold everything aggregation needs; on a large part the edge list is
+        a fifth of a worker's memory.  A layer with a normalization not built
+        before then raises instead of aggregating.
+        """
+        self.graph.edge_index = None
+        self.graph.edge_weight = None
+
     def adjacency(self, key: tuple, weights: EdgeWeightFn, dtype: torch.dtype
                   ) -> tuple[SparseAdjacency, SparseAdjacency]:
         """``(A_own, A_halo)`` for the normalization `key`, built once by `weights`."""
         cache_key = (*key, dtype)
         if cache_key not in self._adjacency:
             g = self.graph
+            if g.edge_index is None:
+                raise RuntimeError(
+                    f"no aggregation matrix for {cache_key} was built before the local graph's "
+                    f"edge list was released (DistGraph.release_edge_list): call "
+                    f"build_adjacency with every distributed layer's model first")
             src, dst, w = weights(g)
             own = src < g.num_owned
             # Split, then drop the whole edge list before building: on a large
@@ -178,17 +204,24 @@ class DistGraph:
                          a_halo: SparseAdjacency) -> Tensor:
         """``A @ X`` for an input needing no gradient, computed once per tensor.
 
-        Its halo rows are exchanged once, at full precision, and dropped
-        once aggregated.  Under ``torch.no_grad()`` every activation needs no
+        Its halo rows are exchanged once, at full precision,
+        :data:`INPUT_BLOCK_COLUMNS` columns at a time, each block dropped once
+        aggregated.  Under ``torch.no_grad()`` every activation needs no
         gradient, so there only a tensor already cached is reused (see
         :meth:`caches_input`).  Every worker makes the same choice, because
         it depends only on what the training loop passes to all of them.
         """
         out = self._cached_aggregate(layer, x, (*key, x.dtype))
         if out is None:
-            halo = self.exchange.exchange(f"input {layer}", x, quantize=False)
             out = a_own.matmul(x)
-            if a_halo.nnz:
-                out += a_halo.matmul(halo)
+            # Column blocks of the same width on every worker (the same
+            # exchanges), so only one block of halo rows is ever held: on a
+            # large part the halo rows outnumber the owned ones.
+            for cols in range(0, x.size(1), INPUT_BLOCK_COLUMNS):
+                block = x[:, cols:cols + INPUT_BLOCK_COLUMNS]
+                halo = self.exchange.exchange(f"input {layer}", block, quantize=False)
+                if a_halo.nnz:
+                    out[:, cols:cols + block.size(1)] += a_halo.matmul(halo)
+                del halo
             self._input_aggregate[layer] = (weakref.ref(x), x._version, (*key, x.dtype), out)
         return out

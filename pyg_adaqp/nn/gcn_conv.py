@@ -8,7 +8,7 @@ from torch import Tensor
 from torch_geometric.nn import GCNConv
 from torch_geometric.typing import Adj, OptTensor
 
-from pyg_adaqp.nn.dist_graph import DistGraph
+from pyg_adaqp.nn.dist_graph import DistGraph, EdgeWeightFn
 from pyg_adaqp.partition import LocalGraph
 
 
@@ -104,6 +104,12 @@ class DistGCNConv(GCNConv):
           :math:`(|\mathcal{V}|, F_{out})`
     """
 
+    def dist_aggregation(self) -> tuple[tuple, EdgeWeightFn]:
+        """The key and edge weights of this layer's aggregation on a :class:`DistGraph`."""
+        return (("gcn", self.improved, self.add_self_loops, self.normalize),
+                partial(dist_gcn_norm, improved=self.improved,
+                        add_self_loops=self.add_self_loops, normalize=self.normalize))
+
     def forward(self, x: Tensor, edge_index: Adj | DistGraph,
                 edge_weight: OptTensor = None) -> Tensor:
         if not isinstance(edge_index, DistGraph):
@@ -112,9 +118,7 @@ class DistGCNConv(GCNConv):
             raise ValueError(f"{self.__class__.__name__}: with a DistGraph the edge weights "
                              f"come from the partition; do not pass edge_weight")
         graph = edge_index
-        key = ("gcn", self.improved, self.add_self_loops, self.normalize)
-        weights = partial(dist_gcn_norm, improved=self.improved,
-                          add_self_loops=self.add_self_loops, normalize=self.normalize)
+        key, weights = self.dist_aggregation()
         if self.out_channels < self.in_channels and not graph.caches_input(self, x):
             out = graph.aggregate(self, self.lin(x), key, weights)
         else:

@@ -9,7 +9,7 @@ from torch import Tensor
 from torch_geometric.nn import SAGEConv
 from torch_geometric.typing import Adj, Size
 
-from pyg_adaqp.nn.dist_graph import DistGraph
+from pyg_adaqp.nn.dist_graph import DistGraph, EdgeWeightFn
 from pyg_adaqp.partition import LocalGraph
 
 _LINEAR_AGGRS = ("mean", "sum", "add")
@@ -75,19 +75,22 @@ class DistSAGEConv(SAGEConv):
           :math:`(|\mathcal{V}|, F_{out})`
     """
 
-    def forward(self, x: Tensor, edge_index: Adj | DistGraph, size: Size = None) -> Tensor:
-        if not isinstance(edge_index, DistGraph):
-            return super().forward(x, edge_index, size)
+    def dist_aggregation(self) -> tuple[tuple, EdgeWeightFn]:
+        """The key and edge weights of this layer's aggregation on a :class:`DistGraph`."""
         if not isinstance(self.aggr, str) or self.aggr not in _LINEAR_AGGRS:
             raise ValueError(f"{self.__class__.__name__}: distributed aggregation supports "
                              f"aggr in {_LINEAR_AGGRS}, got {self.aggr!r}")
+        aggr = "sum" if self.aggr == "add" else self.aggr
+        return ("sage", aggr), partial(sage_weights, aggr=aggr)
+
+    def forward(self, x: Tensor, edge_index: Adj | DistGraph, size: Size = None) -> Tensor:
+        if not isinstance(edge_index, DistGraph):
+            return super().forward(x, edge_index, size)
         if not isinstance(x, Tensor):
             raise ValueError(f"{self.__class__.__name__}: with a DistGraph, x is the tensor "
                              f"of this worker's owned rows")
         graph = edge_index
-        aggr = "sum" if self.aggr == "add" else self.aggr
-        key = ("sage", aggr)
-        weights = partial(sage_weights, aggr=aggr)
+        key, weights = self.dist_aggregation()
         x_src = self.lin(x).relu() if self.project else x
         if self.lin_l.out_channels < self.lin_l.in_channels and not graph.caches_input(self, x_src):
             out = graph.aggregate(self, F.linear(x_src, self.lin_l.weight), key, weights)

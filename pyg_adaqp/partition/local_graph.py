@@ -44,9 +44,11 @@ class LocalGraph:
             sources in :obj:`[0, num_local)`, targets in
             :obj:`[0, num_owned)`, sorted by (target, source); shape
             :obj:`[2, num_edges]`; int32 (int64 past :math:`2^{31}` local
-            rows, and in partitions written before int32).
+            rows, and in partitions written before int32).  :obj:`None`
+            once :meth:`DistGraph.release_edge_list` freed it.
         edge_weight (Tensor, optional): Weight of every local edge, shape
-            :obj:`[num_edges]`, or :obj:`None` for an unweighted graph.
+            :obj:`[num_edges]`, or :obj:`None` for an unweighted graph (or
+            a released edge list).
         in_degree (Tensor): *Global* weighted in-degree of every local row,
             self loops excluded, shape :obj:`[num_local]`.  Halo rows'
             in-edges are not local, so this is what makes GCN's
@@ -72,7 +74,7 @@ class LocalGraph:
     num_marginal: int
     node_ids: Tensor
     halo_owner: Tensor
-    edge_index: Tensor
+    edge_index: Tensor | None
     in_degree: Tensor
     loop_weight: Tensor
     send_index: dict[int, Tensor] = field(default_factory=dict)
@@ -103,6 +105,9 @@ class LocalGraph:
     @property
     def num_edges(self) -> int:
         """Number of local edges (the in-edges of owned rows)."""
+        if self.edge_index is None:
+            raise RuntimeError("this local graph's edge list was released "
+                               "(DistGraph.release_edge_list)")
         return self.edge_index.size(1)
 
     @property
@@ -141,7 +146,8 @@ class LocalGraph:
     def __repr__(self) -> str:
         return (f"{self.__class__.__name__}(rank={self.rank}/{self.num_parts}, "
                 f"central={self.num_central}, marginal={self.num_marginal}, "
-                f"halo={self.num_halo}, edges={self.num_edges}, "
+                f"halo={self.num_halo}, "
+                f"edges={'released' if self.edge_index is None else self.num_edges}, "
                 f"peers={sorted(set(self.send_index) | set(self.recv_index))})")
 
 

@@ -101,6 +101,9 @@ class Trainer:
                                quantize=cfg.mode.quantize, overlap=cfg.mode.overlap,
                                cache_input=cfg.mode.cache_input,
                                generator=worker_generator(cfg.seed, ctx.rank, dev))
+        # The matrices hold the edges from here on: the edge list is freed.
+        self.graph.build_adjacency(self.model, self.x.dtype)
+        self.graph.release_edge_list()
         a = cfg.assign
         self.scheme = (UniformBits(a.bits) if a.scheme == "uniform"
                        else RandomBits(m.num_layers, a.cycle, cfg.seed) if a.scheme == "random"
