@@ -123,3 +123,35 @@ def test_default_threads_share_the_cores():
     assert launcher.default_threads(4 * cores) == 1
     assert make_config(*SMALL).trainer.num_threads is None
     assert make_config(*SMALL).trainer.eval_every == 5
+
+
+FREED_MEMORY_PROBE = """
+import sys, torch
+from pyg_adaqp.partition.peak_memory import status_gib
+from pyg_adaqp.train.launch import return_freed_memory
+if sys.argv[1] == "set":
+    assert return_freed_memory()
+big = torch.ones(16 * 2**18); del big     # glibc's threshold rises to a freed 16 MiB block
+keep, freed = [], []
+for i in range(64):                        # 4 MiB tensors, every other one kept
+    (keep if i % 2 else freed).append(torch.ones(2**20))
+before = status_gib("VmRSS")
+freed.clear()                              # 32 x 4 MiB between kept ones
+print(round((before - status_gib("VmRSS")) * 1024))
+"""
+
+
+def test_workers_give_freed_tensors_back():
+    """What a worker frees goes back to the system, not only into glibc's heap."""
+    env = {k: v for k, v in os.environ.items() if k != "MALLOC_MMAP_THRESHOLD_"}
+    returned = {how: int(subprocess.run([sys.executable, "-c", FREED_MEMORY_PROBE, how],
+                                        env=env, capture_output=True, text=True,
+                                        check=True).stdout)
+                for how in ("set", "default")}
+    assert returned["set"] >= 120                     # MiB, of 128 freed
+    assert returned["default"] < returned["set"] / 2  # glibc's own threshold keeps them
+    # A threshold the user set in the environment is theirs.
+    env["MALLOC_MMAP_THRESHOLD_"] = "131072"
+    code = "from pyg_adaqp.train.launch import return_freed_memory as f; print(f())"
+    assert subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
+                          text=True, check=True).stdout.strip() == "False"

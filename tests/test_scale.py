@@ -20,7 +20,7 @@ def test_scale_small_form(tmp_path):
 
     out = tmp_path / "scale.json"
     proc = subprocess.run([sys.executable, str(BENCH / "scale.py"), "--scale", "0.004",
-                           "--epochs", "2", "--json", str(out)],
+                           "--epochs", "2", "--today", "HEAD", "--json", str(out)],
                           capture_output=True, text=True, timeout=540)
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(out.read_text())
@@ -40,4 +40,11 @@ def test_scale_small_form(tmp_path):
         assert len(run["worker_peak_gib"]) == 4
         assert run["summed_peak_gib"] == pytest.approx(run["launcher_peak_gib"]
                                                        + sum(run["worker_peak_gib"]))
+    # The trainer at a git revision (here the committed one) on the same graph: the same
+    # defaults give the same losses as the cached run.
+    today = result["train"]["today"]
+    assert [e["epoch"] for e in today["epochs"]] == [0, 1]
+    for a, b in zip(today["epochs"], on["epochs"]):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
+    assert "| at HEAD |" in proc.stdout and "cached against it:" in proc.stdout
     assert "| reddit |" in proc.stdout and "| amazon |" in proc.stdout
