@@ -169,3 +169,27 @@ def test_multi_label_trains_with_bce_and_f1(tmp_path):
     # F1-micro of the labels: the class label alone (guessable from the
     # graph) already gives ~0.7; chance-level guessing gives far less.
     assert summary["best_val"] > 0.6
+
+
+@pytest.mark.parametrize("p", [0.5, 0.3])
+def test_relu_dropout_is_dropout_of_the_relu(p):
+    import torch
+
+    from pyg_adaqp.train.model import relu_dropout
+
+    torch.manual_seed(0)
+    x = torch.randn(400, 500, requires_grad=True)
+    out = relu_dropout(x, p)
+    positive, kept = x.detach() > 0, out.detach() != 0
+    assert not kept[~positive].any()                                # the ReLU
+    torch.testing.assert_close(out[kept], x[kept] / (1 - p))         # the scale
+    dropped = 1 - float(kept[positive].float().mean())
+    assert abs(dropped - p) < 5 * (p * (1 - p) / int(positive.sum())) ** 0.5
+    # Elements drawn from the same 64-bit word are kept independently.
+    pairs = positive[:, 0::2] & positive[:, 1::2]
+    both = float((kept[:, 0::2] & kept[:, 1::2])[pairs].float().mean())
+    assert abs(both - (1 - p) ** 2) < 5 * ((1 - p) ** 2 / int(pairs.sum())) ** 0.5
+    upstream = torch.randn_like(x)
+    (grad,) = torch.autograd.grad(out, x, upstream)
+    torch.testing.assert_close(grad, upstream * kept / (1 - p))
+    assert torch.equal(relu_dropout(x, p, training=False), x.relu())

@@ -55,6 +55,10 @@ def relu_dropout(x: Tensor, p: float, training: bool = True) -> Tensor:
     """
     if not training or p == 0.0 or x.is_cuda:
         return F.dropout(x.relu(), p=p, training=training)
-    keep = torch.randint(-2**15, 2**15, x.shape, dtype=torch.int16) >= round(p * 2**16) - 2**15
+    # Uniform 16-bit integers, four per full-range 64-bit draw (the generator
+    # makes one 64-bit number per element whatever the element's width).
+    words = torch.empty((x.numel() + 3) // 4, dtype=torch.int64).random_(-2**63, None)
+    uniform = words.view(torch.int16)[:x.numel()].view(x.shape)
+    keep = uniform >= round(p * 2**16) - 2**15
     keep &= x.detach() > 0
     return x * keep.to(x.dtype).mul_(1.0 / (1.0 - p))
