@@ -367,6 +367,58 @@ def test_profile_measures_every_worker_both_ways():
             assert all(cost.codec_seconds(i, 1000, 256, b, encoding) > 0 for b in (2, 4, 8))
 
 
+def _profile_through_the_exchange(rank: int, world_size: int, parts) -> list:
+    from pyg_adaqp.comm.transport import Transport
+    from pyg_adaqp.nn import DistGraph
+
+    graph = DistGraph(parts[rank], quantize=True)
+    ours = graph.exchange.transport
+    seen = []
+    start = Transport.start
+
+    def recording(self, send, recv_bytes, device):
+        seen.append((self is ours, device, sorted({str(b.device) for b in send.values()})))
+        return start(self, send, recv_bytes, device)
+
+    Transport.start = recording
+    AdaptiveBits().setup(graph)
+    return seen
+
+
+def test_profile_goes_through_the_exchanges_own_transport_and_device():
+    """On NCCL a CPU tensor handed to the device transport fails: the profile must use
+    the exchange's transport (its process group) and its device for every buffer."""
+    from pyg_adaqp.data import synthetic_graph
+    from pyg_adaqp.partition import partition_graph
+    from pyg_adaqp.train.workers import run_workers
+
+    parts = partition_graph(synthetic_graph(num_nodes=300, avg_degree=6, num_features=8), 2)
+    for seen in run_workers(_profile_through_the_exchange, 2, parts, timeout_s=60):
+        assert len(seen) > 10   # every link round went through it
+        assert all(same and device == torch.device("cpu") and buffers in ([], ["cpu"])
+                   for same, device, buffers in seen)
+
+
+def test_device_clock_waits_for_the_current_cuda_stream(monkeypatch):
+    """CUDA timings mean something only after the queued kernels ran."""
+    import time
+
+    from pyg_adaqp.comm.clock import device_clock
+
+    assert device_clock("cpu") is time.perf_counter
+    waited = []
+
+    class Stream:
+        def synchronize(self):
+            waited.append(True)
+
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device: waited.append(device)
+                        or Stream())
+    clock = device_clock("cuda:0")
+    assert isinstance(clock(), float)
+    assert waited == [torch.device("cuda", 0), True]
+
+
 def test_reassignment_sends_each_sender_one_uint8_per_group_of_its_own():
     """Rank 0 gets group sums only, and returns each sender its own groups' widths."""
     rng = np.random.default_rng(0)

@@ -14,7 +14,6 @@ overlap communication in both directions (see :meth:`HaloExchange.begin`).
 """
 from __future__ import annotations
 
-import time
 from collections import defaultdict
 from dataclasses import dataclass, field
 
@@ -24,6 +23,7 @@ from torch import Tensor
 from torch.autograd import Function
 
 from pyg_adaqp.comm.codec import FULL_PRECISION, MessageLayout
+from pyg_adaqp.comm.clock import device_clock
 from pyg_adaqp.comm.transport import PendingExchange, Transport
 from pyg_adaqp.partition import LocalGraph
 
@@ -70,7 +70,7 @@ class _Flight:
     layouts: dict[int, MessageLayout]
     stats: ExchangeStats
     dtype: torch.dtype
-    started: float = field(default_factory=time.perf_counter)
+    started: float  #: when the exchange was posted, by the exchange's clock
     #: Where each peer's received rows go when they travel sorted by width
     #: (halo slots, or owned rows to add into); None: the plan's own order.
     into: dict[int, Tensor] | None = None
@@ -94,6 +94,8 @@ class HaloExchange:
                  device: torch.device | str = "cpu", generator: torch.Generator | None = None):
         self.graph = graph
         self.device = torch.device(device)
+        #: Every timing's clock: synchronizes the device first on CUDA.
+        self.clock = device_clock(self.device)
         self.generator = generator
         self.transport = Transport(group) if graph.num_parts > 1 else None
         if self.transport is not None and self.transport.world_size != graph.num_parts:
@@ -187,7 +189,7 @@ class HaloExchange:
         stats = self.stats[key]
         stats.calls += 1
         stats.width = width
-        t0 = time.perf_counter()
+        t0 = self.clock()
         send, layouts = {}, {}
         for p, x in rows.items():
             layout = self._layout(key, p, True, x.size(0), width, quantize)
@@ -209,7 +211,7 @@ class HaloExchange:
             layouts[p] = self._layout(key, p, False, n, width, quantize)
             recv_bytes[p] = layouts[p].nbytes
             stats.peer_recv[p] = stats.peer_recv.get(p, 0) + recv_bytes[p]
-        t1 = time.perf_counter()
+        t1 = self.clock()
         stats.quant_time += t1 - t0
         pending = self.transport.start(send, recv_bytes, self.device) if self.transport else None
         return _Flight(pending, layouts, stats, dtype, started=t1)
@@ -217,9 +219,9 @@ class HaloExchange:
     def _finish(self, flight: _Flight, out: dict[int, Tensor] | None = None
                 ) -> dict[int, Tensor]:
         """Waits for `flight` and decodes what arrived, by peer (into `out[p]` if given)."""
-        t0 = time.perf_counter()
+        t0 = self.clock()
         raw = flight.pending.wait() if flight.pending is not None else {}
-        t1 = time.perf_counter()
+        t1 = self.clock()
         stats = flight.stats
         stats.wait_time += t1 - t0
         stats.comm_time += t1 - flight.started
@@ -229,7 +231,7 @@ class HaloExchange:
         out = out or {}
         decoded = {p: layout.unpack(raw[p], dtype=flight.dtype, out=out.get(p))
                    for p, layout in flight.layouts.items() if layout.num_rows}
-        flight.stats.quant_time += time.perf_counter() - t1
+        flight.stats.quant_time += self.clock() - t1
         return decoded
 
     def start_forward(self, key: str, x: Tensor, quantize: bool) -> _Flight:

@@ -49,9 +49,10 @@ def relu_dropout(x: Tensor, p: float, training: bool = True) -> Tensor:
     PyTorch's CPU ``bernoulli_`` is slow (the largest single operation of a
     profiled GCN step); comparing uniform 16-bit integers with a threshold
     is cheaper.  The keep mask, the ReLU's and the scale :math:`1 / (1 - p)`
-    then make one factor, so forward and backward are one product each.  Each element is dropped with probability
-    :math:`p` rounded to a multiple of :math:`2^{-16}` (exact for 0.5).  On
-    CUDA, or with nothing to drop, it is ``F.dropout(x.relu())``.
+    then make one factor, so forward and backward are one product each.
+    Each element is dropped with probability :math:`p` rounded to a
+    multiple of :math:`2^{-16}` (exact for 0.5).  On CUDA, or with nothing
+    to drop, it is ``F.dropout(x.relu())``.
     """
     if not training or p == 0.0 or x.is_cuda:
         return F.dropout(x.relu(), p=p, training=training)

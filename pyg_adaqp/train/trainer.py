@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import math
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
@@ -147,9 +148,10 @@ class Trainer:
 
     def train_epoch(self, epoch: int) -> dict[str, float]:
         """One training step; returns this worker's counters."""
-        t0 = time.perf_counter()
+        clock = self.graph.exchange.clock   # on CUDA, waits for the queued kernels
+        t0 = clock()
         self.scheme.on_epoch_start(epoch, self.graph)
-        t_assign = time.perf_counter() - t0
+        t_assign = clock() - t0
         self.model.train()
         self.optimizer.zero_grad(set_to_none=False)
         try:
@@ -157,13 +159,13 @@ class Trainer:
             loss.backward()   # with DDP, returns once every bucket is all-reduced
         except NonFiniteMessageError as err:  # names the exchange key, i.e. the layer
             raise DivergenceError(f"training diverged at epoch {epoch}: {err}") from err
-        t1 = time.perf_counter()
+        t1 = clock()
         grads = [p.grad for p in self.model.parameters()]
         if not all(bool(torch.isfinite(g).all()) for g in grads):
             raise DivergenceError(self._divergence(epoch, float(loss.detach())))
-        t_reduce = time.perf_counter() - t1
+        t_reduce = clock() - t1
         self.optimizer.step()
-        epoch_time = time.perf_counter() - t0
+        epoch_time = clock() - t0
 
         by_key = self.graph.exchange.reset_stats()
         if hasattr(self.scheme, "observe"):
@@ -218,7 +220,10 @@ class Trainer:
         states, its part of the bit-width scheme (e.g. the widths of the
         rows *it* sends) and its last epoch's row counts per width.
         """
+        dev = self.ctx.device
         mine = {"torch_rng": torch.get_rng_state(),
+                # Dropout on CUDA draws from the device's generator.
+                "cuda_rng": torch.cuda.get_rng_state(dev) if dev.type == "cuda" else None,
                 "quant_rng": self.graph.exchange.generator.get_state(),
                 "scheme": self.scheme.state_dict(), "rows_by_bits": self.rows_by_bits}
         workers: list = [mine]
@@ -247,6 +252,14 @@ class Trainer:
         if hasattr(self.scheme, "load_state_dict"):
             self.scheme.load_state_dict(mine["scheme"])
         torch.set_rng_state(mine["torch_rng"])
+        dev = self.ctx.device
+        if dev.type == "cuda":
+            if mine.get("cuda_rng") is None:
+                warnings.warn(f"checkpoint {source} holds no CUDA random state (it was written "
+                              f"on CPU): dropout after the resume differs from an uninterrupted "
+                              f"run")
+            else:
+                torch.cuda.set_rng_state(mine["cuda_rng"], dev)
         self.graph.exchange.generator.set_state(mine["quant_rng"])
         self.rows_by_bits = mine["rows_by_bits"]
         if self.report is not None:
@@ -261,10 +274,11 @@ class Trainer:
         if self.report is not None and self.report.rows:
             last_eval = {s: self.report.rows[-1][s] for s in SPLITS}
         # The scheme's one-off measurements run here, in no epoch's time.
-        t0 = time.perf_counter()
+        clock = self.graph.exchange.clock
+        t0 = clock()
         if hasattr(self.scheme, "setup"):
             self.scheme.setup(self.graph)
-        setup_time = float(self._all_reduce(torch.tensor([time.perf_counter() - t0]),
+        setup_time = float(self._all_reduce(torch.tensor([clock() - t0]),
                                             dist.ReduceOp.MAX)[0])
         for epoch in range(start, tc.epochs):
             started_at = time.time()

@@ -1,0 +1,296 @@
+"""The GPU path in one command: correctness and speed on one CUDA device.
+
+    python benchmarks/gpu_check.py                       # on a GPU machine: the README's table
+    python benchmarks/gpu_check.py --device cpu --scale 0.002 --nodes 800   # the tests' small form
+
+Prints one markdown table (check, measured, target, ok) and, with
+``--json``, writes every figure.  Exits 1 if a correctness check fails;
+a speed target that is missed is marked ``missed`` without failing.
+
+1. **Codec on the device.** Unbiased (the mean of 256 decodes of the same
+   rows against the rows, in units of its standard error); decodes
+   byte-for-byte like the CPU codec (a buffer encoded on either device
+   decodes to identical tensors on both, uniform and mixed widths); speed
+   of quantize+pack and of unpack+dequantize of 1M x 256 (times
+   ``--scale``) at 2/4/8 bits as a ratio to ``clone()`` of the input.
+2. **One worker** (``DistGNN``, world size 1) against PyG's ``GCNConv`` on
+   the whole graph over a CSR adjacency, on the same device: a
+   Reddit-sized synthetic graph (232,965 nodes x ``--scale``, about 114.6M
+   directed edges at scale 1, 602 features, 41 classes), 3-layer GCN,
+   hidden 256, median epoch (forward, backward, Adam step) and peak memory
+   of each.
+3. **Two and four workers sharing the device** (gloo, as
+   :func:`~pyg_adaqp.train.launch.launch` picks when workers outnumber
+   GPUs): full-precision losses against one worker's over 5 epochs
+   (dropout off, so the runs are comparable); ``adaqp`` with the adaptive
+   scheme through at least two re-assignments.
+4. **One worker on NCCL** (world size 1; gloo on CPU) with the adaptive
+   scheme, past its re-assignment epochs.
+5. **Checkpoint and resume** (two workers, quantized, dropout on): a run
+   resumed from its epoch-3 checkpoint equals an uninterrupted one.
+
+The graph of 3-5 is a synthetic one of ``--nodes`` nodes.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from codec_speed import timeit  # noqa: E402
+from scale import csr_adjacency, pyg_model, synthetic_options  # noqa: E402
+
+ROWS: list[dict] = []
+
+
+def record(check: str, measured: str, target: str = "", ok: bool | None = None,
+           correctness: bool = True, **figures) -> None:
+    ROWS.append({"check": check, "measured": measured, "target": target, "ok": ok,
+                 "correctness": correctness, **figures})
+    mark = "" if ok is None else ("yes" if ok else ("NO" if correctness else "missed"))
+    print(f"| {check} | {measured} | {target} | {mark} |", flush=True)
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+# --- 1. codec -------------------------------------------------------------------------------------
+
+def codec_checks(device: torch.device, scale: float) -> None:
+    from pyg_adaqp.comm import MessageLayout, worker_generator
+
+    gen = worker_generator(0, 0, device)
+    x = torch.randn(512, 64, generator=torch.Generator().manual_seed(0)).to(device)
+    worst = 0.0
+    for bits in (2, 4, 8):
+        layout = MessageLayout(torch.full((x.size(0),), bits), x.size(1))
+        repeats, total = 256, torch.zeros_like(x)
+        for _ in range(repeats):
+            total += layout.unpack(layout.pack(x, generator=gen))
+        # Stochastic rounding: each decode is within one step of x, variance <= step^2 / 4.
+        step = (x.amax(1, keepdim=True) - x.amin(1, keepdim=True)) / (2**bits - 1) * 1.01
+        z = float(((total / repeats - x).abs() / (step / 2 / repeats**0.5)).max())
+        worst = max(worst, z)
+    record("codec unbiased (2/4/8 bits, 32,768 values)", f"max |bias| = {worst:.2f} std. errors",
+           "< 6", worst < 6.0, z=worst)
+
+    cpu = torch.device("cpu")
+    x = torch.randn(3000, 256, generator=torch.Generator().manual_seed(1))
+    mixed = torch.tensor([2, 4, 8]).repeat_interleave(1000)
+    same = True
+    for bits in (torch.full((3000,), 2), torch.full((3000,), 4), torch.full((3000,), 8), mixed):
+        layout = MessageLayout(bits, 256)
+        for enc_device in (cpu, device):
+            buf = layout.pack(x.to(enc_device), generator=worker_generator(0, 0, enc_device))
+            on_cpu = layout.unpack(buf.to(cpu))
+            on_device = layout.unpack(buf.to(device)).cpu()
+            same &= bool(torch.equal(on_cpu, on_device))
+    record(f"codec decodes on {device.type} as on CPU (buffers from both; uniform, mixed)",
+           "identical" if same else "DIFFERENT", "identical", same)
+
+    rows = max(1000, round(1_000_000 * scale))
+    x = torch.randn(rows, 256, device=device)
+    clone = timeit(x.clone, device, repeats=7, warmup=2)
+    for bits in (2, 4, 8):
+        layout = MessageLayout(torch.full((rows,), bits), 256)
+        buf = layout.pack(x, generator=gen)
+        enc = timeit(lambda: layout.pack(x, generator=gen), device, repeats=7, warmup=2)
+        dec = timeit(lambda: layout.unpack(buf), device, repeats=7, warmup=2)
+        record(f"quantize+pack {rows:,} x 256, {bits} bits", f"{enc / clone:.2f}x clone()",
+               "<= 3x", enc / clone <= 3.0, correctness=False, seconds=enc, clone_s=clone)
+        record(f"unpack+dequantize {rows:,} x 256, {bits} bits", f"{dec / clone:.2f}x clone()",
+               "<= 2x", dec / clone <= 2.0, correctness=False, seconds=dec, clone_s=clone)
+    print(f"|   (clone() of {rows:,} x 256 float32: {clone * 1e3:.2f} ms) | | | |")
+
+
+# --- 2. one worker against PyG --------------------------------------------------------------------
+
+def peak_gib(device: torch.device) -> float | None:
+    return torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
+
+
+def reset_peak(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def timed(step, device: torch.device, epochs: int) -> list[float]:
+    """Seconds of each call of `step` after two warm-up calls (kernels, caches)."""
+    times = []
+    for _ in range(epochs + 2):
+        sync(device)
+        t0 = time.perf_counter()
+        step()
+        sync(device)
+        times.append(time.perf_counter() - t0)
+    return times[2:]
+
+
+def pyg_epochs(data, device: torch.device, epochs: int) -> tuple[list[float], float | None]:
+    """PyG's GCN on the whole graph over a CSR adjacency: epoch times and peak memory."""
+    reset_peak(device)
+    adj = csr_adjacency(data.edge_index.to(device), data.num_nodes)
+    x, y, mask = data.x.to(device), data.y.to(device), data.train_mask.to(device)
+    torch.manual_seed(0)
+    model = pyg_model("gcn", x.size(1), 256, int(data.num_classes)).to(device)
+    opt = torch.optim.Adam(model.parameters(), lr=0.01)
+
+    def step() -> None:
+        opt.zero_grad()
+        F.cross_entropy(model(x, adj)[mask], y[mask]).backward()
+        opt.step()
+
+    return timed(step, device, epochs), peak_gib(device)
+
+
+def our_epochs(lg, device: torch.device, epochs: int) -> tuple[list[float], float | None]:
+    """One worker's ``DistGNN`` on the whole graph (one part): epoch times and peak memory."""
+    from pyg_adaqp.nn import DistGraph
+    from pyg_adaqp.train.model import DistGNN
+
+    reset_peak(device)
+    graph = DistGraph(lg, device=device)
+    torch.manual_seed(0)
+    model = DistGNN("gcn", lg.x.size(1), 256, int(lg.num_classes)).to(device)
+    graph.build_adjacency(model, torch.float32)
+    graph.release_edge_list()
+    x, y, mask = lg.x.to(device), lg.y.to(device), lg.train_mask.to(device)
+    opt = torch.optim.Adam(model.parameters(), lr=0.01)
+
+    def step() -> None:
+        opt.zero_grad()
+        F.cross_entropy(model(x, graph)[mask], y[mask]).backward()
+        opt.step()
+
+    return timed(step, device, epochs), peak_gib(device)
+
+
+def one_worker(device: torch.device, scale: float, epochs: int) -> None:
+    from pyg_adaqp.data import synthetic_graph
+    from pyg_adaqp.partition import partition_graph
+
+    opts = synthetic_options("reddit", scale)
+    data = synthetic_graph(**opts)
+    pyg_times, pyg_peak = pyg_epochs(data, device, epochs)
+    lg = partition_graph(data, 1)[0]
+    edges = lg.num_edges   # the edge list is freed once the matrices are built
+    del data
+    our_times, our_peak = our_epochs(lg, device, epochs)
+    reset_peak(device)
+    a, b = statistics.median(our_times), statistics.median(pyg_times)
+    record(f"one worker, GCN epoch, {opts['num_nodes']:,} nodes, {edges:,} edges",
+           f"{a:.3f} s vs PyG {b:.3f} s = {a / b:.2f}x", "<= 1.1x", a / b <= 1.1,
+           correctness=False, ours_s=our_times, pyg_s=pyg_times)
+    if device.type == "cuda":
+        record("one worker, peak GPU memory", f"{our_peak:.1f} GiB vs PyG {pyg_peak:.1f} GiB",
+               "", None, correctness=False, ours_gib=our_peak, pyg_gib=pyg_peak)
+
+
+# --- 3-5. launched runs ---------------------------------------------------------------------------
+
+def run(work: Path, name: str, device: torch.device, nodes: int, *overrides: str
+        ) -> tuple[list[dict], dict]:
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    import pyg_adaqp
+    from pyg_adaqp.train import launch
+
+    conf = Path(pyg_adaqp.__file__).parent / "conf"
+    with initialize_config_dir(config_dir=str(conf), version_base="1.3"):
+        cfg = OmegaConf.to_object(compose("config", overrides=[
+            f"device={device.type}", f"dataset.options.num_nodes={nodes}",
+            "dataset.options.avg_degree=16", "dataset.options.num_features=64",
+            "model.hidden_channels=64", "trainer.progress=false", "trainer.plots=false",
+            *overrides]))
+    launch(cfg, work / name)
+    rows = [json.loads(line) for line in (work / name / "metrics.jsonl").read_text().splitlines()]
+    return rows, json.loads((work / name / "summary.json").read_text())
+
+
+def backend(device: torch.device, workers: int) -> str:
+    """What :func:`pyg_adaqp.train.launch` uses for `workers` local workers."""
+    if device.type != "cuda":
+        return "gloo"
+    return "nccl" if torch.cuda.device_count() >= workers else "gloo"
+
+
+def launched(device: torch.device, nodes: int, work: Path) -> None:
+    losses = {}
+    for k in (1, 2, 4):
+        rows, _ = run(work, f"vanilla-{k}", device, nodes, f"world_size={k}", "mode=vanilla",
+                      "model.dropout=0", "trainer.epochs=5")
+        losses[k] = [r["loss"] for r in rows]
+    for k in (2, 4):
+        diff = max(abs(a - b) for a, b in zip(losses[k], losses[1]))
+        record(f"{k} workers on one device ({backend(device, k)}) vs 1 "
+               f"({backend(device, 1)}), full precision, 5 epochs",
+               f"max loss diff {diff:.1e}", "<= 1e-5", diff <= 1e-5, max_diff=diff)
+
+    _, summary = run(work, "adaptive-4", device, nodes, "world_size=4", "mode=adaqp",
+                     "assign=adaptive", "assign.cycle=2", "trainer.epochs=6")
+    history = summary["assign"].get("history", [])
+    record(f"adaqp adaptive, 4 workers on one device ({backend(device, 4)})",
+           f"{len(history)} re-assignments, set-up {summary['setup_time']:.2f} s", ">= 2",
+           len(history) >= 2, reassignments=len(history))
+
+    rows, summary = run(work, "adaptive-1", device, nodes, "world_size=1", "mode=adaqp",
+                        "assign=adaptive", "assign.cycle=2", "trainer.epochs=5")
+    record(f"adaqp adaptive, one worker ({backend(device, 1)}), past epochs 0, 2, 4",
+           f"{len(rows)} epochs, final loss {rows[-1]['loss']:.3f}", "5 epochs",
+           len(rows) == 5)
+
+    common = ["world_size=2", "mode=adaqp", "assign=random", "assign.cycle=2",
+              "trainer.checkpoint_every=2", "trainer.eval_every=1"]
+    full, _ = run(work, "full", device, nodes, *common, "trainer.epochs=6")
+    run(work, "first", device, nodes, *common, "trainer.epochs=4")
+    resumed, _ = run(work, "resumed", device, nodes, *common, "trainer.epochs=6",
+                     f"trainer.resume={work / 'first' / 'checkpoints'}")
+    diff = max(abs(a[k] - b[k]) for a, b in zip(full, resumed) for k in ("loss", "val"))
+    record(f"resume on {device.type} from epoch 3 vs uninterrupted (2 workers, 4-bit, dropout)",
+           f"max diff {diff:.1e} over 6 epochs", "<= 1e-6", diff <= 1e-6 and
+           len(resumed) == 6, max_diff=diff)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
+    ap.add_argument("--scale", type=float, default=1.0,
+                    help="fraction of the codec's 1M rows and of the Reddit-sized graph's nodes")
+    ap.add_argument("--nodes", type=int, default=20_000, help="graph of the launched runs")
+    ap.add_argument("--epochs", type=int, default=5, help="timed epochs of the one-worker check")
+    ap.add_argument("--json", type=Path, help="also write every figure here")
+    args = ap.parse_args()
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        sys.exit("gpu_check: no CUDA device here (use --device cpu for the small form)")
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
+    print(f"{name}, torch {torch.__version__}, scale {args.scale}\n")
+    print("| check | measured | target | ok |\n|---|---|---|---|", flush=True)
+    t0 = time.perf_counter()
+    codec_checks(device, args.scale)
+    one_worker(device, args.scale, args.epochs)
+    with tempfile.TemporaryDirectory(prefix="pyg_adaqp_gpu_check_") as work:
+        os.environ.setdefault("PYG_ADAQP_CACHE", str(Path(work) / "cache"))
+        launched(device, args.nodes, Path(work))
+    print(f"\n{name}; {time.perf_counter() - t0:.0f} s in all")
+    if args.json:
+        args.json.write_text(json.dumps({"device": name, "rows": ROWS}, indent=2))
+    if any(r["correctness"] and r["ok"] is False for r in ROWS):
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()
