@@ -206,8 +206,9 @@ def run(work: Path, name: str, device: torch.device, nodes: int, *overrides: str
     from omegaconf import OmegaConf
 
     import pyg_adaqp
-    from pyg_adaqp.train import launch
+    from pyg_adaqp.train import launch, register_configs
 
+    register_configs()
     conf = Path(pyg_adaqp.__file__).parent / "conf"
     with initialize_config_dir(config_dir=str(conf), version_base="1.3"):
         cfg = OmegaConf.to_object(compose("config", overrides=[
@@ -259,7 +260,7 @@ def launched(device: torch.device, nodes: int, work: Path) -> None:
     resumed, _ = run(work, "resumed", device, nodes, *common, "trainer.epochs=6",
                      f"trainer.resume={work / 'first' / 'checkpoints'}")
     diff = max(abs(a[k] - b[k]) for a, b in zip(full, resumed) for k in ("loss", "val"))
-    record(f"resume on {device.type} from epoch 3 vs uninterrupted (2 workers, 4-bit, dropout)",
+    record(f"resume on {device.type} from epoch 3 vs uninterrupted (2 workers, random widths, dropout)",
            f"max diff {diff:.1e} over 6 epochs", "<= 1e-6", diff <= 1e-6 and
            len(resumed) == 6, max_diff=diff)
 
