@@ -260,7 +260,8 @@ def launched(device: torch.device, nodes: int, work: Path) -> None:
     resumed, _ = run(work, "resumed", device, nodes, *common, "trainer.epochs=6",
                      f"trainer.resume={work / 'first' / 'checkpoints'}")
     diff = max(abs(a[k] - b[k]) for a, b in zip(full, resumed) for k in ("loss", "val"))
-    record(f"resume on {device.type} from epoch 3 vs uninterrupted (2 workers, random widths, dropout)",
+    record(f"resume on {device.type} from epoch 3 vs uninterrupted "
+           f"(2 workers, random widths, dropout)",
            f"max diff {diff:.1e} over 6 epochs", "<= 1e-6", diff <= 1e-6 and
            len(resumed) == 6, max_diff=diff)
 
