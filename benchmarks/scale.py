@@ -200,7 +200,7 @@ def csr_adjacency(edge_index, num_nodes: int, gcn: bool = True):
     if gcn:
         edge_index, w = gcn_norm(edge_index, None, num_nodes, add_self_loops=True)
     else:
-        w = torch.ones(edge_index.size(1))
+        w = torch.ones(edge_index.size(1), device=edge_index.device)
     return torch.sparse_coo_tensor(edge_index.flip(0), w,
                                    (num_nodes, num_nodes)).coalesce().to_sparse_csr()
 

@@ -212,8 +212,9 @@ class HaloExchange:
             recv_bytes[p] = layouts[p].nbytes
             stats.peer_recv[p] = stats.peer_recv.get(p, 0) + recv_bytes[p]
         t1 = self.clock()
-        stats.quant_time += t1 - t0
         pending = self.transport.start(send, recv_bytes, self.device) if self.transport else None
+        # Posting counts as encoding: it includes staging CUDA buffers through host memory.
+        stats.quant_time += self.clock() - t0
         return _Flight(pending, layouts, stats, dtype, started=t1)
 
     def _finish(self, flight: _Flight, out: dict[int, Tensor] | None = None

@@ -223,5 +223,6 @@ class DistGraph:
                 if a_halo.nnz:
                     out[:, cols:cols + block.size(1)] += a_halo.matmul(halo)
                 del halo
+            self.exchange.stats[f"input {layer}"].width = x.size(1)  # not the last block's
             self._input_aggregate[layer] = (weakref.ref(x), x._version, (*key, x.dtype), out)
         return out

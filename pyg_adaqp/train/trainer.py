@@ -161,7 +161,7 @@ class Trainer:
             raise DivergenceError(f"training diverged at epoch {epoch}: {err}") from err
         t1 = clock()
         grads = [p.grad for p in self.model.parameters()]
-        if not all(bool(torch.isfinite(g).all()) for g in grads):
+        if not bool(torch.stack([torch.isfinite(g).all() for g in grads]).all()):  # one sync
             raise DivergenceError(self._divergence(epoch, float(loss.detach())))
         t_reduce = clock() - t1
         self.optimizer.step()
