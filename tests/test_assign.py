@@ -400,23 +400,30 @@ def test_profile_goes_through_the_exchanges_own_transport_and_device():
 
 
 def test_device_clock_waits_for_the_current_cuda_stream(monkeypatch):
-    """CUDA timings mean something only after the queued kernels ran."""
-    import time
+    """CUDA timings mean something only after the queued kernels ran: the clock is read
+    after the wait on the device's current stream (recorded events, no real clock)."""
+    import types
 
-    from pyg_adaqp.comm.clock import device_clock
+    from pyg_adaqp.comm import clock as clock_module
 
-    assert device_clock("cpu") is time.perf_counter
-    waited = []
+    events = []
 
     class Stream:
         def synchronize(self):
-            waited.append(True)
+            events.append("wait")
 
-    monkeypatch.setattr(torch.cuda, "current_stream", lambda device: waited.append(device)
-                        or Stream())
-    clock = device_clock("cuda:0")
-    assert isinstance(clock(), float)
-    assert waited == [torch.device("cuda", 0), True]
+    def current_stream(device):
+        events.append(("stream of", device))
+        return Stream()
+
+    monkeypatch.setattr(clock_module, "time",
+                        types.SimpleNamespace(perf_counter=lambda: events.append("read") or 0.0))
+    monkeypatch.setattr(torch.cuda, "current_stream", current_stream)
+    clock_module.device_clock("cpu")()
+    assert events == ["read"]                       # CPU: nothing to wait for
+    events.clear()
+    clock_module.device_clock("cuda:0")()
+    assert events == [("stream of", torch.device("cuda", 0)), "wait", "read"]
 
 
 def test_reassignment_sends_each_sender_one_uint8_per_group_of_its_own():
