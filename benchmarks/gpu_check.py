@@ -41,7 +41,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import sys
 import tempfile
 import time
@@ -63,11 +62,6 @@ def record(check: str, measured: str, target: str = "", ok: bool | None = None,
                  "correctness": correctness, **figures})
     mark = "" if ok is None else ("yes" if ok else ("NO" if correctness else "missed"))
     print(f"| {check} | {measured} | {target} | {mark} |", flush=True)
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 # --- 1. codec -------------------------------------------------------------------------------------
@@ -125,27 +119,15 @@ def peak_gib(device: torch.device) -> float | None:
     return torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
 
 
-def reset_peak(device: torch.device) -> None:
+def reset_gpu_peak(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
 
 
-def timed(step, device: torch.device, epochs: int) -> list[float]:
-    """Seconds of each call of `step` after two warm-up calls (kernels, caches)."""
-    times = []
-    for _ in range(epochs + 2):
-        sync(device)
-        t0 = time.perf_counter()
-        step()
-        sync(device)
-        times.append(time.perf_counter() - t0)
-    return times[2:]
-
-
 def epoch_times(model: torch.nn.Module, forward, y, mask, device: torch.device,
-                epochs: int) -> list[float]:
-    """Seconds of full-graph epochs (forward, backward, Adam step) after two warm-ups."""
+                epochs: int) -> float:
+    """Median seconds of full-graph epochs (forward, backward, Adam step) after two warm-ups."""
     opt = torch.optim.Adam(model.parameters(), lr=0.01)
 
     def step() -> None:
@@ -153,12 +135,12 @@ def epoch_times(model: torch.nn.Module, forward, y, mask, device: torch.device,
         F.cross_entropy(forward()[mask], y[mask]).backward()
         opt.step()
 
-    return timed(step, device, epochs)
+    return timeit(step, device, repeats=epochs, warmup=2)
 
 
-def pyg_epochs(data, device: torch.device, epochs: int) -> tuple[list[float], float | None]:
-    """PyG's GCN on the whole graph over a CSR adjacency: epoch times and peak memory."""
-    reset_peak(device)
+def pyg_epochs(data, device: torch.device, epochs: int) -> tuple[float, float | None]:
+    """PyG's GCN on the whole graph over a CSR adjacency: median epoch and peak memory."""
+    reset_gpu_peak(device)
     adj = csr_adjacency(data.edge_index.to(device), data.num_nodes)
     x, y, mask = data.x.to(device), data.y.to(device), data.train_mask.to(device)
     torch.manual_seed(0)
@@ -166,12 +148,12 @@ def pyg_epochs(data, device: torch.device, epochs: int) -> tuple[list[float], fl
     return epoch_times(model, lambda: model(x, adj), y, mask, device, epochs), peak_gib(device)
 
 
-def our_epochs(lg, device: torch.device, epochs: int) -> tuple[list[float], float | None]:
-    """One worker's ``DistGNN`` on the whole graph (one part): epoch times and peak memory."""
+def our_epochs(lg, device: torch.device, epochs: int) -> tuple[float, float | None]:
+    """One worker's ``DistGNN`` on the whole graph (one part): median epoch and peak memory."""
     from pyg_adaqp.nn import DistGraph
     from pyg_adaqp.train.model import DistGNN
 
-    reset_peak(device)
+    reset_gpu_peak(device)
     graph = DistGraph(lg, device=device)
     torch.manual_seed(0)
     model = DistGNN("gcn", lg.x.size(1), 256, int(lg.num_classes)).to(device)
@@ -188,17 +170,16 @@ def one_worker(device: torch.device, scale: float, epochs: int) -> None:
 
     opts = synthetic_options("reddit", scale)
     data = synthetic_graph(**opts)
-    pyg_times, pyg_peak = pyg_epochs(data, device, epochs)
+    b, pyg_peak = pyg_epochs(data, device, epochs)
     lg = partition_graph(data, 1)[0]
     edges = lg.num_edges   # the edge list is freed once the matrices are built
     del data
-    our_times, our_peak = our_epochs(lg, device, epochs)
-    reset_peak(device)
-    a, b = statistics.median(our_times), statistics.median(pyg_times)
+    a, our_peak = our_epochs(lg, device, epochs)
+    reset_gpu_peak(device)
     record(f"one worker, GCN epoch, {opts['num_nodes']:,} nodes, {edges:,} edges "
            f"(layer-0 cache on; ours waits for the stream at its timing points)",
            f"{a:.3f} s vs PyG {b:.3f} s = {a / b:.2f}x", "<= 1.1x", a / b <= 1.1,
-           correctness=False, ours_s=our_times, pyg_s=pyg_times)
+           correctness=False, ours_s=a, pyg_s=b)
     if device.type == "cuda":
         record("one worker, peak GPU memory", f"{our_peak:.1f} GiB vs PyG {pyg_peak:.1f} GiB",
                "", None, correctness=False, ours_gib=our_peak, pyg_gib=pyg_peak)
@@ -213,6 +194,7 @@ def run(work: Path, name: str, device: torch.device, nodes: int, *overrides: str
 
     import pyg_adaqp
     from pyg_adaqp.train import launch, register_configs
+    from pyg_adaqp.train.report import read_metrics
 
     register_configs()
     conf = Path(pyg_adaqp.__file__).parent / "conf"
@@ -224,8 +206,7 @@ def run(work: Path, name: str, device: torch.device, nodes: int, *overrides: str
             "model.hidden_channels=64", "trainer.progress=false", "trainer.plots=false",
             *overrides]))
     launch(cfg, work / name)
-    rows = [json.loads(line) for line in (work / name / "metrics.jsonl").read_text().splitlines()]
-    return rows, json.loads((work / name / "summary.json").read_text())
+    return read_metrics(work / name), json.loads((work / name / "summary.json").read_text())
 
 
 def backend(device: torch.device, workers: int) -> str:

@@ -54,6 +54,7 @@ from pathlib import Path
 import torch
 
 from pyg_adaqp.partition.peak_memory import reset_peak, status_gib as vm
+from pyg_adaqp.train.report import read_metrics
 
 SIZES = {  # name: (nodes, avg degree asked of the generator, features, classes, multi-label, parts)
     "reddit": (232_965, 608, 602, 41, False, 4),
@@ -121,7 +122,7 @@ def train(name: str, scale: float, epochs: int, cache: bool, work: Path) -> dict
     t0 = time.perf_counter()
     launch(cfg, run_dir, on_epoch_end=[record_peak])
     wall = time.perf_counter() - t0
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    rows = read_metrics(run_dir)
     workers = [json.loads(p.read_text())["peak_rss_gib"]
                for p in sorted((run_dir / "peak_rss").glob("rank*.json"))]
     launcher = vm("VmHWM")
@@ -159,10 +160,15 @@ def today(name: str, scale: float, epochs: int, rev: str, work: Path, env: dict)
     finally:
         subprocess.run(["git", "-C", str(repo), "worktree", "remove", "--force", str(tree)],
                        capture_output=True)
-    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    rows = read_metrics(run)
     return {"rev": rev, "epochs": [{k: r[k] for k in ("epoch", "loss", "epoch_time",
                                                       "compute_time", "wait_time")}
                                    for r in rows]}
+
+
+def compute_per_epoch(epochs: list[dict]) -> float:
+    """Mean compute seconds of the epochs after the first (which builds caches)."""
+    return statistics.mean(e["compute_time"] for e in epochs[1:] or epochs)
 
 
 def whole_graph_reference(name: str, scale: float, env: dict) -> dict:
@@ -348,14 +354,12 @@ def main() -> None:
             for e in result["train"]["today"]["epochs"]:
                 print(f"| at {args.today} | {e['epoch']} | {e['epoch_time']:.1f} | "
                       f"{e['compute_time']:.1f} | {e['wait_time']:.1f} | – |")
-        later = [r["epochs"] for r in runs] + ([result["train"]["today"]["epochs"]]
-                                               if args.today else [])
-        on, off, *old = (statistics.mean(e["compute_time"] for e in epochs[1:] or epochs)
-                         for epochs in later)
+        on, off = (compute_per_epoch(r["epochs"]) for r in runs)
         print(f"\ncompute per epoch (after the first): {on:.1f} s cached, {off:.1f} s uncached: "
               f"{on / off:.2f}x")
-        if old:
-            print(f"at {args.today}: {old[0]:.1f} s; cached against it: {on / old[0]:.2f}x")
+        if args.today:
+            old = compute_per_epoch(result["train"]["today"]["epochs"])
+            print(f"at {args.today}: {old:.1f} s; cached against it: {on / old:.2f}x")
         print("\n| run | launcher peak GiB | worker peaks GiB | summed GiB |\n|---|---:|---|---:|")
         for run in runs:
             print(f"| cache {'on' if run['cache'] else 'off'} | {run['launcher_peak_gib']:.2f} | "

@@ -15,6 +15,7 @@ overlap communication in both directions (see :meth:`HaloExchange.begin`).
 from __future__ import annotations
 
 from collections import defaultdict
+from typing import Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -289,6 +290,20 @@ class HaloExchange:
     def exchange(self, key: str, x: Tensor, quantize: bool = False) -> Tensor:
         """Blocking forward exchange without autograd: the halo block of `x`."""
         return self.finish_forward(self.start_forward(key, x, quantize), x.size(1))
+
+    def exchange_columns(self, key: str, x: Tensor, columns: int
+                         ) -> Iterator[tuple[slice, Tensor]]:
+        """Blocking forward exchanges of `x`'s halo rows, `columns` columns at a time.
+
+        Yields ``(column slice, halo block)``; a caller that drops each block
+        before the next holds one at a time.  Every worker must pass the same
+        feature width and `columns` (the same exchanges).  The key's counters
+        sum over the blocks; its width is `x`'s.
+        """
+        for start in range(0, x.size(1), columns):
+            cols = slice(start, start + columns)
+            yield cols, self.exchange(key, x[:, cols])
+        self.stats[key].width = x.size(1)
 
     def reset_stats(self) -> dict[str, ExchangeStats]:
         """Returns the counters so far and starts new ones."""

@@ -214,15 +214,12 @@ class DistGraph:
         out = self._cached_aggregate(layer, x, (*key, x.dtype))
         if out is None:
             out = a_own.matmul(x)
-            # Column blocks of the same width on every worker (the same
-            # exchanges), so only one block of halo rows is ever held: on a
-            # large part the halo rows outnumber the owned ones.
-            for cols in range(0, x.size(1), INPUT_BLOCK_COLUMNS):
-                block = x[:, cols:cols + INPUT_BLOCK_COLUMNS]
-                halo = self.exchange.exchange(f"input {layer}", block, quantize=False)
+            # One block of halo rows held at a time: on a large part the halo
+            # rows outnumber the owned ones.
+            for cols, halo in self.exchange.exchange_columns(f"input {layer}", x,
+                                                             INPUT_BLOCK_COLUMNS):
                 if a_halo.nnz:
-                    out[:, cols:cols + block.size(1)] += a_halo.matmul(halo)
+                    out[:, cols] += a_halo.matmul(halo)
                 del halo
-            self.exchange.stats[f"input {layer}"].width = x.size(1)  # not the last block's
             self._input_aggregate[layer] = (weakref.ref(x), x._version, (*key, x.dtype), out)
         return out

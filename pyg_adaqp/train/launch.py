@@ -185,10 +185,11 @@ def return_freed_memory(threshold: int = MMAP_THRESHOLD_BYTES) -> bool:
     glibc serves large allocations with pages of their own (``mmap``), but
     raises that threshold to the size of each such block freed, up to 32
     MiB; tensors below it then come from the heap, whose freed memory stays
-    with the process.  A worker allocates and frees hundreds of tensors of
-    a few MiB per epoch: on a Reddit-sized part that retained ~0.8 GiB, a
-    third of the worker's peak.  A fixed threshold (``mallopt``) keeps them
-    apart.  A ``MALLOC_MMAP_THRESHOLD_`` in the environment is left to
+    with the process.  A worker allocates and frees many tensors of a few
+    MiB per epoch: with glibc's own threshold, Reddit-sized workers peaked at
+    2.48-2.68 GiB, with this one at 1.93-1.99 (``python benchmarks/scale.py
+    --sizes reddit``, docs/benchmarks.md).  A fixed threshold (``mallopt``)
+    keeps them apart.  A ``MALLOC_MMAP_THRESHOLD_`` in the environment is left to
     rule.  Returns whether the setting took (False off glibc).
     """
     if "MALLOC_MMAP_THRESHOLD_" in os.environ:

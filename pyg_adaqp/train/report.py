@@ -17,6 +17,11 @@ from pyg_adaqp.train.config import Config
 BREAKDOWN = ("compute_time", "quant_time", "wait_time", "reduce_time")
 
 
+def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
+    """The per-epoch rows a run wrote to its ``metrics.jsonl``."""
+    return [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+
+
 class RunReport:
     """Collects per-epoch rows, writes them as they come, and summarizes at the end.
 
