@@ -16,10 +16,11 @@ import time
 import numpy as np
 
 from pyg_adaqp.assign import CostModel, KeyProblem, group_messages, objective, solve_key
+from pyg_adaqp.assign.adaptive import DEFAULT_BUDGET, MAX_GROUPS_PER_CHANNEL
 
 
 def synthetic_key(rng: np.random.Generator, workers: int, width: int, min_rows: int,
-                  max_rows: int, group_size: int) -> KeyProblem:
+                  max_rows: int, group_size: int, max_groups: int) -> KeyProblem:
     sender, receiver, rows, coef = [], [], [], []
     for i in range(workers):
         for j in range(workers):
@@ -27,15 +28,15 @@ def synthetic_key(rng: np.random.Generator, workers: int, width: int, min_rows: 
                 continue
             n = int(rng.integers(min_rows, max_rows + 1))
             c = rng.lognormal(0.0, 1.0, n) * rng.gamma(2.0, 1.0, n)
-            group_coef, _ = group_messages(c, group_size)
+            group_coef, group_rows, _ = group_messages(c, group_size, max_groups)
             sender.append(np.full(group_coef.size, i))
             receiver.append(np.full(group_coef.size, j))
-            rows.append(np.diff(np.r_[np.arange(0, n, group_size), n]))
+            rows.append(group_rows)
             coef.append(group_coef)
     coef = np.concatenate(coef)
-    # A signal for which uniform 2 bits adds 1% noise: the budget bites.
+    # A signal for which uniform 2 bits adds 30% noise: the default budget (10%) bites.
     return KeyProblem(width, np.concatenate(sender), np.concatenate(receiver),
-                      np.concatenate(rows), coef, signal=float(coef.sum() / 9 / 0.01))
+                      np.concatenate(rows), coef, signal=float(coef.sum() / 9 / 0.3))
 
 
 def main() -> None:
@@ -46,8 +47,10 @@ def main() -> None:
     parser.add_argument("--min-rows", type=int, default=10_000)
     parser.add_argument("--max-rows", type=int, default=100_000)
     parser.add_argument("--group-size", type=int, default=100)
+    parser.add_argument("--max-groups", type=int, default=MAX_GROUPS_PER_CHANNEL,
+                        help="most groups per channel (the allocator's default)")
     parser.add_argument("--coe-lambda", type=float, default=0.5)
-    parser.add_argument("--budget", type=float, default=0.002,
+    parser.add_argument("--budget", type=float, default=DEFAULT_BUDGET,
                         help="variance budget (negative: the weighted sum with --coe-lambda)")
     parser.add_argument("--time-limit", type=float, default=0.3,
                         help="seconds for the MILPs of one re-assignment together")
@@ -60,10 +63,11 @@ def main() -> None:
     cost = CostModel(rate, dict(rate), {i: 1e-3 for i in range(args.workers)})
     keys = [f"{d} {layer}" for layer in range(args.layers) for d in ("forward", "backward")]
     problems = {k: synthetic_key(rng, args.workers, args.width, args.min_rows, args.max_rows,
-                                 args.group_size) for k in keys}
+                                 args.group_size, args.max_groups) for k in keys}
     channels = args.workers * (args.workers - 1)
     print(f"{args.workers} workers, {channels} channels, {len(keys)} keys, "
-          f"{args.min_rows}-{args.max_rows} rows per channel, group_size {args.group_size}, "
+          f"{args.min_rows}-{args.max_rows} rows per channel, group_size {args.group_size} "
+          f"(at most {args.max_groups} groups per channel), "
           f"budget {args.budget}" if args.budget >= 0 else f"lambda {args.coe_lambda}")
     budget = args.budget if args.budget >= 0 else None
     t0 = time.perf_counter()

@@ -43,9 +43,12 @@ def random_problem(seed: int, workers: int = 3, groups: int = 4, width: int = 16
 
 
 def test_group_messages_sorts_and_cuts():
-    coef, order = group_messages(np.array([1.0, 5.0, 3.0, 0.0, 4.0]), 2)
+    coef, rows, order = group_messages(np.array([1.0, 5.0, 3.0, 0.0, 4.0]), 2)
     assert order.tolist() == [1, 4, 2, 0, 3]
-    assert coef.tolist() == [9.0, 4.0, 0.0]
+    assert coef.tolist() == [9.0, 4.0, 0.0] and rows.tolist() == [2, 2, 1]
+    # At most 2 groups: groups of ceil(5 / 2) = 3 messages.
+    coef, rows, order = group_messages(np.array([1.0, 5.0, 3.0, 0.0, 4.0]), 1, max_groups=2)
+    assert coef.tolist() == [12.0, 1.0] and rows.tolist() == [3, 2]
 
 
 def test_cost_model_is_the_critical_path_of_each_worker():
@@ -251,7 +254,7 @@ def test_adaptive_config_composes():
     cfg = make_config("assign=adaptive")
     a = cfg.assign
     assert (a.scheme, a.group_size, a.coe_lambda) == ("adaptive", 100, 0.5)
-    assert a.variance_budget == 0.002            # the default objective: a variance budget
+    assert a.variance_budget == 0.1              # the default objective: a variance budget
     assert make_config("assign=adaptive", "assign.variance_budget=null").assign \
         .variance_budget is None                 # the paper's weighted sum
 
@@ -301,6 +304,26 @@ def test_adaptive_training_end_to_end(tmp_path, budget):
     for h in assign["history"]:
         assert set(h["link_slowdown"]) == {"0", "1"} and set(h["mean_bits"]) == {"0->1", "1->0"}
         assert all(f == 1.0 or f >= 2.0 for fs in h["link_slowdown"].values() for f in fs)
+
+
+def test_ranges_are_traced_only_in_the_epoch_before_a_reassignment(monkeypatch):
+    """Epoch 0 and the epoch before every re-assignment carry the tracer; no other."""
+    from types import SimpleNamespace
+
+    allocator = AdaptiveBits(cycle=4)
+    allocator.cost = CostModel({0: 1e-9, 1: 1e-9}, {0: 1e-9, 1: 1e-9})
+    reassigned, traced = [], []
+    monkeypatch.setattr(allocator, "reassign", lambda graph: reassigned.append(allocator._epoch))
+    exchange = SimpleNamespace(transport=object(), tracer=None, default_bits=None)
+    graph = SimpleNamespace(exchange=exchange)
+    for epoch in range(13):
+        allocator.on_epoch_start(epoch, graph)
+        if exchange.tracer is not None:
+            traced.append(epoch)
+            assert exchange.tracer is allocator._tracer
+    assert reassigned == [1, 4, 8, 12]
+    assert traced == [0, 3, 7, 11]
+    assert exchange.default_bits == 8
 
 
 def test_adaptive_with_one_worker(tmp_path):
@@ -437,8 +460,8 @@ def test_reassignment_sends_each_sender_one_uint8_per_group_of_its_own():
         for key in ("forward 1", "backward 1"):
             for j in range(3):
                 if j != i:
-                    coef, _ = group_messages(rng.lognormal(0, 1, 95), 10)
-                    groups.setdefault(key, {})[j] = (coef, np.r_[np.full(9, 10), 5])
+                    coef, rows, _ = group_messages(rng.lognormal(0, 1, 95), 10)
+                    groups.setdefault(key, {})[j] = (coef, rows)
         gathered.append({"groups": groups, "signal": {"forward 1": 50.0, "backward 1": 50.0},
                          "widths": {"forward 1": 32, "backward 1": 32}, "observed": {},
                          "overlap": True})
@@ -463,7 +486,7 @@ def test_a_link_that_slows_down_moves_its_channels_to_lower_widths():
     allocator = AdaptiveBits(group_size=10, variance_budget=0.05)
     allocator.cost = CostModel({i: 8e-8 for i in range(3)}, {i: 8e-8 for i in range(3)})
     keys = ("forward 1", "backward 1")
-    groups = [{key: {j: (group_messages(rng.lognormal(0, 1, 95), 10)[0], np.r_[np.full(9, 10), 5])
+    groups = [{key: {j: group_messages(rng.lognormal(0, 1, 95), 10)[:2]
                      for j in range(3) if j != i} for key in keys} for i in range(3)]
 
     def gathered(slow_host):

@@ -4,7 +4,9 @@ Schedule: :meth:`AdaptiveBits.setup` measures the cost model once, before
 epoch 0 and outside every epoch's time.  Epoch 0 exchanges at 8 bits while a
 :class:`RangeTracer` records every row's range statistic and each key's signal; the
 first assignment is made from those traces at the start of epoch 1, and
-then re-made every ``cycle`` epochs from the traces of the cycle.  At each,
+then re-made every ``cycle`` epochs from the traces of the epoch before it
+(only that epoch is traced: the statistic costs a pass over every message
+and output, and the ranges move slowly).  At each,
 every sender groups its rows, rank 0 gathers the groups' sums, solves one
 MILP per exchange key (:func:`~pyg_adaqp.assign.milp.solve_key`) and returns
 each sender its groups' widths, the senders tell their receivers, and every
@@ -54,13 +56,17 @@ from pyg_adaqp.assign.tracer import RangeTracer
 from pyg_adaqp.nn import DistGraph
 
 log = logging.getLogger(__name__)
-#: The default noise-to-signal budget of every exchange key (see the README).
-DEFAULT_BUDGET = 0.002
+#: The default noise-to-signal budget of every exchange key (-10 dB; see the README).
+DEFAULT_BUDGET = 0.1
 #: A link's slow-down (measured arrival over predicted, against its best) below
 #: this is taken as noise; at or above it, the link's profiled rate is scaled.
 DRIFT_BAND = 2.0
 #: Pairs whose predicted link time is below this are too short to time.
 MIN_PREDICTED_S = 1e-4
+#: Most groups of one channel: past it, groups grow beyond ``group_size``.
+#: 32 per channel keep one key of a 4-worker job to ~400 groups, which HiGHS
+#: solves in ~50 ms (``benchmarks/allocator_solve.py``; ~0.12 s at 2,000).
+MAX_GROUPS_PER_CHANNEL = 32
 
 
 class AdaptiveBits:
@@ -69,8 +75,9 @@ class AdaptiveBits:
     Args:
         cycle (int, optional): Epochs between re-assignments; the first is
             made at the start of epoch 1 from epoch 0's traces. (default: :obj:`10`)
-        group_size (int, optional): Messages of one channel sharing a width.
-            (default: :obj:`100`)
+        group_size (int, optional): Messages of one channel sharing a width;
+            more where a channel would have more than
+            :data:`MAX_GROUPS_PER_CHANNEL` groups. (default: :obj:`100`)
         coe_lambda (float, optional): Weight :math:`\lambda` of the variance
             term against the time term of the paper's objective, used when
             `variance_budget` is :obj:`None`. (default: :obj:`0.5`)
@@ -78,7 +85,7 @@ class AdaptiveBits:
             quantization noise stays within this fraction of the power of
             the layer's aggregated output (forward) or of the gradient of
             its input rows (backward), per exchange key; :obj:`None` uses
-            the paper's weighted sum with `coe_lambda`. (default: :obj:`0.002`)
+            the paper's weighted sum with `coe_lambda`. (default: :obj:`0.1`)
         time_limit (float, optional): Seconds the MILPs of one
             re-assignment may take together; past it the greedy answer
             stands. (default: :obj:`0.3`)
@@ -117,11 +124,12 @@ class AdaptiveBits:
         #: This worker's ``set_bits`` arguments by key.
         self.assignment: dict[str, tuple[dict[int, Tensor], dict[int, Tensor]]] = {}
         self._tracer: RangeTracer | None = None
+        self._exchange = None  # the exchange the assignment is installed in
         self._observed: dict[str, dict[str, float]] = {}  # this worker's last epoch, by key
         self._predicted: dict[str, float] = {}            # rank 0: the last solve's times
         #: Scores of the forward rows this worker sends, by layer and receiver (static).
         self._scores: dict[int, dict[int, np.ndarray]] | None = None
-        #: Message order of the last grouping, by key and receiver.
+        #: Message order and group sizes of the last grouping, by key and receiver.
         self._orders: dict[str, dict[int, np.ndarray]] = {}
         #: Rank 0: each re-assignment's epoch, link slow-downs, and per channel
         #: ``i->j`` the rows at each width (all keys) and their mean width.
@@ -151,20 +159,24 @@ class AdaptiveBits:
 
     def _attach(self, graph: DistGraph) -> None:
         ex = graph.exchange
-        if self._tracer is None or ex.tracer is not self._tracer:
-            self._tracer = RangeTracer()
-            ex.tracer = self._tracer
+        if ex is not self._exchange:
+            self._exchange, self._tracer = ex, RangeTracer()
             ex.default_bits = int(WIDTHS[-1])
             for key, (send, recv) in self.assignment.items():  # restored from a checkpoint
                 ex.set_bits(key, send, recv)
+
+    def reassigns_at(self, epoch: int) -> bool:
+        """Whether the widths are re-assigned at the start of `epoch`."""
+        return epoch == 1 or (epoch > 1 and epoch % self.cycle == 0)
 
     def on_epoch_start(self, epoch: int, graph: DistGraph) -> None:
         self._attach(graph)
         self._epoch = epoch
         if graph.exchange.transport is None or self.cost is None:
             return  # one worker, or full precision: nothing to assign
-        if epoch == 1 or (epoch > 1 and epoch % self.cycle == 0):
+        if self.reassigns_at(epoch):
             self.reassign(graph)
+        graph.exchange.tracer = self._tracer if self.reassigns_at(epoch + 1) else None
 
     def observe(self, stats: dict) -> None:
         """Takes this worker's exchange counters of a training epoch
@@ -202,10 +214,9 @@ class AdaptiveBits:
                 c = trace.numpy()
                 if key.startswith("forward") and peer in self._scores.get(layer, {}):
                     c = c * self._scores[layer][peer]
-                coef, order = group_messages(c, self.group_size)
-                rows = np.diff(np.r_[np.arange(0, order.size, self.group_size), order.size])
+                coef, rows, order = group_messages(c, self.group_size, MAX_GROUPS_PER_CHANNEL)
                 groups.setdefault(key, {})[peer] = (coef, rows.astype(np.int32))
-                self._orders.setdefault(key, {})[peer] = order
+                self._orders.setdefault(key, {})[peer] = (order, rows)
         mine = {"groups": groups, "signal": signal,
                 "widths": dict(self._tracer.widths) if self._tracer is not None else {},
                 "observed": self._observed, "overlap": graph.overlap}
@@ -241,9 +252,9 @@ class AdaptiveBits:
         widths = group_bits.get(key, {}).get(peer)
         if widths is None:  # untraced (no rows): 8 bits, as the receiver assumes
             return torch.full((num_rows,), int(WIDTHS[-1]), dtype=torch.uint8)
-        order = self._orders[key][peer]
+        order, rows = self._orders[key][peer]
         per_row = np.empty(order.size, dtype=np.uint8)
-        per_row[order] = np.repeat(widths, self.group_size)[:order.size]
+        per_row[order] = np.repeat(widths, rows)
         return torch.from_numpy(per_row)
 
     def _solve(self, gathered: list[dict]) -> list[tuple]:
@@ -390,7 +401,7 @@ class AdaptiveBits:
         # (absent from checkpoints written before link slow-downs were followed)
         self.history = list(state.get("history", []))
         self._best_ratio = dict(state.get("best_ratio", {}))
-        self._tracer = None  # re-attach and re-install at the next epoch
+        self._exchange = None  # re-attach and re-install at the next epoch
 
 
 def _describe(cost: CostModel) -> str:

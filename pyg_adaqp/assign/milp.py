@@ -97,18 +97,27 @@ class Solution:
     noise: float = 0.0      #: :math:`V / S` (0 when :math:`S = 0`)
 
 
-def group_messages(coef: np.ndarray, group_size: int) -> tuple[np.ndarray, np.ndarray]:
+def group_messages(coef: np.ndarray, group_size: int, max_groups: int | None = None
+                   ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Sorts one channel's messages by :math:`c_m` and cuts them into groups.
 
+    Groups hold `group_size` messages, or more where the channel would
+    otherwise have more than `max_groups` groups (the solve's time grows
+    with the groups, its gain from finer groups does not).
+
     Returns:
-        (np.ndarray, np.ndarray): :math:`C_g` of every group, and the message
-        order: group ``k`` holds messages ``order[k * group_size:(k + 1) * group_size]``.
+        (np.ndarray, np.ndarray, np.ndarray): :math:`C_g` and the number of
+        messages of every group, and the message order: the groups hold
+        consecutive runs of ``order``.
     """
     coef = np.asarray(coef, dtype=np.float64)
     order = np.argsort(-coef, kind="stable")
     if order.size == 0:
-        return np.zeros(0), order
-    return np.add.reduceat(coef[order], np.arange(0, order.size, group_size)), order
+        return np.zeros(0), np.zeros(0, dtype=np.int64), order
+    if max_groups is not None:
+        group_size = max(group_size, -(-order.size // max_groups))
+    starts = np.arange(0, order.size, group_size)
+    return (np.add.reduceat(coef[order], starts), np.diff(np.r_[starts, order.size]), order)
 
 
 class _Timing:

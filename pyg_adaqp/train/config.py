@@ -78,9 +78,10 @@ class AssignConfig:
     cycle: int = 10                    #: epochs between re-assignments (random: redraw)
     group_size: int = 100              #: adaptive: messages of one channel sharing a width
     #: adaptive: the fastest widths whose quantization noise stays within this
-    #: fraction of the exchanged messages' power, per layer and direction
-    #: (0.002: -27 dB); null uses the paper's weighted sum with ``coe_lambda``
-    variance_budget: Optional[float] = 0.002
+    #: fraction of the power of the layer's aggregated output (forward) or of
+    #: its input gradient (backward), per layer and direction (0.1: -10 dB);
+    #: null uses the paper's weighted sum with ``coe_lambda``
+    variance_budget: Optional[float] = 0.1
     coe_lambda: float = 0.5            #: adaptive, without a budget: weight of variance against time
 
     def __post_init__(self) -> None:
