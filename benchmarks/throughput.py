@@ -188,7 +188,7 @@ def main() -> int:
         for seed in args.seeds:
             part_dir = out / f"parts-{args.dataset}-{args.hosts}-{seed}"
             base = [*common, f"seed={seed}", f"partition_dir={part_dir}"]
-            prepare_partitions(compose(base), part_dir, args.hosts)
+            prepare_partitions(compose(base), args.hosts)
             for model in args.models:
                 for cache in args.cache:
                     for name in args.configs:

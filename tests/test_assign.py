@@ -130,8 +130,9 @@ def test_budget_all_8_when_time_is_free_all_2_when_variance_is(seed):
     problem, cost = random_problem(seed, burst=False, signal=1e3)
     sol = solve_key(problem, cost, budget=np.inf)
     all_2 = assignment_time(problem, cost, np.full(problem.num_groups, 2))
-    # No variance cost: the time of all 2 bits.  Groups off the critical path
-    # keep more bits where that costs no time (the tie-break toward less variance).
+    # No variance cost: all 2 bits, also off the critical path (ties in time
+    # go to fewer bytes).
+    assert sol.bits.tolist() == [2] * problem.num_groups
     assert sol.seconds == pytest.approx(all_2)
     assert sol.seconds < assignment_time(problem, cost, np.full(problem.num_groups, 4))
     # Only time counts (the weighted sum at lambda 0): all 2 bits.
@@ -519,3 +520,22 @@ def test_a_link_that_slows_down_moves_its_channels_to_lower_widths():
     assert max(slow["mean_bits"][c] for c in via_2) < min(
         slow["mean_bits"][c] for c in ("0->1", "1->0"))
     assert [h["epoch"] for h in allocator.history] == [0, 1, 2]
+
+
+def test_link_scales_judge_each_link_by_the_pairs_it_bounds():
+    """All links busy: the fast links ran 1.25x slower than fitted, the slow
+    host's link as fitted. Each link keeps its own factor (one factor for all
+    would have slowed the fast links by the slow host's ratio)."""
+    from pyg_adaqp.assign.cost_model import link_scales
+
+    fast, slow, total = 8e-9, 8e-8, 1e6                      # 1 Gbit/s, 100 Mbit/s, bytes
+    fits = {i: [fast, fast, 0.0, 0.0] for i in range(3)}
+    fits[3] = [slow, slow, 0.0, 0.0]
+    seen = {(i, j): (slow if 3 in (i, j) else 1.25 * fast) * total
+            for i in range(4) for j in range(4) if i != j}
+    scales = link_scales(fits, seen, total)
+    assert scales == pytest.approx({0: 1.25, 1: 1.25, 2: 1.25, 3: 1.0})
+    # Faster than fitted never speeds a link up; a pair bounded by both ends counts for both.
+    seen = {(0, 1): 0.5 * fast * total, (1, 0): 2.0 * fast * total}
+    assert link_scales({0: [fast] * 2 + [0.0, 0.0], 1: [fast] * 2 + [0.0, 0.0]}, seen,
+                       total) == pytest.approx({0: 1.0, 1: 1.0})

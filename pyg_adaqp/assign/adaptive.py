@@ -143,7 +143,7 @@ class AdaptiveBits:
         """Measures the cost model (collective; before the first epoch).
 
         Bounded: the codec is timed on ~0.5M synthetic elements per width,
-        the links in one round per worker at four sizes up to 768 KiB
+        the links in one round per worker at four sizes up to 512 KiB
         (about a second for 4 hosts at 100 Mbit/s).  Skipped when the model
         came from a checkpoint or nothing is exchanged.
         """

@@ -47,8 +47,8 @@ from pyg_adaqp.comm.transport import Transport
 #: Bytes every profiled round moves through the timed link, largest first:
 #: TCP's congestion window opens on the big transfer, as it has in training.
 #: The smallest fits in a token bucket (it measures the latency); the largest
-#: takes ~60 ms at 100 Mbit/s, so a 4-host profile stays within ~1 s there.
-PROFILE_BYTES = (768 << 10, 256 << 10, 64 << 10, 8 << 10)
+#: takes ~40 ms at 100 Mbit/s, so a 4-host profile stays within ~1 s there.
+PROFILE_BYTES = (512 << 10, 128 << 10, 32 << 10, 8 << 10)
 #: Feature widths of the codec profile (per-row and per-element costs).
 CODEC_WIDTHS = (16, 256)
 #: Elements encoded per codec measurement (~1-2 ms on one CPU thread).
@@ -212,8 +212,9 @@ def profile_links(transport: Transport, device: torch.device,
     carries ``size`` bytes in each direction while every other link carries
     a ``k - 1``-th of that.  Each peer times the arrival of ``i``'s bytes
     (``i``'s egress) and ``i`` the arrival of all of theirs (its ingress).
-    A last round loads every link at once, as training does; where that is
-    slower than the fitted links predict, every rate is scaled by the ratio.
+    A last round loads every link at once, as training does; where a link
+    is slower then than its fit predicts, its rates are scaled by the ratio
+    (:func:`link_scales`).
 
     Returns:
         dict[int, tuple]: ``(up s/B, down s/B, beta s, free B)`` per worker.
@@ -223,15 +224,19 @@ def profile_links(transport: Transport, device: torch.device,
     up_t: dict[int, list] = {i: [] for i in range(k)}     # (bytes, seconds) per round owner
     down_t: dict[int, list] = {i: [] for i in range(k)}
 
-    def exchange(talk: list[int], per_peer: int) -> float:
-        """This worker's time to send and receive `per_peer` bytes with `talk`."""
+    def arrivals(talk: list[int], per_peer: int) -> dict[int, float]:
+        """Seconds until each of `talk`'s `per_peer` bytes arrived, while this
+        worker sends each of them as much."""
         send = {p: torch.empty(per_peer, dtype=torch.uint8, device=device) for p in talk}
         dist.barrier(group=transport.group)
         t0 = time.perf_counter()
         pending = transport.start(send, {p: per_peer for p in talk}, device)
         pending.wait()
-        seen = pending.arrived
-        return max(seen.values(), default=t0) - t0
+        return {p: at - t0 for p, at in pending.arrived.items()}
+
+    def exchange(talk: list[int], per_peer: int) -> float:
+        """This worker's time to send and receive `per_peer` bytes with `talk`."""
+        return max(arrivals(talk, per_peer).values(), default=0.0)
 
     def round_of(owner: int) -> list[int]:
         return peers if rank == owner else [owner]
@@ -248,11 +253,12 @@ def profile_links(transport: Transport, device: torch.device,
                 up_t[owner].append((per_peer * (k - 1), took))
     # Every link busy at once, both ways, as in training: TCP shares each
     # link with the acknowledgements of the other direction, which the
-    # one-link rounds do not see; the ratio scales every rate.
+    # one-link rounds do not see.
     per_peer = max(1, sizes[0] // max(1, k - 1))
-    all_took = float(np.median([exchange(peers, per_peer) for _ in range(repeats)]))
+    rounds = [arrivals(peers, per_peer) for _ in range(repeats)]
+    all_seen = {p: float(np.median([r[p] for r in rounds])) for p in peers}
     # The owner's egress is timed by all its peers: the slowest arrival counts.
-    gathered = _gather((up_t, down_t, all_took))
+    gathered = _gather((up_t, down_t, all_seen))
     fits = {}
     for i in range(k):
         ups = [ts[i] for ts, _, _ in gathered if ts[i]]
@@ -262,14 +268,41 @@ def profile_links(transport: Transport, device: torch.device,
         a_up, b_up, f_up = fit_link(*map(np.array, zip(*up_pts))) if up_pts else (0, 0, 0)
         a_dn, b_dn, f_dn = fit_link(*map(np.array, zip(*down_pts))) if down_pts else (0, 0, 0)
         fits[i] = [float(a_up), float(a_dn), float(min(b_up, b_dn)), float(min(f_up, f_dn))]
-    total = per_peer * (k - 1)
-    predicted = max(b + max(u, d) * max(0.0, total - f) for u, d, b, f in fits.values())
-    measured = max(t for _, _, t in gathered)
-    scale = max(1.0, measured / predicted) if predicted > 0 else 1.0
-    for fit in fits.values():
-        fit[0] *= scale
-        fit[1] *= scale
+    seen = {(i, j): t for i, (_, _, by_peer) in enumerate(gathered) for j, t in by_peer.items()}
+    for i, scale in link_scales(fits, seen, per_peer * (k - 1)).items():
+        fits[i][0] *= scale
+        fits[i][1] *= scale
     return {i: tuple(f) for i, f in fits.items()}
+
+
+def link_scales(fits: dict[int, list[float]], seen: dict[tuple[int, int], float],
+                total: float) -> dict[int, float]:
+    """Per worker, how much slower its link ran with every link busy than its fit says.
+
+    `seen[(i, j)]` is when ``j``'s bytes reached ``i`` in the all-links
+    round, where every link carries `total` bytes each way; its prediction is
+    the slower of ``j``'s uplink and ``i``'s downlink (``(up, down, beta,
+    free)`` in `fits`).  A pair's ratio of seen to predicted counts for the
+    end (or both ends, within 10%) whose link bounds it, and a worker's
+    factor is the least ratio counted for it, never below 1: a fast link
+    beside a slow one is judged by its pairs with fast peers (one factor for
+    all links read a 1 Gbit/s link beside a 100 Mbit/s one at ~270 Mbit/s).
+    """
+    def link(worker: int, direction: int) -> float:
+        u_d, beta, free = fits[worker][direction], fits[worker][2], fits[worker][3]
+        return beta + u_d * max(0.0, total - free)
+
+    ratios: dict[int, list[float]] = {i: [] for i in fits}
+    for (i, j), took in seen.items():
+        up, down = link(j, 0), link(i, 1)
+        predicted = max(up, down)
+        if predicted <= 0:
+            continue
+        if up >= 0.9 * predicted:
+            ratios[j].append(took / predicted)
+        if down >= 0.9 * predicted:
+            ratios[i].append(took / predicted)
+    return {i: max(1.0, min(r)) if r else 1.0 for i, r in ratios.items()}
 
 
 def profile_cost_model(transport: Transport, device: torch.device | str = "cpu",
