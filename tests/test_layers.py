@@ -345,15 +345,18 @@ def test_overlap_is_real(cora):
 
 
 def sorted_buckets_worker(rank, world_size, parts, seed):
-    """Mixed widths on every channel: rows travel sorted by width, land in
-    their slots.  Constant rows decode exactly, so each row carries its
-    node id (forward) or the id of the node it is a gradient for (backward)."""
+    """Mixed widths on every channel (seed None: 4 bits everywhere): rows
+    travel sorted by width, land in their slots.  Constant rows decode
+    exactly, so each row carries its node id (forward) or the id of the
+    node it is a gradient for (backward)."""
     from pyg_adaqp.comm import HaloExchange
 
     lg = parts[rank]
     ex = HaloExchange(lg)
 
     def widths(sender, receiver, n, key):
+        if seed is None:
+            return torch.full((n,), 4)
         gen = torch.Generator().manual_seed(seed * 1000 + 100 * sender + 10 * receiver + key)
         return torch.tensor([2, 4, 8, 32])[torch.randint(4, (n,), generator=gen)]
 
@@ -368,16 +371,19 @@ def sorted_buckets_worker(rank, world_size, parts, seed):
     # Gradient of every halo row: its node id; owners add them up per row.
     (halo * ids[lg.num_owned:]).sum().backward()
     layouts = list(ex._layouts.values())
-    return halo.detach(), x.grad, all(lay.contiguous for lay in layouts), len(layouts)
+    return (halo.detach(), x.grad, all(lay.contiguous for lay in layouts), len(layouts),
+            sorted(ex._order))
 
 
-@pytest.mark.parametrize("seed", [0, 1])
+@pytest.mark.parametrize("seed", [0, 1, None])
 def test_mixed_widths_travel_in_contiguous_buckets_and_land_exactly(seed):
-    data = random_directed_graph(num_nodes=120, num_edges=700, seed=seed)
+    data = random_directed_graph(num_nodes=120, num_edges=700, seed=seed or 0)
     parts = partition_graph(data, 3)
     results = run_workers(sorted_buckets_worker, 3, parts, seed)
-    for lg, (halo, grad, contiguous, layouts) in zip(parts, results):
+    for lg, (halo, grad, contiguous, layouts, permuted) in zip(parts, results):
         assert contiguous and layouts > 0
+        # One width everywhere needs no permutation: rows travel in plan order.
+        assert permuted == ([] if seed is None else ["backward 0", "forward 0"])
         expect = lg.node_ids[lg.num_owned:].float().unsqueeze(1).expand(-1, 5)
         assert torch.equal(halo, expect)                       # every row in its own slot
         # d/dx of sum(halo * id) over all workers: each owned row gets its

@@ -142,9 +142,13 @@ class HaloExchange:
                       for bits in (send_bits, recv_bits))
         self._bits[key] = tuple({p: bits[p].cpu()[o[p]] for p in o}
                                 for bits, o in zip((send_bits, recv_bits), order))
-        # Kept on the exchange's device: used at every exchange of the key.
-        self._order[key] = tuple({p: o.to(self.device) for p, o in side.items()}
-                                 for side in order)
+        if all(torch.equal(o, torch.arange(o.numel())) for side in order for o in side.values()):
+            # Already sorted (one width everywhere): the rows travel in plan
+            # order, decoded straight into their slots as without an assignment.
+            self._order.pop(key, None)
+        else:  # kept on the exchange's device: used at every exchange of the key
+            self._order[key] = tuple({p: o.to(self.device) for p, o in side.items()}
+                                     for side in order)
         self._layouts = {k: v for k, v in self._layouts.items() if k[0] != key}
         self._rows = {k: v for k, v in self._rows.items() if k[0] != key}
 
