@@ -535,7 +535,10 @@ def test_link_scales_judge_each_link_by_the_pairs_it_bounds():
             for i in range(4) for j in range(4) if i != j}
     scales = link_scales(fits, seen, total)
     assert scales == pytest.approx({0: 1.25, 1: 1.25, 2: 1.25, 3: 1.0})
-    # Faster than fitted never speeds a link up; a pair bounded by both ends counts for both.
+    # A pair bounded by both ends counts for both; the slowest pair sets the factor.
+    two = {0: [fast] * 2 + [0.0, 0.0], 1: [fast] * 2 + [0.0, 0.0]}
     seen = {(0, 1): 0.5 * fast * total, (1, 0): 2.0 * fast * total}
-    assert link_scales({0: [fast] * 2 + [0.0, 0.0], 1: [fast] * 2 + [0.0, 0.0]}, seen,
-                       total) == pytest.approx({0: 1.0, 1: 1.0})
+    assert link_scales(two, seen, total) == pytest.approx({0: 2.0, 1: 2.0})
+    # Faster than fitted never speeds a link up.
+    seen = {(0, 1): 0.5 * fast * total, (1, 0): 0.8 * fast * total}
+    assert link_scales(two, seen, total) == pytest.approx({0: 1.0, 1: 1.0})

@@ -282,11 +282,12 @@ def link_scales(fits: dict[int, list[float]], seen: dict[tuple[int, int], float]
     `seen[(i, j)]` is when ``j``'s bytes reached ``i`` in the all-links
     round, where every link carries `total` bytes each way; its prediction is
     the slower of ``j``'s uplink and ``i``'s downlink (``(up, down, beta,
-    free)`` in `fits`).  A pair's ratio of seen to predicted counts for the
-    end (or both ends, within 10%) whose link bounds it, and a worker's
-    factor is the least ratio counted for it, never below 1: a fast link
-    beside a slow one is judged by its pairs with fast peers (one factor for
-    all links read a 1 Gbit/s link beside a 100 Mbit/s one at ~270 Mbit/s).
+    free)`` in `fits`).  A pair's ratio of seen to predicted counts only for
+    the end (or both ends, within 10%) whose link bounds it, and a worker's
+    factor is the largest ratio counted for it (its link is done when its
+    last pair is), never below 1: a fast link beside a slow one is judged by
+    its pairs with fast peers (one factor for all links read a 1 Gbit/s link
+    beside a 100 Mbit/s one at ~270 Mbit/s).
     """
     def link(worker: int, direction: int) -> float:
         u_d, beta, free = fits[worker][direction], fits[worker][2], fits[worker][3]
@@ -302,7 +303,7 @@ def link_scales(fits: dict[int, list[float]], seen: dict[tuple[int, int], float]
             ratios[j].append(took / predicted)
         if down >= 0.9 * predicted:
             ratios[i].append(took / predicted)
-    return {i: max(1.0, min(r)) if r else 1.0 for i, r in ratios.items()}
+    return {i: max([1.0, *r]) for i, r in ratios.items()}
 
 
 def profile_cost_model(transport: Transport, device: torch.device | str = "cpu",
