@@ -375,7 +375,7 @@ def sorted_buckets_worker(rank, world_size, parts, seed):
             sorted(ex._order))
 
 
-@pytest.mark.parametrize("seed", [0, 1, None])
+@pytest.mark.parametrize("seed", [0, None])
 def test_mixed_widths_travel_in_contiguous_buckets_and_land_exactly(seed):
     data = random_directed_graph(num_nodes=120, num_edges=700, seed=seed or 0)
     parts = partition_graph(data, 3)

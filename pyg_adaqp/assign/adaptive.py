@@ -130,7 +130,7 @@ class AdaptiveBits:
         #: Scores of the forward rows this worker sends, by layer and receiver (static).
         self._scores: dict[int, dict[int, np.ndarray]] | None = None
         #: Message order and group sizes of the last grouping, by key and receiver.
-        self._orders: dict[str, dict[int, np.ndarray]] = {}
+        self._orders: dict[str, dict[int, tuple[np.ndarray, np.ndarray]]] = {}
         #: Rank 0: each re-assignment's epoch, link slow-downs, and per channel
         #: ``i->j`` the rows at each width (all keys) and their mean width.
         self.history: list[dict] = []
