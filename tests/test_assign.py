@@ -426,9 +426,7 @@ def test_profile_goes_through_the_exchanges_own_transport_and_device():
 def test_device_clock_waits_for_the_current_cuda_stream(monkeypatch):
     """CUDA timings mean something only after the queued kernels ran: the clock is read
     after the wait on the device's current stream (recorded events, no real clock)."""
-    import types
-
-    from pyg_adaqp.comm import clock as clock_module
+    from pyg_adaqp.comm.clock import device_clock
 
     events = []
 
@@ -440,13 +438,15 @@ def test_device_clock_waits_for_the_current_cuda_stream(monkeypatch):
         events.append(("stream of", device))
         return Stream()
 
-    monkeypatch.setattr(clock_module, "time",
-                        types.SimpleNamespace(perf_counter=lambda: events.append("read") or 0.0))
+    def read():
+        events.append("read")
+        return 0.0
+
     monkeypatch.setattr(torch.cuda, "current_stream", current_stream)
-    clock_module.device_clock("cpu")()
+    device_clock("cpu", read)()
     assert events == ["read"]                       # CPU: nothing to wait for
     events.clear()
-    clock_module.device_clock("cuda:0")()
+    device_clock("cuda:0", read)()
     assert events == [("stream of", torch.device("cuda", 0)), "wait", "read"]
 
 

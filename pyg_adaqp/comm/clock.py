@@ -20,15 +20,16 @@ from typing import Callable
 import torch
 
 
-def device_clock(device: torch.device | str) -> Callable[[], float]:
-    """A ``perf_counter`` that, on CUDA, first waits for the work queued on `device`'s
-    current stream."""
+def device_clock(device: torch.device | str,
+                 read: Callable[[], float] = time.perf_counter) -> Callable[[], float]:
+    """`read` (a CPU clock) that, on CUDA, first waits for the work queued on
+    `device`'s current stream."""
     device = torch.device(device)
     if device.type != "cuda":
-        return time.perf_counter
+        return read
 
     def clock() -> float:
         torch.cuda.current_stream(device).synchronize()
-        return time.perf_counter()
+        return read()
 
     return clock
