@@ -19,10 +19,9 @@ Two objectives:
   Ties in time go to fewer bytes: within the budget the noise is taken to
   cost nothing, and the model's slack is not real slack (raising the rows
   of every worker off the critical path until each is as slow as the
-  critical one makes the exchange wait for the slowest of all of them, and
-  measured 11.1 MB and 0.93 epochs/s against uniform 2 bits' 8.3 MB and
-  1.04 at 100 Mbit/s).  When the widths cost no time at all, ties go to the
-  lower variance, so every group stays at 8 bits.
+  critical one makes the exchange wait for the slowest of all of them;
+  measured in ``docs/benchmarks.md``).  When the widths cost no time at
+  all, ties go to the lower variance, so every group stays at 8 bits.
 - **The paper's weighted sum**: minimize
   :math:`\lambda \frac{V - V_{\min}}{V_{\max} - V_{\min}} + (1 - \lambda)
   \frac{T - T_{\min}}{T_{\max} - T_{\min}}`.
