@@ -9,6 +9,7 @@ loads its part of a METIS-partitioned synthetic graph, so the exchange has
 the send plan of real training; it measures the cost model exactly as the
 adaptive allocator does before epoch 0 (``profile_cost_model``), then runs
 ``--trials`` exchanges of random 2/4/8-bit assignments at each message width
+(each channel's rows in contiguous width buckets, as training sends them)
 the way training does (encode every peer's rows, post all channels at once,
 wait, decode) and compares the model's prediction with the slowest worker's
 measured time (median of ``--repeats``).  Prints every worker's fitted link
@@ -29,13 +30,16 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 
 def random_bits(seed: int, trial: int, sender: int, receiver: int, rows: int):
-    """Widths of a channel's rows drawn from {2, 4, 8}; both ends draw the same."""
+    """Widths of a channel's rows drawn from {2, 4, 8}; both ends draw the same.
+
+    Sorted, as training sends them: every re-assignment re-orders a channel
+    into contiguous width buckets (``HaloExchange.set_bits``)."""
     import torch
 
     digest = hashlib.blake2b(f"{seed}/{trial}/{sender}/{receiver}".encode(),
                              digest_size=8).digest()
     gen = torch.Generator().manual_seed(int.from_bytes(digest, "little") >> 1)
-    return torch.tensor([2, 4, 8])[torch.randint(3, (rows,), generator=gen)]
+    return torch.tensor([2, 4, 8])[torch.randint(3, (rows,), generator=gen)].sort().values
 
 
 def timed_exchange(transport, send_layouts: dict, recv_layouts: dict, width: int,
@@ -115,13 +119,15 @@ def worker(args: argparse.Namespace) -> None:
     if rank == 0:
         print(f"rows sent per worker: {[sum(s.values()) for s in sizes]}")
         print(f"set-up (profile_cost_model): {max(setups):.2f} s")
-        print("| worker | up (Mbit/s) | down (Mbit/s) | beta (ms) | free (KB) |")
-        print("|---:|---:|---:|---:|---:|")
+        print("| worker | up (Mbit/s) | down (Mbit/s) | beta (ms) | free (KB) | "
+              "bucket encode / decode (ms) |")
+        print("|---:|---:|---:|---:|---:|---:|")
         for i in sorted(model.up):
             def mbit(a):
                 return f"{8 / a / 1e6:.0f}" if a else "inf"
             print(f"| {i} | {mbit(model.up[i])} | {mbit(model.down[i])} | "
-                  f"{model.beta[i] * 1e3:.3f} | {model.free[i] / 1e3:.1f} |")
+                  f"{model.beta[i] * 1e3:.3f} | {model.free[i] / 1e3:.1f} | "
+                  f"{model.bucket[i][0] * 1e3:.2f} / {model.bucket[i][1] * 1e3:.2f} |")
         print("\n| message width | predicted ms | measured ms | error | "
               "encode ms pred / meas | link ms pred / meas | decode ms pred / meas |")
         print("|---:|---:|---:|---:|---:|---:|---:|")

@@ -25,7 +25,7 @@ from test_train import SMALL, launch, make_config, read_run
 
 
 def random_problem(seed: int, workers: int = 3, groups: int = 4, width: int = 16,
-                   burst: bool = True, signal: float = 0.0):
+                   burst: bool = True, signal: float = 0.0, bucket: float = 2e-7):
     rng = np.random.default_rng(seed)
     pairs = [(i, j) for i in range(workers) for j in range(workers) if i != j]
     sender = np.repeat([i for i, _ in pairs], groups)
@@ -38,7 +38,11 @@ def random_problem(seed: int, workers: int = 3, groups: int = 4, width: int = 16
             if burst else 0.0 for i in range(workers)}
     cost = CostModel({i: float(rng.uniform(1e-9, 1e-8)) for i in range(workers)},
                      {i: float(rng.uniform(1e-9, 1e-8)) for i in range(workers)},
-                     {i: float(rng.uniform(0, 1e-5)) for i in range(workers)}, free)
+                     {i: float(rng.uniform(0, 1e-5)) for i in range(workers)}, free,
+                     # Every used width bucket of a message (by default up
+                     # to a row's worth of link time) at each end.
+                     bucket={i: (float(rng.uniform(0, bucket)), float(rng.uniform(0, bucket)))
+                             for i in range(workers)})
     return problem, cost
 
 
@@ -68,6 +72,16 @@ def test_cost_model_is_the_critical_path_of_each_worker():
     _, per = assignment_seconds(cost, 100, {(0, 1): {4: 1000}}, hidden={0: 1.0})
     assert per[0] == pytest.approx(1000 * 1e-6)
     assert assignment_seconds(cost, 100, {}) == (0.0, {})
+    # Each non-empty width bucket of a message costs its sender and its
+    # receiver a fixed time, whatever its rows.
+    cost.bucket = {0: (2e-4, 0.0), 1: (0.0, 3e-4)}
+    _, one = assignment_seconds(cost, 100, {(0, 1): {4: 1000, 8: 0}})
+    assert one[0] == pytest.approx(2e-4 + 1000 * 1e-6 + 1e-3 + 1e-9 * nbytes)
+    assert one[1] == pytest.approx(3e-4 + 1000 * 100 * 1e-8 + 1e-9 * nbytes)
+    nbytes = message_nbytes(500, 100, 4) + message_nbytes(500, 100, 8)
+    _, two = assignment_seconds(cost, 100, {(0, 1): {4: 500, 8: 500}})   # no 8-bit codec cost
+    assert two[0] == pytest.approx(2 * 2e-4 + 500 * 1e-6 + 1e-3 + 1e-9 * nbytes)
+    assert two[1] == pytest.approx(2 * 3e-4 + 500 * 100 * 1e-8 + 1e-9 * nbytes)
 
 
 def test_cost_model_lets_free_bytes_through():
@@ -157,8 +171,9 @@ def test_milp_matches_brute_force_and_beats_uniform(seed, coe_lambda):
 
 
 @pytest.mark.parametrize("seed", range(4))
-def test_budget_milp_is_the_fastest_within_budget_by_brute_force(seed):
-    problem, cost = random_problem(seed, workers=2, groups=3)
+@pytest.mark.parametrize("bucket", [2e-7, 2e-5])   # a width bucket: a row's link time, or more than all
+def test_budget_milp_is_the_fastest_within_budget_by_brute_force(seed, bucket):
+    problem, cost = random_problem(seed, workers=2, groups=3, bucket=bucket)
     uniform_noise = {b: problem.variance(np.full(problem.num_groups, k))
                      for k, b in enumerate((2, 4, 8))}
     problem.signal = 1.0
@@ -389,6 +404,7 @@ def test_profile_measures_every_worker_both_ways():
             assert set(table[i]) == {2, 4, 8}
             assert all(row >= 0 and element >= 0 for row, element in table[i].values())
             assert all(cost.codec_seconds(i, 1000, 256, b, encoding) > 0 for b in (2, 4, 8))
+        assert len(cost.bucket[i]) == 2 and min(cost.bucket[i]) > 0   # encode, decode
 
 
 def _profile_through_the_exchange(rank: int, world_size: int, parts) -> list:

@@ -17,9 +17,12 @@ worker :math:`i`'s link, :math:`f_i` what the link passes before its rate
 applies (a token bucket's burst, a switch buffer; 0 on a plain link),
 :math:`E_i, D_i` the encode and decode time of the rows it sends and
 receives at their widths (measured per row and per element on that worker's
-device), and :math:`h_i` the aggregation time that overlaps the exchange.
-Every piece is linear in the widths' indicator variables, so the MILP keeps
-the model exactly (four rows per worker).  A worker's egress finishing last
+device, plus a fixed cost per non-empty width bucket of every message: a
+bucket's few kernels cost ~0.1-0.3 ms on one CPU thread whatever its rows),
+and :math:`h_i` the aggregation time that overlaps the exchange.
+Every piece is linear in the widths' indicator variables (and in one
+variable per channel and width that says whether the bucket is used), so
+the MILP keeps the model exactly (four rows per worker).  A worker's egress finishing last
 is also what delays its receivers: the maximum over workers covers it.
 
 (The original fits :math:`\alpha \cdot \mathrm{MB} + \beta` per channel from
@@ -35,6 +38,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from typing import Callable
 
 import numpy as np
 import torch
@@ -53,6 +57,8 @@ PROFILE_BYTES = (512 << 10, 128 << 10, 32 << 10, 8 << 10)
 CODEC_WIDTHS = (16, 256)
 #: Elements encoded per codec measurement (~1-2 ms on one CPU thread).
 CODEC_ELEMENTS = 1 << 19
+#: Rows of the message that measures a bucket's fixed cost (of width CODEC_WIDTHS[0]).
+BUCKET_ROWS = 8
 
 
 @dataclass
@@ -69,6 +75,9 @@ class CostModel:
             worker and width, encode seconds ``(per row, per element)``.
         decode (dict[int, dict[int, tuple[float, float]]], optional): The
             same for decoding.
+        bucket (dict[int, tuple[float, float]], optional): Per worker, the
+            encode and decode seconds of every non-empty width bucket of a
+            message, whatever its rows.
     """
     up: dict[int, float] = field(default_factory=dict)
     down: dict[int, float] = field(default_factory=dict)
@@ -76,13 +85,18 @@ class CostModel:
     free: dict[int, float] = field(default_factory=dict)
     encode: dict[int, dict[int, tuple[float, float]]] = field(default_factory=dict)
     decode: dict[int, dict[int, tuple[float, float]]] = field(default_factory=dict)
+    bucket: dict[int, tuple[float, float]] = field(default_factory=dict)
 
     def codec_seconds(self, worker: int, rows: float, width: int, bits: int,
                       encoding: bool) -> float:
-        """Seconds `worker` takes to encode (or decode) `rows` rows of `width` at `bits`."""
+        """Seconds `worker` takes to encode (or decode) one message's bucket
+        of `rows` rows of `width` at `bits`."""
+        if rows <= 0:
+            return 0.0
         per_row, per_element = (self.encode if encoding else self.decode).get(
             worker, {}).get(bits, (0.0, 0.0))
-        return rows * (per_row + per_element * width)
+        fixed = self.bucket.get(worker, (0.0, 0.0))[0 if encoding else 1]
+        return fixed + rows * (per_row + per_element * width)
 
     def link_seconds(self, worker: int, out_bytes: float, in_bytes: float) -> float:
         """:math:`C_i`: seconds until `worker`'s link has carried both directions."""
@@ -110,7 +124,8 @@ class CostModel:
 
         return {"up": floats(self.up), "down": floats(self.down), "beta": floats(self.beta),
                 "free": floats(self.free), "encode": codec(self.encode),
-                "decode": codec(self.decode)}
+                "decode": codec(self.decode),
+                "bucket": {int(i): [float(x) for x in c] for i, c in self.bucket.items()}}
 
     @classmethod
     def from_state_dict(cls, state: dict) -> CostModel:
@@ -120,8 +135,11 @@ class CostModel:
         def floats(d: dict) -> dict[int, float]:
             return {int(i): float(v) for i, v in d.items()}
 
+        # Checkpoints written before the bucket cost was measured lack it.
+        bucket = {int(i): tuple(c) for i, c in state.get("bucket", {}).items()}
         return cls(floats(state["up"]), floats(state["down"]), floats(state["beta"]),
-                   floats(state["free"]), codec(state["encode"]), codec(state["decode"]))
+                   floats(state["free"]), codec(state["encode"]), codec(state["decode"]),
+                   bucket)
 
 
 def fit_link(sent: np.ndarray, took: np.ndarray) -> tuple[float, float, float]:
@@ -156,44 +174,57 @@ def fit_link(sent: np.ndarray, took: np.ndarray) -> tuple[float, float, float]:
 
 
 def profile_codec(device: torch.device, widths: tuple[int, ...] = CODEC_WIDTHS,
-                  repeats: int = 5) -> tuple[dict[int, tuple[float, float]],
-                                             dict[int, tuple[float, float]]]:
-    """Encode and decode seconds ``(per row, per element)`` of each width on `device`.
+                  repeats: int = 5, barrier: Callable[[], object] = lambda: None
+                  ) -> tuple[dict[int, tuple[float, float]],
+                                             dict[int, tuple[float, float]],
+                                             tuple[float, float]]:
+    """Encode and decode seconds ``(per row, per element)`` of each width on
+    `device`, and ``(encode, decode)`` seconds of one bucket whatever its rows.
 
     Times :class:`~pyg_adaqp.comm.MessageLayout`'s pack and unpack (what
-    the exchange runs) of :data:`CODEC_ELEMENTS` random elements at two
-    feature widths, median of `repeats` (workers sharing cores slow each
-    other down in training too: the best time would under-read that), and
-    solves for the two costs.
+    the exchange runs), median of `repeats`, each after `barrier` (in an
+    exchange every worker codes at once: workers that share cores slow each
+    other down, which timings taken one worker at a time under-read by 2-3x
+    on 4 workers sharing 2 cores): of
+    :data:`BUCKET_ROWS` rows at each width (the bucket's fixed cost, the
+    largest over widths), and of :data:`CODEC_ELEMENTS` random elements at
+    two feature widths, whose times less the fixed cost give the per-row and
+    per-element costs.
     """
     gen = torch.Generator(device).manual_seed(0)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+
+    def timed(bits: int, rows: int, width: int) -> tuple[float, float]:
+        x = torch.randn(rows, width, generator=gen, device=device)
+        layout = MessageLayout(torch.full((rows,), bits), width)
+        buf = torch.empty(layout.nbytes, dtype=torch.uint8, device=device)
+        out = torch.empty_like(x)
+        took = []
+        for _ in range(repeats + 1):          # the first one warms up
+            barrier()
+            sync()
+            t0 = time.perf_counter()
+            layout.pack(x, generator=gen, out=buf)
+            sync()
+            t1 = time.perf_counter()
+            layout.unpack(buf, out=out)
+            sync()
+            took.append((t1 - t0, time.perf_counter() - t1))
+        e, d = np.median(np.array(took[1:]), axis=0)
+        return float(e), float(d)
+
+    fixed = np.max([timed(bits, BUCKET_ROWS, widths[0]) for bits in SUPPORTED_BITS], axis=0)
     enc, dec = {}, {}
     for bits in SUPPORTED_BITS:
         per = {}
         for width in widths:
             rows = max(1, CODEC_ELEMENTS // width)
-            x = torch.randn(rows, width, generator=gen, device=device)
-            layout = MessageLayout(torch.full((rows,), bits), width)
-            buf = torch.empty(layout.nbytes, dtype=torch.uint8, device=device)
-            out = torch.empty_like(x)
-            took = []
-            for _ in range(repeats + 1):          # the first one warms up
-                sync()
-                t0 = time.perf_counter()
-                layout.pack(x, generator=gen, out=buf)
-                sync()
-                t1 = time.perf_counter()
-                layout.unpack(buf, out=out)
-                sync()
-                took.append((t1 - t0, time.perf_counter() - t1))
-            e, d = np.median(np.array(took[1:]), axis=0)
-            per[width] = (e / rows, d / rows)
+            per[width] = np.maximum(0.0, np.array(timed(bits, rows, width)) - fixed) / rows
         (w0, (e0, d0)), (w1, (e1, d1)) = sorted(per.items())[0], sorted(per.items())[-1]
         for out_map, s0, s1 in ((enc, e0, e1), (dec, d0, d1)):
             slope = max(0.0, (s1 - s0) / (w1 - w0)) if w1 > w0 else s1 / w1
             out_map[bits] = (float(max(0.0, s1 - slope * w1)), float(slope))
-    return enc, dec
+    return enc, dec, (float(fixed[0]), float(fixed[1]))
 
 
 def _gather(value: object) -> list:
@@ -310,13 +341,14 @@ def profile_cost_model(transport: Transport, device: torch.device | str = "cpu",
                        repeats: int = 2) -> CostModel:
     """Measures the whole cost model (collective: every worker calls it)."""
     device = torch.device(device)
-    enc, dec = profile_codec(device)
+    codec = profile_codec(device, barrier=lambda: dist.barrier(group=transport.group))
     links = profile_links(transport, device, repeats=repeats)
-    codecs = _gather((enc, dec))
+    codecs = _gather(codec)
     return CostModel({i: f[0] for i, f in links.items()}, {i: f[1] for i, f in links.items()},
                      {i: f[2] for i, f in links.items()}, {i: f[3] for i, f in links.items()},
                      {i: c[0] for i, c in enumerate(codecs)},
-                     {i: c[1] for i, c in enumerate(codecs)})
+                     {i: c[1] for i, c in enumerate(codecs)},
+                     {i: c[2] for i, c in enumerate(codecs)})
 
 
 def assignment_seconds(model: CostModel, width: int, rows: dict[tuple[int, int], dict[int, int]],

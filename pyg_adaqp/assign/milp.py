@@ -147,6 +147,21 @@ class _Timing:
             return n * per[who] if self.workers.size else np.zeros((n.shape[0], 3))
 
         self.enc, self.dec = codec(cost.encode, self.s), codec(cost.decode, self.r)
+        # Every channel's non-empty width buckets cost its ends a fixed time each.
+        self.channels, self.ch = np.unique(self.s * self.workers.size + self.r,
+                                           return_inverse=True)
+        self.ch_s, self.ch_r = np.divmod(self.channels, max(1, self.workers.size))
+        self.bucket_enc = per_worker({i: c[0] for i, c in cost.bucket.items()})[self.ch_s]
+        self.bucket_dec = per_worker({i: c[1] for i, c in cost.bucket.items()})[self.ch_r]
+
+    def bucket_seconds(self, choice: np.ndarray) -> np.ndarray:
+        """Per worker, the fixed cost of the width buckets `choice` fills."""
+        used = np.zeros((self.channels.size, 3))
+        used[self.ch, choice] = 1.0
+        n = used.sum(axis=1)
+        w = self.workers.size
+        return (np.bincount(self.ch_s, n * self.bucket_enc, minlength=w)
+                + np.bincount(self.ch_r, n * self.bucket_dec, minlength=w))
 
     def seconds(self, choice: np.ndarray) -> float:
         """:math:`T = \\max_i T_i` of `choice` (index into WIDTHS per group)."""
@@ -157,7 +172,8 @@ class _Timing:
         out = np.bincount(self.s, self.bytes[g, choice], minlength=w)
         inn = np.bincount(self.r, self.bytes[g, choice], minlength=w)
         cpu = (np.bincount(self.s, self.enc[g, choice], minlength=w)
-               + np.bincount(self.r, self.dec[g, choice], minlength=w))
+               + np.bincount(self.r, self.dec[g, choice], minlength=w)
+               + self.bucket_seconds(choice))
         link = self.beta + np.maximum(0.0, np.maximum(self.up * (out - self.free),
                                                       self.down * (inn - self.free)))
         link[(out <= 0) & (inn <= 0)] = 0.0
@@ -339,9 +355,13 @@ def _near_cut(problem: KeyProblem, steps: np.ndarray, cut: int, max_groups: int)
 def _milp(obj: _Objective, time_limit: float, mip_rel_gap: float, free: np.ndarray,
           base: np.ndarray) -> np.ndarray | None:
     """The MILP's choice (index into WIDTHS per group) with the groups not in
-    `free` fixed at `base`, or None if it found none."""
+    `free` fixed at `base`, or None if it found none.
+
+    Variables: one indicator per free group and width, one per channel and
+    width (whether that bucket is used: it costs a fixed time; at least every
+    indicator of its channel's groups) and the time ``t``."""
     p, tm = obj.problem, obj.timing
-    g, w = free.size, tm.workers.size
+    g, w, nc = free.size, tm.workers.size, tm.channels.size
     if g == 0:
         return None
     # Time in units of T_max - T_min, so the rows' coefficients are of order
@@ -360,7 +380,7 @@ def _milp(obj: _Objective, time_limit: float, mip_rel_gap: float, free: np.ndarr
                  + np.bincount(tm.r[idx], tm.dec[idx, ch], minlength=w))
     v_fixed = float((p.coef[idx] / _LEVELS[ch]).sum())
 
-    c = np.zeros(3 * g + 1)
+    c = np.zeros(3 * g + 3 * nc + 1)
     if obj.budget is not None:
         c[-1] = 1.0
     else:
@@ -371,16 +391,19 @@ def _milp(obj: _Objective, time_limit: float, mip_rel_gap: float, free: np.ndarr
     elif obj.b_max > obj.b_min:
         c[:3 * g] += obj.tie_weight * nbytes.ravel() / (obj.b_max - obj.b_min)
 
-    cols = np.arange(3 * g)
+    cols, bucket_cols = np.arange(3 * g), 3 * g + np.arange(3 * nc)
     rs, rr = np.repeat(s, 3), np.repeat(r, 3)
+    cpu = ([rs, rr, np.repeat(tm.ch_s, 3), np.repeat(tm.ch_r, 3)],
+           [tm.enc[free].ravel(), tm.dec[free].ravel(),
+            np.repeat(tm.bucket_enc, 3), np.repeat(tm.bucket_dec, 3)],
+           [cols, cols, bucket_cols, bucket_cols])
 
     def rows(extra_rows: np.ndarray | None, extra_vals: np.ndarray | None) -> sp.csr_matrix:
-        ri = [rs, rr] + ([extra_rows] if extra_rows is not None else [])
-        vi = [tm.enc[free].ravel(), tm.dec[free].ravel()] + (
-            [extra_vals] if extra_vals is not None else [])
-        ci = [cols, cols] + ([cols] if extra_rows is not None else [])
+        ri, vi, ci = (list(part) for part in cpu)
+        if extra_rows is not None:
+            ri, vi, ci = ri + [extra_rows], vi + [extra_vals], ci + [cols]
         m = sp.csr_matrix((np.concatenate(vi) / t_scale, (np.concatenate(ri), np.concatenate(ci))),
-                          shape=(w, 3 * g))
+                          shape=(w, 3 * g + 3 * nc))
         return sp.hstack([m, sp.csr_matrix(-np.ones((w, 1)))], format="csr")
 
     base_cost = tm.beta - tm.hidden
@@ -393,17 +416,27 @@ def _milp(obj: _Objective, time_limit: float, mip_rel_gap: float, free: np.ndarr
          -(cpu_fixed + base_cost + tm.down * (in_fixed - tm.free))),
     ]
     one_width = sp.hstack([sp.kron(sp.eye(g, format="csr"), np.ones((1, 3)), format="csr"),
-                           sp.csr_matrix((g, 1))], format="csr")
-    constraints = [LinearConstraint(one_width, 1, 1)]
+                           sp.csr_matrix((g, 3 * nc + 1))], format="csr")
+    # A group's width uses its channel's bucket of that width: x - y <= 0.
+    uses = sp.csr_matrix((np.r_[np.ones(3 * g), -np.ones(3 * g)],
+                          (np.r_[cols, cols], np.r_[cols, 3 * g + (3 * tm.ch[free][:, None]
+                                                                 + np.arange(3)).ravel()])),
+                         shape=(3 * g, 3 * g + 3 * nc + 1))
+    constraints = [LinearConstraint(one_width, 1, 1), LinearConstraint(uses, -np.inf, 0)]
     constraints += [LinearConstraint(m, -np.inf, ub / t_scale) for m, ub in blocks]
     if np.isfinite(obj.v_cap):
         room = obj.v_cap - v_fixed
         if room < (coef / _LEVELS[2]).sum():
             return None  # even all 8 bits misses the budget: the greedy's answer stands
-        var_row = np.r_[(coef[:, None] / _LEVELS[None, :]).ravel(), 0.0] / v_scale
+        var_row = np.r_[(coef[:, None] / _LEVELS[None, :]).ravel(), np.zeros(3 * nc + 1)] / v_scale
         constraints.append(LinearConstraint(var_row[None, :], -np.inf, room / v_scale))
-    integrality = np.r_[np.ones(3 * g), 0]
-    bounds = Bounds(np.zeros(3 * g + 1), np.r_[np.ones(3 * g), np.inf])
+    # The fixed groups' buckets are used; the bucket variables need no
+    # integrality (they only raise t, so the least that covers x is taken).
+    bucket_used = np.zeros(3 * nc)
+    bucket_used[3 * tm.ch[idx] + ch] = 1.0
+    integrality = np.r_[np.ones(3 * g), np.zeros(3 * nc + 1)]
+    bounds = Bounds(np.r_[np.zeros(3 * g), bucket_used, 0.0],
+                    np.r_[np.ones(3 * g + 3 * nc), np.inf])
     res = milp(c, constraints=constraints, integrality=integrality, bounds=bounds,
                options={"time_limit": max(time_limit, 1e-3), "mip_rel_gap": mip_rel_gap})
     if res.x is None:
