@@ -182,10 +182,12 @@ def profile_codec(device: torch.device, widths: tuple[int, ...] = CODEC_WIDTHS,
     `device`, and ``(encode, decode)`` seconds of one bucket whatever its rows.
 
     Times :class:`~pyg_adaqp.comm.MessageLayout`'s pack and unpack (what
-    the exchange runs), median of `repeats`, each after `barrier` (in an
-    exchange every worker codes at once: workers that share cores slow each
-    other down, which timings taken one worker at a time under-read by 2-3x
-    on 4 workers sharing 2 cores): of
+    the exchange runs), median of `repeats`, every worker starting each
+    measurement after `barrier` (in an exchange every worker codes at once:
+    workers that share cores slow each other down, which timings taken one
+    worker at a time under-read by 2-3x on 4 workers sharing 2 cores; one
+    barrier per measurement, not per repetition: each costs a few ms on a
+    100 Mbit/s link, and the workers repeat the same work in step): of
     :data:`BUCKET_ROWS` rows at each width (the bucket's fixed cost, the
     largest over widths), and of :data:`CODEC_ELEMENTS` random elements at
     two feature widths, whose times less the fixed cost give the per-row and
@@ -200,8 +202,8 @@ def profile_codec(device: torch.device, widths: tuple[int, ...] = CODEC_WIDTHS,
         buf = torch.empty(layout.nbytes, dtype=torch.uint8, device=device)
         out = torch.empty_like(x)
         took = []
+        barrier()
         for _ in range(repeats + 1):          # the first one warms up
-            barrier()
             sync()
             t0 = time.perf_counter()
             layout.pack(x, generator=gen, out=buf)
