@@ -18,11 +18,11 @@ applies (a token bucket's burst, a switch buffer; 0 on a plain link),
 :math:`E_i, D_i` the encode and decode time of the rows it sends and
 receives at their widths (measured per row and per element on that worker's
 device, plus a fixed cost per non-empty width bucket of every message: a
-bucket's few kernels cost ~0.1-0.3 ms on one CPU thread whatever its rows),
-and :math:`h_i` the aggregation time that overlaps the exchange.
-Every piece is linear in the widths' indicator variables (and in one
-variable per channel and width that says whether the bucket is used), so
-the MILP keeps the model exactly (four rows per worker).  A worker's egress finishing last
+bucket's few kernels cost ~0.1-0.6 ms on one CPU thread whatever its rows),
+and :math:`h_i` the aggregation time that overlaps the exchange.  Every
+piece is linear in the widths' indicator variables (and in one variable per
+channel and width that says whether the bucket is used), so the MILP keeps
+the model exactly (four rows per worker).  A worker's egress finishing last
 is also what delays its receivers: the maximum over workers covers it.
 
 (The original fits :math:`\alpha \cdot \mathrm{MB} + \beta` per channel from
@@ -175,9 +175,8 @@ def fit_link(sent: np.ndarray, took: np.ndarray) -> tuple[float, float, float]:
 
 def profile_codec(device: torch.device, widths: tuple[int, ...] = CODEC_WIDTHS,
                   repeats: int = 5, barrier: Callable[[], object] = lambda: None
-                  ) -> tuple[dict[int, tuple[float, float]],
-                                             dict[int, tuple[float, float]],
-                                             tuple[float, float]]:
+                  ) -> tuple[dict[int, tuple[float, float]], dict[int, tuple[float, float]],
+                             tuple[float, float]]:
     """Encode and decode seconds ``(per row, per element)`` of each width on
     `device`, and ``(encode, decode)`` seconds of one bucket whatever its rows.
 
@@ -188,8 +187,8 @@ def profile_codec(device: torch.device, widths: tuple[int, ...] = CODEC_WIDTHS,
     worker at a time under-read by 2-3x on 4 workers sharing 2 cores; one
     barrier per measurement, not per repetition: each costs a few ms on a
     100 Mbit/s link, and the workers repeat the same work in step): of
-    :data:`BUCKET_ROWS` rows at each width (the bucket's fixed cost, the
-    largest over widths), and of :data:`CODEC_ELEMENTS` random elements at
+    :data:`BUCKET_ROWS` rows at each bit width (the bucket's fixed cost,
+    the largest over the bit widths), and of :data:`CODEC_ELEMENTS` random elements at
     two feature widths, whose times less the fixed cost give the per-row and
     per-element costs.
     """
