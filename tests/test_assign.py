@@ -171,7 +171,7 @@ def test_milp_matches_brute_force_and_beats_uniform(seed, coe_lambda):
 
 
 @pytest.mark.parametrize("seed", range(4))
-@pytest.mark.parametrize("bucket", [2e-7, 2e-5])   # a width bucket: a row's link time, or more than all
+@pytest.mark.parametrize("bucket", [2e-7, 2e-5])   # a bucket: a row's link time, or the exchange's
 def test_budget_milp_is_the_fastest_within_budget_by_brute_force(seed, bucket):
     problem, cost = random_problem(seed, workers=2, groups=3, bucket=bucket)
     uniform_noise = {b: problem.variance(np.full(problem.num_groups, k))
