@@ -7,6 +7,8 @@ import logging
 import os
 import subprocess
 import sys
+from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 
@@ -14,6 +16,7 @@ from test_train import SMALL, make_config
 
 from pyg_adaqp.data import dataset_key, load_dataset
 from pyg_adaqp.partition import PartitionError, load_partition, partition_graph, read_manifest
+from pyg_adaqp.partition.peak_memory import status_gib
 
 launcher = importlib.import_module("pyg_adaqp.train.launch")  # `launch` is also a function
 
@@ -128,9 +131,11 @@ def test_default_threads_share_the_cores():
 FREED_MEMORY_PROBE = """
 import sys, torch
 from pyg_adaqp.partition.peak_memory import status_gib
-from pyg_adaqp.train.launch import return_freed_memory
-if sys.argv[1] == "set":
+from pyg_adaqp.train.launch import keep_freed_memory, return_freed_memory
+if sys.argv[1] in ("set", "keep"):
     assert return_freed_memory()
+if sys.argv[1] == "keep":                  # what a worker switches to after its first epoch
+    assert keep_freed_memory()
 big = torch.ones(16 * 2**18); del big     # glibc's threshold rises to a freed 16 MiB block
 keep, freed = [], []
 for i in range(64):                        # 4 MiB tensors, every other one kept
@@ -147,11 +152,45 @@ def test_workers_give_freed_tensors_back():
     returned = {how: int(subprocess.run([sys.executable, "-c", FREED_MEMORY_PROBE, how],
                                         env=env, capture_output=True, text=True,
                                         check=True).stdout)
-                for how in ("set", "default")}
+                for how in ("set", "default", "keep")}
     assert returned["set"] >= 120                     # MiB, of 128 freed
     assert returned["default"] < returned["set"] / 2  # glibc's own threshold keeps them
+    assert returned["keep"] < 8                       # kept for the next epoch to reuse
+    with pytest.raises(ValueError, match="mallopt value"):  # a C int, not silently masked
+        launcher.keep_freed_memory(1 << 32)
     # A threshold the user set in the environment is theirs.
     env["MALLOC_MMAP_THRESHOLD_"] = "131072"
-    code = "from pyg_adaqp.train.launch import return_freed_memory as f; print(f())"
-    assert subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
-                          text=True, check=True).stdout.strip() == "False"
+    for name in ("return_freed_memory", "keep_freed_memory"):
+        code = f"from pyg_adaqp.train.launch import {name} as f; print(f())"
+        assert subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
+                              text=True, check=True).stdout.strip() == "False"
+
+
+@dataclass
+class FreedMemoryProbe:
+    """An ``on_epoch_end`` hook: the MiB of RSS a worker gives back when it frees
+    16 x 4 MiB tensors between kept ones, written to `out`/``<rank>-<epoch>``."""
+    out: str
+
+    def __call__(self, trainer, epoch: int) -> None:
+        import torch
+        keep, freed = [], []
+        for i in range(32):
+            (keep if i % 2 else freed).append(torch.ones(2**20))
+        before = status_gib("VmRSS")
+        freed.clear()
+        returned = round((before - status_gib("VmRSS")) * 1024)
+        (Path(self.out) / f"{trainer.ctx.rank}-{epoch}").write_text(str(returned))
+
+
+def test_workers_keep_freed_tensors_from_the_first_epochs_end(tmp_path, monkeypatch):
+    """Set-up gives freed tensors back; training keeps them for the next epoch
+    (a tensor with pages of its own pays a page fault per page at every epoch)."""
+    probes = tmp_path / "probes"
+    probes.mkdir()
+    monkeypatch.delenv("MALLOC_MMAP_THRESHOLD_", raising=False)
+    launcher.launch(make_config(*SMALL, "trainer.epochs=2"), tmp_path / "run",
+                    on_epoch_end=[FreedMemoryProbe(str(probes))])
+    returned = {p.name: int(p.read_text()) for p in probes.iterdir()}
+    assert sorted(returned) == ["0-0", "0-1", "1-0", "1-1"]
+    assert max(returned.values()) < 8  # MiB, of 64 freed

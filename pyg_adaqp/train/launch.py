@@ -48,7 +48,7 @@ from pyg_adaqp.train.liveness import Heartbeat
 from pyg_adaqp.train.workers import die_with_parent, failure_text, free_port, spawn_workers
 
 if TYPE_CHECKING:
-    from pyg_adaqp.train.trainer import EpochHook
+    from pyg_adaqp.train.trainer import EpochHook, Trainer
 
 log = logging.getLogger(__name__)
 
@@ -177,6 +177,25 @@ def wait_for_partition(cfg: Config, num_parts: int) -> Path:
 
 #: Allocations from this size up get pages of their own (see :func:`return_freed_memory`).
 MMAP_THRESHOLD_BYTES = 1 << 20
+#: From the first epoch's end, freed tensors up to this size stay for the next epoch
+#: (see :func:`keep_freed_memory`); glibc's own threshold rises no higher.
+KEEP_FREED_BYTES = 32 << 20
+
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+
+
+def _mallopt(*settings: tuple[int, int]) -> bool:
+    """Applies glibc ``mallopt`` settings, unless the environment sets the threshold."""
+    for _, value in settings:
+        if not 0 <= value < 2**31:  # mallopt takes a C int
+            raise ValueError(f"mallopt value must be in [0, 2**31), got {value}")
+    if "MALLOC_MMAP_THRESHOLD_" in os.environ:
+        return False
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return False
+    return all(bool(libc.mallopt(param, value)) for param, value in settings)
 
 
 def return_freed_memory(threshold: int = MMAP_THRESHOLD_BYTES) -> bool:
@@ -185,21 +204,35 @@ def return_freed_memory(threshold: int = MMAP_THRESHOLD_BYTES) -> bool:
     glibc serves large allocations with pages of their own (``mmap``), but
     raises that threshold to the size of each such block freed, up to 32
     MiB; tensors below it then come from the heap, whose freed memory stays
-    with the process.  A worker allocates and frees many tensors of a few
-    MiB per epoch: with glibc's own threshold, Reddit-sized workers peaked at
-    2.48-2.68 GiB, with this one at 1.93-1.99 (``python benchmarks/scale.py
-    --sizes reddit``, docs/benchmarks.md).  A fixed threshold (``mallopt``)
-    keeps them apart.  A ``MALLOC_MMAP_THRESHOLD_`` in the environment is left to
-    rule.  Returns whether the setting took (False off glibc).
+    with the process.  A worker's set-up (loading its part, building the
+    aggregation matrices, exchanging the input's halo rows block by block)
+    allocates and frees many one-off tensors of a few MiB: with glibc's own
+    threshold, Reddit-sized workers peaked at 2.48-2.68 GiB, with this one
+    at 1.93-1.99 (``python benchmarks/scale.py --sizes reddit``,
+    docs/benchmarks.md).  A fixed threshold (``mallopt``) keeps them apart.
+    Training then switches to :func:`keep_freed_memory`.  A
+    ``MALLOC_MMAP_THRESHOLD_`` in the environment is left to rule.  Returns
+    whether the setting took (False off glibc).
     """
-    if "MALLOC_MMAP_THRESHOLD_" in os.environ:
-        return False
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:
-        return False
-    m_mmap_threshold = -3
-    return bool(libc.mallopt(m_mmap_threshold, threshold))
+    return _mallopt((_M_MMAP_THRESHOLD, threshold))
+
+
+def keep_freed_memory(limit: int = KEEP_FREED_BYTES) -> bool:
+    """Makes glibc's malloc keep freed tensors of up to `limit` bytes for reuse.
+
+    Every epoch allocates and frees the same tensors.  One with pages of its
+    own pays a page fault per 4 KiB page each time: here a fresh 10 MiB
+    tensor took 5 ms to fill, one from the heap 0.5 ms, and 4 SAGE workers
+    of 10,000 rows each spent a third of their epoch there (835 against
+    567 ms per epoch, docs/benchmarks.md).  Below `limit`, tensors come from
+    the heap, whose top is no longer trimmed, so each epoch reuses what the
+    one before freed.  Larger ones keep pages of their own: kept up to 1
+    GiB, Reddit-sized workers peaked at 2.58-2.80 GiB with no faster epoch;
+    up to 32 MiB, at 2.08-2.15 (against 1.93-1.99 giving everything back).
+    Returns whether the setting took; a ``MALLOC_MMAP_THRESHOLD_`` in the
+    environment is left to rule.
+    """
+    return _mallopt((_M_MMAP_THRESHOLD, limit), (_M_TRIM_THRESHOLD, limit))
 
 
 def default_threads(local_workers: int) -> int:
@@ -255,8 +288,10 @@ def run_worker(rank: int, world_size: int, cfg: Config, run_dir: Path, part_dir:
         if rank == 0:
             report = RunReport(cfg, run_dir, world_size, progress=cfg.trainer.progress)
         ctx = WorkerContext(rank, world_size, device, exchange_group)
+        # Set-up (this worker's first epoch included: it builds the input
+        # cache) gives its one-off memory back; training keeps its own.
         Trainer(cfg, graph, ctx, report, checkpoint_dir=run_dir / "checkpoints",
-                on_epoch_end=on_epoch_end).fit()
+                on_epoch_end=[_keep_freed_memory, *on_epoch_end]).fit()
         dist.barrier()
     except Exception as err:
         if heartbeat is not None and (type(err) is RuntimeError or isinstance(err, dist.DistError)):
@@ -266,6 +301,12 @@ def run_worker(rank: int, world_size: int, cfg: Config, run_dir: Path, part_dir:
         raise
     heartbeat.stop(wait=False)  # a last beat after this does no harm
     dist.destroy_process_group()
+
+
+def _keep_freed_memory(trainer: "Trainer", epoch: int) -> None:
+    """Epoch hook: :func:`keep_freed_memory` from the first epoch's end on (a setting
+    of the process: the later calls change nothing)."""
+    keep_freed_memory()
 
 
 def _spawned(rank: int, world_size: int, cfg: Config, run_dir: Path, part_dir: Path,
