@@ -221,14 +221,15 @@ def keep_freed_memory(limit: int = KEEP_FREED_BYTES) -> bool:
     """Makes glibc's malloc keep freed tensors of up to `limit` bytes for reuse.
 
     Every epoch allocates and frees the same tensors.  One with pages of its
-    own pays a page fault per 4 KiB page each time: here a fresh 10 MiB
-    tensor took 5 ms to fill, one from the heap 0.5 ms, and 4 SAGE workers
-    of 10,000 rows each spent a third of their epoch there (835 against
-    567 ms per epoch, docs/benchmarks.md).  Below `limit`, tensors come from
-    the heap, whose top is no longer trimmed, so each epoch reuses what the
-    one before freed.  Larger ones keep pages of their own: kept up to 1
-    GiB, Reddit-sized workers peaked at 2.58-2.80 GiB with no faster epoch;
-    up to 32 MiB, at 2.08-2.15 (against 1.93-1.99 giving everything back).
+    own pays a page fault per 4 KiB page each time it is filled: 4 workers
+    of 10,000 rows each (uniform 2 bits, loopback, one thread each) ran
+    their SAGE epochs in 546-560 ms with this, 869-872 ms without (GCN:
+    397-399 against 659-678 ms; docs/benchmarks.md).  Below `limit`, tensors
+    come from the heap, whose top is no longer trimmed, so each epoch
+    reuses what the one before freed.  Larger ones keep pages of their own:
+    kept up to 1 GiB, Reddit-sized workers peaked at 2.58-2.80 GiB with no
+    faster epoch; up to 32 MiB, at 2.08-2.15 (against 1.93-1.99 giving
+    everything back).
     Returns whether the setting took; a ``MALLOC_MMAP_THRESHOLD_`` in the
     environment is left to rule.
     """
