@@ -229,9 +229,8 @@ def keep_freed_memory(limit: int = KEEP_FREED_BYTES) -> bool:
     reuses what the one before freed.  Larger ones keep pages of their own:
     kept up to 1 GiB, Reddit-sized workers peaked at 2.58-2.80 GiB with no
     faster epoch; up to 32 MiB, at 2.08-2.15 (against 1.93-1.99 giving
-    everything back).
-    Returns whether the setting took; a ``MALLOC_MMAP_THRESHOLD_`` in the
-    environment is left to rule.
+    everything back).  Returns whether the setting took; a
+    ``MALLOC_MMAP_THRESHOLD_`` in the environment is left to rule.
     """
     return _mallopt((_M_MMAP_THRESHOLD, limit), (_M_TRIM_THRESHOLD, limit))
 
