@@ -128,28 +128,37 @@ def test_default_threads_share_the_cores():
     assert make_config(*SMALL).trainer.eval_every == 5
 
 
+def freed_mib_returned(tensors: int) -> int:
+    """Makes `tensors` 4 MiB tensors and frees every other one (each freed one
+    between kept ones); returns the MiB of RSS the process gave back."""
+    import torch
+    keep, freed = [], []
+    for i in range(tensors):
+        (keep if i % 2 else freed).append(torch.ones(2**20))
+    before = status_gib("VmRSS")
+    freed.clear()
+    return round((before - status_gib("VmRSS")) * 1024)
+
+
 FREED_MEMORY_PROBE = """
 import sys, torch
-from pyg_adaqp.partition.peak_memory import status_gib
+sys.path.insert(0, sys.argv[2])
+from test_partition_cache import freed_mib_returned
 from pyg_adaqp.train.launch import keep_freed_memory, return_freed_memory
 if sys.argv[1] in ("set", "keep"):
     assert return_freed_memory()
 if sys.argv[1] == "keep":                  # what a worker switches to after its first epoch
     assert keep_freed_memory()
 big = torch.ones(16 * 2**18); del big     # glibc's threshold rises to a freed 16 MiB block
-keep, freed = [], []
-for i in range(64):                        # 4 MiB tensors, every other one kept
-    (keep if i % 2 else freed).append(torch.ones(2**20))
-before = status_gib("VmRSS")
-freed.clear()                              # 32 x 4 MiB between kept ones
-print(round((before - status_gib("VmRSS")) * 1024))
+print(freed_mib_returned(64))             # 32 x 4 MiB freed between kept ones
 """
 
 
 def test_workers_give_freed_tensors_back():
     """What a worker frees goes back to the system, not only into glibc's heap."""
     env = {k: v for k, v in os.environ.items() if k != "MALLOC_MMAP_THRESHOLD_"}
-    returned = {how: int(subprocess.run([sys.executable, "-c", FREED_MEMORY_PROBE, how],
+    tests = str(Path(__file__).parent)
+    returned = {how: int(subprocess.run([sys.executable, "-c", FREED_MEMORY_PROBE, how, tests],
                                         env=env, capture_output=True, text=True,
                                         check=True).stdout)
                 for how in ("set", "default", "keep")}
@@ -173,13 +182,7 @@ class FreedMemoryProbe:
     out: str
 
     def __call__(self, trainer, epoch: int) -> None:
-        import torch
-        keep, freed = [], []
-        for i in range(32):
-            (keep if i % 2 else freed).append(torch.ones(2**20))
-        before = status_gib("VmRSS")
-        freed.clear()
-        returned = round((before - status_gib("VmRSS")) * 1024)
+        returned = freed_mib_returned(32)
         (Path(self.out) / f"{trainer.ctx.rank}-{epoch}").write_text(str(returned))
 
 

@@ -44,6 +44,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from pyg_adaqp.comm.clock import device_clock
 from pyg_adaqp.comm.codec import MessageLayout, message_nbytes
 from pyg_adaqp.comm.packing import SUPPORTED_BITS
 from pyg_adaqp.comm.transport import Transport
@@ -188,12 +189,13 @@ def profile_codec(device: torch.device, widths: tuple[int, ...] = CODEC_WIDTHS,
     barrier per measurement, not per repetition: each costs a few ms on a
     100 Mbit/s link, and the workers repeat the same work in step): of
     :data:`BUCKET_ROWS` rows at each bit width (the bucket's fixed cost,
-    the largest over the bit widths), and of :data:`CODEC_ELEMENTS` random elements at
-    two feature widths, whose times less the fixed cost give the per-row and
-    per-element costs.
+    the largest over the bit widths), and of :data:`CODEC_ELEMENTS` random
+    elements at two feature widths, whose times less the fixed cost give the
+    per-row and per-element costs.  Timed with the exchange's own clock
+    (:func:`~pyg_adaqp.comm.clock.device_clock`).
     """
     gen = torch.Generator(device).manual_seed(0)
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    clock = device_clock(device)
 
     def timed(bits: int, rows: int, width: int) -> tuple[float, float]:
         x = torch.randn(rows, width, generator=gen, device=device)
@@ -203,14 +205,11 @@ def profile_codec(device: torch.device, widths: tuple[int, ...] = CODEC_WIDTHS,
         took = []
         barrier()
         for _ in range(repeats + 1):          # the first one warms up
-            sync()
-            t0 = time.perf_counter()
+            t0 = clock()
             layout.pack(x, generator=gen, out=buf)
-            sync()
-            t1 = time.perf_counter()
+            t1 = clock()
             layout.unpack(buf, out=out)
-            sync()
-            took.append((t1 - t0, time.perf_counter() - t1))
+            took.append((t1 - t0, clock() - t1))
         e, d = np.median(np.array(took[1:]), axis=0)
         return float(e), float(d)
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import ctypes
 import dataclasses
+import functools
 import logging
 import os
 import sys
@@ -189,13 +190,19 @@ def _mallopt(*settings: tuple[int, int]) -> bool:
     for _, value in settings:
         if not 0 <= value < 2**31:  # mallopt takes a C int
             raise ValueError(f"mallopt value must be in [0, 2**31), got {value}")
-    if "MALLOC_MMAP_THRESHOLD_" in os.environ:
-        return False
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:
+    libc = _libc()
+    if "MALLOC_MMAP_THRESHOLD_" in os.environ or libc is None:
         return False
     return all(bool(libc.mallopt(param, value)) for param, value in settings)
+
+
+@functools.cache
+def _libc() -> ctypes.CDLL | None:
+    """glibc, loaded once (None off glibc): the epoch hook calls :func:`_mallopt`."""
+    try:
+        return ctypes.CDLL("libc.so.6")
+    except OSError:
+        return None
 
 
 def return_freed_memory(threshold: int = MMAP_THRESHOLD_BYTES) -> bool:
