@@ -255,6 +255,8 @@ def test_allocator_checks_its_arguments():
         AdaptiveBits(group_size=0)
     with pytest.raises(ValueError, match="variance_budget"):
         AdaptiveBits(variance_budget=-0.1)
+    with pytest.raises(ValueError, match="first_bits must be one of"):
+        AdaptiveBits(first_bits=3)
 
 
 @pytest.mark.parametrize("override,field", [("assign.coe_lambda=-0.1", "assign.coe_lambda"),
@@ -322,11 +324,13 @@ def test_adaptive_training_end_to_end(tmp_path, budget):
         assert all(f == 1.0 or f >= 2.0 for fs in h["link_slowdown"].values() for f in fs)
 
 
-def test_ranges_are_traced_only_in_the_epoch_before_a_reassignment(monkeypatch):
-    """Epoch 0 and the epoch before every re-assignment carry the tracer; no other."""
+@pytest.mark.parametrize("first_bits", [8, 4])
+def test_ranges_are_traced_only_in_the_epoch_before_a_reassignment(monkeypatch, first_bits):
+    """Epoch 0 and the epoch before every re-assignment carry the tracer; no
+    other. Epoch 0 runs at `first_bits`."""
     from types import SimpleNamespace
 
-    allocator = AdaptiveBits(cycle=4)
+    allocator = AdaptiveBits(cycle=4, first_bits=first_bits)
     allocator.cost = CostModel({0: 1e-9, 1: 1e-9}, {0: 1e-9, 1: 1e-9})
     reassigned, traced = [], []
     monkeypatch.setattr(allocator, "reassign", lambda graph: reassigned.append(allocator._epoch))
@@ -339,7 +343,7 @@ def test_ranges_are_traced_only_in_the_epoch_before_a_reassignment(monkeypatch):
             assert exchange.tracer is allocator._tracer
     assert reassigned == [1, 4, 8, 12]
     assert traced == [0, 3, 7, 11]
-    assert exchange.default_bits == 8
+    assert exchange.default_bits == first_bits
 
 
 def test_adaptive_with_one_worker(tmp_path):

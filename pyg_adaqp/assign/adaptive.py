@@ -1,7 +1,8 @@
 r"""`AdaptiveBits`: AdaQP's adaptive bit-width allocator as a trainer callback (SPEC 7).
 
 Schedule: :meth:`AdaptiveBits.setup` measures the cost model once, before
-epoch 0 and outside every epoch's time.  Epoch 0 exchanges at 8 bits while a
+epoch 0 and outside every epoch's time.  Epoch 0 exchanges at ``first_bits``
+(8 by default) while a
 :class:`RangeTracer` records every row's range statistic and each key's signal; the
 first assignment is made from those traces at the start of epoch 1, and
 then re-made every ``cycle`` epochs from the traces of the epoch before it
@@ -91,11 +92,13 @@ class AdaptiveBits:
             stands. (default: :obj:`0.3`)
         profile_repeats (int, optional): Timed exchanges per size when
             profiling the links. (default: :obj:`2`)
+        first_bits (int, optional): Width of every quantized row in epoch 0,
+            before the first assignment. (default: :obj:`8`)
     """
 
     def __init__(self, cycle: int = 10, group_size: int = 100, coe_lambda: float = 0.5,
                  variance_budget: float | None = DEFAULT_BUDGET, time_limit: float = 0.3,
-                 profile_repeats: int = 2):
+                 profile_repeats: int = 2, first_bits: int = 8):
         if cycle < 1:
             raise ValueError(f"cycle must be >= 1, got {cycle}")
         if group_size < 1:
@@ -104,9 +107,13 @@ class AdaptiveBits:
             raise ValueError(f"coe_lambda must be in [0, 1], got {coe_lambda}")
         if variance_budget is not None and not variance_budget >= 0.0:
             raise ValueError(f"variance_budget must be >= 0 or None, got {variance_budget}")
+        if first_bits not in WIDTHS:
+            raise ValueError(f"first_bits must be one of {tuple(int(b) for b in WIDTHS)}, "
+                             f"got {first_bits}")
         self.cycle, self.group_size, self.coe_lambda = cycle, group_size, coe_lambda
         self.variance_budget = variance_budget
         self.time_limit, self.profile_repeats = time_limit, profile_repeats
+        self.first_bits = int(first_bits)
         self.cost: CostModel | None = None
         #: Seconds :meth:`setup` took on this worker, and when (``time.time()``).
         self.setup_time = 0.0
@@ -161,7 +168,7 @@ class AdaptiveBits:
         ex = graph.exchange
         if ex is not self._exchange:
             self._exchange, self._tracer = ex, RangeTracer()
-            ex.default_bits = int(WIDTHS[-1])
+            ex.default_bits = self.first_bits
             for key, (send, recv) in self.assignment.items():  # restored from a checkpoint
                 ex.set_bits(key, send, recv)
 
@@ -250,8 +257,8 @@ class AdaptiveBits:
     def _row_bits(self, key: str, peer: int, group_bits: dict, num_rows: int) -> Tensor:
         """Widths of the rows this worker sends `peer` under `key`, in send order."""
         widths = group_bits.get(key, {}).get(peer)
-        if widths is None:  # untraced (no rows): 8 bits, as the receiver assumes
-            return torch.full((num_rows,), int(WIDTHS[-1]), dtype=torch.uint8)
+        if widths is None:  # untraced (no rows): as before the first assignment
+            return torch.full((num_rows,), self.first_bits, dtype=torch.uint8)
         order, rows = self._orders[key][peer]
         per_row = np.empty(order.size, dtype=np.uint8)
         per_row[order] = np.repeat(widths, rows)

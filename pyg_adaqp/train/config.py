@@ -74,7 +74,7 @@ class ModeConfig:
 class AssignConfig:
     """Bit widths of quantized messages."""
     scheme: str = "adaptive"           #: ``adaptive``, ``uniform`` (all at ``bits``) or ``random``
-    bits: int = 8                      #: width of the uniform scheme
+    bits: int = 8                      #: uniform: every row's width; adaptive: epoch 0's
     cycle: int = 10                    #: epochs between re-assignments (random: redraw)
     group_size: int = 100              #: adaptive: messages of one channel sharing a width
     #: adaptive: the fastest widths whose quantization noise stays within this
