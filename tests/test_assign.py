@@ -18,7 +18,7 @@ from pyg_adaqp.assign import (
     objective,
     solve_key,
 )
-from pyg_adaqp.assign.cost_model import fit_link
+from pyg_adaqp.assign.cost_model import CODEC_ELEMENTS, codec_costs, fit_link
 from pyg_adaqp.assign.milp import TIE_BREAK, WIDTHS
 from pyg_adaqp.comm import message_nbytes
 from test_train import SMALL, launch, make_config, read_run
@@ -344,6 +344,33 @@ def test_ranges_are_traced_only_in_the_epoch_before_a_reassignment(monkeypatch, 
     assert reassigned == [1, 4, 8, 12]
     assert traced == [0, 3, 7, 11]
     assert exchange.default_bits == first_bits
+
+
+def test_epoch_zero_runs_at_assign_bits(tmp_path):
+    """`assign.bits` reaches the adaptive allocator: epoch 0's rows at that width."""
+    cfg = make_config(*SMALL, "assign=adaptive", "assign.bits=2", "trainer.epochs=1")
+    launch(cfg, tmp_path)
+    _, summary = read_run(tmp_path)
+    hist = summary["bits_histogram"]
+    # (layer 0's input halo is exchanged once, in epoch 0, at full precision)
+    assert {k: set(v) for k, v in hist.items() if not k.startswith("input")} == {
+        key: {"2"} for key in ("forward 1", "backward 1", "forward 2", "backward 2")}
+
+
+def test_codec_costs_recover_the_per_row_and_per_element_costs():
+    """From measurements made of known costs: the fixed bucket cost comes
+    off, `share` scales the measured seconds to the exchange's."""
+    fixed = np.array([2e-4, 1e-4])
+    truth = {2: ((3e-8, 2e-9), (1e-8, 6e-10)), 8: ((5e-8, 1e-9), (2e-8, 4e-10))}
+    share = 1.7
+    per = {bits: {width: np.array([
+        (fixed[k] + (CODEC_ELEMENTS // width) * (row + element * width)) / share
+        for k, (row, element) in enumerate(costs)]) for width in (16, 256)}
+        for bits, costs in truth.items()}
+    enc, dec = codec_costs(fixed, per, share)
+    for bits, (e, d) in truth.items():
+        assert enc[bits] == pytest.approx(e, rel=1e-9)
+        assert dec[bits] == pytest.approx(d, rel=1e-9)
 
 
 def test_adaptive_with_one_worker(tmp_path):

@@ -237,16 +237,26 @@ def profile_codec(device: torch.device, widths: tuple[int, ...] = CODEC_WIDTHS,
                     for bits in SUPPORTED_BITS], axis=0)
     per = {bits: {width: timed(bits, max(1, CODEC_ELEMENTS // width), width)
                   for width in widths} for bits in SUPPORTED_BITS}
-    share = wall_s / cpu_s if cpu_s > 0 else 1.0
+    enc, dec = codec_costs(fixed, per, wall_s / cpu_s if cpu_s > 0 else 1.0)
+    return enc, dec, (float(fixed[0]), float(fixed[1]))
+
+
+def codec_costs(fixed: np.ndarray, per: dict[int, dict[int, np.ndarray]], share: float = 1.0
+                ) -> tuple[dict[int, tuple[float, float]], dict[int, tuple[float, float]]]:
+    """Encode and decode seconds ``(per row, per element)`` of each bit width
+    from :func:`profile_codec`'s measurements: `fixed`, one bucket's
+    ``(encode, decode)`` seconds, and ``per[bits][width]``, the seconds of
+    ``CODEC_ELEMENTS // width`` rows of `width`, which `share` scales to the
+    exchange's time; a line through the narrowest and widest width."""
     enc, dec = {}, {}
     for bits, by_width in per.items():
-        cost = {width: np.maximum(0.0, took * share - fixed) / max(1, CODEC_ELEMENTS // width)
-                for width, took in by_width.items()}
+        cost = {width: np.maximum(0.0, np.asarray(took) * share - fixed)
+                / max(1, CODEC_ELEMENTS // width) for width, took in by_width.items()}
         (w0, (e0, d0)), (w1, (e1, d1)) = sorted(cost.items())[0], sorted(cost.items())[-1]
         for out_map, s0, s1 in ((enc, e0, e1), (dec, d0, d1)):
             slope = max(0.0, (s1 - s0) / (w1 - w0)) if w1 > w0 else s1 / w1
             out_map[bits] = (float(max(0.0, s1 - slope * w1)), float(slope))
-    return enc, dec, (float(fixed[0]), float(fixed[1]))
+    return enc, dec
 
 
 def _gather(value: object) -> list:
