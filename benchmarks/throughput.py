@@ -244,6 +244,7 @@ def aggregate(results: list[dict], args: argparse.Namespace) -> list[dict]:
                 lines.append({
                     "model": model, "cache": cache, "config": name,
                     "epochs_per_s": mean([throughput(s) for s in summaries]),
+                    "epochs_per_s_by_seed": {r["seed"]: throughput(r["summary"]) for r in mine},
                     "setup_s": mean([s.get("setup_time", 0.0) for s in summaries]),
                     "throughput_ratio": mean(ratio_t),
                     "mb_per_epoch": mean([s["bytes_sent_per_epoch"] / 1e6 for s in summaries]),
@@ -312,6 +313,18 @@ def report(lines: list[dict], args: argparse.Namespace, wall_s: float) -> str:
         if big:
             out.append(f"\nexchanges of 4 ms or more: largest error {100 * max(big):.0f}%, "
                        f"mean {100 * mean(big):.0f}%")
+    if len(args.seeds) > 1:
+        out += ["", "Epochs/s by seed (set-up counted): each seed's runs ran one after "
+                "another, so its configurations compare in the same conditions", "",
+                f"| model | cache | seed | {' | '.join(args.configs)} |",
+                "|---|---|---:|" + "---:|" * len(args.configs)]
+        for model in args.models:
+            for cache in args.cache:
+                mine = {ln["config"]: ln["epochs_per_s_by_seed"] for ln in lines
+                        if (ln["model"], ln["cache"]) == (model, cache)}
+                for seed in args.seeds:
+                    out.append(f"| {model} | {cache} | {seed} | " + " | ".join(
+                        f"{mine[c][seed]:.3f}" for c in args.configs) + " |")
     channels = [ln for ln in lines if ln["channels"]]
     if channels:
         out += ["", "Widths per channel (adaptive runs; rows at 2/4/8 bits over every exchange "
