@@ -206,12 +206,9 @@ def profile_codec(device: torch.device, widths: tuple[int, ...] = CODEC_WIDTHS,
     """
     gen = torch.Generator(device).manual_seed(0)
     clock = device_clock(device)
-    on_cpu = device.type == "cpu"
-    wall_s = cpu_s = 0.0
 
-    def timed(bits: int, rows: int, width: int, wall: bool = False) -> np.ndarray:
-        """Median ``(encode, decode)`` seconds: CPU seconds on the CPU, unless `wall`."""
-        nonlocal wall_s, cpu_s
+    def timed(bits: int, rows: int, width: int) -> np.ndarray:
+        """Every repetition's encode and decode seconds, wall then CPU: ``[repeats, 4]``."""
         x = torch.randn(rows, width, generator=gen, device=device)
         layout = MessageLayout(torch.full((rows,), bits), width)
         buf = torch.empty(layout.nbytes, dtype=torch.uint8, device=device)
@@ -225,20 +222,29 @@ def profile_codec(device: torch.device, widths: tuple[int, ...] = CODEC_WIDTHS,
             layout.unpack(buf, out=out)
             t2, c2 = clock(), time.process_time()
             took.append((t1 - t0, t2 - t1, c1 - c0, c2 - c1))
-        took = np.array(took[1:])
-        if wall or not on_cpu:
-            return np.median(took[:, :2], axis=0)
-        wall_s, cpu_s = wall_s + took[:, :2].sum(), cpu_s + took[:, 2:].sum()
-        return np.median(took[:, 2:], axis=0)
+        return np.array(took[1:])
 
+    wall, cpu = slice(0, 2), slice(2, 4)
     # A bucket's few kernels take well under a time slice: their wall
     # time's median is the one a worker rarely pre-empted sees.
-    fixed = np.max([timed(bits, BUCKET_ROWS, widths[0], wall=True)
+    fixed = np.max([np.median(timed(bits, BUCKET_ROWS, widths[0])[:, wall], axis=0)
                     for bits in SUPPORTED_BITS], axis=0)
-    per = {bits: {width: timed(bits, max(1, CODEC_ELEMENTS // width), width)
-                  for width in widths} for bits in SUPPORTED_BITS}
-    enc, dec = codec_costs(fixed, per, wall_s / cpu_s if cpu_s > 0 else 1.0)
+    runs = {bits: {width: timed(bits, codec_rows(width), width) for width in widths}
+            for bits in SUPPORTED_BITS}
+    share, cols = 1.0, wall
+    if device.type == "cpu":
+        every = np.concatenate([r for by_width in runs.values() for r in by_width.values()])
+        if every[:, cpu].sum() > 0:
+            share, cols = float(every[:, wall].sum() / every[:, cpu].sum()), cpu
+    per = {bits: {width: np.median(r[:, cols], axis=0) for width, r in by_width.items()}
+           for bits, by_width in runs.items()}
+    enc, dec = codec_costs(fixed, per, share)
     return enc, dec, (float(fixed[0]), float(fixed[1]))
+
+
+def codec_rows(width: int) -> int:
+    """Rows of `width` in one codec measurement: :data:`CODEC_ELEMENTS` elements."""
+    return max(1, CODEC_ELEMENTS // width)
 
 
 def codec_costs(fixed: np.ndarray, per: dict[int, dict[int, np.ndarray]], share: float = 1.0
@@ -246,12 +252,12 @@ def codec_costs(fixed: np.ndarray, per: dict[int, dict[int, np.ndarray]], share:
     """Encode and decode seconds ``(per row, per element)`` of each bit width
     from :func:`profile_codec`'s measurements: `fixed`, one bucket's
     ``(encode, decode)`` seconds, and ``per[bits][width]``, the seconds of
-    ``CODEC_ELEMENTS // width`` rows of `width`, which `share` scales to the
+    :func:`codec_rows` rows of `width`, which `share` scales to the
     exchange's time; a line through the narrowest and widest width."""
     enc, dec = {}, {}
     for bits, by_width in per.items():
-        cost = {width: np.maximum(0.0, np.asarray(took) * share - fixed)
-                / max(1, CODEC_ELEMENTS // width) for width, took in by_width.items()}
+        cost = {width: np.maximum(0.0, np.asarray(took) * share - fixed) / codec_rows(width)
+                for width, took in by_width.items()}
         (w0, (e0, d0)), (w1, (e1, d1)) = sorted(cost.items())[0], sorted(cost.items())[-1]
         for out_map, s0, s1 in ((enc, e0, e1), (dec, d0, d1)):
             slope = max(0.0, (s1 - s0) / (w1 - w0)) if w1 > w0 else s1 / w1
