@@ -4,6 +4,8 @@
         --epochs 40 --out /tmp/throughput
     python benchmarks/throughput.py --hosts 4 --rate 1gbit --dataset photo --seeds 0 1 2 \
         --configs vanilla adaqp --epochs 200 --out /tmp/photo
+    python benchmarks/throughput.py --hosts 4 --rate 100mbit --models gcn --cache on \
+        --configs vanilla adaqp adaqp-u2 --repeats 3 --epochs 60 --eval-every 5
 
 Every configuration is a real multi-node job: ``benchmarks/cluster.py``
 builds ``--hosts`` network namespaces whose links ``tc tbf`` limits to
@@ -19,7 +21,13 @@ runs them with the layer-0 input cache on (ours) and off (the original, which
 sends the input features' halo every epoch); ratios compare with ``vanilla``
 of the same model, cache setting and seed.
 
-Reported per configuration (mean over seeds): epochs/s (training steps and
+``--repeats N`` runs every configuration N times per seed, round-robin
+(vanilla, adaqp, uniform 2, vanilla, adaqp, ...), so that configurations
+compared share the machine's drift: back-to-back runs of one configuration
+on this 2-core machine can differ in epochs/s by more than the differences
+between configurations (see the per-run table).
+
+Reported per configuration (mean over seeds and repeats): epochs/s (training steps and
 the set-up before epoch 0, i.e. the allocator's cost model; the evaluation
 passes are not timed) and its ratio to ``vanilla``, payload
 bytes per epoch and ratio, the epoch's parts (wait for messages, quantize,
@@ -160,6 +168,8 @@ def main() -> int:
     ap.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
     ap.add_argument("--cache", nargs="+", default=["on", "off"], choices=["on", "off"])
     ap.add_argument("--seeds", nargs="+", type=int, default=[0])
+    ap.add_argument("--repeats", type=int, default=1,
+                    help="runs of every configuration per seed, round-robin")
     ap.add_argument("--epochs", type=int, default=40)
     ap.add_argument("--eval-every", type=int, default=1)
     ap.add_argument("--run-timeout", type=float, default=900, help="bound on one run, s")
@@ -167,6 +177,8 @@ def main() -> int:
                     help="extra trainer overrides for every run, e.g. model.num_layers=4")
     ap.add_argument("--out", default="throughput-runs")
     args = ap.parse_args()
+    if args.repeats < 1:
+        ap.error(f"--repeats must be at least 1, got {args.repeats}")
     if "vanilla" not in args.configs:
         ap.error("--configs must include vanilla: every ratio is against it")
     out = Path(args.out).resolve()
@@ -191,11 +203,13 @@ def main() -> int:
             prepare_partitions(compose(base), args.hosts)
             for model in args.models:
                 for cache in args.cache:
-                    for name in args.configs:
+                    for repeat, name in ((r, n) for r in range(args.repeats)
+                                         for n in args.configs):
                         overrides = [*base, f"model={model}",
                                      f"mode.cache_input={'true' if cache == 'on' else 'false'}",
                                      *CONFIGS[name]]
-                        run_dir = out / f"{args.dataset}-{model}-cache{cache}-{name}-{seed}"
+                        run_dir = out / (f"{args.dataset}-{model}-cache{cache}-{name}-{seed}"
+                                         + (f"-r{repeat}" if args.repeats > 1 else ""))
                         port += 1
                         t0 = time.time()
                         summary, rows = run_config(cluster, overrides, run_dir, port,
@@ -204,8 +218,9 @@ def main() -> int:
                               f"epochs/s, {summary['bytes_sent_per_epoch'] / 1e6:.2f} MB/epoch, "
                               f"best val {summary['best_val']:.4f} ({time.time() - t0:.0f} s)",
                               flush=True)
-                        results.append({"seed": seed, "model": model, "cache": cache,
-                                        "config": name, "summary": summary, "rows": rows})
+                        results.append({"seed": seed, "repeat": repeat, "model": model,
+                                        "cache": cache, "config": name, "summary": summary,
+                                        "rows": rows})
     print("teardown check: no namespace, link or qdisc left")
     (out / "results.json").write_text(json.dumps(results, indent=1))
     lines = aggregate(results, args)
@@ -217,25 +232,27 @@ def main() -> int:
 
 
 def aggregate(results: list[dict], args: argparse.Namespace) -> list[dict]:
-    """One line per (model, cache, config): means over seeds and ratios to vanilla."""
+    """One line per (model, cache, config): means over runs (seeds and repeats)
+    and ratios to the `vanilla` run of the same seed and repeat."""
     lines = []
     for model in args.models:
         for cache in args.cache:
             def runs(name):
                 return [r for r in results
                         if (r["model"], r["cache"], r["config"]) == (model, cache, name)]
-            base = {r["seed"]: r for r in runs("vanilla")}
+            base = {(r["seed"], r["repeat"]): r for r in runs("vanilla")}
             for name in args.configs:
                 mine = runs(name)
                 ratio_t, ratio_b, diff, ttt, ttt_base = [], [], [], [], []
                 for r in mine:
-                    s, b = r["summary"], base[r["seed"]]["summary"]
+                    trial = base[(r["seed"], r["repeat"])]
+                    s, b = r["summary"], trial["summary"]
                     ratio_t.append(throughput(s) / throughput(b))
                     ratio_b.append(s["bytes_sent_per_epoch"] / b["bytes_sent_per_epoch"])
                     diff.append(s["test_at_best_val"] - b["test_at_best_val"])
                     target = TARGET_FRACTION * b["best_val"]
                     ttt.append(time_to(r["rows"], target, s.get("setup_time", 0.0)))
-                    ttt_base.append(time_to(base[r["seed"]]["rows"], target,
+                    ttt_base.append(time_to(trial["rows"], target,
                                             b.get("setup_time", 0.0)))
                 summaries = [r["summary"] for r in mine]
                 # Sent (last epoch) over the codec's count: 1 when the accounting holds.
@@ -244,7 +261,8 @@ def aggregate(results: list[dict], args: argparse.Namespace) -> list[dict]:
                 lines.append({
                     "model": model, "cache": cache, "config": name,
                     "epochs_per_s": mean([throughput(s) for s in summaries]),
-                    "epochs_per_s_by_seed": {r["seed"]: throughput(r["summary"]) for r in mine},
+                    "epochs_per_s_by_run": {(r["seed"], r["repeat"]): throughput(r["summary"])
+                                            for r in mine},
                     "setup_s": mean([s.get("setup_time", 0.0) for s in summaries]),
                     "throughput_ratio": mean(ratio_t),
                     "mb_per_epoch": mean([s["bytes_sent_per_epoch"] / 1e6 for s in summaries]),
@@ -273,7 +291,8 @@ def report(lines: list[dict], args: argparse.Namespace, wall_s: float) -> str:
            f"machine: {machine_line()}",
            f"cluster: {args.hosts} hosts (network namespaces, one torchrun node and one "
            f"worker with one torch thread each), links at {args.rate}; "
-           f"{args.dataset}, hidden {args.hidden}, {args.epochs} epochs, seeds {args.seeds}"
+           f"{args.dataset}, hidden {args.hidden}, {args.epochs} epochs, seeds {args.seeds}, "
+           f"{args.repeats} run(s) of each configuration per seed"
            f"{', ' + ' '.join(args.override) if args.override else ''}; "
            f"wall {wall_s / 60:.1f} min",
            "",
@@ -290,7 +309,7 @@ def report(lines: list[dict], args: argparse.Namespace, wall_s: float) -> str:
                else f"not reached ({ln['time_to_target_vanilla']:.1f})")
         ttt_ratio = (f"{ln['time_to_target'] / ln['time_to_target_vanilla']:.2f}×"
                      if reached and ln["time_to_target_vanilla"] else "-")
-        sd = f" ± {100 * ln['test_sd']:.2f}" if len(args.seeds) > 1 else ""
+        sd = f" ± {100 * ln['test_sd']:.2f}" if len(args.seeds) * args.repeats > 1 else ""
         out.append(
             f"| {ln['model']} | {ln['cache']} | {ln['config']} | {ln['epochs_per_s']:.2f} | "
             f"{ln['throughput_ratio']:.2f}× | {ln['setup_s']:.2f} | {ln['mb_per_epoch']:.2f} | "
@@ -313,22 +332,22 @@ def report(lines: list[dict], args: argparse.Namespace, wall_s: float) -> str:
         if big:
             out.append(f"\nexchanges of 4 ms or more: largest error {100 * max(big):.0f}%, "
                        f"mean {100 * mean(big):.0f}%")
-    if len(args.seeds) > 1:
-        out += ["", "Epochs/s by seed (set-up counted): each seed's runs ran one after "
+    if len(args.seeds) * args.repeats > 1:
+        out += ["", "Epochs/s by run (set-up counted): one row's runs ran one after "
                 "another, so its configurations compare in the same conditions", "",
-                f"| model | cache | seed | {' | '.join(args.configs)} |",
-                "|---|---|---:|" + "---:|" * len(args.configs)]
+                f"| model | cache | seed | repeat | {' | '.join(args.configs)} |",
+                "|---|---|---:|---:|" + "---:|" * len(args.configs)]
         for model in args.models:
             for cache in args.cache:
-                mine = {ln["config"]: ln["epochs_per_s_by_seed"] for ln in lines
+                mine = {ln["config"]: ln["epochs_per_s_by_run"] for ln in lines
                         if (ln["model"], ln["cache"]) == (model, cache)}
-                for seed in args.seeds:
-                    out.append(f"| {model} | {cache} | {seed} | " + " | ".join(
-                        f"{mine[c][seed]:.3f}" for c in args.configs) + " |")
+                for trial in ((s, r) for s in args.seeds for r in range(args.repeats)):
+                    out.append(f"| {model} | {cache} | {trial[0]} | {trial[1]} | " + " | ".join(
+                        f"{mine[c][trial]:.3f}" for c in args.configs) + " |")
     channels = [ln for ln in lines if ln["channels"]]
     if channels:
         out += ["", "Widths per channel (adaptive runs; rows at 2/4/8 bits over every exchange "
-                "key of the last re-assignment, summed over seeds)", "",
+                "key of the last re-assignment, summed over runs)", "",
                 "| model | cache | config | channel | 2 bits | 4 bits | 8 bits | mean bits |",
                 "|---|---|---|---|---:|---:|---:|---:|"]
         for ln in channels:
