@@ -19,7 +19,7 @@ Configurations (``--configs``): ``vanilla`` (fp32, no overlap), ``adaqp_p``
 overlap) and ``adaqp-random`` (random widths, overlap).  ``--cache on off``
 runs them with the layer-0 input cache on (ours) and off (the original, which
 sends the input features' halo every epoch); ratios compare with ``vanilla``
-of the same model, cache setting and seed.
+of the same model, cache setting, seed and repeat.
 
 ``--repeats N`` runs every configuration N times per seed, round-robin
 (vanilla, adaqp, uniform 2, vanilla, adaqp, ...), so that configurations
