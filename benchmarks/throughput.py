@@ -42,6 +42,7 @@ exchange time).  Writes ``results.md``, ``results.json`` and
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import statistics
@@ -203,8 +204,8 @@ def main() -> int:
             prepare_partitions(compose(base), args.hosts)
             for model in args.models:
                 for cache in args.cache:
-                    for repeat, name in ((r, n) for r in range(args.repeats)
-                                         for n in args.configs):
+                    for repeat, name in itertools.product(range(args.repeats),
+                                                          args.configs):
                         overrides = [*base, f"model={model}",
                                      f"mode.cache_input={'true' if cache == 'on' else 'false'}",
                                      *CONFIGS[name]]
@@ -341,9 +342,9 @@ def report(lines: list[dict], args: argparse.Namespace, wall_s: float) -> str:
             for cache in args.cache:
                 mine = {ln["config"]: ln["epochs_per_s_by_run"] for ln in lines
                         if (ln["model"], ln["cache"]) == (model, cache)}
-                for trial in ((s, r) for s in args.seeds for r in range(args.repeats)):
-                    out.append(f"| {model} | {cache} | {trial[0]} | {trial[1]} | " + " | ".join(
-                        f"{mine[c][trial]:.3f}" for c in args.configs) + " |")
+                for seed, repeat in itertools.product(args.seeds, range(args.repeats)):
+                    out.append(f"| {model} | {cache} | {seed} | {repeat} | " + " | ".join(
+                        f"{mine[c][(seed, repeat)]:.3f}" for c in args.configs) + " |")
     channels = [ln for ln in lines if ln["channels"]]
     if channels:
         out += ["", "Widths per channel (adaptive runs; rows at 2/4/8 bits over every exchange "
