@@ -32,7 +32,7 @@ from pyg_adaqp.data import (
     synthetic_graph,
 )
 from pyg_adaqp.partition import PartitionError, graph_fingerprint, load_partition, partition_graph
-from pyg_adaqp.train import PeerLost, WorkerFailed, launch
+from pyg_adaqp.train import PeerLost, WorkerFailed, launch, run_workers
 from pyg_adaqp.train.checkpoint import (
     CheckpointError,
     checkpoint_path,
@@ -80,8 +80,8 @@ class Fault:
 def child_processes() -> list[int]:
     """Pids of this process's children, reaped or not (from ``/proc``).
 
-    Leaves out multiprocessing's resource tracker: the spawn context starts
-    one per process, which lives as long as its parent and exits with it.
+    Leaves out multiprocessing's resource tracker and fork server: one of
+    each per process, which lives as long as its parent and exits with it.
     """
     me, kids = str(os.getpid()), []
     for proc in Path("/proc").glob("[0-9]*"):
@@ -91,7 +91,8 @@ def child_processes() -> list[int]:
         except OSError:  # exited meanwhile
             continue
         # Fields after the name: state, ppid, ...
-        if after_name[1] == me and b"multiprocessing.resource_tracker" not in cmdline:
+        if after_name[1] == me and b"multiprocessing.resource_tracker" not in cmdline \
+                and b"multiprocessing.forkserver" not in cmdline:
             kids.append(int(proc.name))
     return kids
 
@@ -309,6 +310,24 @@ def test_workers_die_with_a_script_that_runs_them(tmp_path):
     argv = [sys.executable, str(script), str(tmp_path)]
     env = {"PYTHONPATH": str(Path(__file__).parent)}
     assert kill_launcher_and_count_leftovers(argv, tmp_path / "1", workers=2, env=env) == []
+
+
+def environment_and_parent(rank, world_size):
+    return os.environ.get("ADAQP_PROBE"), os.getppid()
+
+
+@pytest.mark.timeout(120)
+def test_workers_fork_from_one_server_with_the_callers_environment(monkeypatch):
+    # The server started with the first call's environment; each call's workers take their own.
+    monkeypatch.setenv("ADAQP_PROBE", "first")
+    first = run_workers(environment_and_parent, 2)
+    monkeypatch.setenv("ADAQP_PROBE", "second")
+    second = run_workers(environment_and_parent, 2)
+    monkeypatch.delenv("ADAQP_PROBE")
+    third = run_workers(environment_and_parent, 2)
+    assert [env for env, _ in first + second + third] == ["first"] * 2 + ["second"] * 2 + [None] * 2
+    parents = {parent for _, parent in first + second + third}
+    assert len(parents) == 1 and os.getpid() not in parents  # forked by one server, not by us
 
 
 # --- bad inputs --------------------------------------------------------------------------------

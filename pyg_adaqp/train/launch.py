@@ -1,4 +1,4 @@
-"""Starting workers: local spawn (``world_size=N``) or ``torchrun``.
+"""Starting workers: local workers (``world_size=N``) or ``torchrun``.
 
 All distributed state (ranks, devices, process groups) is set up here and
 nowhere else.  Joining the job and every collective run under
@@ -330,8 +330,9 @@ def launch(cfg: Config, run_dir: Path, on_epoch_end: Sequence[EpochHook] = ()) -
         run_dir (Path): Where metrics, summary, plots and checkpoints go.
         on_epoch_end (Sequence[Callable], optional): Hooks every worker calls
             as ``hook(trainer, epoch)`` after each epoch (see
-            :class:`~pyg_adaqp.train.trainer.Trainer`); local workers are
-            spawned, so they must be picklable (e.g. module-level functions).
+            :class:`~pyg_adaqp.train.trainer.Trainer`); local workers get
+            them pickled, so they must be picklable (e.g. module-level
+            functions).
             (default: :obj:`()`)
 
     Raises:

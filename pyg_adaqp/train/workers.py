@@ -2,9 +2,16 @@
 
 :func:`spawn_workers` starts one process per rank and watches them:
 
-- every worker dies with the process that spawned it (``PR_SET_PDEATHSIG``
-  on Linux, a thread watching the parent's pid elsewhere), so a launcher
-  killed by an OOM killer or a batch scheduler leaves no worker behind;
+- on Linux the workers fork from multiprocessing's fork server, which
+  imported torch, PyG and this package once (their ``import`` costs
+  seconds of CPU in every spawned process);
+  each worker takes the environment of the call that starts it, not the
+  server's (elsewhere they are spawned);
+- every worker dies with the process that started it (a thread waiting on
+  that process's pidfd for a forked worker, whose parent is the server;
+  ``PR_SET_PDEATHSIG`` for a spawned one on Linux, a thread watching the
+  parent's pid elsewhere), so a launcher killed by an OOM killer or a batch
+  scheduler leaves no worker behind;
 - a worker that fails writes ``<Type>: <message>`` and its traceback to its
   report file and leaves at once, without tearing down its process groups
   (which can block on a peer's unfinished work): its sockets close, so its
@@ -20,6 +27,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+import select
 import signal
 import socket
 import sys
@@ -36,6 +44,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 _PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
+#: What the fork server imports once, before it forks any worker.
+FORK_SERVER_PRELOAD = ["pyg_adaqp.train"]
 
 
 class WorkerFailed(RuntimeError):
@@ -80,6 +90,43 @@ def die_with_parent(parent_pid: int) -> None:
     threading.Thread(target=watch, name="die-with-parent", daemon=True).start()
 
 
+def die_with(pid: int) -> None:
+    """Makes this process die (SIGKILL) when process `pid` exits.
+
+    :func:`die_with_parent` when `pid` is the parent.  Otherwise (a worker
+    forked by the fork server, whose parent is the server) a daemon thread
+    waits on a pidfd of `pid` (Linux 5.3 and later); if `pid` is already
+    gone, the process exits at once.
+    """
+    if pid == os.getppid():
+        die_with_parent(pid)
+        return
+    try:
+        fd = os.pidfd_open(pid)
+    except ProcessLookupError:
+        os._exit(1)
+
+    def watch() -> None:
+        select.select([fd], [], [])  # readable once `pid` has exited
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    threading.Thread(target=watch, name="die-with-launcher", daemon=True).start()
+
+
+def start_context():
+    """The multiprocessing context workers start from: the fork server on Linux, else spawn.
+
+    The server is one per process, started at the first worker with
+    :data:`FORK_SERVER_PRELOAD` imported; it holds no CUDA state, so forked
+    workers may use CUDA.
+    """
+    if not sys.platform.startswith("linux"):
+        return mp.get_context("spawn")
+    ctx = mp.get_context("forkserver")
+    ctx.set_forkserver_preload(FORK_SERVER_PRELOAD)
+    return ctx
+
+
 def failure_text(err: BaseException) -> str:
     """``<Type>: <message>``, a blank line and the traceback of `err` (being handled)."""
     return f"{type(err).__name__}: {err}\n\n{traceback.format_exc()}"
@@ -92,8 +139,13 @@ def report_failure(path: Path, err: BaseException) -> None:
     os.replace(tmp, path)  # the watcher never reads half a report
 
 
-def _child(rank: int, parent_pid: int, report_dir: str, target: Callable, args: tuple) -> None:
-    die_with_parent(parent_pid)
+def _child(rank: int, parent_pid: int, environ: dict[str, str], report_dir: str,
+           target: Callable, args: tuple) -> None:
+    die_with(parent_pid)
+    # A forked worker holds the fork server's environment; the caller's is the one meant
+    # (e.g. MASTER_PORT, set per launch).
+    os.environ.clear()
+    os.environ.update(environ)
     report_dir = Path(report_dir)
     try:
         result = target(rank, *args)
@@ -110,7 +162,7 @@ def _child(rank: int, parent_pid: int, report_dir: str, target: Callable, args: 
 
 def spawn_workers(target: Callable, world_size: int, args: Sequence[Any] = (), *,
                   grace_s: float, deadline_s: float | None = None) -> list[Any]:
-    """Runs ``target(rank, *args)`` in `world_size` spawned processes and watches them.
+    """Runs ``target(rank, *args)`` in `world_size` processes and watches them.
 
     Args:
         target (Callable): Importable by the children (a module-level function).
@@ -128,10 +180,11 @@ def spawn_workers(target: Callable, world_size: int, args: Sequence[Any] = (), *
     Raises:
         WorkerFailed: If a worker raised, died or was killed.
     """
-    ctx = mp.get_context("spawn")
+    ctx = start_context()
     with tempfile.TemporaryDirectory(prefix="adaqp-workers-") as report_dir:
-        procs = [ctx.Process(target=_child, args=(r, os.getpid(), report_dir, target, tuple(args)),
-                             daemon=False) for r in range(world_size)]
+        procs = [ctx.Process(target=_child, args=(r, os.getpid(), dict(os.environ), report_dir,
+                                                  target, tuple(args)), daemon=False)
+                 for r in range(world_size)]
         try:
             for p in procs:
                 p.start()
@@ -224,10 +277,9 @@ def _in_process_group(rank: int, world_size: int, port: int, timeout_s: float, f
 
 
 def run_workers(fn: Callable, world_size: int, *args: Any, timeout_s: float = 120.0) -> list:
-    """Runs ``fn(rank, world_size, *args)`` in `world_size` spawned gloo workers.
+    """Runs ``fn(rank, world_size, *args)`` in `world_size` local gloo workers.
 
-    Every worker runs with one intra-op thread (spawn does not set
-    ``OMP_NUM_THREADS``) in a gloo process group on loopback whose
+    Every worker runs with one intra-op thread in a gloo process group on loopback whose
     collectives time out after `timeout_s`.  `fn` must be importable by the
     children (a module-level function of an importable module, or of a
     script with an ``if __name__ == "__main__":`` guard).
