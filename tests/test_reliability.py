@@ -312,6 +312,33 @@ def test_workers_die_with_a_script_that_runs_them(tmp_path):
     assert kill_launcher_and_count_leftovers(argv, tmp_path / "1", workers=2, env=env) == []
 
 
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("pidfd", [True, False])
+def test_a_process_dies_with_one_that_is_not_its_parent(pidfd):
+    # A forked worker's parent is the fork server: it watches its launcher by pid (a pidfd,
+    # or /proc where the kernel has no pidfd_open).
+    launcher = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
+    no_pidfd = "" if pidfd else (
+        "import errno, os\n"
+        "def missing(pid): raise OSError(errno.ENOSYS, 'pidfd_open')\n"
+        "os.pidfd_open = missing\n")
+    watcher = subprocess.Popen(
+        [sys.executable, "-c", no_pidfd + "import sys, time\n"
+         "from pyg_adaqp.train.workers import die_with\n"
+         f"die_with({launcher.pid})\n"
+         "print('watching', flush=True)\n"
+         "time.sleep(600)\n"], stdout=subprocess.PIPE, text=True)
+    try:
+        assert watcher.stdout.readline() == "watching\n"
+        launcher.kill()
+        launcher.wait()
+        assert watcher.wait() == -signal.SIGKILL
+    finally:
+        for proc in (launcher, watcher):
+            proc.kill()
+            proc.wait()
+
+
 def environment_and_parent(rank, world_size):
     return os.environ.get("ADAQP_PROBE"), os.getppid()
 

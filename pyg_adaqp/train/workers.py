@@ -95,8 +95,9 @@ def die_with(pid: int) -> None:
 
     :func:`die_with_parent` when `pid` is the parent.  Otherwise (a worker
     forked by the fork server, whose parent is the server) a daemon thread
-    waits on a pidfd of `pid` (Linux 5.3 and later); if `pid` is already
-    gone, the process exits at once.
+    waits on a pidfd of `pid` (Linux 5.3 and later; on older kernels it
+    checks every second that `pid` exists); if `pid` is already gone, the
+    process exits at once.
     """
     if pid == os.getppid():
         die_with_parent(pid)
@@ -105,9 +106,15 @@ def die_with(pid: int) -> None:
         fd = os.pidfd_open(pid)
     except ProcessLookupError:
         os._exit(1)
+    except OSError:  # no pidfd_open (Linux before 5.3)
+        fd = None
 
     def watch() -> None:
-        select.select([fd], [], [])  # readable once `pid` has exited
+        if fd is not None:
+            select.select([fd], [], [])  # readable once `pid` has exited
+        else:
+            while os.path.exists(f"/proc/{pid}"):
+                time.sleep(1.0)
         os.kill(os.getpid(), signal.SIGKILL)
 
     threading.Thread(target=watch, name="die-with-launcher", daemon=True).start()
@@ -279,10 +286,10 @@ def _in_process_group(rank: int, world_size: int, port: int, timeout_s: float, f
 def run_workers(fn: Callable, world_size: int, *args: Any, timeout_s: float = 120.0) -> list:
     """Runs ``fn(rank, world_size, *args)`` in `world_size` local gloo workers.
 
-    Every worker runs with one intra-op thread in a gloo process group on loopback whose
-    collectives time out after `timeout_s`.  `fn` must be importable by the
-    children (a module-level function of an importable module, or of a
-    script with an ``if __name__ == "__main__":`` guard).
+    Every worker runs with one intra-op thread in a gloo process group on
+    loopback whose collectives time out after `timeout_s`.  `fn` must be
+    importable by the children (a module-level function of an importable
+    module, or of a script with an ``if __name__ == "__main__":`` guard).
 
     Returns:
         The workers' results by rank.
