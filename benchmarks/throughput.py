@@ -21,11 +21,13 @@ runs them with the layer-0 input cache on (ours) and off (the original, which
 sends the input features' halo every epoch); ratios compare with ``vanilla``
 of the same model, cache setting, seed and repeat.
 
-``--repeats N`` runs every configuration N times per seed, round-robin
-(vanilla, adaqp, uniform 2, vanilla, adaqp, ...), so that configurations
-compared share the machine's drift: back-to-back runs of one configuration
-on this 2-core machine can differ in epochs/s by more than the differences
-between configurations (see the per-run table).
+``--repeats N`` runs every configuration N times per seed, round-robin,
+each round starting one configuration later (vanilla, adaqp, uniform 2;
+adaqp, uniform 2, vanilla; uniform 2, vanilla, adaqp; ...), so that
+configurations compared share the machine's drift and none always runs in
+the same slot: back-to-back runs of one configuration on this 2-core
+machine can differ in epochs/s by more than the differences between
+configurations (see the per-run table).
 
 Reported per configuration (mean over seeds and repeats): epochs/s (training steps and
 the set-up before epoch 0, i.e. the allocator's cost model; the evaluation
@@ -204,8 +206,7 @@ def main() -> int:
             prepare_partitions(compose(base), args.hosts)
             for model in args.models:
                 for cache in args.cache:
-                    for repeat, name in itertools.product(range(args.repeats),
-                                                          args.configs):
+                    for repeat, name in rounds(args.configs, args.repeats):
                         overrides = [*base, f"model={model}",
                                      f"mode.cache_input={'true' if cache == 'on' else 'false'}",
                                      *CONFIGS[name]]
@@ -230,6 +231,15 @@ def main() -> int:
     print(table)
     plot(lines, args, out / "throughput.png")
     return 0
+
+
+def rounds(configs: list[str], repeats: int) -> list[tuple[int, str]]:
+    """``(repeat, config)`` in run order: round after round, each round starting one
+    configuration later, so that with as many repeats as configurations every
+    configuration runs once in every position of a round (the machine drifts
+    through a batch: a fixed order would give one configuration its late slots)."""
+    return [(repeat, configs[(repeat + i) % len(configs)])
+            for repeat in range(repeats) for i in range(len(configs))]
 
 
 def aggregate(results: list[dict], args: argparse.Namespace) -> list[dict]:

@@ -9,7 +9,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
-from throughput import TIME_PARTS, aggregate, report  # noqa: E402
+from throughput import TIME_PARTS, aggregate, report, rounds  # noqa: E402
 
 from pyg_adaqp.comm import message_nbytes  # noqa: E402
 
@@ -55,3 +55,16 @@ def test_repeats_pair_with_their_rounds_vanilla():
     assert "| gcn | on | 0 | 0 | 1.000 | 2.000 |" in table
     assert "| gcn | on | 0 | 1 | 2.000 | 3.000 |" in table
     assert "| gcn | on | adaqp | 2.50 | 1.75× |" in table
+
+
+def test_rounds_put_every_configuration_in_every_slot():
+    order = rounds(["vanilla", "adaqp", "adaqp-u2"], 3)
+    assert order == [(0, "vanilla"), (0, "adaqp"), (0, "adaqp-u2"),
+                     (1, "adaqp"), (1, "adaqp-u2"), (1, "vanilla"),
+                     (2, "adaqp-u2"), (2, "vanilla"), (2, "adaqp")]
+    # One run of every configuration per round, and every slot held by each once.
+    for repeat in range(3):
+        assert sorted(c for r, c in order if r == repeat) == ["adaqp", "adaqp-u2", "vanilla"]
+    for slot in range(3):
+        assert sorted(order[3 * r + slot][1] for r in range(3)) == ["adaqp", "adaqp-u2", "vanilla"]
+    assert rounds(["vanilla", "adaqp"], 1) == [(0, "vanilla"), (0, "adaqp")]
