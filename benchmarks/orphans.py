@@ -35,14 +35,17 @@ LAUNCHERS = {
 }
 
 
+def parent(pid: int) -> int | None:
+    """The parent of `pid` from ``/proc`` (None if it has exited meanwhile)."""
+    try:
+        return int((Path("/proc") / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()[1])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
 def process_tree(pid: int) -> list[int]:
     """Every process below `pid` (children, their children, ...), from ``/proc``."""
-    parent_of = {}
-    for proc in Path("/proc").glob("[0-9]*"):
-        try:
-            parent_of[int(proc.name)] = int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1])
-        except (OSError, IndexError, ValueError):  # exited meanwhile
-            continue
+    parent_of = {int(proc.name): parent(int(proc.name)) for proc in Path("/proc").glob("[0-9]*")}
     found, frontier = [], [pid]
     while frontier:
         frontier = [c for c, p in parent_of.items() if p in frontier]
@@ -91,10 +94,9 @@ def multiprocessing_helpers(pids: list[int]) -> set[int]:
     for pid in pids:
         try:
             cmdline = (Path("/proc") / str(pid) / "cmdline").read_bytes()
-            parent = int((Path("/proc") / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()[1])
-        except (OSError, IndexError, ValueError):  # exited meanwhile
+        except OSError:  # exited meanwhile
             continue
-        if b"from multiprocessing." in cmdline and parent not in pids:
+        if b"from multiprocessing." in cmdline and parent(pid) not in pids:
             helpers.add(pid)
     return helpers
 
