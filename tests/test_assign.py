@@ -380,7 +380,7 @@ def test_a_buckets_fixed_cost_is_its_fastest_repetition(monkeypatch):
     most are (a median would read the slice)."""
     encode, decode, slice_s = 3e-4, 1e-4, 4e-3
     times = [0.0]
-    for bits in range(3):                   # the bucket measurement of each width
+    for _ in range(3):                      # the bucket measurement at 2, 4 and 8 bits
         for rep in range(BUCKET_REPEATS + 1):   # the first warms up
             stolen = slice_s if rep % 3 else 0.0    # two of every three pre-empted
             times += [times[-1] + encode + stolen, times[-1] + encode + stolen + decode]
