@@ -16,7 +16,11 @@ seed use the same partitions, made once before the first run.
 Configurations (``--configs``): ``vanilla`` (fp32, no overlap), ``adaqp_p``
 (fp32, overlap), ``adaqp_q`` (adaptive bits, no overlap), ``adaqp``
 (adaptive bits, overlap), ``adaqp-u4`` / ``adaqp-u2`` (uniform 4 / 2 bits,
-overlap) and ``adaqp-random`` (random widths, overlap).  ``--cache on off``
+overlap) and ``adaqp-random`` (random widths, overlap).  ``NAME:LABEL``
+runs configuration ``NAME`` once more under another label, e.g.
+``--configs vanilla adaqp adaqp-u2 adaqp-u2:again``: two identical
+configurations in the same rounds show how far this machine alone moves a
+ratio (the noise floor of every other comparison in the batch).  ``--cache on off``
 runs them with the layer-0 input cache on (ours) and off (the original, which
 sends the input features' halo every epoch); ratios compare with ``vanilla``
 of the same model, cache setting, seed and repeat.
@@ -168,7 +172,8 @@ def main() -> int:
     ap.add_argument("--features", type=int, default=128, help="synthetic: feature width")
     ap.add_argument("--models", nargs="+", default=["gcn", "sage"])
     ap.add_argument("--hidden", type=int, default=256)
-    ap.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
+    ap.add_argument("--configs", nargs="+", default=list(CONFIGS), metavar="NAME[:LABEL]",
+                    help=f"of {', '.join(CONFIGS)}; NAME:LABEL runs NAME again as a control")
     ap.add_argument("--cache", nargs="+", default=["on", "off"], choices=["on", "off"])
     ap.add_argument("--seeds", nargs="+", type=int, default=[0])
     ap.add_argument("--repeats", type=int, default=1,
@@ -184,6 +189,12 @@ def main() -> int:
         ap.error(f"--repeats must be at least 1, got {args.repeats}")
     if "vanilla" not in args.configs:
         ap.error("--configs must include vanilla: every ratio is against it")
+    for name in args.configs:
+        if base_config(name) not in CONFIGS:
+            ap.error(f"--configs: unknown configuration {base_config(name)!r} in {name!r} "
+                     f"(choose from {', '.join(CONFIGS)})")
+    if len(set(args.configs)) != len(args.configs):
+        ap.error("--configs: a configuration appears twice; label the copy, e.g. adaqp-u2:again")
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
 
@@ -209,8 +220,9 @@ def main() -> int:
                     for repeat, name in rounds(args.configs, args.repeats):
                         overrides = [*base, f"model={model}",
                                      f"mode.cache_input={'true' if cache == 'on' else 'false'}",
-                                     *CONFIGS[name]]
-                        run_dir = out / (f"{args.dataset}-{model}-cache{cache}-{name}-{seed}"
+                                     *CONFIGS[base_config(name)]]
+                        label = name.replace(":", "-")
+                        run_dir = out / (f"{args.dataset}-{model}-cache{cache}-{label}-{seed}"
                                          + (f"-r{repeat}" if args.repeats > 1 else ""))
                         port += 1
                         t0 = time.time()
@@ -231,6 +243,11 @@ def main() -> int:
     print(table)
     plot(lines, args, out / "throughput.png")
     return 0
+
+
+def base_config(name: str) -> str:
+    """The configuration that `name` (``NAME`` or ``NAME:LABEL``) runs."""
+    return name.split(":", 1)[0]
 
 
 def rounds(configs: list[str], repeats: int) -> list[tuple[int, str]]:

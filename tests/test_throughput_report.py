@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import subprocess
 import sys
 from pathlib import Path
 
@@ -9,7 +10,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
-from throughput import TIME_PARTS, aggregate, report, rounds  # noqa: E402
+from throughput import TIME_PARTS, aggregate, base_config, report, rounds  # noqa: E402
 
 from pyg_adaqp.comm import message_nbytes  # noqa: E402
 
@@ -68,3 +69,29 @@ def test_rounds_put_every_configuration_in_every_slot():
     for slot in range(3):
         assert sorted(order[3 * r + slot][1] for r in range(3)) == ["adaqp", "adaqp-u2", "vanilla"]
     assert rounds(["vanilla", "adaqp"], 1) == [(0, "vanilla"), (0, "adaqp")]
+
+
+def test_a_labelled_copy_runs_its_configuration_as_a_line_of_its_own():
+    """`NAME:LABEL` is NAME run again: its ratios pair with its own rounds' vanilla."""
+    assert base_config("adaqp-u2:again") == "adaqp-u2" and base_config("adaqp") == "adaqp"
+    results = [run("vanilla", 0, 1.0, 0.80), run("adaqp-u2", 0, 2.0, 0.81),
+               run("adaqp-u2:again", 0, 1.8, 0.80)]
+    args = argparse.Namespace(models=["gcn"], cache=["on"],
+                              configs=["vanilla", "adaqp-u2", "adaqp-u2:again"], seeds=[0],
+                              repeats=1, hosts=4, rate="1gbit", dataset="synthetic",
+                              hidden=256, epochs=2, override=[])
+    lines = {ln["config"]: ln for ln in aggregate(results, args)}
+    assert lines["adaqp-u2"]["throughput_ratio"] == pytest.approx(2.0)
+    assert lines["adaqp-u2:again"]["throughput_ratio"] == pytest.approx(1.8)
+
+
+@pytest.mark.parametrize("configs, message", [
+    (["vanilla", "adaqp-u2", "adaqp-u2"], "appears twice; label the copy"),
+    (["vanilla", "fast:x"], "unknown configuration 'fast' in 'fast:x'"),
+])
+def test_the_command_line_rejects_an_unlabelled_copy_and_an_unknown_configuration(
+        configs, message):
+    res = subprocess.run([sys.executable, str(Path(__file__).resolve().parents[1] / "benchmarks"
+                                              / "throughput.py"), "--configs", *configs],
+                         capture_output=True, text=True, timeout=60)
+    assert res.returncode == 2 and message in res.stderr
