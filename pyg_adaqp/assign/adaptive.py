@@ -28,8 +28,14 @@ of the layer's output (or input gradient).
 Links change during training (a congested switch port, a host moved to a
 slower network).  Every exchange times each peer's buffer from posting to
 arrival; at each re-assignment rank 0 divides every pair's arrival by the
-profiled model's prediction and compares the ratio with the best seen for
-that pair.  A worker's uplink runs ``min`` over its receivers of that
+profiled model's prediction, in every epoch since the last re-assignment,
+and compares the median of those epochs' ratios with the best seen for
+that pair.  The median over epochs, not the last epoch: an arrival also
+counts the time its sender was late to post (a worker pre-empted while it
+computed, 4 workers sharing 2 cores), and one late epoch read a link up
+to 10x slower, which scaled the next solve's predictions to 3-8x the
+exchanges measured (``benchmarks/throughput.py``, SAGE at 100 Mbit/s); a
+link that stays slow is slow in most epochs.  A worker's uplink runs ``min`` over its receivers of that
 slow-down, its downlink ``min`` over its senders (a slow peer at the other
 end is not charged to it).  The downlink's figure is a lower bound: a
 worker behind its peers posts its receives late, when part of their data
@@ -133,6 +139,9 @@ class AdaptiveBits:
         self._tracer: RangeTracer | None = None
         self._exchange = None  # the exchange the assignment is installed in
         self._observed: dict[str, dict[str, float]] = {}  # this worker's last epoch, by key
+        #: This worker's arrivals and bytes per peer by key, one dict per training
+        #: epoch since the last re-assignment.
+        self._arrivals: list[dict[str, dict[str, dict[int, float]]]] = []
         self._predicted: dict[str, float] = {}            # rank 0: the last solve's times
         #: Scores of the forward rows this worker sends, by layer and receiver (static).
         self._scores: dict[int, dict[int, np.ndarray]] | None = None
@@ -188,15 +197,16 @@ class AdaptiveBits:
     def observe(self, stats: dict) -> None:
         """Takes this worker's exchange counters of a training epoch
         (:class:`~pyg_adaqp.comm.exchange.ExchangeStats` by key)."""
-        self._observed = {}
+        self._observed, arrivals = {}, {}
         for key, s in stats.items():
             if s.calls and not key.startswith("input"):
-                self._observed[key] = {
-                    "hidden": s.owned_agg_time / s.calls,
-                    "measured": (s.quant_time + s.wait_time) / s.calls,
-                    "arrival": {p: t / s.calls for p, t in s.peer_arrival.items()},
-                    "sent": {p: b / s.calls for p, b in s.peer_sent.items()},
-                    "recv": {p: b / s.calls for p, b in s.peer_recv.items()}}
+                self._observed[key] = {"hidden": s.owned_agg_time / s.calls,
+                                       "measured": (s.quant_time + s.wait_time) / s.calls}
+                arrivals[key] = {"arrival": {p: t / s.calls for p, t in s.peer_arrival.items()},
+                                 "sent": {p: b / s.calls for p, b in s.peer_sent.items()},
+                                 "recv": {p: b / s.calls for p, b in s.peer_recv.items()}}
+        self._arrivals.append(arrivals)
+        del self._arrivals[:-self.cycle]  # a cycle's epochs (none re-assign without a cost model)
 
     # --- re-assignment --------------------------------------------------------------------------
 
@@ -226,7 +236,9 @@ class AdaptiveBits:
                 self._orders.setdefault(key, {})[peer] = (order, rows)
         mine = {"groups": groups, "signal": signal,
                 "widths": dict(self._tracer.widths) if self._tracer is not None else {},
-                "observed": self._observed, "overlap": graph.overlap}
+                "observed": self._observed, "arrivals": self._arrivals,
+                "overlap": graph.overlap}
+        self._arrivals = []
         rank, world = dist.get_rank(), dist.get_world_size()
         gathered = [None] * world if rank == 0 else None
         dist.gather_object(mine, gathered, dst=0)
@@ -316,25 +328,18 @@ class AdaptiveBits:
         return [(keys, mine) for mine in out]
 
     def _link_drift(self, gathered: list[dict]) -> dict[int, float]:
-        """Per worker, the slow-down of its link from the last epoch's arrivals
-        (1.0 within :data:`DRIFT_BAND`): the larger of its uplink's and its
-        downlink's estimate, applied both ways (see the module)."""
-        ratios: dict[tuple[int, int], list[float]] = defaultdict(list)
-        keys = {k for part in gathered for k in part["observed"]}
-        for key in keys:
-            obs = {i: part["observed"][key] for i, part in enumerate(gathered)
-                   if key in part["observed"]}
-            out = {j: sum(o["sent"].values()) for j, o in obs.items()}
-            for i, o in obs.items():
-                into = sum(o["recv"].values())
-                for j, arrival in o["arrival"].items():
-                    # The model's own link time, as the solver sees it.
-                    predicted = max(self.cost.link_seconds(j, out.get(j, 0.0), 0.0),
-                                    self.cost.link_seconds(i, 0.0, into))
-                    if predicted > MIN_PREDICTED_S and arrival > 0:
-                        ratios[(i, j)].append(arrival / predicted)
+        """Per worker, the slow-down of its link from the arrivals of the epochs
+        since the last re-assignment (1.0 within :data:`DRIFT_BAND`): the
+        larger of its uplink's and its downlink's estimate, applied both ways
+        (see the module)."""
+        epochs = min((len(part["arrivals"]) for part in gathered), default=0)
+        by_epoch: dict[tuple[int, int], list[float]] = defaultdict(list)
+        for e in range(epochs):
+            for pair, ratio in self._arrival_ratios([part["arrivals"][e]
+                                                     for part in gathered]).items():
+                by_epoch[pair].append(ratio)
         slow: dict[tuple[int, int], float] = {}
-        for pair, values in ratios.items():
+        for pair, values in by_epoch.items():
             now = float(np.median(values))
             best = min(self._best_ratio.get(pair, now), now)
             self._best_ratio[pair] = best
@@ -350,6 +355,24 @@ class AdaptiveBits:
             f = max(min(up[w], default=1.0), min(down[w], default=1.0))
             slowdown[w] = f if f >= DRIFT_BAND else 1.0
         return slowdown
+
+    def _arrival_ratios(self, epoch: list[dict]) -> dict[tuple[int, int], float]:
+        """One epoch's arrival over predicted link time per pair ``(receiver,
+        sender)``, the median over keys; `epoch` holds every worker's arrivals
+        and bytes per peer by key."""
+        ratios: dict[tuple[int, int], list[float]] = defaultdict(list)
+        for key in {k for part in epoch for k in part}:
+            obs = {i: part[key] for i, part in enumerate(epoch) if key in part}
+            out = {j: sum(o["sent"].values()) for j, o in obs.items()}
+            for i, o in obs.items():
+                into = sum(o["recv"].values())
+                for j, arrival in o["arrival"].items():
+                    # The model's own link time, as the solver sees it.
+                    predicted = max(self.cost.link_seconds(j, out.get(j, 0.0), 0.0),
+                                    self.cost.link_seconds(i, 0.0, into))
+                    if predicted > MIN_PREDICTED_S and arrival > 0:
+                        ratios[(i, j)].append(arrival / predicted)
+        return {pair: float(np.median(values)) for pair, values in ratios.items()}
 
     def _problem(self, key: str, gathered: list[dict]) -> tuple[KeyProblem, list]:
         """The key's groups over all channels, and each channel's ``(i, j, groups)``."""
@@ -394,7 +417,8 @@ class AdaptiveBits:
                 "cost": self.cost.state_dict() if self.cost is not None else None,
                 "cost_check": list(self.cost_check), "assignment": self.assignment,
                 "histogram": self.histogram, "last_solve_time": self.last_solve_time,
-                "history": list(self.history), "best_ratio": dict(self._best_ratio)}
+                "history": list(self.history), "best_ratio": dict(self._best_ratio),
+                "arrivals": list(self._arrivals)}
 
     def load_state_dict(self, state: dict) -> None:
         """Restores the allocator; the assignment is installed at the next epoch."""
@@ -408,6 +432,7 @@ class AdaptiveBits:
         # (absent from checkpoints written before link slow-downs were followed)
         self.history = list(state.get("history", []))
         self._best_ratio = dict(state.get("best_ratio", {}))
+        self._arrivals = list(state.get("arrivals", []))
         self._exchange = None  # re-attach and re-install at the next epoch
 
 
