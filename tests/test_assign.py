@@ -604,7 +604,7 @@ def test_a_link_that_slows_down_moves_its_channels_to_lower_widths():
 def test_a_link_counts_as_slow_only_in_most_epochs_of_the_cycle(epochs, slowed):
     """The slow-down is the median over the cycle's epochs of each pair's
     arrival ratio: a host late in a minority of epochs is not charged (one such
-    epoch scaled a whole solve's predictions 3-8x above the exchanges measured)."""
+    epoch scaled a whole solve's predictions up to 8x above the exchanges measured)."""
     allocator, groups, keys = _slow_link_allocator()
     allocator._solve(_link_parts(groups, keys, [None] * 5))
     allocator._solve(_link_parts(groups, keys, epochs))

@@ -26,24 +26,25 @@ sent in backward.  So ``variance_budget`` is a noise-to-signal power ratio
 of the layer's output (or input gradient).
 
 Links change during training (a congested switch port, a host moved to a
-slower network).  Every exchange times each peer's buffer from posting to
+slower network). Every exchange times each peer's buffer from posting to
 arrival; at each re-assignment rank 0 divides every pair's arrival by the
 profiled model's prediction, in every epoch since the last re-assignment,
-and compares the median of those epochs' ratios with the best seen for
-that pair.  The median over epochs, not the last epoch: an arrival also
-counts the time its sender was late to post (a worker pre-empted while it
-computed, 4 workers sharing 2 cores), and one late epoch read a link up
-to 10x slower, which scaled the next solve's predictions to 3-8x the
+and compares the median of those epochs' ratios with the best seen for that
+pair. The median over epochs, not the last epoch: an arrival also counts
+the time its sender was late to post (a worker pre-empted while it
+computed, 4 workers sharing 2 cores), and one late epoch read a link up to
+10x slower, which scaled the next solve's predictions up to 8x the
 exchanges measured (``benchmarks/throughput.py``, SAGE at 100 Mbit/s); a
-link that stays slow is slow in most epochs.  A worker's uplink runs ``min`` over its receivers of that
-slow-down, its downlink ``min`` over its senders (a slow peer at the other
-end is not charged to it).  The downlink's figure is a lower bound: a
-worker behind its peers posts its receives late, when part of their data
-has already crossed, and the 10x slower link of ``benchmarks/faults.py``
-measured 8.7x up but 4.8x down.  So a worker's link counts as slowed by the
-larger of the two, both ways; a slow-down of at least :data:`DRIFT_BAND`
-scales the profiled rates for this solve, so the slow host's channels move
-to lower widths and return when the link recovers.  No traffic is added.
+link that stays slow is slow in most epochs. A worker's uplink runs ``min``
+over its receivers of that slow-down, its downlink ``min`` over its senders
+(a slow peer at the other end is not charged to it). The downlink's figure
+is a lower bound: a worker behind its peers posts its receives late, when
+part of their data has already crossed, and the 10x slower link of
+``benchmarks/faults.py`` measured 8.7x up but 4.8x down. So a worker's link
+counts as slowed by the larger of the two, both ways; a slow-down of at
+least :data:`DRIFT_BAND` scales the profiled rates for this solve, so the
+slow host's channels move to lower widths and return when the link
+recovers. No traffic is added.
 """
 from __future__ import annotations
 
