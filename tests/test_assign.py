@@ -600,6 +600,10 @@ def test_a_link_that_slows_down_moves_its_channels_to_lower_widths():
     ([None, 2, None, None, None], False),   # one late epoch of five: a pre-empted sender
     ([None, 2, None, 2, None], False),      # two of five
     ([None, 2, 2, None, 2], True),          # most of the cycle: the link is slow
+    ([None, 2], False),                     # half of an even count is not most
+    ([None, 2, 2, None], False),
+    ([2, 2], True),
+    ([None, 2, 2, 2], True),
 ])
 def test_a_link_counts_as_slow_only_in_most_epochs_of_the_cycle(epochs, slowed):
     """The slow-down is the median over the cycle's epochs of each pair's
@@ -631,6 +635,7 @@ def test_observe_keeps_the_arrivals_of_at_most_one_cycle_and_checkpoints_carry_t
         allocator.observe(stats)
     assert [a["forward 1"]["arrival"] for a in allocator._arrivals] == [
         {1: pytest.approx(0.2 * e)} for e in (2, 3, 4)]
+    assert all(set(a) == {"forward 1"} for a in allocator._arrivals)   # no input key
     assert allocator._arrivals[-1]["forward 1"]["sent"] == {1: 50.0}
     assert allocator._observed == {"forward 1": {"hidden": pytest.approx(0.1),
                                                  "measured": pytest.approx(0.25)}}

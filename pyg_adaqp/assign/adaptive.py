@@ -29,9 +29,9 @@ Links change during training (a congested switch port, a host moved to a
 slower network). Every exchange times each peer's buffer from posting to
 arrival; at each re-assignment rank 0 divides every pair's arrival by the
 profiled model's prediction, in every epoch since the last re-assignment,
-and compares the median of those epochs' ratios with the best seen for that
-pair. The median over epochs, not the last epoch: an arrival also counts
-the time its sender was late to post (a worker pre-empted while it
+and compares the (lower) median of those epochs' ratios with the best seen
+for that pair. The median over epochs, not the last epoch: an arrival also
+counts the time its sender was late to post (a worker pre-empted while it
 computed, 4 workers sharing 2 cores), and one late epoch read a link up to
 10x slower, which scaled the next solve's predictions up to 8x the
 exchanges measured (``benchmarks/throughput.py``, SAGE at 100 Mbit/s); a
@@ -197,7 +197,9 @@ class AdaptiveBits:
 
     def observe(self, stats: dict) -> None:
         """Takes this worker's exchange counters of a training epoch
-        (:class:`~pyg_adaqp.comm.exchange.ExchangeStats` by key)."""
+        (:class:`~pyg_adaqp.comm.exchange.ExchangeStats` by key): the last
+        epoch's times, and every epoch's arrivals until the next
+        re-assignment hands them to rank 0 (at most a cycle's)."""
         self._observed, arrivals = {}, {}
         for key, s in stats.items():
             if s.calls and not key.startswith("input"):
@@ -207,7 +209,8 @@ class AdaptiveBits:
                                  "sent": {p: b / s.calls for p, b in s.peer_sent.items()},
                                  "recv": {p: b / s.calls for p, b in s.peer_recv.items()}}
         self._arrivals.append(arrivals)
-        del self._arrivals[:-self.cycle]  # a cycle's epochs (none re-assign without a cost model)
+        # Bounded: without a cost model nothing re-assigns, and nothing else clears it.
+        del self._arrivals[:-self.cycle]
 
     # --- re-assignment --------------------------------------------------------------------------
 
@@ -219,7 +222,9 @@ class AdaptiveBits:
         its receivers sent once) and gives rank 0 only each group's
         :math:`C_g` and row count; rank 0 solves and returns one uint8 width
         per group to that sender alone; the sender tells each receiver the
-        widths of the rows it will send it, point to point.
+        widths of the rows it will send it, point to point.  Every worker
+        also gives rank 0 its arrivals per peer of the epochs since the last
+        re-assignment (the links' slow-down).
         """
         ex = graph.exchange
         if not self._scores:  # none yet (or no layer has run since a resume)
@@ -333,15 +338,17 @@ class AdaptiveBits:
         since the last re-assignment (1.0 within :data:`DRIFT_BAND`): the
         larger of its uplink's and its downlink's estimate, applied both ways
         (see the module)."""
+        # The last epochs that every worker observed (they all observe every epoch).
         epochs = min((len(part["arrivals"]) for part in gathered), default=0)
-        by_epoch: dict[tuple[int, int], list[float]] = defaultdict(list)
-        for e in range(epochs):
-            for pair, ratio in self._arrival_ratios([part["arrivals"][e]
-                                                     for part in gathered]).items():
-                by_epoch[pair].append(ratio)
+        per_pair: dict[tuple[int, int], list[float]] = defaultdict(list)
+        for parts in zip(*(part["arrivals"][len(part["arrivals"]) - epochs:]
+                           for part in gathered)):
+            for pair, ratio in self._arrival_ratios(list(parts)).items():
+                per_pair[pair].append(ratio)
         slow: dict[tuple[int, int], float] = {}
-        for pair, values in by_epoch.items():
-            now = float(np.median(values))
+        for pair, values in per_pair.items():
+            # The lower median: of an even count, a late half is not yet most epochs.
+            now = float(np.sort(values)[(len(values) - 1) // 2])
             best = min(self._best_ratio.get(pair, now), now)
             self._best_ratio[pair] = best
             slow[pair] = now / best
@@ -357,13 +364,13 @@ class AdaptiveBits:
             slowdown[w] = f if f >= DRIFT_BAND else 1.0
         return slowdown
 
-    def _arrival_ratios(self, epoch: list[dict]) -> dict[tuple[int, int], float]:
+    def _arrival_ratios(self, parts: list[dict]) -> dict[tuple[int, int], float]:
         """One epoch's arrival over predicted link time per pair ``(receiver,
-        sender)``, the median over keys; `epoch` holds every worker's arrivals
-        and bytes per peer by key."""
+        sender)``, the median over keys; `parts` holds every worker's arrivals
+        and bytes per peer by key of that epoch, by rank."""
         ratios: dict[tuple[int, int], list[float]] = defaultdict(list)
-        for key in {k for part in epoch for k in part}:
-            obs = {i: part[key] for i, part in enumerate(epoch) if key in part}
+        for key in {k for part in parts for k in part}:
+            obs = {i: part[key] for i, part in enumerate(parts) if key in part}
             out = {j: sum(o["sent"].values()) for j, o in obs.items()}
             for i, o in obs.items():
                 into = sum(o["recv"].values())
