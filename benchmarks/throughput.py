@@ -193,7 +193,9 @@ def main() -> int:
         if base_config(name) not in CONFIGS:
             ap.error(f"--configs: unknown configuration {base_config(name)!r} in {name!r} "
                      f"(choose from {', '.join(CONFIGS)})")
-    if len(set(args.configs)) != len(args.configs):
+    if any(name.endswith(":") for name in args.configs):
+        ap.error("--configs: an empty label after ':'; e.g. adaqp-u2:again")
+    if len({run_label(name) for name in args.configs}) != len(args.configs):
         ap.error("--configs: a configuration appears twice; label the copy, e.g. adaqp-u2:again")
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
@@ -221,8 +223,8 @@ def main() -> int:
                         overrides = [*base, f"model={model}",
                                      f"mode.cache_input={'true' if cache == 'on' else 'false'}",
                                      *CONFIGS[base_config(name)]]
-                        label = name.replace(":", "-")
-                        run_dir = out / (f"{args.dataset}-{model}-cache{cache}-{label}-{seed}"
+                        run_dir = out / (f"{args.dataset}-{model}-cache{cache}-"
+                                         f"{run_label(name)}-{seed}"
                                          + (f"-r{repeat}" if args.repeats > 1 else ""))
                         port += 1
                         t0 = time.time()
@@ -248,6 +250,11 @@ def main() -> int:
 def base_config(name: str) -> str:
     """The configuration that `name` (``NAME`` or ``NAME:LABEL``) runs."""
     return name.split(":", 1)[0]
+
+
+def run_label(name: str) -> str:
+    """The run folders' name of configuration `name` (``adaqp-u2:again``: ``adaqp-u2-again``)."""
+    return name.replace(":", "-")
 
 
 def rounds(configs: list[str], repeats: int) -> list[tuple[int, str]]:

@@ -10,7 +10,8 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
-from throughput import TIME_PARTS, aggregate, base_config, report, rounds  # noqa: E402
+from throughput import (TIME_PARTS, aggregate, base_config, report, rounds,  # noqa: E402
+                        run_label)
 
 from pyg_adaqp.comm import message_nbytes  # noqa: E402
 
@@ -74,6 +75,7 @@ def test_rounds_put_every_configuration_in_every_slot():
 def test_a_labelled_copy_runs_its_configuration_as_a_line_of_its_own():
     """`NAME:LABEL` is NAME run again: its ratios pair with its own rounds' vanilla."""
     assert base_config("adaqp-u2:again") == "adaqp-u2" and base_config("adaqp") == "adaqp"
+    assert run_label("adaqp-u2:again") == "adaqp-u2-again" and run_label("adaqp") == "adaqp"
     results = [run("vanilla", 0, 1.0, 0.80), run("adaqp-u2", 0, 2.0, 0.81),
                run("adaqp-u2:again", 0, 1.8, 0.80)]
     args = argparse.Namespace(models=["gcn"], cache=["on"],
@@ -88,6 +90,8 @@ def test_a_labelled_copy_runs_its_configuration_as_a_line_of_its_own():
 @pytest.mark.parametrize("configs, message", [
     (["vanilla", "adaqp-u2", "adaqp-u2"], "appears twice; label the copy"),
     (["vanilla", "fast:x"], "unknown configuration 'fast' in 'fast:x'"),
+    (["vanilla", "adaqp-u2", "adaqp:u2"], "appears twice"),   # both would run in ...-adaqp-u2-...
+    (["vanilla", "adaqp-u2:"], "an empty label"),
 ])
 def test_the_command_line_rejects_an_unlabelled_copy_and_an_unknown_configuration(
         configs, message):
