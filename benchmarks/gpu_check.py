@@ -5,7 +5,9 @@
 
 Prints one markdown table (check, measured, target, ok) and, with
 ``--json``, writes every figure.  Exits 1 if a correctness check fails;
-a speed target that is missed is marked ``missed`` without failing.
+a speed target that is missed is marked ``missed`` without failing.  A group of
+checks that raises becomes a failed row (traceback on stderr) and the next
+group still runs, so one call on a GPU machine reports every check.
 
 1. **Codec on the device.** Unbiased (the mean of 256 decodes of the same
    rows against the rows, in units of its standard error); decodes
@@ -44,6 +46,7 @@ import os
 import sys
 import tempfile
 import time
+import traceback
 from pathlib import Path
 
 import torch
@@ -62,6 +65,22 @@ def record(check: str, measured: str, target: str = "", ok: bool | None = None,
                  "correctness": correctness, **figures})
     mark = "" if ok is None else ("yes" if ok else ("NO" if correctness else "missed"))
     print(f"| {check} | {measured} | {target} | {mark} |", flush=True)
+
+
+def guarded(name: str, check, *args) -> None:
+    """Run one group of checks; an exception becomes a failed row and the next group still runs.
+
+    A device call is short and costly, so one broken check must not hide the others' results:
+    the traceback goes to stderr and the table says which group raised what.
+    """
+    t0 = time.perf_counter()
+    try:
+        check(*args)
+    except Exception as exc:  # noqa: BLE001 - reported as a failed row, then exit 1
+        traceback.print_exc()
+        first_line = str(exc).splitlines()[0][:160] if str(exc) else ""
+        record(f"{name}: raised", f"{type(exc).__name__}: {first_line}", "no error", False)
+    print(f"|   ({name}: {time.perf_counter() - t0:.0f} s) | | | |", flush=True)
 
 
 # --- 1. codec -------------------------------------------------------------------------------------
@@ -216,7 +235,7 @@ def backend(device: torch.device, workers: int) -> str:
     return "nccl" if torch.cuda.device_count() >= workers else "gloo"
 
 
-def launched(device: torch.device, nodes: int, work: Path) -> None:
+def parity(device: torch.device, nodes: int, work: Path) -> None:
     losses = {}
     for k in (1, 2, 4):
         rows, _ = run(work, f"vanilla-{k}", device, nodes, f"world_size={k}", "mode=vanilla",
@@ -228,6 +247,8 @@ def launched(device: torch.device, nodes: int, work: Path) -> None:
                f"({backend(device, 1)}), full precision, 5 epochs",
                f"max loss diff {diff:.1e}", "<= 1e-5", diff <= 1e-5, max_diff=diff)
 
+
+def adaptive(device: torch.device, nodes: int, work: Path) -> None:
     _, summary = run(work, "adaptive-4", device, nodes, "world_size=4", "mode=adaqp",
                      "assign=adaptive", "assign.cycle=2", "trainer.epochs=6")
     history = summary["assign"].get("history", [])
@@ -250,6 +271,8 @@ def launched(device: torch.device, nodes: int, work: Path) -> None:
     else:
         print("|   (NCCL between ranks needs a GPU per rank: not run on this machine) | | | |")
 
+
+def resume(device: torch.device, nodes: int, work: Path) -> None:
     common = ["world_size=2", "mode=adaqp", "assign=random", "assign.cycle=2",
               "trainer.checkpoint_every=2", "trainer.eval_every=1"]
     full, _ = run(work, "full", device, nodes, *common, "trainer.epochs=6")
@@ -279,11 +302,12 @@ def main() -> None:
     print(f"{name}, torch {torch.__version__}, scale {args.scale}\n")
     print("| check | measured | target | ok |\n|---|---|---|---|", flush=True)
     t0 = time.perf_counter()
-    codec_checks(device, args.scale)
-    one_worker(device, args.scale, args.epochs)
+    guarded("codec", codec_checks, device, args.scale)
+    guarded("one worker", one_worker, device, args.scale, args.epochs)
     with tempfile.TemporaryDirectory(prefix="pyg_adaqp_gpu_check_") as work:
         os.environ.setdefault("PYG_ADAQP_CACHE", str(Path(work) / "cache"))
-        launched(device, args.nodes, Path(work))
+        for group, check in (("parity", parity), ("adaptive", adaptive), ("resume", resume)):
+            guarded(group, check, device, args.nodes, Path(work))
     print(f"\n{name}; {time.perf_counter() - t0:.0f} s in all")
     if args.json:
         args.json.write_text(json.dumps({"device": name, "rows": ROWS}, indent=2))
