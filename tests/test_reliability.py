@@ -33,6 +33,7 @@ from pyg_adaqp.data import (
 )
 from pyg_adaqp.partition import PartitionError, graph_fingerprint, load_partition, partition_graph
 from pyg_adaqp.train import PeerLost, WorkerFailed, launch, run_workers
+from pyg_adaqp.train.workers import spawn_workers
 from pyg_adaqp.train.checkpoint import (
     CheckpointError,
     checkpoint_path,
@@ -355,6 +356,33 @@ def test_workers_fork_from_one_server_with_the_callers_environment(monkeypatch):
     assert [env for env, _ in first + second + third] == ["first"] * 2 + ["second"] * 2 + [None] * 2
     parents = {parent for _, parent in first + second + third}
     assert len(parents) == 1 and os.getpid() not in parents  # forked by one server, not by us
+
+
+def raise_on_rank_one(rank, world_size):
+    if rank == 1:
+        raise ValueError("rank one says no")
+    return rank
+
+
+@pytest.mark.timeout(120)
+def test_spawned_workers_take_the_callers_environment_and_report_failures(monkeypatch):
+    # CUDA workers are spawned (a worker forked from the server could not initialise CUDA).
+    monkeypatch.setenv("ADAQP_PROBE", "spawned")
+    results = spawn_workers(environment_and_parent, 2, (2,), grace_s=30, start_method="spawn")
+    assert results == [("spawned", os.getpid())] * 2  # our children, with our environment
+    with pytest.raises(WorkerFailed, match="rank 1 failed: ValueError: rank one says no") as err:
+        spawn_workers(raise_on_rank_one, 2, (2,), grace_s=30, start_method="spawn")
+    assert err.value.rank == 1
+
+
+def test_launch_spawns_cuda_workers(tmp_path, monkeypatch):
+    launch_module = importlib.import_module("pyg_adaqp.train.launch")  # the package exports launch()
+    calls = []
+    monkeypatch.setattr(launch_module, "spawn_workers",
+                        lambda *args, **kwargs: calls.append(kwargs["start_method"]))
+    for device in ("cpu", "cuda"):
+        launch(make_config(*SMALL, f"device={device}"), tmp_path / device)
+    assert calls == [None, "spawn"]  # the fork server for CPU workers, spawn for CUDA ones
 
 
 # --- bad inputs --------------------------------------------------------------------------------

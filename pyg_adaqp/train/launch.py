@@ -354,7 +354,8 @@ def launch(cfg: Config, run_dir: Path, on_epoch_end: Sequence[EpochHook] = ()) -
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     os.environ["MASTER_PORT"] = str(free_port())
     spawn_workers(_spawned, cfg.world_size, (cfg.world_size, cfg, run_dir, part_dir, on_epoch_end),
-                  grace_s=cfg.trainer.timeout_s)
+                  grace_s=cfg.trainer.timeout_s,
+                  start_method="spawn" if cfg.device == "cuda" else None)
 
 
 def _torchrun_worker(cfg: Config, run_dir: Path, on_epoch_end: Sequence[EpochHook]) -> None:

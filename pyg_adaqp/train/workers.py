@@ -4,7 +4,8 @@
 
 - on Linux the workers fork from multiprocessing's fork server, which
   imported torch, PyG and this package once (their ``import`` costs
-  seconds of CPU in every spawned process);
+  seconds of CPU in every spawned process); workers that use CUDA are
+  spawned (see :func:`start_context`);
   each worker takes the environment of the call that starts it, not the
   server's (elsewhere they are spawned);
 - every worker dies with the process that started it (a thread waiting on
@@ -120,13 +121,21 @@ def die_with(pid: int) -> None:
     threading.Thread(target=watch, name="die-with-launcher", daemon=True).start()
 
 
-def start_context():
+def start_context(start_method: str | None = None):
     """The multiprocessing context workers start from: the fork server on Linux, else spawn.
 
     The server is one per process, started at the first worker with
-    :data:`FORK_SERVER_PRELOAD` imported; it holds no CUDA state, so forked
-    workers may use CUDA.
+    :data:`FORK_SERVER_PRELOAD` imported.  `start_method` (``"spawn"``,
+    ``"forkserver"``) overrides the choice: workers that use CUDA are spawned,
+    since on a GPU machine (an H200, torch 2.11, PyG 2.8) workers forked
+    from the server failed CUDA's initialisation (``CUDA error:
+    initialization error``): importing ``torch_geometric`` there already
+    initialises the driver (a child forked after ``import torch`` alone
+    initialises CUDA, one forked after ``import torch_geometric`` does not),
+    and a forked child cannot initialise it again.
     """
+    if start_method is not None:
+        return mp.get_context(start_method)
     if not sys.platform.startswith("linux"):
         return mp.get_context("spawn")
     ctx = mp.get_context("forkserver")
@@ -168,7 +177,8 @@ def _child(rank: int, parent_pid: int, environ: dict[str, str], report_dir: str,
 
 
 def spawn_workers(target: Callable, world_size: int, args: Sequence[Any] = (), *,
-                  grace_s: float, deadline_s: float | None = None) -> list[Any]:
+                  grace_s: float, deadline_s: float | None = None,
+                  start_method: str | None = None) -> list[Any]:
     """Runs ``target(rank, *args)`` in `world_size` processes and watches them.
 
     Args:
@@ -179,6 +189,9 @@ def spawn_workers(target: Callable, world_size: int, args: Sequence[Any] = (), *
             to stop on their own before they are killed.
         deadline_s (float, optional): Kill every worker still running this
             long after the start. (default: :obj:`None`, no bound)
+        start_method (str, optional): ``"spawn"`` or ``"forkserver"``, see
+            :func:`start_context`. (default: :obj:`None`, the fork server on
+            Linux)
 
     Returns:
         What each rank's `target` returned (:obj:`None` results are not sent
@@ -187,7 +200,7 @@ def spawn_workers(target: Callable, world_size: int, args: Sequence[Any] = (), *
     Raises:
         WorkerFailed: If a worker raised, died or was killed.
     """
-    ctx = start_context()
+    ctx = start_context(start_method)
     with tempfile.TemporaryDirectory(prefix="adaqp-workers-") as report_dir:
         procs = [ctx.Process(target=_child, args=(r, os.getpid(), dict(os.environ), report_dir,
                                                   target, tuple(args)), daemon=False)
