@@ -14,7 +14,9 @@ group still runs, so one call on a GPU machine reports every check.
    byte-for-byte like the CPU codec (a buffer encoded on either device
    decodes to identical tensors on both, uniform and mixed widths); speed
    of quantize+pack and of unpack+dequantize of 1M x 256 (times
-   ``--scale``) at 2/4/8 bits as a ratio to ``clone()`` of the input.
+   ``--scale``) at 2/4/8 bits as a ratio to ``clone()`` of the input, with
+   the fused Triton kernels (:mod:`pyg_adaqp.comm.kernels`) and, for
+   reference, with the eager ops.
 2. **One worker** (``DistGNN``, world size 1) against PyG's ``GCNConv`` on
    the whole graph over a CSR adjacency, on the same device: a
    Reddit-sized synthetic graph (232,965 nodes x ``--scale``, about 114.6M
@@ -31,7 +33,9 @@ group still runs, so one call on a GPU machine reports every check.
    NCCL, but no halo exchange (one worker has none).  With two or more GPUs,
    also two workers on NCCL through two re-assignments.
 5. **Checkpoint and resume** (two workers, quantized, dropout on): a run
-   resumed from its epoch-3 checkpoint equals an uninterrupted one.
+   resumed from its epoch-3 checkpoint equals an uninterrupted one, which
+   also runs twice (repeatable arithmetic), with the eager codec and, on
+   CUDA with Triton, with the fused kernels (``PYG_ADAQP_TRITON=1``).
 
 The graph of 3-5 is a synthetic one of ``--nodes`` nodes.  The equality
 checks (3 and 5) expect repeatable arithmetic; on CUDA a failure there may
@@ -57,6 +61,7 @@ from codec_speed import timeit  # noqa: E402
 from scale import csr_adjacency, pyg_model, synthetic_options  # noqa: E402
 
 ROWS: list[dict] = []
+GROUPS = ["codec", "one-worker", "parity", "adaptive", "resume"]
 
 
 def record(check: str, measured: str, target: str = "", ok: bool | None = None,
@@ -86,7 +91,7 @@ def guarded(name: str, check, *args) -> None:
 # --- 1. codec -------------------------------------------------------------------------------------
 
 def codec_checks(device: torch.device, scale: float) -> None:
-    from pyg_adaqp.comm import MessageLayout, worker_generator
+    from pyg_adaqp.comm import MessageLayout, kernels, worker_generator
 
     gen = worker_generator(0, 0, device)
     x = torch.randn(512, 64, generator=torch.Generator().manual_seed(0)).to(device)
@@ -123,12 +128,24 @@ def codec_checks(device: torch.device, scale: float) -> None:
     for bits in (2, 4, 8):
         layout = MessageLayout(torch.full((rows,), bits), 256)
         buf = layout.pack(x, generator=gen)
-        enc = timeit(lambda: layout.pack(x, generator=gen), device, repeats=7, warmup=2)
-        dec = timeit(lambda: layout.unpack(buf), device, repeats=7, warmup=2)
-        record(f"quantize+pack {rows:,} x 256, {bits} bits", f"{enc / clone:.2f}x clone()",
-               "<= 3x", enc / clone <= 3.0, correctness=False, seconds=enc, clone_s=clone)
-        record(f"unpack+dequantize {rows:,} x 256, {bits} bits", f"{dec / clone:.2f}x clone()",
-               "<= 2x", dec / clone <= 2.0, correctness=False, seconds=dec, clone_s=clone)
+
+        def times() -> tuple[float, float]:
+            return (timeit(lambda: layout.pack(x, generator=gen), device, repeats=7, warmup=2),
+                    timeit(lambda: layout.unpack(buf), device, repeats=7, warmup=2))
+
+        with kernels.codec_path(fused=True):
+            enc, dec = times()
+            how = "fused Triton kernels" if kernels.usable(x) else "eager ops"  # after a fallback
+        with kernels.codec_path(fused=False):
+            eager_enc, eager_dec = times()
+        record(f"quantize+pack {rows:,} x 256, {bits} bits ({how})",
+               f"{enc / clone:.2f}x clone() (eager ops {eager_enc / clone:.2f}x)", "<= 3x",
+               enc / clone <= 3.0, correctness=False, seconds=enc, eager_s=eager_enc,
+               clone_s=clone)
+        record(f"unpack+dequantize {rows:,} x 256, {bits} bits ({how})",
+               f"{dec / clone:.2f}x clone() (eager ops {eager_dec / clone:.2f}x)", "<= 2x",
+               dec / clone <= 2.0, correctness=False, seconds=dec, eager_s=eager_dec,
+               clone_s=clone)
     print(f"|   (clone() of {rows:,} x 256 float32: {clone * 1e3:.2f} ms) | | | |")
 
 
@@ -273,17 +290,36 @@ def adaptive(device: torch.device, nodes: int, work: Path) -> None:
 
 
 def resume(device: torch.device, nodes: int, work: Path) -> None:
+    """Resume against an uninterrupted run, with each codec path the device has.
+
+    The uninterrupted run also runs twice: if those two differ, the device's
+    arithmetic is not repeatable (e.g. atomics), which is not a resume bug.
+    """
+    from pyg_adaqp.comm import kernels
+
     common = ["world_size=2", "mode=adaqp", "assign=random", "assign.cycle=2",
               "trainer.checkpoint_every=2", "trainer.eval_every=1"]
-    full, _ = run(work, "full", device, nodes, *common, "trainer.epochs=6")
-    run(work, "first", device, nodes, *common, "trainer.epochs=4")
-    resumed, _ = run(work, "resumed", device, nodes, *common, "trainer.epochs=6",
-                     f"trainer.resume={work / 'first' / 'checkpoints'}")
-    diff = max(abs(a[k] - b[k]) for a, b in zip(full, resumed) for k in ("loss", "val"))
-    record(f"resume on {device.type} from epoch 3 vs uninterrupted "
-           f"(2 workers, random widths, dropout)",
-           f"max diff {diff:.1e} over 6 epochs", "<= 1e-6", diff <= 1e-6 and
-           len(resumed) == 6, max_diff=diff)
+    paths = ["eager"] + (["fused"] if device.type == "cuda" and kernels.triton else [])
+    before = os.environ.get("PYG_ADAQP_TRITON")
+    for path in paths:
+        os.environ["PYG_ADAQP_TRITON"] = "1" if path == "fused" else "0"  # the workers'
+        full, _ = run(work, f"full-{path}", device, nodes, *common, "trainer.epochs=6")
+        again, _ = run(work, f"again-{path}", device, nodes, *common, "trainer.epochs=6")
+        run(work, f"first-{path}", device, nodes, *common, "trainer.epochs=4")
+        resumed, _ = run(work, f"resumed-{path}", device, nodes, *common, "trainer.epochs=6",
+                         f"trainer.resume={work / f'first-{path}' / 'checkpoints'}")
+        repeat = max(abs(a[k] - b[k]) for a, b in zip(full, again) for k in ("loss", "val"))
+        diff = max(abs(a[k] - b[k]) for a, b in zip(full, resumed) for k in ("loss", "val"))
+        record(f"uninterrupted run repeated on {device.type} ({path} codec)",
+               f"max diff {repeat:.1e} over 6 epochs", "<= 1e-6", repeat <= 1e-6,
+               max_diff=repeat, path=path)
+        record(f"resume on {device.type} from epoch 3 vs uninterrupted "
+               f"(2 workers, random widths, dropout; {path} codec)",
+               f"max diff {diff:.1e} over 6 epochs", "<= 1e-6", diff <= 1e-6 and
+               len(resumed) == 6, max_diff=diff, path=path)
+    os.environ.pop("PYG_ADAQP_TRITON", None)
+    if before is not None:
+        os.environ["PYG_ADAQP_TRITON"] = before
 
 
 def main() -> None:
@@ -294,6 +330,8 @@ def main() -> None:
     ap.add_argument("--nodes", type=int, default=20_000, help="graph of the launched runs")
     ap.add_argument("--epochs", type=int, default=5, help="timed epochs of the one-worker check")
     ap.add_argument("--json", type=Path, help="also write every figure here")
+    ap.add_argument("--only", nargs="+", choices=GROUPS, default=GROUPS,
+                    help="run these groups of checks only (default: all)")
     args = ap.parse_args()
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
@@ -302,12 +340,15 @@ def main() -> None:
     print(f"{name}, torch {torch.__version__}, scale {args.scale}\n")
     print("| check | measured | target | ok |\n|---|---|---|---|", flush=True)
     t0 = time.perf_counter()
-    guarded("codec", codec_checks, device, args.scale)
-    guarded("one worker", one_worker, device, args.scale, args.epochs)
+    if "codec" in args.only:
+        guarded("codec", codec_checks, device, args.scale)
+    if "one-worker" in args.only:
+        guarded("one worker", one_worker, device, args.scale, args.epochs)
     with tempfile.TemporaryDirectory(prefix="pyg_adaqp_gpu_check_") as work:
         os.environ.setdefault("PYG_ADAQP_CACHE", str(Path(work) / "cache"))
         for group, check in (("parity", parity), ("adaptive", adaptive), ("resume", resume)):
-            guarded(group, check, device, args.nodes, Path(work))
+            if group in args.only:
+                guarded(group, check, device, args.nodes, Path(work))
     print(f"\n{name}; {time.perf_counter() - t0:.0f} s in all")
     if args.json:
         args.json.write_text(json.dumps({"device": name, "rows": ROWS}, indent=2))

@@ -36,8 +36,10 @@ rounding of :math:`t_j \in [128, 256)` at 8 bits, and :math:`2^{-16}` of the
 noise's standard deviation :math:`\Delta/2` at :math:`p_j = 1/2`. With the
 float32 rounding of :math:`t_j` (at most :math:`B \cdot 2^{-23}` steps, where
 the clamp to :math:`B` acts) and of :math:`l + \Delta q_j` (an ulp) that is
-the whole bias. On other devices :math:`u_j` comes from
-:meth:`torch.Tensor.uniform_` (24-bit, cheap there).
+the whole bias. On CUDA, :math:`u_j` comes from Triton's Philox
+(:mod:`pyg_adaqp.comm.kernels`, which fuses each row block's encode and
+decode into one kernel), or where Triton is missing from
+:meth:`torch.Tensor.uniform_`: float32 uniforms, cheap there.
 
 A constant row (:math:`\max = \min = v`) has no range to quantize; it is sent
 as the float32 bits of :math:`v` split over the two header fields and the
@@ -50,6 +52,8 @@ from typing import NamedTuple, Optional
 
 import torch
 from torch import Tensor
+
+from pyg_adaqp.comm import kernels
 
 SUPPORTED_BITS = (2, 4, 8)
 
@@ -214,6 +218,10 @@ def encode_rows(x: Tensor, headers: RowHeaders, bits: int, payload: Tensor,
     n, width = payload.size(0), x.size(1)
     if n == 0:
         return
+    if dither is None and kernels.usable(x) and kernels.encode_rows(
+            x, headers.enc_lo, headers.enc_scale, bits, payload, rows, generator):
+        payload[:, 0].bitwise_or_(headers.lsb)
+        return
     dev, levels, per_byte = x.device, 2**bits - 1, 8 // bits
     step = chunk_rows(n, width, dev)
     nbytes = payload.size(1)
@@ -297,6 +305,8 @@ def decode_rows(payload: Tensor, lo: Tensor, scale: Tensor, bits: int, out: Tens
     """
     n, width = payload.size(0), out.size(1)
     if n == 0:
+        return
+    if kernels.usable(out) and kernels.decode_rows(payload, lo, scale, bits, out, rows):
         return
     dev, per_byte, nbytes = out.device, 8 // bits, payload.size(1)
     step = chunk_rows(n, width, dev)

@@ -1,0 +1,192 @@
+r"""The codec's row encode and decode as one Triton kernel each, for CUDA tensors.
+
+Eager PyTorch runs each step of :func:`~pyg_adaqp.comm.packing.encode_rows`
+(subtract, draw the dither, divide and add, truncate, clamp, pack) as a
+kernel of its own, every one a pass over the message: on an H200 that cost
+11x a :meth:`~torch.Tensor.clone` of the message to quantize and pack, and
+3-5x to unpack and dequantize (``benchmarks/gpu_check.py``).  Here each row
+block is read once and written once:
+
+- :func:`encode_rows` draws the dither in the kernel (:func:`triton.language.rand`,
+  Philox keyed by one 64-bit seed drawn from the worker's generator per call,
+  counter = the element's index in the bucket), so a resumed run, whose
+  generator state the checkpoint restores, draws the same dither; it writes
+  the same codes, byte order and zero padding as the eager path
+  (:math:`q_j = \min(B, \lfloor (x_j - l)/\Delta + u_j \rfloor)`, code
+  :math:`j` of a byte at bit :math:`jb`), only from another dither stream;
+- :func:`decode_rows` writes :math:`l + \Delta q` into a float32 output (other
+  dtypes take the eager ops): the same values as the eager decode, since
+  :math:`\Delta q` is exact in float32 (an 8-bit bfloat16 mantissa times a
+  code below :math:`2^8`), with or without a fused multiply-add.
+
+:func:`usable` says whether a tensor goes through these kernels: a CUDA
+tensor, Triton importable, the kernels switched on, and no earlier launch
+failed (the first failure warns once and the eager ops take over for the
+rest of the process).  They are off by default, on with
+``PYG_ADAQP_TRITON=1`` in the environment (workers inherit it) or
+:func:`codec_path` around a block: on an H200 a run resumed from its
+checkpoint with them differed from the uninterrupted run by 3e-5 in its
+loss (it matched exactly with the eager ops, and on CPU through Triton's
+interpreter), and until that is understood the exact path is the default.
+With ``TRITON_INTERPRET=1`` set before this module is imported, the kernels
+also run on CPU tensors (Triton's interpreter): that is how the tests check
+them on a machine without a GPU.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import warnings
+from typing import Iterator, Optional
+
+import torch
+from torch import Tensor
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # CPU-only installs: the eager ops do everything
+    triton = None
+
+# Elements per program: enough to keep a multiprocessor's loads in flight.
+_BLOCK_ELEMENTS = 4096
+_enabled = triton is not None and os.environ.get("PYG_ADAQP_TRITON", "0") == "1"
+
+
+def usable(t: Tensor) -> bool:
+    """Whether `t`'s rows are encoded and decoded by the fused kernels."""
+    return _enabled and t.is_cuda
+
+
+@contextlib.contextmanager
+def codec_path(fused: bool) -> Iterator[None]:
+    """Within the block, CUDA tensors take the fused kernels (where Triton is
+    importable) or the eager ops, e.g. to compare both."""
+    global _enabled
+    before, _enabled = _enabled, fused and triton is not None
+    try:
+        yield
+    finally:
+        _enabled = before
+
+
+def _fall_back(err: Exception) -> None:
+    global _enabled
+    _enabled = False
+    warnings.warn(f"pyg_adaqp: the fused Triton codec failed ({type(err).__name__}: {err}); "
+                  f"the eager PyTorch codec runs from now on", RuntimeWarning, stacklevel=3)
+
+
+def _blocks(width: int, per_byte: int) -> tuple[int, int]:
+    """Rows per program and the padded width: a power of two holding every byte's codes."""
+    block_d = triton.next_power_of_2(-(-width // per_byte) * per_byte)
+    return max(1, _BLOCK_ELEMENTS // block_d), block_d
+
+
+if triton is not None:
+    @triton.jit
+    def _encode_kernel(x_ptr, x_stride, rows_ptr, lo_ptr, scale_ptr, seed_ptr, out_ptr,
+                       n, width, nbytes, BITS: tl.constexpr, HAS_ROWS: tl.constexpr,
+                       WIDE: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
+        PER_BYTE: tl.constexpr = 8 // BITS
+        LEVELS: tl.constexpr = (1 << BITS) - 1
+        r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+        c = tl.arange(0, BLOCK_D)
+        in_rows = r < n
+        inside = in_rows[:, None] & (c < width)[None, :]
+        if HAS_ROWS:
+            src = tl.load(rows_ptr + r, mask=in_rows, other=0).to(tl.int64)
+        else:
+            src = r.to(tl.int64)
+        x = tl.load(x_ptr + src[:, None] * x_stride + c[None, :], mask=inside,
+                    other=0.0).to(tl.float32)
+        lo = tl.load(lo_ptr + r, mask=in_rows, other=0.0)
+        scale = tl.load(scale_ptr + r, mask=in_rows, other=1.0)
+        if WIDE:  # more than 2^31 elements: 64-bit Philox counters
+            counter = r.to(tl.int64)[:, None] * width + c[None, :]
+        else:
+            counter = r[:, None] * width + c[None, :]
+        u = tl.rand(tl.load(seed_ptr), counter)
+        # t + u >= 0 with t = (x - lo) / scale: truncation floors; the minimum
+        # only catches float32 rounding of t above B.
+        code = tl.minimum(((x - lo[:, None]) / scale[:, None] + u).to(tl.int32), LEVELS)
+        code = tl.where(inside, code, 0)  # columns past D pad the last byte with zeros
+        if PER_BYTE == 1:
+            packed = code
+        else:
+            grouped = tl.reshape(code, (BLOCK_R, BLOCK_D // PER_BYTE, PER_BYTE))
+            shift = tl.arange(0, PER_BYTE) * BITS
+            packed = tl.sum(grouped << shift[None, None, :], axis=2)
+        b = tl.arange(0, BLOCK_D // PER_BYTE)
+        tl.store(out_ptr + r.to(tl.int64)[:, None] * nbytes + b[None, :], packed.to(tl.uint8),
+                 mask=in_rows[:, None] & (b < nbytes)[None, :])
+
+    @triton.jit
+    def _decode_kernel(payload_ptr, lo_ptr, scale_ptr, rows_ptr, out_ptr, out_stride,
+                       n, width, nbytes, BITS: tl.constexpr, HAS_ROWS: tl.constexpr,
+                       BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
+        PER_BYTE: tl.constexpr = 8 // BITS
+        LEVELS: tl.constexpr = (1 << BITS) - 1
+        r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+        c = tl.arange(0, BLOCK_D)
+        in_rows = r < n
+        inside = in_rows[:, None] & (c < width)[None, :]
+        byte = tl.load(payload_ptr + r.to(tl.int64)[:, None] * nbytes + (c // PER_BYTE)[None, :],
+                       mask=inside, other=0).to(tl.int32)
+        code = (byte >> ((c % PER_BYTE) * BITS)[None, :]) & LEVELS
+        lo = tl.load(lo_ptr + r, mask=in_rows, other=0.0)
+        scale = tl.load(scale_ptr + r, mask=in_rows, other=0.0)
+        value = lo[:, None] + scale[:, None] * code.to(tl.float32)
+        if HAS_ROWS:
+            dst = tl.load(rows_ptr + r, mask=in_rows, other=0).to(tl.int64)
+        else:
+            dst = r.to(tl.int64)
+        tl.store(out_ptr + dst[:, None] * out_stride + c[None, :], value, mask=inside)
+
+
+def _launch_ready(*tensors: Tensor) -> bool:
+    """Rows of unit column stride (the kernels index ``row * stride + column``)."""
+    return all(t.dim() != 2 or t.stride(1) == 1 or t.size(1) <= 1 for t in tensors)
+
+
+def encode_rows(x: Tensor, lo: Tensor, scale: Tensor, bits: int, payload: Tensor,
+                rows: Optional[Tensor] = None,
+                generator: Optional[torch.Generator] = None) -> bool:
+    """Fused :func:`~pyg_adaqp.comm.packing.encode_rows` (codes only; the caller
+    sets the constant rows' low bit).  Returns :obj:`False`, having written
+    nothing that matters, where the eager ops must run instead."""
+    n, width = payload.size(0), x.size(1)
+    if not _launch_ready(x) or not payload.is_contiguous():
+        return False
+    seed = torch.empty(1, dtype=torch.int64, device=x.device).random_(generator=generator)
+    block_r, block_d = _blocks(width, 8 // bits)
+    try:
+        _encode_kernel[(triton.cdiv(n, block_r),)](
+            x, x.stride(0), rows if rows is not None else x, lo.contiguous(),
+            scale.contiguous(), seed, payload, n, width, payload.size(1), BITS=bits,
+            HAS_ROWS=rows is not None, WIDE=n * width >= 2**31, BLOCK_R=block_r,
+            BLOCK_D=block_d)
+    except Exception as err:  # noqa: BLE001 - any compile or launch failure: eager from now on
+        _fall_back(err)
+        return False
+    return True
+
+
+def decode_rows(payload: Tensor, lo: Tensor, scale: Tensor, bits: int, out: Tensor,
+                rows: Optional[Tensor] = None) -> bool:
+    """Fused :func:`~pyg_adaqp.comm.packing.decode_rows`.  Returns :obj:`False`,
+    having written nothing that matters, where the eager ops must run instead."""
+    n, width = payload.size(0), out.size(1)
+    # Float32 only: a narrower output is rounded by torch's own cast, as the eager path does.
+    if out.dtype != torch.float32 or not _launch_ready(out) or not payload.is_contiguous():
+        return False
+    block_r, block_d = _blocks(width, 8 // bits)
+    try:
+        _decode_kernel[(triton.cdiv(n, block_r),)](
+            payload, lo.contiguous(), scale.contiguous(), rows if rows is not None else payload,
+            out, out.stride(0), n, width, payload.size(1), BITS=bits,
+            HAS_ROWS=rows is not None, BLOCK_R=block_r, BLOCK_D=block_d)
+    except Exception as err:  # noqa: BLE001 - any compile or launch failure: eager from now on
+        _fall_back(err)
+        return False
+    return True
