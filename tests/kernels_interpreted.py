@@ -52,8 +52,8 @@ def test_decode_equals_the_eager_decode(bits, width):
 
 
 @pytest.mark.parametrize("bits", BITS)
-def test_codes_round_down_or_up_and_padding_is_zero(bits):
-    width = 37  # not a multiple of 8 / bits at 2 and 4 bits: the last byte is padded
+@pytest.mark.parametrize("width", [5, 37, 256])  # 5 and 37 pad the last byte at 2 and 4 bits
+def test_codes_round_down_or_up_and_padding_is_zero(bits, width):
     x = offset_rows(width)
     msg = quantize(x, bits, worker_generator(2, 0))
     const = torch.signbit(msg.scale)

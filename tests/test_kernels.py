@@ -3,7 +3,9 @@
 Triton's interpreter runs them on CPU tensors when ``TRITON_INTERPRET=1`` is
 set before they are defined, so `kernels_interpreted.py` runs in a fresh
 interpreter with it set; the codec there sends CPU tensors through the
-kernels.  On CUDA, `benchmarks/gpu_check.py` checks them on the device.
+kernels.  Triton's own compiler also builds them for a Hopper GPU (sm_90)
+here, which catches what the lenient interpreter lets through.  On CUDA,
+`benchmarks/gpu_check.py` checks and times them on the device.
 """
 import os
 import subprocess
@@ -43,3 +45,30 @@ def test_kernels_in_the_triton_interpreter():
                           env=env, cwd=HERE.parent, capture_output=True, text=True, timeout=280)
     assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-2000:]
     assert " passed" in proc.stdout and "skipped" not in proc.stdout
+
+
+def compile_for_hopper(kernel, constants: dict, types: dict) -> str:
+    """PTX of `kernel` for an sm_90 GPU, built without one."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource, compile
+
+    names = list(kernel.arg_names)
+    signature = {name: types.get(name, "constexpr") for name in names}
+    constexprs = {(names.index(name),): value for name, value in constants.items()}
+    source = ASTSource(fn=kernel, signature=signature, constexprs=constexprs)
+    return compile(source, target=GPUTarget("cuda", 90, 32)).asm["ptx"]
+
+
+@pytest.mark.parametrize("bits", [2, 4, 8])
+def test_kernels_compile_for_hopper(bits):
+    common = {"rows_ptr": "*i64", "lo_ptr": "*fp32", "scale_ptr": "*fp32", "n": "i32",
+              "width": "i32", "nbytes": "i32"}
+    ptx = compile_for_hopper(kernels._encode_kernel, {
+        "BITS": bits, "HAS_ROWS": True, "WIDE": True, "BLOCK_R": 16, "BLOCK_D": 256}, {
+        **common, "x_ptr": "*bf16", "x_stride": "i64", "seed_ptr": "*i64", "out_ptr": "*u8",
+        "groups": "i32"})
+    assert ".target sm_90" in ptx and "st.global" in ptx
+    ptx = compile_for_hopper(kernels._decode_kernel, {
+        "BITS": bits, "HAS_ROWS": True, "BLOCK_R": 16, "BLOCK_D": 256}, {
+        **common, "payload_ptr": "*u8", "out_ptr": "*fp32", "out_stride": "i64"})
+    assert ".target sm_90" in ptx and "st.global" in ptx

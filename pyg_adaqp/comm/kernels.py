@@ -7,13 +7,18 @@ kernel of its own, every one a pass over the message: on an H200 that cost
 3-5x to unpack and dequantize (``benchmarks/gpu_check.py``).  Here each row
 block is read once and written once:
 
-- :func:`encode_rows` draws the dither in the kernel (:func:`triton.language.rand`,
-  Philox keyed by one 64-bit seed drawn from the worker's generator per call,
-  counter = the element's index in the bucket), so a resumed run, whose
-  generator state the checkpoint restores, draws the same dither; it writes
-  the same codes, byte order and zero padding as the eager path
-  (:math:`q_j = \min(B, \lfloor (x_j - l)/\Delta + u_j \rfloor)`, code
-  :math:`j` of a byte at bit :math:`jb`), only from another dither stream;
+- :func:`encode_rows` draws the dither in the kernel: one Philox-4x32
+  draw (:func:`triton.language.randint4x`, keyed by one 64-bit seed drawn
+  from the worker's generator per call, counter = the index of a group of
+  four columns in the bucket) gives a group's four dithers, each the top 24
+  bits of its word over :math:`2^{24}` (one draw per element, as
+  :func:`triton.language.rand` makes, would spend most of the kernel's
+  arithmetic on the generator).  A resumed run, whose generator state the
+  checkpoint restores, draws the same dither.  It writes the same codes,
+  byte order and zero padding as the eager path (:math:`q_j = \min(B,
+  \lfloor (x_j - l)/\Delta + u_j \rfloor)`, code :math:`j` of a byte at
+  bit :math:`jb`), only from another dither stream, whose :math:`2^{-24}`
+  resolution biases a code by at most :math:`\Delta / 2^{24}`;
 - :func:`decode_rows` writes :math:`l + \Delta q` into a float32 output (other
   dtypes take the eager ops): the same values as the eager decode, since
   :math:`\Delta q` is exact in float32 (an 8-bit bfloat16 mantissa times a
@@ -78,7 +83,7 @@ def _fall_back(err: Exception) -> None:
 
 
 def _blocks(width: int, per_byte: int) -> tuple[int, int]:
-    """Rows per program and the padded width: a power of two holding every byte's codes."""
+    """Rows per program and the padded width: a power of two, a multiple of `per_byte`."""
     block_d = triton.next_power_of_2(-(-width // per_byte) * per_byte)
     return max(1, _BLOCK_ELEMENTS // block_d), block_d
 
@@ -86,10 +91,11 @@ def _blocks(width: int, per_byte: int) -> tuple[int, int]:
 if triton is not None:
     @triton.jit
     def _encode_kernel(x_ptr, x_stride, rows_ptr, lo_ptr, scale_ptr, seed_ptr, out_ptr,
-                       n, width, nbytes, BITS: tl.constexpr, HAS_ROWS: tl.constexpr,
+                       n, width, nbytes, groups, BITS: tl.constexpr, HAS_ROWS: tl.constexpr,
                        WIDE: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
         PER_BYTE: tl.constexpr = 8 // BITS
         LEVELS: tl.constexpr = (1 << BITS) - 1
+        GROUPS: tl.constexpr = BLOCK_D // 4
         r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
         c = tl.arange(0, BLOCK_D)
         in_rows = r < n
@@ -102,18 +108,23 @@ if triton is not None:
                     other=0.0).to(tl.float32)
         lo = tl.load(lo_ptr + r, mask=in_rows, other=0.0)
         scale = tl.load(scale_ptr + r, mask=in_rows, other=1.0)
-        if WIDE:  # more than 2^31 elements: 64-bit Philox counters
-            counter = r.to(tl.int64)[:, None] * width + c[None, :]
+        # One Philox-4x32 draw per group of four columns gives their four dithers.
+        g = tl.arange(0, GROUPS)
+        if WIDE:  # more than 2^31 groups: 64-bit Philox counters
+            counter = r.to(tl.int64)[:, None] * groups + g[None, :]
         else:
-            counter = r[:, None] * width + c[None, :]
-        u = tl.rand(tl.load(seed_ptr), counter)
+            counter = r[:, None] * groups + g[None, :]
+        d0, d1, d2, d3 = tl.randint4x(tl.load(seed_ptr), counter)
+        draws = tl.reshape(tl.join(tl.join(d0, d1), tl.join(d2, d3)), (BLOCK_R, BLOCK_D))
+        # The top 24 bits of a word: a uniform in [0, 1) that float32 holds exactly.
+        u = (draws.to(tl.uint32, bitcast=True) >> 8).to(tl.float32) * (1.0 / 16777216.0)
         # t + u >= 0 with t = (x - lo) / scale: truncation floors; the minimum
         # only catches float32 rounding of t above B.
         code = tl.minimum(((x - lo[:, None]) / scale[:, None] + u).to(tl.int32), LEVELS)
         code = tl.where(inside, code, 0)  # columns past D pad the last byte with zeros
         if PER_BYTE == 1:
             packed = code
-        else:
+        else:  # code j of a byte at bit j * BITS
             grouped = tl.reshape(code, (BLOCK_R, BLOCK_D // PER_BYTE, PER_BYTE))
             shift = tl.arange(0, PER_BYTE) * BITS
             packed = tl.sum(grouped << shift[None, None, :], axis=2)
@@ -159,12 +170,13 @@ def encode_rows(x: Tensor, lo: Tensor, scale: Tensor, bits: int, payload: Tensor
     if not _launch_ready(x) or not payload.is_contiguous():
         return False
     seed = torch.empty(1, dtype=torch.int64, device=x.device).random_(generator=generator)
-    block_r, block_d = _blocks(width, 8 // bits)
+    groups = -(-width // 4)
+    block_r, block_d = _blocks(width, 4)  # whole groups of four columns, whole bytes
     try:
         _encode_kernel[(triton.cdiv(n, block_r),)](
             x, x.stride(0), rows if rows is not None else x, lo.contiguous(),
-            scale.contiguous(), seed, payload, n, width, payload.size(1), BITS=bits,
-            HAS_ROWS=rows is not None, WIDE=n * width >= 2**31, BLOCK_R=block_r,
+            scale.contiguous(), seed, payload, n, width, payload.size(1), groups, BITS=bits,
+            HAS_ROWS=rows is not None, WIDE=n * groups >= 2**31, BLOCK_R=block_r,
             BLOCK_D=block_d)
     except Exception as err:  # noqa: BLE001 - any compile or launch failure: eager from now on
         _fall_back(err)
