@@ -290,36 +290,43 @@ def adaptive(device: torch.device, nodes: int, work: Path) -> None:
 
 
 def resume(device: torch.device, nodes: int, work: Path) -> None:
-    """Resume against an uninterrupted run, with each codec path the device has.
+    """Resume against an uninterrupted run, with the eager codec and, on CUDA
+    (or in Triton's interpreter) with Triton, the fused kernels.
 
     The uninterrupted run also runs twice: if those two differ, the device's
     arithmetic is not repeatable (e.g. atomics), which is not a resume bug.
     """
     from pyg_adaqp.comm import kernels
 
+    fused = kernels.triton is not None and (device.type == "cuda" or kernels.INTERPRETED)
+    before = os.environ.get("PYG_ADAQP_TRITON")
+    try:
+        for path in ["eager"] + (["fused"] if fused else []):
+            os.environ["PYG_ADAQP_TRITON"] = "1" if path == "fused" else "0"  # the workers'
+            resume_with(path, device, nodes, work)
+    finally:
+        os.environ.pop("PYG_ADAQP_TRITON", None)
+        if before is not None:
+            os.environ["PYG_ADAQP_TRITON"] = before
+
+
+def resume_with(path: str, device: torch.device, nodes: int, work: Path) -> None:
     common = ["world_size=2", "mode=adaqp", "assign=random", "assign.cycle=2",
               "trainer.checkpoint_every=2", "trainer.eval_every=1"]
-    paths = ["eager"] + (["fused"] if device.type == "cuda" and kernels.triton else [])
-    before = os.environ.get("PYG_ADAQP_TRITON")
-    for path in paths:
-        os.environ["PYG_ADAQP_TRITON"] = "1" if path == "fused" else "0"  # the workers'
-        full, _ = run(work, f"full-{path}", device, nodes, *common, "trainer.epochs=6")
-        again, _ = run(work, f"again-{path}", device, nodes, *common, "trainer.epochs=6")
-        run(work, f"first-{path}", device, nodes, *common, "trainer.epochs=4")
-        resumed, _ = run(work, f"resumed-{path}", device, nodes, *common, "trainer.epochs=6",
-                         f"trainer.resume={work / f'first-{path}' / 'checkpoints'}")
-        repeat = max(abs(a[k] - b[k]) for a, b in zip(full, again) for k in ("loss", "val"))
-        diff = max(abs(a[k] - b[k]) for a, b in zip(full, resumed) for k in ("loss", "val"))
-        record(f"uninterrupted run repeated on {device.type} ({path} codec)",
-               f"max diff {repeat:.1e} over 6 epochs", "<= 1e-6", repeat <= 1e-6,
-               max_diff=repeat, path=path)
-        record(f"resume on {device.type} from epoch 3 vs uninterrupted "
-               f"(2 workers, random widths, dropout; {path} codec)",
-               f"max diff {diff:.1e} over 6 epochs", "<= 1e-6", diff <= 1e-6 and
-               len(resumed) == 6, max_diff=diff, path=path)
-    os.environ.pop("PYG_ADAQP_TRITON", None)
-    if before is not None:
-        os.environ["PYG_ADAQP_TRITON"] = before
+    full, _ = run(work, f"full-{path}", device, nodes, *common, "trainer.epochs=6")
+    again, _ = run(work, f"again-{path}", device, nodes, *common, "trainer.epochs=6")
+    run(work, f"first-{path}", device, nodes, *common, "trainer.epochs=4")
+    resumed, _ = run(work, f"resumed-{path}", device, nodes, *common, "trainer.epochs=6",
+                     f"trainer.resume={work / f'first-{path}' / 'checkpoints'}")
+    repeat = [max(abs(a[k] - b[k]) for k in ("loss", "val")) for a, b in zip(full, again)]
+    diff = [max(abs(a[k] - b[k]) for k in ("loss", "val")) for a, b in zip(full, resumed)]
+    record(f"uninterrupted run repeated on {device.type} ({path} codec)",
+           f"max diff {max(repeat):.1e} over 6 epochs", "<= 1e-6", max(repeat) <= 1e-6,
+           max_diff=max(repeat), per_epoch=repeat, path=path, final_loss=full[-1]["loss"])
+    record(f"resume on {device.type} from epoch 3 vs uninterrupted "
+           f"(2 workers, random widths, dropout; {path} codec)",
+           f"max diff {max(diff):.1e} over 6 epochs", "<= 1e-6", max(diff) <= 1e-6 and
+           len(resumed) == 6, max_diff=max(diff), per_epoch=diff, path=path)
 
 
 def main() -> None:

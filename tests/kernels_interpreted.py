@@ -2,9 +2,9 @@
 
 Not collected by the suite itself (no ``test_`` prefix): ``test_kernels.py``
 runs this file in a fresh interpreter with ``TRITON_INTERPRET=1``, which must
-be set before :mod:`pyg_adaqp.comm.kernels` is imported.  Here the codec's
-dispatch takes the kernels for CPU tensors too, so the whole codec pipeline
-(headers, buckets, constant rows, gathers) runs through them.
+be set before :mod:`pyg_adaqp.comm.kernels` is imported; the kernels then
+take CPU tensors, so the whole codec pipeline (headers, buckets, constant
+rows, gathers) runs through them.
 """
 import os
 import warnings
@@ -12,19 +12,56 @@ import warnings
 import numpy as np
 import pytest
 import torch
+import triton
+import triton.language as tl
 
 from test_codec import check_unbiased, offset_rows, read_codes
 
 from pyg_adaqp.comm import MessageLayout, dequantize, kernels, packing, quantize, worker_generator
+from pyg_adaqp.comm.kernels import _dither
 
 assert os.environ.get("TRITON_INTERPRET") == "1", "run by test_kernels.py with TRITON_INTERPRET=1"
 BITS = (2, 4, 8)
 
 
 @pytest.fixture(autouse=True)
-def kernels_on_cpu(monkeypatch):
-    monkeypatch.setattr(kernels, "_enabled", True)
-    monkeypatch.setattr(kernels, "usable", lambda t: kernels._enabled)
+def kernels_on(monkeypatch):
+    monkeypatch.setenv("PYG_ADAQP_TRITON", "1")
+    monkeypatch.setattr(kernels, "_failed", False)  # restored after each test
+    assert kernels.usable(torch.zeros(1))  # CPU tensors too, in the interpreter
+
+
+@triton.jit
+def write_dither(seed_ptr, out_ptr, n, width, groups, BLOCK_R: tl.constexpr,
+                 BLOCK_D: tl.constexpr):
+    r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    c = tl.arange(0, BLOCK_D)
+    u = _dither(seed_ptr, r, groups, False, BLOCK_R, BLOCK_D)
+    tl.store(out_ptr + r[:, None] * width + c[None, :], u,
+             mask=(r < n)[:, None] & (c < width)[None, :])
+
+
+@pytest.mark.parametrize("bits", BITS)
+@pytest.mark.parametrize("width", [5, 37, 256])
+def test_encode_writes_the_eager_bytes_of_its_own_dither(bits, width):
+    # Given the kernel's dither (rebuilt here from the same seed), the eager
+    # encode writes the same bytes: codes, byte order, padding, constant rows.
+    x = offset_rows(width).repeat(5, 1)
+    rows = torch.randperm(x.size(0), generator=torch.Generator().manual_seed(9))[:30]
+    headers = packing.row_headers(*packing.row_range(x[rows]), bits, "x")
+    gen = worker_generator(3, 1)
+    state = gen.get_state()
+    fused = torch.empty(30, packing.row_bytes(width, bits), dtype=torch.uint8)
+    packing.encode_rows(x, headers, bits, fused, rows=rows, generator=gen)
+    gen.set_state(state)
+    seed = torch.empty(1, dtype=torch.int64).random_(generator=gen)  # as the kernel's caller
+    u = torch.empty(30, width)
+    write_dither[(30,)](seed, u, 30, width, -(-width // 4), BLOCK_R=1,
+                        BLOCK_D=triton.next_power_of_2(-(-width // 4) * 4))
+    assert 0 <= float(u.min()) and float(u.max()) < 1 and len(u.unique()) > 0.9 * u.numel()
+    eager = torch.empty_like(fused)
+    packing.encode_rows(x, headers, bits, eager, rows=rows, dither=u)
+    assert torch.equal(fused, eager)
 
 
 def eager(fn, *args, **kwargs):
@@ -116,7 +153,7 @@ def test_a_failed_launch_warns_once_and_the_eager_codec_takes_over(monkeypatch):
     x = torch.randn(20, 37, generator=torch.Generator().manual_seed(7))
     with pytest.warns(RuntimeWarning, match="fused Triton codec failed .*no kernel today"):
         first = dequantize(quantize(x, 4, worker_generator(8, 0)))
-    assert not kernels._enabled
+    assert not kernels.enabled()
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         second = dequantize(quantize(x, 4, worker_generator(8, 0)))

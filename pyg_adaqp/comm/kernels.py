@@ -16,26 +16,29 @@ block is read once and written once:
   arithmetic on the generator).  A resumed run, whose generator state the
   checkpoint restores, draws the same dither.  It writes the same codes,
   byte order and zero padding as the eager path (:math:`q_j = \min(B,
-  \lfloor (x_j - l)/\Delta + u_j \rfloor)`, code :math:`j` of a byte at
-  bit :math:`jb`), only from another dither stream, whose :math:`2^{-24}`
-  resolution biases a code by at most :math:`\Delta / 2^{24}`;
+  \lfloor (x_j - l)/\Delta + u_j \rfloor)` with the same float32
+  operations, code :math:`j` of a byte at bit :math:`jb`): given the same
+  dither, the same bytes (the tests check this).  Only the dither stream
+  differs; its :math:`2^{-24}` steps bias a code by at most
+  :math:`\Delta / 2^{24}`, below the float32 rounding of :math:`t_j + u_j`
+  that both paths share (:mod:`pyg_adaqp.comm.packing`);
 - :func:`decode_rows` writes :math:`l + \Delta q` into a float32 output (other
   dtypes take the eager ops): the same values as the eager decode, since
   :math:`\Delta q` is exact in float32 (an 8-bit bfloat16 mantissa times a
   code below :math:`2^8`), with or without a fused multiply-add.
 
-:func:`usable` says whether a tensor goes through these kernels: a CUDA
-tensor, Triton importable, the kernels switched on, and no earlier launch
-failed (the first failure warns once and the eager ops take over for the
-rest of the process).  They are off by default, on with
-``PYG_ADAQP_TRITON=1`` in the environment (workers inherit it) or
-:func:`codec_path` around a block: on an H200 a run resumed from its
-checkpoint with them differed from the uninterrupted run by 3e-5 in its
-loss (it matched exactly with the eager ops, and on CPU through Triton's
-interpreter), and until that is understood the exact path is the default.
-With ``TRITON_INTERPRET=1`` set before this module is imported, the kernels
-also run on CPU tensors (Triton's interpreter): that is how the tests check
-them on a machine without a GPU.
+:func:`usable` says whether a tensor goes through these kernels: Triton
+importable, the kernels switched on, no earlier launch failed (the first
+failure warns once and the eager ops take over for the rest of the
+process), and a CUDA tensor.  They are off by default, on with
+``PYG_ADAQP_TRITON=1`` in the environment (read at each call, so workers
+started with it use them) or :func:`codec_path` around a block: on an H200 a
+run resumed from its checkpoint with them differed from the uninterrupted
+run by 3e-5 in its loss where the eager ops matched exactly, and until that
+is understood the exact path is the default.  With ``TRITON_INTERPRET=1``
+set before this module is imported, the kernels also take CPU tensors and
+run in Triton's interpreter: that is how the tests check them, a resume
+included, on a machine without a GPU.
 """
 from __future__ import annotations
 
@@ -55,29 +58,46 @@ except ImportError:  # CPU-only installs: the eager ops do everything
 
 # Elements per program: enough to keep a multiprocessor's loads in flight.
 _BLOCK_ELEMENTS = 4096
-_enabled = triton is not None and os.environ.get("PYG_ADAQP_TRITON", "0") == "1"
+#: Whether Triton's interpreter runs the kernels (decided, as by Triton, at import).
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+_failed = False                  # a launch failed: the eager ops from then on
+_forced: Optional[bool] = None   # :func:`codec_path`'s choice inside its block
+
+
+def enabled() -> bool:
+    """Whether the fused kernels are switched on (and none has failed)."""
+    if triton is None or _failed:
+        return False
+    if _forced is not None:
+        return _forced
+    return os.environ.get("PYG_ADAQP_TRITON", "0") == "1"
 
 
 def usable(t: Tensor) -> bool:
     """Whether `t`'s rows are encoded and decoded by the fused kernels."""
-    return _enabled and t.is_cuda
+    return enabled() and (t.is_cuda or INTERPRETED)
 
 
 @contextlib.contextmanager
 def codec_path(fused: bool) -> Iterator[None]:
-    """Within the block, CUDA tensors take the fused kernels (where Triton is
-    importable) or the eager ops, e.g. to compare both."""
-    global _enabled
-    before, _enabled = _enabled, fused and triton is not None
+    """Within the block, the fused kernels (where Triton is importable) or the
+    eager ops, whatever the environment says, e.g. to compare both."""
+    global _forced
+    before, _forced = _forced, fused
     try:
         yield
     finally:
-        _enabled = before
+        _forced = before
+
+
+def _on_device(t: Tensor):
+    """Triton launches on the current CUDA device: make it `t`'s."""
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
 
 
 def _fall_back(err: Exception) -> None:
-    global _enabled
-    _enabled = False
+    global _failed
+    _failed = True
     warnings.warn(f"pyg_adaqp: the fused Triton codec failed ({type(err).__name__}: {err}); "
                   f"the eager PyTorch codec runs from now on", RuntimeWarning, stacklevel=3)
 
@@ -90,12 +110,26 @@ def _blocks(width: int, per_byte: int) -> tuple[int, int]:
 
 if triton is not None:
     @triton.jit
+    def _dither(seed_ptr, r, groups, WIDE: tl.constexpr, BLOCK_R: tl.constexpr,
+                BLOCK_D: tl.constexpr):
+        """Uniform ``[0, 1)`` dither of rows `r` ``[BLOCK_R, BLOCK_D]``: one
+        Philox-4x32 draw per group of four columns gives their four dithers,
+        each the top 24 bits of its word over 2^24 (exact in float32)."""
+        g = tl.arange(0, BLOCK_D // 4)
+        if WIDE:  # more than 2^31 groups: 64-bit Philox counters
+            counter = r.to(tl.int64)[:, None] * groups + g[None, :]
+        else:
+            counter = r[:, None] * groups + g[None, :]
+        d0, d1, d2, d3 = tl.randint4x(tl.load(seed_ptr), counter)
+        draws = tl.reshape(tl.join(tl.join(d0, d1), tl.join(d2, d3)), (BLOCK_R, BLOCK_D))
+        return (draws.to(tl.uint32, bitcast=True) >> 8).to(tl.float32) * (1.0 / 16777216.0)
+
+    @triton.jit
     def _encode_kernel(x_ptr, x_stride, rows_ptr, lo_ptr, scale_ptr, seed_ptr, out_ptr,
                        n, width, nbytes, groups, BITS: tl.constexpr, HAS_ROWS: tl.constexpr,
                        WIDE: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
         PER_BYTE: tl.constexpr = 8 // BITS
         LEVELS: tl.constexpr = (1 << BITS) - 1
-        GROUPS: tl.constexpr = BLOCK_D // 4
         r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
         c = tl.arange(0, BLOCK_D)
         in_rows = r < n
@@ -108,19 +142,12 @@ if triton is not None:
                     other=0.0).to(tl.float32)
         lo = tl.load(lo_ptr + r, mask=in_rows, other=0.0)
         scale = tl.load(scale_ptr + r, mask=in_rows, other=1.0)
-        # One Philox-4x32 draw per group of four columns gives their four dithers.
-        g = tl.arange(0, GROUPS)
-        if WIDE:  # more than 2^31 groups: 64-bit Philox counters
-            counter = r.to(tl.int64)[:, None] * groups + g[None, :]
-        else:
-            counter = r[:, None] * groups + g[None, :]
-        d0, d1, d2, d3 = tl.randint4x(tl.load(seed_ptr), counter)
-        draws = tl.reshape(tl.join(tl.join(d0, d1), tl.join(d2, d3)), (BLOCK_R, BLOCK_D))
-        # The top 24 bits of a word: a uniform in [0, 1) that float32 holds exactly.
-        u = (draws.to(tl.uint32, bitcast=True) >> 8).to(tl.float32) * (1.0 / 16777216.0)
-        # t + u >= 0 with t = (x - lo) / scale: truncation floors; the minimum
-        # only catches float32 rounding of t above B.
-        code = tl.minimum(((x - lo[:, None]) / scale[:, None] + u).to(tl.int32), LEVELS)
+        u = _dither(seed_ptr, r, groups, WIDE, BLOCK_R, BLOCK_D)
+        # t + u >= 0 with t = (x - lo) / scale, divided with IEEE rounding as the
+        # eager ops do (Triton's "/" is approximate): truncation floors; the
+        # minimum only catches float32 rounding of t above B.
+        t = tl.math.div_rn(x - lo[:, None], scale[:, None])
+        code = tl.minimum((t + u).to(tl.int32), LEVELS)
         code = tl.where(inside, code, 0)  # columns past D pad the last byte with zeros
         if PER_BYTE == 1:
             packed = code
@@ -173,11 +200,12 @@ def encode_rows(x: Tensor, lo: Tensor, scale: Tensor, bits: int, payload: Tensor
     groups = -(-width // 4)
     block_r, block_d = _blocks(width, 4)  # whole groups of four columns, whole bytes
     try:
-        _encode_kernel[(triton.cdiv(n, block_r),)](
-            x, x.stride(0), rows if rows is not None else x, lo.contiguous(),
-            scale.contiguous(), seed, payload, n, width, payload.size(1), groups, BITS=bits,
-            HAS_ROWS=rows is not None, WIDE=n * groups >= 2**31, BLOCK_R=block_r,
-            BLOCK_D=block_d)
+        with _on_device(x):
+            _encode_kernel[(triton.cdiv(n, block_r),)](
+                x, x.stride(0), rows.contiguous() if rows is not None else x, lo.contiguous(),
+                scale.contiguous(), seed, payload, n, width, payload.size(1), groups, BITS=bits,
+                HAS_ROWS=rows is not None, WIDE=n * groups >= 2**31, BLOCK_R=block_r,
+                BLOCK_D=block_d)
     except Exception as err:  # noqa: BLE001 - any compile or launch failure: eager from now on
         _fall_back(err)
         return False
@@ -194,10 +222,12 @@ def decode_rows(payload: Tensor, lo: Tensor, scale: Tensor, bits: int, out: Tens
         return False
     block_r, block_d = _blocks(width, 8 // bits)
     try:
-        _decode_kernel[(triton.cdiv(n, block_r),)](
-            payload, lo.contiguous(), scale.contiguous(), rows if rows is not None else payload,
-            out, out.stride(0), n, width, payload.size(1), BITS=bits,
-            HAS_ROWS=rows is not None, BLOCK_R=block_r, BLOCK_D=block_d)
+        with _on_device(out):
+            _decode_kernel[(triton.cdiv(n, block_r),)](
+                payload, lo.contiguous(), scale.contiguous(),
+                rows.contiguous() if rows is not None else payload, out, out.stride(0), n, width,
+                payload.size(1), BITS=bits, HAS_ROWS=rows is not None, BLOCK_R=block_r,
+                BLOCK_D=block_d)
     except Exception as err:  # noqa: BLE001 - any compile or launch failure: eager from now on
         _fall_back(err)
         return False

@@ -36,10 +36,10 @@ rounding of :math:`t_j \in [128, 256)` at 8 bits, and :math:`2^{-16}` of the
 noise's standard deviation :math:`\Delta/2` at :math:`p_j = 1/2`. With the
 float32 rounding of :math:`t_j` (at most :math:`B \cdot 2^{-23}` steps, where
 the clamp to :math:`B` acts) and of :math:`l + \Delta q_j` (an ulp) that is
-the whole bias. On CUDA, :math:`u_j` comes from Triton's Philox
-(:mod:`pyg_adaqp.comm.kernels`, which fuses each row block's encode and
-decode into one kernel), or where Triton is missing from
-:meth:`torch.Tensor.uniform_`: float32 uniforms, cheap there.
+the whole bias. On CUDA, :math:`u_j` comes from
+:meth:`torch.Tensor.uniform_` (float32 uniforms, cheap there), or with
+the fused Triton kernels switched on (``PYG_ADAQP_TRITON=1``,
+:mod:`pyg_adaqp.comm.kernels`) from Triton's Philox in the kernel.
 
 A constant row (:math:`\max = \min = v`) has no range to quantize; it is sent
 as the float32 bits of :math:`v` split over the two header fields and the
