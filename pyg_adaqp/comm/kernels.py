@@ -169,9 +169,17 @@ if triton is not None:
         c = tl.arange(0, BLOCK_D)
         in_rows = r < n
         inside = in_rows[:, None] & (c < width)[None, :]
-        byte = tl.load(payload_ptr + r.to(tl.int64)[:, None] * nbytes + (c // PER_BYTE)[None, :],
-                       mask=inside, other=0).to(tl.int32)
-        code = (byte >> ((c % PER_BYTE) * BITS)[None, :]) & LEVELS
+        # The row block's bytes in one contiguous load, then each byte's codes
+        # (code j at bit j * BITS) spread into its PER_BYTE columns.
+        b = tl.arange(0, BLOCK_D // PER_BYTE)
+        byte = tl.load(payload_ptr + r.to(tl.int64)[:, None] * nbytes + b[None, :],
+                       mask=in_rows[:, None] & (b < nbytes)[None, :], other=0).to(tl.int32)
+        if PER_BYTE == 1:
+            code = byte
+        else:
+            shift = tl.arange(0, PER_BYTE) * BITS
+            code = tl.reshape((byte[:, :, None] >> shift[None, None, :]) & LEVELS,
+                              (BLOCK_R, BLOCK_D))
         lo = tl.load(lo_ptr + r, mask=in_rows, other=0.0)
         scale = tl.load(scale_ptr + r, mask=in_rows, other=0.0)
         value = lo[:, None] + scale[:, None] * code.to(tl.float32)
