@@ -32,13 +32,15 @@ group still runs, so one call on a GPU machine reports every check.
    scheme, past its re-assignment epochs: the trainer's collectives on
    NCCL, but no halo exchange (one worker has none).  With two or more GPUs,
    also two workers on NCCL through two re-assignments.
-5. **Checkpoint and resume** (two workers, quantized, dropout on): a run
+5. **What the timing points cost**: the same two-worker run with and
+   without their waits for the stream (``PYG_ADAQP_SYNC_TIMINGS=0``).
+6. **Checkpoint and resume** (two workers, quantized, dropout on): a run
    resumed from its epoch-3 checkpoint equals an uninterrupted one, which
    also runs twice (repeatable arithmetic), with the eager codec and, on
    CUDA with Triton, with the fused kernels (``PYG_ADAQP_TRITON=1``).
 
-The graph of 3-5 is a synthetic one of ``--nodes`` nodes.  The equality
-checks (3 and 5) expect repeatable arithmetic; on CUDA a failure there may
+The graph of 3-6 is a synthetic one of ``--nodes`` nodes.  The equality
+checks (3 and 6) expect repeatable arithmetic; on CUDA a failure there may
 be non-deterministic kernels (sparse products, atomics) rather than a wrong
 exchange, which is worth knowing either way.
 """
@@ -61,7 +63,7 @@ from codec_speed import timeit  # noqa: E402
 from scale import csr_adjacency, pyg_model, synthetic_options  # noqa: E402
 
 ROWS: list[dict] = []
-GROUPS = ["codec", "one-worker", "parity", "adaptive", "resume"]
+GROUPS = ["codec", "one-worker", "parity", "adaptive", "timing", "resume"]
 
 
 def record(check: str, measured: str, target: str = "", ok: bool | None = None,
@@ -221,7 +223,7 @@ def one_worker(device: torch.device, scale: float, epochs: int) -> None:
                "", None, correctness=False, ours_gib=our_peak, pyg_gib=pyg_peak)
 
 
-# --- 3-5. launched runs ---------------------------------------------------------------------------
+# --- 3-6. launched runs ---------------------------------------------------------------------------
 
 def run(work: Path, name: str, device: torch.device, nodes: int, *overrides: str
         ) -> tuple[list[dict], dict]:
@@ -289,6 +291,27 @@ def adaptive(device: torch.device, nodes: int, work: Path) -> None:
         print("|   (NCCL between ranks needs a GPU per rank: not run on this machine) | | | |")
 
 
+def timing(device: torch.device, nodes: int, work: Path) -> None:
+    """What the timing points' waits for the stream cost: the same run with and without."""
+    if device.type != "cuda":
+        print("|   (timing: the waits exist on CUDA only) | | | |")
+        return
+    speed = {}
+    for sync in ("1", "0"):
+        os.environ["PYG_ADAQP_SYNC_TIMINGS"] = sync
+        try:
+            _, summary = run(work, f"timing-{sync}", device, nodes, "world_size=2", "mode=adaqp",
+                             "assign=uniform", "assign.bits=4", "trainer.epochs=20",
+                             "trainer.eval_every=20")
+        finally:
+            os.environ.pop("PYG_ADAQP_SYNC_TIMINGS", None)
+        speed[sync] = summary["throughput_epochs_per_s"]
+    record("timing points' waits for the stream: 2 workers sharing the GPU, 20 epochs, "
+           "uniform 4 bits", f"{speed['1']:.2f} epochs/s with, {speed['0']:.2f} without "
+           f"= {speed['0'] / speed['1']:.2f}x", "", None, correctness=False,
+           with_sync=speed["1"], without_sync=speed["0"])
+
+
 def resume(device: torch.device, nodes: int, work: Path) -> None:
     """Resume against an uninterrupted run, with the eager codec and, on CUDA
     (or in Triton's interpreter) with Triton, the fused kernels.
@@ -353,7 +376,8 @@ def main() -> None:
         guarded("one worker", one_worker, device, args.scale, args.epochs)
     with tempfile.TemporaryDirectory(prefix="pyg_adaqp_gpu_check_") as work:
         os.environ.setdefault("PYG_ADAQP_CACHE", str(Path(work) / "cache"))
-        for group, check in (("parity", parity), ("adaptive", adaptive), ("resume", resume)):
+        for group, check in (("parity", parity), ("adaptive", adaptive), ("timing", timing),
+                             ("resume", resume)):
             if group in args.only:
                 guarded(group, check, device, args.nodes, Path(work))
     print(f"\n{name}; {time.perf_counter() - t0:.0f} s in all")

@@ -11,9 +11,14 @@ layers' aggregation and the trainer take every timing through it, so the
 wait/quantize/compute breakdown holds on CUDA as on CPU.  Its cost: the CPU
 cannot queue work past a measurement point (a few per layer), so a measured
 CUDA epoch may run slower than an unmeasured one would.
+``PYG_ADAQP_SYNC_TIMINGS=0`` in the environment (read when a clock is made)
+drops the waits, to measure what they cost (``benchmarks/gpu_check.py``
+does): the breakdown and the arrival times the adaptive allocator refines
+its link model with then time kernel launches, not kernels.
 """
 from __future__ import annotations
 
+import os
 import time
 from typing import Callable
 
@@ -25,7 +30,7 @@ def device_clock(device: torch.device | str,
     """`read` (a CPU clock) that, on CUDA, first waits for the work queued on
     `device`'s current stream."""
     device = torch.device(device)
-    if device.type != "cuda":
+    if device.type != "cuda" or os.environ.get("PYG_ADAQP_SYNC_TIMINGS", "1") == "0":
         return read
 
     def clock() -> float:
