@@ -648,6 +648,18 @@ def test_observe_keeps_the_arrivals_of_at_most_one_cycle_and_checkpoints_carry_t
     assert restored._arrivals == allocator._arrivals
 
 
+def test_a_resumed_allocator_keeps_its_configured_knobs_but_not_another_group_size():
+    saved = AdaptiveBits(cycle=3, variance_budget=0.05, coe_lambda=0.2, time_limit=1.0)
+    saved.assignment = {"forward 0": {"sent": {}}}
+    resumed = AdaptiveBits(cycle=7, variance_budget=0.01, coe_lambda=0.9, time_limit=0.5)
+    resumed.load_state_dict(saved.state_dict())
+    assert (resumed.cycle, resumed.variance_budget, resumed.coe_lambda, resumed.time_limit) \
+        == (7, 0.01, 0.9, 0.5)                      # the run's config, not the checkpoint's
+    assert resumed.assignment == saved.assignment   # the state itself is restored
+    with pytest.raises(ValueError, match="grouped rows by 100 .* groups them by 50"):
+        AdaptiveBits(group_size=50).load_state_dict(saved.state_dict())
+
+
 def test_link_scales_judge_each_link_by_the_pairs_it_bounds():
     """All links busy: the fast links ran 1.25x slower than fitted, the slow
     host's link as fitted. Each link keeps its own factor (one factor for all

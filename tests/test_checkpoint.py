@@ -70,6 +70,17 @@ def test_resume_continues_the_same_run(tmp_path):
     assert resumed_summary["best_val"] == pytest.approx(full_summary["best_val"])
 
 
+def test_resume_with_another_bit_width_scheme_is_rejected(tmp_path):
+    common = [*SMALL, "trainer.checkpoint_every=1", "trainer.epochs=1"]
+    launch(make_config(*common, "assign=uniform"), tmp_path / "uniform")
+    from pyg_adaqp.train import WorkerFailed
+    with pytest.raises(WorkerFailed, match="written with assign.scheme=uniform, this run asks "
+                                           "for adaptive: resume with the same scheme"):
+        launch(make_config(*common, "assign=adaptive", "trainer.epochs=2",
+                           f"trainer.resume={tmp_path / 'uniform' / 'checkpoints'}"),
+               tmp_path / "adaptive")
+
+
 def test_resume_with_another_world_size_is_rejected(tmp_path):
     common = [*SMALL, "mode=vanilla", "trainer.checkpoint_every=1", "trainer.epochs=1"]
     launch(make_config(*common), tmp_path / "two")

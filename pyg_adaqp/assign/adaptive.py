@@ -429,10 +429,20 @@ class AdaptiveBits:
                 "arrivals": list(self._arrivals)}
 
     def load_state_dict(self, state: dict) -> None:
-        """Restores the allocator; the assignment is installed at the next epoch."""
-        self.cycle, self.group_size = state["cycle"], state["group_size"]
-        self.coe_lambda, self.time_limit = state["coe_lambda"], state["time_limit"]
-        self.variance_budget = state["variance_budget"]
+        """Restores the allocator; the assignment is installed at the next epoch.
+
+        The knobs (cycle, variance budget, coe_lambda, time limit) stay as
+        this allocator was made, so a resumed run may change them (the same
+        values resume exactly); the group size may not: the saved widths are
+        per group.
+
+        Raises:
+            ValueError: If the state's group size is not this allocator's.
+        """
+        if state["group_size"] != self.group_size:
+            raise ValueError(f"its allocator grouped rows by {state['group_size']} "
+                             f"(assign.group_size), this run groups them by "
+                             f"{self.group_size}: the saved widths do not fit")
         self.cost = CostModel.from_state_dict(state["cost"]) if state["cost"] else None
         self.cost_check = list(state["cost_check"])
         self.assignment = state["assignment"]

@@ -232,7 +232,8 @@ class Trainer:
             dist.all_gather_object(workers, mine)
         if self.report is None:
             return None
-        return {"epoch": epoch, "model": self.model.state_dict(),
+        return {"epoch": epoch, "assign_scheme": self.cfg.assign.scheme,
+                "model": self.model.state_dict(),
                 "optimizer": self.optimizer.state_dict(), "workers": workers,
                 "rows": self.report.rows}
 
@@ -246,11 +247,20 @@ class Trainer:
         if len(state["workers"]) != self.ctx.world_size:
             raise CheckpointError(f"checkpoint {source} was written by {len(state['workers'])} "
                                   f"workers, this run has {self.ctx.world_size}")
+        scheme = self.cfg.assign.scheme
+        if state.get("assign_scheme", scheme) != scheme:
+            raise CheckpointError(f"checkpoint {source} was written with assign.scheme="
+                                  f"{state['assign_scheme']}, this run asks for {scheme}: "
+                                  f"resume with the same scheme")
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         mine = state["workers"][self.ctx.rank]
         if hasattr(self.scheme, "load_state_dict"):
-            self.scheme.load_state_dict(mine["scheme"])
+            try:
+                self.scheme.load_state_dict(mine["scheme"])
+            except (KeyError, ValueError) as err:  # a KeyError: another scheme's state
+                detail = f"lacks {err}" if isinstance(err, KeyError) else str(err)
+                raise CheckpointError(f"checkpoint {source}: {detail}") from err
         torch.set_rng_state(mine["torch_rng"])
         dev = self.ctx.device
         if dev.type == "cuda":
