@@ -125,19 +125,30 @@ if triton is not None:
         return (draws.to(tl.uint32, bitcast=True) >> 8).to(tl.float32) * (1.0 / 16777216.0)
 
     @triton.jit
+    def _row_block(n, width, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
+        """This program's rows and padded columns, and which of them are real."""
+        r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+        c = tl.arange(0, BLOCK_D)
+        in_rows = r < n
+        return r, c, in_rows, in_rows[:, None] & (c < width)[None, :]
+
+    @triton.jit
+    def _indexed(rows_ptr, r, in_rows, HAS_ROWS: tl.constexpr):
+        """Where rows `r` of the block are in the full tensor: ``rows[r]``, or `r`."""
+        if HAS_ROWS:
+            at = tl.load(rows_ptr + r, mask=in_rows, other=0).to(tl.int64)
+        else:
+            at = r.to(tl.int64)
+        return at
+
+    @triton.jit
     def _encode_kernel(x_ptr, x_stride, rows_ptr, lo_ptr, scale_ptr, seed_ptr, out_ptr,
                        n, width, nbytes, groups, BITS: tl.constexpr, HAS_ROWS: tl.constexpr,
                        WIDE: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
         PER_BYTE: tl.constexpr = 8 // BITS
         LEVELS: tl.constexpr = (1 << BITS) - 1
-        r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
-        c = tl.arange(0, BLOCK_D)
-        in_rows = r < n
-        inside = in_rows[:, None] & (c < width)[None, :]
-        if HAS_ROWS:
-            src = tl.load(rows_ptr + r, mask=in_rows, other=0).to(tl.int64)
-        else:
-            src = r.to(tl.int64)
+        r, c, in_rows, inside = _row_block(n, width, BLOCK_R, BLOCK_D)
+        src = _indexed(rows_ptr, r, in_rows, HAS_ROWS)
         x = tl.load(x_ptr + src[:, None] * x_stride + c[None, :], mask=inside,
                     other=0.0).to(tl.float32)
         lo = tl.load(lo_ptr + r, mask=in_rows, other=0.0)
@@ -165,10 +176,7 @@ if triton is not None:
                        BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
         PER_BYTE: tl.constexpr = 8 // BITS
         LEVELS: tl.constexpr = (1 << BITS) - 1
-        r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
-        c = tl.arange(0, BLOCK_D)
-        in_rows = r < n
-        inside = in_rows[:, None] & (c < width)[None, :]
+        r, c, in_rows, inside = _row_block(n, width, BLOCK_R, BLOCK_D)
         # The row block's bytes in one contiguous load, then each byte's codes
         # (code j at bit j * BITS) spread into its PER_BYTE columns.
         b = tl.arange(0, BLOCK_D // PER_BYTE)
@@ -183,10 +191,7 @@ if triton is not None:
         lo = tl.load(lo_ptr + r, mask=in_rows, other=0.0)
         scale = tl.load(scale_ptr + r, mask=in_rows, other=0.0)
         value = lo[:, None] + scale[:, None] * code.to(tl.float32)
-        if HAS_ROWS:
-            dst = tl.load(rows_ptr + r, mask=in_rows, other=0).to(tl.int64)
-        else:
-            dst = r.to(tl.int64)
+        dst = _indexed(rows_ptr, r, in_rows, HAS_ROWS)
         tl.store(out_ptr + dst[:, None] * out_stride + c[None, :], value, mask=inside)
 
 
