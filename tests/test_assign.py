@@ -4,6 +4,7 @@ from __future__ import annotations
 import itertools
 import json
 import math
+import warnings
 
 import numpy as np
 import pytest
@@ -643,21 +644,30 @@ def test_observe_keeps_the_arrivals_of_at_most_one_cycle_and_checkpoints_carry_t
     assert allocator._arrivals[-1]["forward 1"]["sent"] == {1: 50.0}
     assert allocator._observed == {"forward 1": {"hidden": pytest.approx(0.1),
                                                  "measured": pytest.approx(0.25)}}
-    restored = AdaptiveBits()
+    restored = AdaptiveBits(cycle=3)
     restored.load_state_dict(allocator.state_dict())
     assert restored._arrivals == allocator._arrivals
 
 
-def test_a_resumed_allocator_keeps_its_configured_knobs_but_not_another_group_size():
+def test_a_resumed_allocator_keeps_its_configured_knobs_and_names_those_that_changed():
     saved = AdaptiveBits(cycle=3, variance_budget=0.05, coe_lambda=0.2, time_limit=1.0)
     saved.assignment = {"forward 0": {"sent": {}}}
-    resumed = AdaptiveBits(cycle=7, variance_budget=0.01, coe_lambda=0.9, time_limit=0.5)
-    resumed.load_state_dict(saved.state_dict())
-    assert (resumed.cycle, resumed.variance_budget, resumed.coe_lambda, resumed.time_limit) \
-        == (7, 0.01, 0.9, 0.5)                      # the run's config, not the checkpoint's
+    resumed = AdaptiveBits(cycle=7, group_size=50, variance_budget=0.05, coe_lambda=0.9,
+                           time_limit=1.0)
+    with pytest.warns(UserWarning) as seen:
+        resumed.load_state_dict(saved.state_dict())
+    assert [str(w.message) for w in seen] == [
+        "resuming with the allocator's cycle = 7; the checkpoint's run used 3",
+        "resuming with the allocator's group_size = 50; the checkpoint's run used 100",
+        "resuming with the allocator's coe_lambda = 0.9; the checkpoint's run used 0.2"]
+    assert (resumed.cycle, resumed.group_size, resumed.coe_lambda) == (7, 50, 0.9)
     assert resumed.assignment == saved.assignment   # the state itself is restored
-    with pytest.raises(ValueError, match="grouped rows by 100 .* groups them by 50"):
-        AdaptiveBits(group_size=50).load_state_dict(saved.state_dict())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")              # the same knobs: nothing to say
+        AdaptiveBits(cycle=3, variance_budget=0.05, coe_lambda=0.2,
+                     time_limit=1.0).load_state_dict(saved.state_dict())
+    with pytest.raises(ValueError, match="holds no adaptive allocator state .*cycle"):
+        AdaptiveBits().load_state_dict({"bits": 4})  # a uniform scheme's
 
 
 def test_link_scales_judge_each_link_by_the_pairs_it_bounds():

@@ -81,6 +81,22 @@ def test_resume_with_another_bit_width_scheme_is_rejected(tmp_path):
                tmp_path / "adaptive")
 
 
+def test_an_older_checkpoint_of_another_scheme_is_rejected_by_name(tmp_path):
+    # Written before checkpoints recorded their scheme: the allocator finds no state of its own.
+    from pyg_adaqp.train import WorkerFailed
+    from pyg_adaqp.train.checkpoint import load_checkpoint, save_checkpoint
+
+    common = [*SMALL, "trainer.checkpoint_every=1", "trainer.epochs=1"]
+    launch(make_config(*common, "assign=uniform"), tmp_path / "uniform")
+    state = load_checkpoint(tmp_path / "uniform" / "checkpoints" / "epoch_000000.pt")
+    del state["assign_scheme"]
+    save_checkpoint(tmp_path / "old", 0, state)
+    with pytest.raises(WorkerFailed, match="CheckpointError: checkpoint .*epoch_000000.pt: it "
+                                           "holds no adaptive allocator state"):
+        launch(make_config(*common, "assign=adaptive", "trainer.epochs=2",
+                           f"trainer.resume={tmp_path / 'old'}"), tmp_path / "adaptive")
+
+
 def test_resume_with_another_world_size_is_rejected(tmp_path):
     common = [*SMALL, "mode=vanilla", "trainer.checkpoint_every=1", "trainer.epochs=1"]
     launch(make_config(*common), tmp_path / "two")

@@ -29,6 +29,8 @@ def test_gpu_check_small_form_on_cpu(tmp_path):
     # which repeats itself (on CPU only the eager codec runs).
     assert all(r["max_diff"] <= 1e-5 for r in rows if "max_diff" in r)
     assert [r["path"] for r in rows if "path" in r] == ["eager", "eager"]
+    timing = next(r for r in rows if "with_sync_s" in r)
+    assert 0 < timing["with_sync_s"] < 10 and 0 < timing["without_sync_s"] < 10
     assert [r["reassignments"] for r in rows if "reassignments" in r][0] >= 2
     # The speed rows are measured and reported, whatever their outcome on a CPU.
     assert sum("x clone()" in r["measured"] for r in rows) == 6

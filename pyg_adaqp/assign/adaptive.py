@@ -51,6 +51,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
+import warnings
 from collections import defaultdict
 
 import numpy as np
@@ -431,18 +432,25 @@ class AdaptiveBits:
     def load_state_dict(self, state: dict) -> None:
         """Restores the allocator; the assignment is installed at the next epoch.
 
-        The knobs (cycle, variance budget, coe_lambda, time limit) stay as
-        this allocator was made, so a resumed run may change them (the same
-        values resume exactly); the group size may not: the saved widths are
-        per group.
+        The knobs (cycle, group size, variance budget, coe_lambda, time
+        limit) stay as this allocator was made, so a resumed run may change
+        them (the next re-assignment regroups and solves with them); each
+        that differs from the checkpoint's is named in a warning, since
+        the same values are what resumes exactly.
 
         Raises:
-            ValueError: If the state's group size is not this allocator's.
+            ValueError: If `state` is not an adaptive allocator's.
         """
-        if state["group_size"] != self.group_size:
-            raise ValueError(f"its allocator grouped rows by {state['group_size']} "
-                             f"(assign.group_size), this run groups them by "
-                             f"{self.group_size}: the saved widths do not fit")
+        missing = sorted({"cycle", "group_size", "coe_lambda", "variance_budget", "time_limit",
+                          "cost", "cost_check", "assignment", "histogram",
+                          "last_solve_time"} - state.keys())
+        if missing:
+            raise ValueError(f"it holds no adaptive allocator state (missing "
+                             f"{', '.join(missing)})")
+        for knob in ("cycle", "group_size", "variance_budget", "coe_lambda", "time_limit"):
+            if state[knob] != getattr(self, knob):
+                warnings.warn(f"resuming with the allocator's {knob} = {getattr(self, knob)}; "
+                              f"the checkpoint's run used {state[knob]}", stacklevel=2)
         self.cost = CostModel.from_state_dict(state["cost"]) if state["cost"] else None
         self.cost_check = list(state["cost_check"])
         self.assignment = state["assignment"]
