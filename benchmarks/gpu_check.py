@@ -176,14 +176,20 @@ def epoch_times(model: torch.nn.Module, forward, y, mask, device: torch.device,
     return timeit(step, device, repeats=epochs, warmup=2)
 
 
-def pyg_epochs(data, device: torch.device, epochs: int) -> tuple[float, float | None]:
-    """PyG's GCN on the whole graph over a CSR adjacency: median epoch and peak memory."""
+def pyg_epochs(data, device: torch.device, epochs: int
+               ) -> tuple[float, float | None, bool]:
+    """PyG's GCN on the whole graph over a CSR adjacency: median epoch, peak
+    memory, and whether two sparse products of the same operands are equal
+    bit for bit (the aggregation's; if not, no run on this device repeats
+    itself exactly, whatever the codec)."""
     reset_gpu_peak(device)
     adj = csr_adjacency(data.edge_index.to(device), data.num_nodes)
     x, y, mask = data.x.to(device), data.y.to(device), data.train_mask.to(device)
+    repeats = bool(torch.equal(torch.sparse.mm(adj, x), torch.sparse.mm(adj, x)))
     torch.manual_seed(0)
     model = pyg_model("gcn", x.size(1), 256, int(data.num_classes)).to(device)
-    return epoch_times(model, lambda: model(x, adj), y, mask, device, epochs), peak_gib(device)
+    return (epoch_times(model, lambda: model(x, adj), y, mask, device, epochs),
+            peak_gib(device), repeats)
 
 
 def our_epochs(lg, device: torch.device, epochs: int) -> tuple[float, float | None]:
@@ -208,7 +214,10 @@ def one_worker(device: torch.device, scale: float, epochs: int) -> None:
 
     opts = synthetic_options("reddit", scale)
     data = synthetic_graph(**opts)
-    b, pyg_peak = pyg_epochs(data, device, epochs)
+    b, pyg_peak, repeats = pyg_epochs(data, device, epochs)
+    record(f"sparse product (CSR) of {opts['num_nodes']:,} nodes x {opts['num_features']} "
+           f"features, twice", "bit-for-bit equal" if repeats else "differs",
+           "", None, correctness=False, spmm_repeats=repeats)
     lg = partition_graph(data, 1)[0]
     edges = lg.num_edges   # the edge list is freed once the matrices are built
     del data
