@@ -70,12 +70,28 @@ def test_resume_continues_the_same_run(tmp_path):
     assert resumed_summary["best_val"] == pytest.approx(full_summary["best_val"])
 
 
+def test_check_resumable_names_what_does_not_fit():
+    from pyg_adaqp.train.checkpoint import check_resumable
+
+    state = {"epoch": 3, "model": {}, "optimizer": {}, "workers": [{}, {}], "rows": [],
+             "assign_scheme": "random"}
+    check_resumable("ck.pt", state, 2, "random")
+    with pytest.raises(CheckpointError, match="ck.pt was written by 2 workers, this run has 3"):
+        check_resumable("ck.pt", state, 3, "random")
+    with pytest.raises(CheckpointError, match="assign.scheme=random, this run asks for uniform"):
+        check_resumable("ck.pt", state, 2, "uniform")
+    del state["assign_scheme"]                     # older checkpoints do not say
+    check_resumable("ck.pt", state, 2, "uniform")
+    del state["rows"], state["optimizer"]
+    with pytest.raises(CheckpointError, match="lacks optimizer, rows: it was not written by"):
+        check_resumable("ck.pt", state, 2, "uniform")
+
+
 def test_resume_with_another_bit_width_scheme_is_rejected(tmp_path):
     common = [*SMALL, "trainer.checkpoint_every=1", "trainer.epochs=1"]
     launch(make_config(*common, "assign=uniform"), tmp_path / "uniform")
-    from pyg_adaqp.train import WorkerFailed
-    with pytest.raises(WorkerFailed, match="written with assign.scheme=uniform, this run asks "
-                                           "for adaptive: resume with the same scheme"):
+    with pytest.raises(CheckpointError, match="written with assign.scheme=uniform, this run "
+                                              "asks for adaptive: resume with the same scheme"):
         launch(make_config(*common, "assign=adaptive", "trainer.epochs=2",
                            f"trainer.resume={tmp_path / 'uniform' / 'checkpoints'}"),
                tmp_path / "adaptive")
@@ -100,8 +116,7 @@ def test_an_older_checkpoint_of_another_scheme_is_rejected_by_name(tmp_path):
 def test_resume_with_another_world_size_is_rejected(tmp_path):
     common = [*SMALL, "mode=vanilla", "trainer.checkpoint_every=1", "trainer.epochs=1"]
     launch(make_config(*common), tmp_path / "two")
-    from pyg_adaqp.train import WorkerFailed
-    with pytest.raises(WorkerFailed, match="written by 2 workers, this run has 4"):
+    with pytest.raises(CheckpointError, match="written by 2 workers, this run has 4"):
         launch(make_config(*common, "world_size=4", "trainer.epochs=2",
                            f"trainer.resume={tmp_path / 'two' / 'checkpoints'}"),
                tmp_path / "four")

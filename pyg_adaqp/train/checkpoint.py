@@ -91,3 +91,21 @@ def load_resume_point(path: str | os.PathLike) -> tuple[Path, dict[str, Any]]:
             rejected.append(str(err))
     detail = ("; ".join(rejected)) if rejected else "it holds no epoch_*.pt files"
     raise CheckpointError(f"no valid checkpoint in {path}: {detail}")
+
+
+def check_resumable(source: str | os.PathLike, state: dict[str, Any], world_size: int,
+                    scheme: str) -> None:
+    """Raises :class:`CheckpointError`, naming the mismatch, unless the trainer's
+    checkpoint `state` (read from `source`) can resume a run of `world_size`
+    workers with the bit-width scheme `scheme` (``assign.scheme``)."""
+    missing = sorted({"epoch", "model", "optimizer", "workers", "rows"} - state.keys())
+    if missing:
+        raise CheckpointError(f"checkpoint {source} lacks {', '.join(missing)}: it was not "
+                              f"written by this version of the pyg_adaqp trainer")
+    if len(state["workers"]) != world_size:
+        raise CheckpointError(f"checkpoint {source} was written by {len(state['workers'])} "
+                              f"workers, this run has {world_size}")
+    if state.get("assign_scheme", scheme) != scheme:  # older checkpoints do not say
+        raise CheckpointError(f"checkpoint {source} was written with assign.scheme="
+                              f"{state['assign_scheme']}, this run asks for {scheme}: "
+                              f"resume with the same scheme")

@@ -43,7 +43,7 @@ from pyg_adaqp.partition import (
     partition_to_disk,
     read_manifest,
 )
-from pyg_adaqp.train.checkpoint import load_resume_point
+from pyg_adaqp.train.checkpoint import check_resumable, load_resume_point
 from pyg_adaqp.train.config import Config, ConfigError
 from pyg_adaqp.train.liveness import Heartbeat
 from pyg_adaqp.train.workers import die_with_parent, failure_text, free_port, spawn_workers
@@ -339,7 +339,8 @@ def launch(cfg: Config, run_dir: Path, on_epoch_end: Sequence[EpochHook] = ()) -
         WorkerFailed: If a worker raised or died, naming its rank and the
             cause, once every worker has stopped.
         DatasetError: If the dataset cannot be trained on.
-        CheckpointError: If ``trainer.resume`` holds no valid checkpoint.
+        CheckpointError: If ``trainer.resume`` holds no valid checkpoint, or
+            one of another world size or bit-width scheme.
     """
     run_dir = Path(run_dir)
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ:  # under torchrun
@@ -347,7 +348,9 @@ def launch(cfg: Config, run_dir: Path, on_epoch_end: Sequence[EpochHook] = ()) -
         return
     if cfg.trainer.resume:
         # Fail before starting anything, and resume every worker from the same file.
-        source, _ = load_resume_point(cfg.trainer.resume)
+        source, state = load_resume_point(cfg.trainer.resume)
+        check_resumable(source, state, cfg.world_size, cfg.assign.scheme)
+        del state
         cfg = dataclasses.replace(cfg, trainer=dataclasses.replace(cfg.trainer,
                                                                    resume=str(source)))
     part_dir = prepare_partitions(cfg, cfg.world_size)

@@ -18,7 +18,8 @@ from pyg_adaqp.assign import AdaptiveBits, RandomBits, UniformBits
 from pyg_adaqp.comm import NonFiniteMessageError, worker_generator
 from pyg_adaqp.nn import DistGraph
 from pyg_adaqp.partition import LocalGraph
-from pyg_adaqp.train.checkpoint import CheckpointError, load_resume_point, save_checkpoint
+from pyg_adaqp.train.checkpoint import (CheckpointError, check_resumable, load_resume_point,
+                                        save_checkpoint)
 from pyg_adaqp.train.config import Config
 from pyg_adaqp.train.model import DistGNN
 from pyg_adaqp.train.report import RunReport
@@ -240,18 +241,7 @@ class Trainer:
     def _resume(self, path: str) -> int:
         """Restores a checkpoint; returns the first epoch still to run."""
         source, state = load_resume_point(path)
-        missing = sorted({"epoch", "model", "optimizer", "workers", "rows"} - state.keys())
-        if missing:
-            raise CheckpointError(f"checkpoint {source} lacks {', '.join(missing)}: it was not "
-                                  f"written by this version of the pyg_adaqp trainer")
-        if len(state["workers"]) != self.ctx.world_size:
-            raise CheckpointError(f"checkpoint {source} was written by {len(state['workers'])} "
-                                  f"workers, this run has {self.ctx.world_size}")
-        scheme = self.cfg.assign.scheme
-        if state.get("assign_scheme", scheme) != scheme:
-            raise CheckpointError(f"checkpoint {source} was written with assign.scheme="
-                                  f"{state['assign_scheme']}, this run asks for {scheme}: "
-                                  f"resume with the same scheme")
+        check_resumable(source, state, self.ctx.world_size, self.cfg.assign.scheme)
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         mine = state["workers"][self.ctx.rank]
