@@ -47,6 +47,7 @@ exchange, which is worth knowing either way.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -54,6 +55,7 @@ import tempfile
 import time
 import traceback
 from pathlib import Path
+from typing import Iterator
 
 import torch
 import torch.nn.functional as F
@@ -72,6 +74,20 @@ def record(check: str, measured: str, target: str = "", ok: bool | None = None,
                  "correctness": correctness, **figures})
     mark = "" if ok is None else ("yes" if ok else ("NO" if correctness else "missed"))
     print(f"| {check} | {measured} | {target} | {mark} |", flush=True)
+
+
+@contextlib.contextmanager
+def environment(name: str, value: str) -> Iterator[None]:
+    """Within the block, `name` is `value` in the environment the workers inherit."""
+    before = os.environ.get(name)
+    os.environ[name] = value
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop(name)
+        else:
+            os.environ[name] = before
 
 
 def guarded(name: str, check, *args) -> None:
@@ -310,13 +326,10 @@ def timing(device: torch.device, nodes: int, work: Path) -> None:
     """
     per_epoch = {}  # (on CPU there are no waits: the two runs differ by noise alone)
     for sync in ("1", "0"):
-        os.environ["PYG_ADAQP_SYNC_TIMINGS"] = sync
-        try:
+        with environment("PYG_ADAQP_SYNC_TIMINGS", sync):
             rows, _ = run(work, f"timing-{sync}", device, nodes, "world_size=2", "mode=adaqp",
                           "assign=uniform", "assign.bits=4", "trainer.epochs=20",
                           "trainer.eval_every=20")
-        finally:
-            os.environ.pop("PYG_ADAQP_SYNC_TIMINGS", None)
         starts = [r["started_at"] for r in rows[2:]]   # after two warm-up epochs
         per_epoch[sync] = (starts[-1] - starts[0]) / (len(starts) - 1)
     record(f"timing points' waits for the stream: 2 workers sharing the {device.type} "
@@ -335,15 +348,9 @@ def resume(device: torch.device, nodes: int, work: Path) -> None:
     from pyg_adaqp.comm import kernels
 
     fused = kernels.triton is not None and (device.type == "cuda" or kernels.INTERPRETED)
-    before = os.environ.get("PYG_ADAQP_TRITON")
-    try:
-        for path in ["eager"] + (["fused"] if fused else []):
-            os.environ["PYG_ADAQP_TRITON"] = "1" if path == "fused" else "0"  # the workers'
+    for path in ["eager"] + (["fused"] if fused else []):
+        with environment("PYG_ADAQP_TRITON", "1" if path == "fused" else "0"):  # the workers'
             resume_with(path, device, nodes, work)
-    finally:
-        os.environ.pop("PYG_ADAQP_TRITON", None)
-        if before is not None:
-            os.environ["PYG_ADAQP_TRITON"] = before
 
 
 def resume_with(path: str, device: torch.device, nodes: int, work: Path) -> None:

@@ -78,6 +78,9 @@ MIN_PREDICTED_S = 1e-4
 MAX_GROUPS_PER_CHANNEL = 32
 
 
+#: The allocator's settings: a checkpoint records them, a resumed run keeps its own.
+KNOBS = ("cycle", "group_size", "variance_budget", "coe_lambda", "time_limit")
+
 class AdaptiveBits:
     r"""Chooses every message row's width from {2, 4, 8} by a MILP per exchange key.
 
@@ -420,9 +423,7 @@ class AdaptiveBits:
     # --- checkpoints ----------------------------------------------------------------------------
 
     def state_dict(self) -> dict:
-        return {"cycle": self.cycle, "group_size": self.group_size,
-                "coe_lambda": self.coe_lambda, "variance_budget": self.variance_budget,
-                "time_limit": self.time_limit,
+        return {**{knob: getattr(self, knob) for knob in KNOBS},
                 "cost": self.cost.state_dict() if self.cost is not None else None,
                 "cost_check": list(self.cost_check), "assignment": self.assignment,
                 "histogram": self.histogram, "last_solve_time": self.last_solve_time,
@@ -441,13 +442,11 @@ class AdaptiveBits:
         Raises:
             ValueError: If `state` is not an adaptive allocator's.
         """
-        missing = sorted({"cycle", "group_size", "coe_lambda", "variance_budget", "time_limit",
-                          "cost", "cost_check", "assignment", "histogram",
-                          "last_solve_time"} - state.keys())
+        missing = [knob for knob in KNOBS if knob not in state]
         if missing:
             raise ValueError(f"it holds no adaptive allocator state (missing "
                              f"{', '.join(missing)})")
-        for knob in ("cycle", "group_size", "variance_budget", "coe_lambda", "time_limit"):
+        for knob in KNOBS:
             if state[knob] != getattr(self, knob):
                 warnings.warn(f"resuming with the allocator's {knob} = {getattr(self, knob)}; "
                               f"the checkpoint's run used {state[knob]}", stacklevel=2)

@@ -90,11 +90,6 @@ def codec_path(fused: bool) -> Iterator[None]:
         _forced = before
 
 
-def _on_device(t: Tensor):
-    """Triton launches on the current CUDA device: make it `t`'s."""
-    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
-
-
 def _fall_back(err: Exception) -> None:
     global _failed
     _failed = True
@@ -195,9 +190,20 @@ if triton is not None:
         tl.store(out_ptr + dst[:, None] * out_stride + c[None, :], value, mask=inside)
 
 
-def _launch_ready(*tensors: Tensor) -> bool:
-    """Rows of unit column stride (the kernels index ``row * stride + column``)."""
-    return all(t.dim() != 2 or t.stride(1) == 1 or t.size(1) <= 1 for t in tensors)
+def _launch(kernel, n: int, block_r: int, on: Tensor, *args, **constants) -> bool:
+    """Launches `kernel` over `n` rows, `block_r` per program, on `on`'s device
+    (Triton launches on the current one).  :obj:`False` where the rows of `on`
+    are not of unit column stride (the kernels index ``row * stride +
+    column``) or the launch failed (then the eager ops run from now on)."""
+    if on.stride(1) != 1 and on.size(1) > 1:
+        return False
+    try:
+        with torch.cuda.device(on.device) if on.is_cuda else contextlib.nullcontext():
+            kernel[(triton.cdiv(n, block_r),)](*args, **constants)
+    except Exception as err:  # noqa: BLE001 - any compile or launch failure: eager from now on
+        _fall_back(err)
+        return False
+    return True
 
 
 def encode_rows(x: Tensor, lo: Tensor, scale: Tensor, bits: int, payload: Tensor,
@@ -207,22 +213,16 @@ def encode_rows(x: Tensor, lo: Tensor, scale: Tensor, bits: int, payload: Tensor
     sets the constant rows' low bit).  Returns :obj:`False`, having written
     nothing that matters, where the eager ops must run instead."""
     n, width = payload.size(0), x.size(1)
-    if not _launch_ready(x) or not payload.is_contiguous():
+    if not payload.is_contiguous():  # the kernel writes rows of `nbytes` back to back
         return False
     seed = torch.empty(1, dtype=torch.int64, device=x.device).random_(generator=generator)
     groups = -(-width // 4)
     block_r, block_d = _blocks(width, 4)  # whole groups of four columns, whole bytes
-    try:
-        with _on_device(x):
-            _encode_kernel[(triton.cdiv(n, block_r),)](
-                x, x.stride(0), rows.contiguous() if rows is not None else x, lo.contiguous(),
-                scale.contiguous(), seed, payload, n, width, payload.size(1), groups, BITS=bits,
-                HAS_ROWS=rows is not None, WIDE=n * groups >= 2**31, BLOCK_R=block_r,
-                BLOCK_D=block_d)
-    except Exception as err:  # noqa: BLE001 - any compile or launch failure: eager from now on
-        _fall_back(err)
-        return False
-    return True
+    return _launch(_encode_kernel, n, block_r, x,
+                   x, x.stride(0), rows.contiguous() if rows is not None else x,
+                   lo.contiguous(), scale.contiguous(), seed, payload, n, width,
+                   payload.size(1), groups, BITS=bits, HAS_ROWS=rows is not None,
+                   WIDE=n * groups >= 2**31, BLOCK_R=block_r, BLOCK_D=block_d)
 
 
 def decode_rows(payload: Tensor, lo: Tensor, scale: Tensor, bits: int, out: Tensor,
@@ -230,18 +230,11 @@ def decode_rows(payload: Tensor, lo: Tensor, scale: Tensor, bits: int, out: Tens
     """Fused :func:`~pyg_adaqp.comm.packing.decode_rows`.  Returns :obj:`False`,
     having written nothing that matters, where the eager ops must run instead."""
     n, width = payload.size(0), out.size(1)
-    # Float32 only: a narrower output is rounded by torch's own cast, as the eager path does.
-    if out.dtype != torch.float32 or not _launch_ready(out) or not payload.is_contiguous():
+    if out.dtype != torch.float32:  # a narrower output: torch's own cast, as the eager path
         return False
     block_r, block_d = _blocks(width, 8 // bits)
-    try:
-        with _on_device(out):
-            _decode_kernel[(triton.cdiv(n, block_r),)](
-                payload, lo.contiguous(), scale.contiguous(),
-                rows.contiguous() if rows is not None else payload, out, out.stride(0), n, width,
-                payload.size(1), BITS=bits, HAS_ROWS=rows is not None, BLOCK_R=block_r,
-                BLOCK_D=block_d)
-    except Exception as err:  # noqa: BLE001 - any compile or launch failure: eager from now on
-        _fall_back(err)
-        return False
-    return True
+    return _launch(_decode_kernel, n, block_r, out,
+                   payload.contiguous(), lo.contiguous(), scale.contiguous(),
+                   rows.contiguous() if rows is not None else payload, out, out.stride(0), n,
+                   width, payload.size(1), BITS=bits, HAS_ROWS=rows is not None,
+                   BLOCK_R=block_r, BLOCK_D=block_d)
