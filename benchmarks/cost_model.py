@@ -10,8 +10,8 @@ the send plan of real training; it measures the cost model exactly as the
 adaptive allocator does before epoch 0 (``profile_cost_model``), then runs
 ``--trials`` exchanges of random 2/4/8-bit assignments at each message width
 (each channel's rows in contiguous width buckets, as training sends them)
-the way training does (encode every peer's rows, post all channels at once,
-wait, decode) and compares the model's prediction with the slowest worker's
+the way training does (encode each row once per width it travels at,
+whatever peers need it; post all channels at once, wait, decode) and compares the model's prediction with the slowest worker's
 measured time (median of ``--repeats``).  Prints every worker's fitted link
 and the errors; the allocator's claim is an error of at most 15% on
 exchanges of 4 ms or more.
@@ -42,21 +42,23 @@ def random_bits(seed: int, trial: int, sender: int, receiver: int, rows: int):
     return torch.tensor([2, 4, 8])[torch.randint(3, (rows,), generator=gen)].sort().values
 
 
-def timed_exchange(transport, send_layouts: dict, recv_layouts: dict, width: int,
+def timed_exchange(transport, shared, num_rows: int, recv_layouts: dict, width: int,
                    repeats: int) -> float:
-    """Median seconds of encode, exchange and decode, as one training exchange."""
+    """Median seconds of encode, exchange and decode, as one training exchange:
+    `shared` (a :class:`~pyg_adaqp.comm.SharedRows` over the worker's send
+    plan) encodes the rows of an ``[num_rows, width]`` tensor once per width."""
     import numpy as np
     import torch
     import torch.distributed as dist
 
     gen = torch.Generator().manual_seed(transport.rank)
-    rows = {p: torch.randn(lay.num_rows, width, generator=gen) for p, lay in send_layouts.items()}
+    x = torch.randn(num_rows, width, generator=gen)
     out = {p: torch.empty(lay.num_rows, width) for p, lay in recv_layouts.items()}
     times = []
     for _ in range(repeats + 1):          # the first one warms up the connections
         dist.barrier()
         t0 = time.perf_counter()
-        send = {p: lay.pack(rows[p], generator=gen) for p, lay in send_layouts.items()}
+        send = shared.pack(x, generator=gen)
         t1 = time.perf_counter()
         raw = transport.start(send, {p: lay.nbytes for p, lay in recv_layouts.items()},
                               torch.device("cpu")).wait()
@@ -77,7 +79,7 @@ def worker(args: argparse.Namespace) -> None:
     import torch.distributed as dist
 
     from pyg_adaqp.assign import assignment_seconds, profile_cost_model
-    from pyg_adaqp.comm import MessageLayout
+    from pyg_adaqp.comm import MessageLayout, SharedRows
     from pyg_adaqp.comm.transport import Transport
     from pyg_adaqp.partition import load_partition
 
@@ -99,16 +101,21 @@ def worker(args: argparse.Namespace) -> None:
             send = {j: MessageLayout(bits[(rank, j)], width) for j in sizes[rank]}
             recv = {i: MessageLayout(bits[(i, rank)], width) for i in range(k)
                     if rank in sizes[i]}
-            took = timed_exchange(transport, send, recv, width, args.repeats)
+            shared = SharedRows({j: lg.send_index[j] for j in send}, send)
+            took = timed_exchange(transport, shared, lg.num_owned, recv, width, args.repeats)
             everyone = [None] * k
-            dist.all_gather_object(everyone, took)
+            dist.all_gather_object(everyone, (took, sum(shared.encoded_rows.values())))
+            everyone, encoded = [t for t, _ in everyone], [e for _, e in everyone]
             rows = {ch: {b: int((v == b).sum()) for b in (2, 4, 8)} for ch, v in bits.items()}
-            predicted, per = assignment_seconds(model, width, rows)
+            # The rows each worker encodes (a row several peers get at one
+            # width once), as a share of the rows it sends.
+            share = {i: encoded[i] / max(1, sum(sizes[i].values())) for i in range(k)}
+            predicted, per = assignment_seconds(model, width, rows, encode_share=share)
             slowest = max(range(k), key=lambda i: everyone[i][0])
             # The predicted parts of the worker predicted slowest, and the
             # measured parts of the worker measured slowest.
             w = max(per, key=per.get)
-            enc = sum(model.codec_seconds(w, n, width, b, True)
+            enc = sum(model.codec_seconds(w, n, width, b, True, share[w], len(sizes[w]))
                       for (i, _), c in rows.items() if i == w for b, n in c.items())
             dec = sum(model.codec_seconds(w, n, width, b, False)
                       for (_, j), c in rows.items() if j == w for b, n in c.items())

@@ -87,6 +87,25 @@ def test_cost_model_is_the_critical_path_of_each_worker():
     assert two[1] == pytest.approx(2 * 3e-4 + 500 * 100 * 1e-8 + 1e-9 * nbytes)
 
 
+def test_cost_model_encodes_shared_rows_once():
+    """A sender encodes the fraction `encode_share` of the rows it sends, and
+    a width's fixed cost once for all its channels; receivers decode all."""
+    cost = CostModel(up={0: 1e-9}, down={1: 1e-9, 2: 1e-9}, encode={0: {2: (1e-6, 0.0)}},
+                     decode={1: {2: (1e-6, 0.0)}, 2: {2: (1e-6, 0.0)}},
+                     bucket={0: (3e-4, 0.0), 1: (0.0, 1e-4), 2: (0.0, 1e-4)})
+    rows = {(0, 1): {2: 1000}, (0, 2): {2: 600}}
+    _, per = assignment_seconds(cost, 64, rows, encode_share={0: 0.75})
+    sent = message_nbytes(1600, 64, 2)
+    assert per[0] == pytest.approx(3e-4 + 0.75 * 1600 * 1e-6 + 1e-9 * sent)
+    assert per[1] == pytest.approx(1e-4 + 1000 * 1e-6 + 1e-9 * message_nbytes(1000, 64, 2))
+    # The allocator's vectorized model agrees, group by group.
+    problem = KeyProblem(64, [0, 0, 0], [1, 1, 2], [500, 500, 600], [1.0, 1.0, 1.0],
+                         encode_share={0: 0.75})
+    sol = solve_key(problem, cost, 0.5, budget=1e9)
+    assert sol.bits.tolist() == [2, 2, 2]
+    assert sol.seconds == pytest.approx(max(per.values()))
+
+
 def test_cost_model_lets_free_bytes_through():
     cost = CostModel({0: 1e-9}, {0: 1e-9}, {0: 1e-4}, {0: 250e3})
     assert cost.link_seconds(0, 100e3, 0) == pytest.approx(1e-4)          # within the burst
@@ -198,7 +217,7 @@ def assignment_time(problem: KeyProblem, cost: CostModel, bits) -> float:
     for s, r, n, b in zip(problem.sender, problem.receiver, problem.rows, bits):
         by_bits = rows.setdefault((int(s), int(r)), {})
         by_bits[int(b)] = by_bits.get(int(b), 0) + int(n)
-    return assignment_seconds(cost, problem.width, rows, problem.hidden)[0]
+    return assignment_seconds(cost, problem.width, rows, problem.hidden, problem.encode_share)[0]
 
 
 def test_widths_follow_the_link_rates():

@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 import torch
 
-from pyg_adaqp.comm import (MessageLayout, NonFiniteMessageError, QuantizedMessage, dequantize,
-                            message_nbytes, quantize, worker_generator)
+from pyg_adaqp.comm import (MessageLayout, NonFiniteMessageError, QuantizedMessage, SharedRows,
+                            dequantize, message_nbytes, quantize, worker_generator)
 from pyg_adaqp.comm import packing
 
 BITS = (2, 4, 8)
@@ -363,6 +363,48 @@ def test_layout_single_width_and_empty():
     assert full.nbytes == 50 * 7 * 4 and torch.equal(full.unpack(full.pack(x)), x)
     empty = MessageLayout(torch.empty(0, dtype=torch.long), 7)
     assert empty.nbytes == 0 and empty.unpack(empty.pack(torch.empty(0, 7))).shape == (0, 7)
+
+
+def test_shared_rows_quantize_each_row_once_per_width():
+    """Three peers' messages share rows; every row is quantized once per width
+    it travels at, each peer's buffer decodes to those roundings, and a row
+    sent to two peers at one width arrives identically in both."""
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(40, 9, generator=gen) * 5
+    x[7] = -1.25  # a constant row
+    rows, layouts = {}, {}
+    for p, n in ((0, 25), (1, 30), (2, 0), (3, 12)):
+        ids = torch.randperm(40, generator=gen)[:n]
+        bits = torch.tensor([2, 4, 8, 32])[torch.randint(4, (n,), generator=gen)]
+        bits = torch.sort(bits, stable=True).values  # consecutive buckets, as the exchange sends
+        rows[p], layouts[p] = ids, MessageLayout(bits, 9)
+    shared = SharedRows(rows, layouts)
+    # Brute-force count: one encode per distinct (row, width) pair.
+    pairs = {(int(r), int(b)) for p in rows for r, b in zip(rows[p], layouts[p].bits_per_row)
+             if b != 32}
+    assert shared.encoded_rows == {b: sum(1 for _, w in pairs if w == b)
+                                   for b in (2, 4, 8) if any(w == b for _, w in pairs)}
+    buffers, ranges = shared.pack(x, worker_generator(4, 1), return_range=True)
+    assert {p: buf.numel() for p, buf in buffers.items()} == \
+        {p: layout.nbytes for p, layout in layouts.items()}
+    # Reference: each width's distinct rows, ascending, quantized in the order 2, 4, 8.
+    ref_gen, reference = worker_generator(4, 1), {}
+    for b in (2, 4, 8):
+        ids = sorted(r for r, w in pairs if w == b)
+        decoded = dequantize(quantize(x[ids], b, ref_gen))
+        reference.update({(r, b): decoded[k] for k, r in enumerate(ids)})
+    for p, layout in layouts.items():
+        out = layout.unpack(buffers[p])
+        for k, (r, b) in enumerate(zip(rows[p].tolist(), layout.bits_per_row.tolist())):
+            assert torch.equal(out[k], x[r] if b == 32 else reference[(r, b)])
+        assert torch.equal(ranges[p], (x.amax(1) - x.amin(1))[rows[p]])
+    assert torch.equal(shared.pack(x, worker_generator(4, 1))[1], buffers[1])
+    with pytest.raises(NonFiniteMessageError, match="'layer 2'"):
+        bad = x.clone()
+        bad[int(rows[0][0])] = float('nan')
+        shared.pack(bad, worker_generator(4, 1), name='layer 2')
+    with pytest.raises(ValueError, match="not consecutive"):
+        SharedRows({0: torch.arange(3)}, {0: MessageLayout(torch.tensor([2, 4, 2]), 9)})
 
 
 def test_layout_rows_scattered_across_chunks(monkeypatch):

@@ -344,6 +344,40 @@ def test_overlap_is_real(cora):
                             "owned gradient", "owned gradient done"]
 
 
+def shared_rows_worker(rank, world_size, parts):
+    from pyg_adaqp.comm import HaloExchange
+
+    lg = parts[rank]
+    ex = HaloExchange(lg, generator=torch.Generator().manual_seed(rank))
+    ex.default_bits = 2
+    x = torch.randn(lg.num_owned, 6, generator=torch.Generator().manual_seed(10 + rank))
+    halo = ex.exchange("forward 0", x, quantize=True)
+    index = lg.send_index
+    sent = sum(i.numel() for i in index.values())
+    return {"halo": halo, "ids": lg.node_ids[lg.num_owned:],
+            "share": (ex.encode_share("forward 0"), ex.encode_share("backward 0")),
+            "expect": len(set(torch.cat(list(index.values())).tolist())) / sent}
+
+
+def test_rows_sent_to_several_peers_are_quantized_once():
+    """A boundary row two peers hold as a halo row reaches both with the same
+    rounding, and each worker's share of rows it encodes is the brute-force
+    count of distinct rows over rows sent (1 backward: halo rows have one owner)."""
+    data = random_directed_graph(num_nodes=150, num_edges=900, seed=4)
+    parts = partition_graph(data, 3)
+    results = run_workers(shared_rows_worker, 3, parts)
+    seen: dict[int, torch.Tensor] = {}
+    shared = 0
+    for r in results:
+        assert r["share"] == (pytest.approx(r["expect"]), 1.0)
+        for node, row in zip(r["ids"].tolist(), r["halo"]):
+            if node in seen:
+                shared += 1
+                assert torch.equal(seen[node], row)
+            seen[node] = row
+    assert shared > 0 and any(r["expect"] < 1 for r in results)
+
+
 def sorted_buckets_worker(rank, world_size, parts, seed):
     """Mixed widths on every channel (seed None: 4 bits everywhere): rows
     travel sorted by width, land in their slots.  Constant rows decode

@@ -247,6 +247,7 @@ class AdaptiveBits:
         mine = {"groups": groups, "signal": signal,
                 "widths": dict(self._tracer.widths) if self._tracer is not None else {},
                 "observed": self._observed, "arrivals": self._arrivals,
+                "encode_share": {key: ex.encode_share(key) for key in groups},
                 "overlap": graph.overlap}
         self._arrivals = []
         rank, world = dist.get_rank(), dist.get_world_size()
@@ -408,8 +409,9 @@ class AdaptiveBits:
         def cat(parts: list) -> np.ndarray:
             return np.concatenate(parts) if parts else np.zeros(0)
 
+        share = {i: part.get("encode_share", {}).get(key, 1.0) for i, part in enumerate(gathered)}
         return KeyProblem(width, cat(sender), cat(receiver), cat(rows), cat(coef), signal,
-                          hidden), channels
+                          hidden, share), channels
 
     def report(self) -> dict:
         """What the run's summary records: the cost model, its check, the last solve."""

@@ -91,15 +91,18 @@ class CostModel:
     bucket: dict[int, tuple[float, float]] = field(default_factory=dict)
 
     def codec_seconds(self, worker: int, rows: float, width: int, bits: int,
-                      encoding: bool) -> float:
+                      encoding: bool, share: float = 1.0, fan_out: int = 1) -> float:
         """Seconds `worker` takes to encode (or decode) one message's bucket
-        of `rows` rows of `width` at `bits`."""
+        of `rows` rows of `width` at `bits`: of those rows it codes a
+        fraction `share` (a row several peers need is encoded once), and
+        the bucket's fixed cost is split between the `fan_out` messages
+        whose rows are encoded together."""
         if rows <= 0:
             return 0.0
         per_row, per_element = (self.encode if encoding else self.decode).get(
             worker, {}).get(bits, (0.0, 0.0))
         fixed = self.bucket.get(worker, (0.0, 0.0))[0 if encoding else 1]
-        return fixed + rows * (per_row + per_element * width)
+        return fixed / max(fan_out, 1) + share * rows * (per_row + per_element * width)
 
     def link_seconds(self, worker: int, out_bytes: float, in_bytes: float) -> float:
         """:math:`C_i`: seconds until `worker`'s link has carried both directions."""
@@ -395,10 +398,20 @@ def profile_cost_model(transport: Transport, device: torch.device | str = "cpu",
 
 
 def assignment_seconds(model: CostModel, width: int, rows: dict[tuple[int, int], dict[int, int]],
-                       hidden: dict[int, float] | None = None) -> tuple[float, dict[int, float]]:
+                       hidden: dict[int, float] | None = None,
+                       encode_share: dict[int, float] | None = None
+                       ) -> tuple[float, dict[int, float]]:
     """Predicted time of one key whose channel ``(i, j)`` carries
-    ``rows[(i, j)][b]`` rows at ``b`` bits; returns ``(T, T_i by worker)``."""
-    hidden = hidden or {}
+    ``rows[(i, j)][b]`` rows at ``b`` bits; returns ``(T, T_i by worker)``.
+
+    Every sender encodes each width once for all its channels
+    (:class:`~pyg_adaqp.comm.SharedRows`): it codes the fraction
+    ``encode_share[i]`` (default 1) of the rows it sends, and a width's
+    fixed cost is spread over its channels."""
+    hidden, encode_share = hidden or {}, encode_share or {}
+    fan_out: dict[int, int] = {}
+    for i, _ in rows:
+        fan_out[i] = fan_out.get(i, 0) + 1
     out: dict[int, float] = {}
     inn: dict[int, float] = {}
     codec: dict[int, float] = {}
@@ -407,7 +420,8 @@ def assignment_seconds(model: CostModel, width: int, rows: dict[tuple[int, int],
             nbytes = message_nbytes(n, width, b)
             out[i] = out.get(i, 0.0) + nbytes
             inn[j] = inn.get(j, 0.0) + nbytes
-            codec[i] = codec.get(i, 0.0) + model.codec_seconds(i, n, width, b, True)
+            codec[i] = codec.get(i, 0.0) + model.codec_seconds(
+                i, n, width, b, True, encode_share.get(i, 1.0), fan_out[i])
             codec[j] = codec.get(j, 0.0) + model.codec_seconds(j, n, width, b, False)
     per = {w: model.worker_seconds(w, out.get(w, 0.0), inn.get(w, 0.0), codec.get(w, 0.0),
                                    hidden.get(w, 0.0)) for w in set(out) | set(inn)}

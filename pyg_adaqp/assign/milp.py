@@ -62,6 +62,9 @@ class KeyProblem:
             messages are added into (the budget's reference). (default: 0)
         hidden (dict[int, float], optional): Seconds of each worker's
             computation that overlap this key's exchange. (default: none)
+        encode_share (dict[int, float], optional): Per sender, the fraction
+            of the rows it sends that it encodes (a row several peers need
+            is encoded once). (default: 1 for every sender)
     """
     width: int
     sender: np.ndarray
@@ -70,6 +73,7 @@ class KeyProblem:
     coef: np.ndarray
     signal: float = 0.0
     hidden: dict[int, float] = field(default_factory=dict)
+    encode_share: dict[int, float] = field(default_factory=dict)
     bytes: np.ndarray = field(init=False)  #: ``[groups, 3]`` bytes of each group at 2/4/8 bits
 
     def __post_init__(self) -> None:
@@ -146,12 +150,19 @@ class _Timing:
                                  * (1.0, d)) for b in WIDTHS] for w in self.workers])
             return n * per[who] if self.workers.size else np.zeros((n.shape[0], 3))
 
-        self.enc, self.dec = codec(cost.encode, self.s), codec(cost.decode, self.r)
-        # Every channel's non-empty width buckets cost its ends a fixed time each.
+        share = per_worker(problem.encode_share, 1.0)
+        self.enc = codec(cost.encode, self.s) * share[self.s][:, None]
+        self.dec = codec(cost.decode, self.r)
+        # Every channel's non-empty width buckets cost its receiver a fixed
+        # time each; a sender encodes each width once for all its channels,
+        # so its fixed cost is spread over them (exact when its channels use
+        # the same widths).
         self.channels, self.ch = np.unique(self.s * self.workers.size + self.r,
                                            return_inverse=True)
         self.ch_s, self.ch_r = np.divmod(self.channels, max(1, self.workers.size))
-        self.bucket_enc = per_worker({i: c[0] for i, c in cost.bucket.items()})[self.ch_s]
+        fan_out = np.bincount(self.ch_s, minlength=self.workers.size)
+        self.bucket_enc = (per_worker({i: c[0] for i, c in cost.bucket.items()})[self.ch_s]
+                           / np.maximum(fan_out[self.ch_s], 1))
         self.bucket_dec = per_worker({i: c[1] for i, c in cost.bucket.items()})[self.ch_r]
 
     def bucket_seconds(self, choice: np.ndarray) -> np.ndarray:

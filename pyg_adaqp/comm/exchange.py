@@ -23,7 +23,7 @@ import torch.distributed as dist
 from torch import Tensor
 from torch.autograd import Function
 
-from pyg_adaqp.comm.codec import FULL_PRECISION, MessageLayout
+from pyg_adaqp.comm.codec import FULL_PRECISION, MessageLayout, SharedRows
 from pyg_adaqp.comm.clock import device_clock
 from pyg_adaqp.comm.transport import PendingExchange, Transport
 from pyg_adaqp.partition import LocalGraph
@@ -121,6 +121,7 @@ class HaloExchange:
         self._order: dict[str, tuple[dict[int, Tensor], dict[int, Tensor]]] = {}
         self._rows: dict[tuple, dict[int, Tensor]] = {}
         self._layouts: dict[tuple, MessageLayout] = {}
+        self._shared_rows: dict[tuple, SharedRows] = {}
         self.stats: dict[str, ExchangeStats] = defaultdict(ExchangeStats)
 
     # --- bit assignment -------------------------------------------------------------------------
@@ -150,6 +151,7 @@ class HaloExchange:
             self._order[key] = tuple({p: o.to(self.device) for p, o in side.items()}
                                      for side in order)
         self._layouts = {k: v for k, v in self._layouts.items() if k[0] != key}
+        self._shared_rows = {k: v for k, v in self._shared_rows.items() if k[0] != key}
         self._rows = {k: v for k, v in self._rows.items() if k[0] != key}
 
     def _rows_of(self, key: str, sending: bool, base: dict[int, Tensor],
@@ -186,41 +188,74 @@ class HaloExchange:
             layout = self._layouts[cache_key] = MessageLayout(bits, width)
         return layout
 
+    def encode_share(self, key: str) -> float:
+        """The fraction of the rows sent under `key` that this worker encodes
+        when they all travel at one width: a row that several peers need is
+        encoded once (:class:`SharedRows`).  Forward keys send owned rows,
+        often to several peers; backward keys send each halo row's gradient
+        to its one owner (1.0)."""
+        index = self.send_index if key.startswith("forward") else self.recv_index
+        sent = sum(i.numel() for i in index.values())
+        if sent == 0:
+            return 1.0
+        return torch.unique(torch.cat(list(index.values()))).numel() / sent
+
     # --- the exchange ---------------------------------------------------------------------------
 
-    def _start(self, key: str, rows: dict[int, Tensor], recv_rows: dict[int, int], width: int,
-               quantize: bool, dtype: torch.dtype) -> _Flight:
-        """Encodes `rows` (one tensor per peer) and posts the exchange."""
+    def _shared(self, key: str, index: dict[int, Tensor], layouts: dict[int, MessageLayout],
+                width: int) -> SharedRows:
+        """The quantize-once plan of `key`'s messages, built once per assignment."""
+        widths = "assigned" if key in self._bits else self.default_bits
+        cache_key = (key, widths, width)
+        shared = self._shared_rows.get(cache_key)
+        if shared is None:
+            shared = self._shared_rows[cache_key] = SharedRows(index, layouts)
+        return shared
+
+    def _start(self, key: str, x: Tensor, index: dict[int, Tensor], recv_rows: dict[int, int],
+               quantize: bool, slices: dict[int, slice | None] | None = None) -> _Flight:
+        """Encodes rows `index[p]` of `x` (or the slice `slices[p]`) for every
+        peer `p` and posts the exchange.
+
+        Quantized, every row is encoded once per width it travels at, however
+        many peers it goes to (:class:`SharedRows`).
+        """
         stats = self.stats[key]
         stats.calls += 1
-        stats.width = width
+        width = stats.width = x.size(1)
         t0 = self.clock()
-        send, layouts = {}, {}
-        for p, x in rows.items():
-            layout = self._layout(key, p, True, x.size(0), width, quantize)
-            if quantize and self.tracer is not None:
-                send[p], ranges = layout.pack(x, generator=self.generator,
-                                              name=f"exchange {key!r}", return_range=True)
-                order = self._order.get(key)
+        layouts = {p: self._layout(key, p, True, i.numel(), width, quantize)
+                   for p, i in index.items()}
+        if quantize:
+            tracing = self.tracer is not None
+            packed = self._shared(key, index, layouts, width).pack(
+                x, generator=self.generator, name=f"exchange {key!r}", return_range=tracing)
+            send, ranges = packed if tracing else (packed, {})
+            order = self._order.get(key)
+            for p, r in ranges.items():
                 if order is not None:  # back to plan order, the allocator's row identity
-                    ranges = torch.empty_like(ranges).index_copy_(0, order[0][p], ranges)
-                self.tracer.record(key, p, ranges, width)
-            else:
-                send[p] = layout.pack(x, generator=self.generator, name=f"exchange {key!r}")
+                    r = torch.empty_like(r).index_copy_(0, order[0][p], r)
+                self.tracer.record(key, p, r, width)
+        else:
+            slices = slices or {}
+            send = {p: layouts[p].pack(x[slices[p]] if slices.get(p) is not None
+                                       else x.index_select(0, i))
+                    for p, i in index.items()}
+        for p, layout in layouts.items():
             stats.peer_sent[p] = stats.peer_sent.get(p, 0) + int(send[p].numel())
             for bits, count in layout.counts.items():
                 if count:
                     stats.rows_by_bits[bits] = stats.rows_by_bits.get(bits, 0) + count
-        recv_bytes = {}
+        recv_layouts, recv_bytes = {}, {}
         for p, n in recv_rows.items():
-            layouts[p] = self._layout(key, p, False, n, width, quantize)
-            recv_bytes[p] = layouts[p].nbytes
+            recv_layouts[p] = self._layout(key, p, False, n, width, quantize)
+            recv_bytes[p] = recv_layouts[p].nbytes
             stats.peer_recv[p] = stats.peer_recv.get(p, 0) + recv_bytes[p]
         t1 = self.clock()
         pending = self.transport.start(send, recv_bytes, self.device) if self.transport else None
         # Posting counts as encoding: it includes staging CUDA buffers through host memory.
         stats.quant_time += self.clock() - t0
-        return _Flight(pending, layouts, stats, dtype, started=t1)
+        return _Flight(pending, recv_layouts, stats, x.dtype, started=t1)
 
     def _finish(self, flight: _Flight, out: dict[int, Tensor] | None = None
                 ) -> dict[int, Tensor]:
@@ -243,9 +278,8 @@ class HaloExchange:
     def start_forward(self, key: str, x: Tensor, quantize: bool) -> _Flight:
         """Posts the rows of `x` (owned rows) that peers hold as halo rows."""
         index = self._rows_of(key, True, self.send_index, quantize) or self.send_index
-        rows = {p: x.index_select(0, i) for p, i in index.items()}
         counts = {p: i.numel() for p, i in self.recv_index.items()}
-        flight = self._start(key, rows, counts, x.size(1), quantize, x.dtype)
+        flight = self._start(key, x, index, counts, quantize)
         flight.into = self._rows_of(key, False, self.recv_index, quantize)
         return flight
 
@@ -264,13 +298,9 @@ class HaloExchange:
     def start_backward(self, key: str, grad_halo: Tensor, quantize: bool) -> _Flight:
         """Posts the gradient of every halo row back to its owner."""
         index = self._rows_of(key, True, self.recv_index, quantize)
-        if index is not None:
-            rows = {p: grad_halo.index_select(0, i) for p, i in index.items()}
-        else:
-            rows = {p: grad_halo[self._recv_slice[p]] if self._recv_slice[p] is not None
-                    else grad_halo.index_select(0, i) for p, i in self.recv_index.items()}
         counts = {p: i.numel() for p, i in self.send_index.items()}
-        flight = self._start(key, rows, counts, grad_halo.size(1), quantize, grad_halo.dtype)
+        flight = self._start(key, grad_halo, index or self.recv_index, counts, quantize,
+                             slices=None if index is not None else self._recv_slice)
         flight.into = self._rows_of(key, False, self.send_index, quantize)
         return flight
 
