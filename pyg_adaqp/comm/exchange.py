@@ -1,9 +1,10 @@
 """The halo exchange: boundary rows to the peers that need them, gradients back.
 
-Forward of layer ``l`` (exchange key ``"forward l"``): every worker gathers
-the rows of ``x`` that its peers hold as halo rows (``send_index``), encodes
-them at the assigned bit widths, exchanges, and decodes what arrives into
-its halo block (``recv_index``).  Backward (key ``"backward l"``): the
+Forward of layer ``l`` (exchange key ``"forward l"``): every worker encodes
+the rows of ``x`` that its peers hold as halo rows (``send_index``) at the
+assigned bit widths, each row once per width however many peers need it
+(:class:`~pyg_adaqp.comm.SharedRows`), exchanges, and decodes what arrives
+into its halo block (``recv_index``).  Backward (key ``"backward l"``): the
 gradient arriving at the halo block is encoded and sent back to the owners,
 which add it into the gradient of the rows they sent.  Both directions are
 autograd functions, so the exchange is correct for any graph (directed ones
