@@ -3,8 +3,9 @@
 Prints markdown tables: quantize+pack and unpack+dequantize time at 2, 4 and
 8 bits (median of several repeats after warm-up), their GB/s of float32
 input and their ratio to ``x.clone()`` timed in the same run; a mixed
-assignment against uniform messages of the same bytes; then the bytes on
-the wire relative to float32.
+assignment against uniform messages of the same bytes; one worker's forward
+messages encoded per peer against each row encoded once (``SharedRows``);
+then the bytes on the wire relative to float32.
 
     python benchmarks/codec_speed.py [--device cpu|cuda] [--rows N] [--width D] [--threads 1]
 
@@ -55,6 +56,8 @@ def main() -> None:
                         help='CPU threads (torch.set_num_threads)')
     parser.add_argument('--repeats', type=int, default=7)
     parser.add_argument('--warmup', type=int, default=2)
+    parser.add_argument('--plan-nodes', type=int, default=40000,
+                        help='nodes of the graph whose send plan the shared-rows rows use')
     args = parser.parse_args()
 
     device = torch.device(args.device)
@@ -85,6 +88,7 @@ def main() -> None:
             print(f"| {bits} | {label} | {t * 1e3:.1f} | {gigabytes / t:.2f} | {t / clone:.2f} |")
 
     mixed(x, device, args)
+    shared_rows(device, args)
 
     widths = (100, 256, 602)
     print("\nBytes on the wire relative to float32 (headers included):\n")
@@ -131,6 +135,38 @@ def mixed(x: torch.Tensor, device: torch.device, args: argparse.Namespace) -> No
           f"{t_sorted / equiv:.2f} |")
     print(f"| one message, rows in random order | {t_shuffled * 1e3:.1f} | "
           f"{t_shuffled / equiv:.2f} |")
+
+
+def shared_rows(device: torch.device, args: argparse.Namespace) -> None:
+    """One forward key of worker 0 on the benchmarks' graph (``--plan-nodes``
+    nodes, degree 10, METIS into 4 parts): each peer's message encoded on its
+    own, against :class:`~pyg_adaqp.comm.SharedRows`, which encodes each row
+    once however many peers need it.  Both gather the rows from the owned
+    block, as the exchange does."""
+    from pyg_adaqp.comm import SharedRows
+    from pyg_adaqp.data import synthetic_graph
+    from pyg_adaqp.partition import partition_graph
+
+    data = synthetic_graph(num_nodes=args.plan_nodes, avg_degree=10, num_features=8)
+    lg = partition_graph(data, 4)[0]
+    index = {p: i.to(device) for p, i in lg.send_index.items()}
+    x = torch.randn(lg.num_owned, args.width, device=device)
+    gen = worker_generator(0, 0, device)
+    sent = sum(i.numel() for i in index.values())
+    print(f"\nRows several peers need: worker 0 of {args.plan_nodes} nodes in 4 parts sends "
+          f"{sent} rows of {args.width} to 3 peers, {lg.num_owned} owned\n")
+    print("| bits | rows encoded | per peer, ms | quantized once, ms | ratio |")
+    print("|---:|---:|---:|---:|---:|")
+    for bits in (2, 4, 8):
+        layouts = {p: MessageLayout(torch.full((i.numel(),), bits), args.width)
+                   for p, i in index.items()}
+        shared = SharedRows(index, layouts)
+        per_peer = timeit(lambda: [lay.pack(x.index_select(0, index[p]), gen)
+                                   for p, lay in layouts.items()],
+                          device, args.repeats, args.warmup)
+        once = timeit(lambda: shared.pack(x, gen), device, args.repeats, args.warmup)
+        print(f"| {bits} | {sum(shared.encoded_rows.values())} of {sent} | {per_peer * 1e3:.1f} "
+              f"| {once * 1e3:.1f} | {once / per_peer:.2f} |")
 
 
 if __name__ == '__main__':
