@@ -11,8 +11,9 @@ adaptive allocator does before epoch 0 (``profile_cost_model``), then runs
 ``--trials`` exchanges of random 2/4/8-bit assignments at each message width
 (each channel's rows in contiguous width buckets, as training sends them)
 the way training does (encode each row once per width it travels at,
-whatever peers need it; post all channels at once, wait, decode) and compares the model's prediction with the slowest worker's
-measured time (median of ``--repeats``).  Prints every worker's fitted link
+whatever peers need it; post all channels at once, wait, decode) and
+compares the model's prediction with the slowest worker's measured time
+(median of ``--repeats``).  Prints every worker's fitted link
 and the errors; the allocator's claim is an error of at most 15% on
 exchanges of 4 ms or more.
 """
