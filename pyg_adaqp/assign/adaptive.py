@@ -81,6 +81,7 @@ MAX_GROUPS_PER_CHANNEL = 32
 #: The allocator's settings: a checkpoint records them, a resumed run keeps its own.
 KNOBS = ("cycle", "group_size", "variance_budget", "coe_lambda", "time_limit")
 
+
 class AdaptiveBits:
     r"""Chooses every message row's width from {2, 4, 8} by a MILP per exchange key.
 

@@ -435,8 +435,10 @@ class SharedRows:
         packed, ranges = {}, {}
         for bits, ids in self._unique.items():
             source = x if ids.numel() == x.size(0) else x.index_select(0, ids)
-            packed[bits], ranges[bits] = self._coders[bits].pack(
-                source, generator=generator, name=name, return_range=True)
+            packed[bits] = self._coders[bits].pack(source, generator=generator, name=name,
+                                                   return_range=return_range)
+            if return_range:
+                packed[bits], ranges[bits] = packed[bits]
         out, out_ranges = {}, {}
         for p, layout in self.layouts.items():
             buf = torch.empty(layout.nbytes, dtype=torch.uint8, device=x.device)

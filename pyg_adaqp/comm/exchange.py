@@ -123,6 +123,7 @@ class HaloExchange:
         self._rows: dict[tuple, dict[int, Tensor]] = {}
         self._layouts: dict[tuple, MessageLayout] = {}
         self._shared_rows: dict[tuple, SharedRows] = {}
+        self._encode_share: dict[bool, float] = {}  # by direction (forward?)
         self.stats: dict[str, ExchangeStats] = defaultdict(ExchangeStats)
 
     # --- bit assignment -------------------------------------------------------------------------
@@ -195,11 +196,13 @@ class HaloExchange:
         encoded once (:class:`SharedRows`).  Forward keys send owned rows,
         often to several peers; backward keys send each halo row's gradient
         to its one owner (1.0)."""
-        index = self.send_index if key.startswith("forward") else self.recv_index
-        sent = sum(i.numel() for i in index.values())
-        if sent == 0:
-            return 1.0
-        return torch.unique(torch.cat(list(index.values()))).numel() / sent
+        forward = key.startswith("forward")
+        if forward not in self._encode_share:  # a property of the plan: counted once
+            index = self.send_index if forward else self.recv_index
+            sent = sum(i.numel() for i in index.values())
+            distinct = torch.unique(torch.cat(list(index.values()))).numel() if sent else 0
+            self._encode_share[forward] = distinct / sent if sent else 1.0
+        return self._encode_share[forward]
 
     # --- the exchange ---------------------------------------------------------------------------
 
