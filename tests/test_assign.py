@@ -20,8 +20,8 @@ from pyg_adaqp.assign import (
     solve_key,
 )
 from pyg_adaqp.assign import cost_model
-from pyg_adaqp.assign.cost_model import (BUCKET_REPEATS, CODEC_ELEMENTS, codec_costs, fit_link,
-                                         profile_codec)
+from pyg_adaqp.assign.cost_model import (BUCKET_REPEATS, CODEC_ELEMENTS, PROFILE_BYTES,
+                                         codec_costs, fit_link, profile_codec)
 from pyg_adaqp.assign.milp import TIE_BREAK, WIDTHS
 from pyg_adaqp.comm import message_nbytes
 from test_train import SMALL, launch, make_config, read_run
@@ -504,7 +504,9 @@ def test_profile_goes_through_the_exchanges_own_transport_and_device():
 
     parts = partition_graph(synthetic_graph(num_nodes=300, avg_degree=6, num_features=8), 2)
     for seen in run_workers(_profile_through_the_exchange, 2, parts, timeout_s=60):
-        assert len(seen) > 10   # every link round went through it
+        # every link round went through it: a warm-up, each worker's round at
+        # each size, the all-links round (one timed exchange each by default)
+        assert len(seen) == 1 + 2 * len(PROFILE_BYTES) + 1
         assert all(same and device == torch.device("cpu") and buffers in ([], ["cpu"])
                    for same, device, buffers in seen)
 

@@ -52,12 +52,14 @@ from pyg_adaqp.comm.transport import Transport
 #: Bytes every profiled round moves through the timed link, largest first:
 #: TCP's congestion window opens on the big transfer, as it has in training.
 #: The smallest fits in a token bucket (it measures the latency); the largest
-#: takes ~40 ms at 100 Mbit/s, so a 4-host profile stays within ~1 s there.
+#: takes ~40 ms at 100 Mbit/s, so a 4-host profile stays within ~0.4 s there.
 PROFILE_BYTES = (512 << 10, 128 << 10, 32 << 10, 8 << 10)
 #: Feature widths of the codec profile (per-row and per-element costs).
 CODEC_WIDTHS = (16, 256)
-#: Elements encoded per codec measurement (~1-2 ms on one CPU thread).
-CODEC_ELEMENTS = 1 << 19
+#: Elements encoded per codec measurement (~0.3-0.5 ms on one CPU thread;
+#: 4x as many read the same errors in ``benchmarks/cost_model.py`` and took
+#: ~0.25 s more of the set-up).
+CODEC_ELEMENTS = 1 << 17
 #: Rows of the message that measures a bucket's fixed cost (of width CODEC_WIDTHS[0]).
 BUCKET_ROWS = 8
 #: Repetitions of that message: its fixed cost is their fastest.
@@ -280,7 +282,7 @@ def _gather(value: object) -> list:
 
 
 def profile_links(transport: Transport, device: torch.device,
-                  sizes: tuple[int, ...] = PROFILE_BYTES, repeats: int = 2
+                  sizes: tuple[int, ...] = PROFILE_BYTES, repeats: int = 1
                   ) -> dict[int, tuple[float, float, float, float]]:
     """Up and down rate, latency and free bytes of every worker's link (collective).
 
@@ -384,7 +386,7 @@ def link_scales(fits: dict[int, list[float]], seen: dict[tuple[int, int], float]
 
 
 def profile_cost_model(transport: Transport, device: torch.device | str = "cpu",
-                       repeats: int = 2) -> CostModel:
+                       repeats: int = 1) -> CostModel:
     """Measures the whole cost model (collective: every worker calls it)."""
     device = torch.device(device)
     codec = profile_codec(device, barrier=lambda: dist.barrier(group=transport.group))
