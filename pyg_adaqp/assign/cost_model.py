@@ -52,13 +52,14 @@ from pyg_adaqp.comm.transport import Transport
 #: Bytes every profiled round moves through the timed link, largest first:
 #: TCP's congestion window opens on the big transfer, as it has in training.
 #: The smallest fits in a token bucket (it measures the latency); the largest
-#: takes ~40 ms at 100 Mbit/s, so a 4-host profile stays within ~0.4 s there.
+#: takes ~40 ms at 100 Mbit/s, and each worker's round moves their sum, 680 KiB,
+#: through its link (~57 ms there).
 PROFILE_BYTES = (512 << 10, 128 << 10, 32 << 10, 8 << 10)
 #: Feature widths of the codec profile (per-row and per-element costs).
 CODEC_WIDTHS = (16, 256)
-#: Elements encoded per codec measurement (~0.3-0.5 ms on one CPU thread;
-#: 4x as many read the same errors in ``benchmarks/cost_model.py`` and took
-#: ~0.25 s more of the set-up).
+#: Elements encoded per codec measurement (a fraction of a millisecond on one
+#: CPU thread; 4x as many bought no accuracy in ``benchmarks/cost_model.py``'s
+#: check and lengthened the set-up: docs/benchmarks.md, eleventh pass).
 CODEC_ELEMENTS = 1 << 17
 #: Rows of the message that measures a bucket's fixed cost (of width CODEC_WIDTHS[0]).
 BUCKET_ROWS = 8
