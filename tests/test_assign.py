@@ -571,30 +571,6 @@ def test_reassignment_sends_each_sender_one_uint8_per_group_of_its_own():
         assert allocator.solve_info[key]["noise"] <= 0.05 * (1 + 1e-6)
 
 
-def test_a_reassignment_that_changes_no_width_keeps_the_installed_layouts():
-    """Widths equal to the installed ones are not installed again; a changed row is."""
-    class Exchange:
-        def __init__(self):
-            self.installed = []
-
-        def set_bits(self, key, send, recv):
-            self.installed.append((key, {p: b.tolist() for p, b in send.items()}))
-
-    allocator, ex = AdaptiveBits(), Exchange()
-    widths = ({1: torch.tensor([2, 2, 4], dtype=torch.uint8)},
-              {1: torch.tensor([8, 2], dtype=torch.uint8)})
-    allocator._install(ex, "forward 1", *widths)
-    allocator._install(ex, "forward 1", *(({p: b.clone() for p, b in side.items()})
-                                          for side in widths))
-    assert ex.installed == [("forward 1", {1: [2, 2, 4]})]
-    allocator._install(ex, "forward 1", {1: torch.tensor([2, 4, 4], dtype=torch.uint8)},
-                       widths[1])
-    allocator._install(ex, "backward 1", *widths)          # another key: installed
-    assert ex.installed == [("forward 1", {1: [2, 2, 4]}), ("forward 1", {1: [2, 4, 4]}),
-                            ("backward 1", {1: [2, 2, 4]})]
-    assert allocator.assignment["forward 1"][0][1].tolist() == [2, 4, 4]
-
-
 def _link_parts(groups: list, keys: tuple, epochs: list) -> list[dict]:
     """What 3 workers give rank 0 at a re-assignment: their groups and one epoch's
     arrivals per entry of `epochs`, each the slow host of that epoch (or None).

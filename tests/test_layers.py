@@ -394,19 +394,36 @@ def sorted_buckets_worker(rank, world_size, parts, seed):
         gen = torch.Generator().manual_seed(seed * 1000 + 100 * sender + 10 * receiver + key)
         return torch.tensor([2, 4, 8, 32])[torch.randint(4, (n,), generator=gen)]
 
-    for k, key in enumerate(("forward 0", "backward 0")):
-        out, into = (lg.send_index, lg.recv_index) if k == 0 else (lg.recv_index, lg.send_index)
-        ex.set_bits(key, {p: widths(rank, p, i.numel(), k) for p, i in out.items()},
-                    {p: widths(p, rank, i.numel(), k) for p, i in into.items()})
+    install(ex.set_bits, lg, widths, rank)
     ids = lg.node_ids.double().unsqueeze(1).expand(-1, 5).float()
     x = ids[:lg.num_owned].clone().requires_grad_()
     handle = ex.begin(0, x, quantize=True, overlap=True)
     halo = handle.halo()
     # Gradient of every halo row: its node id; owners add them up per row.
     (halo * ids[lg.num_owned:]).sum().backward()
-    layouts = list(ex._layouts.values())
+    layouts, permuted = list(ex._layouts.values()), sorted(ex._order)
+    # The same widths again (new tensors) keep every layout and shared-row
+    # plan; one row at another width rebuilds that key's.
+    plans = {**ex._layouts, **ex._shared_rows}
+    install(ex.set_bits, lg, widths, rank)
+    kept = {**ex._layouts, **ex._shared_rows}
+    send = {p: widths(rank, p, i.numel(), 0) for p, i in lg.send_index.items()}
+    peer = next(p for p, b in send.items() if b.numel())
+    send[peer][0] = 8 if send[peer][0] != 8 else 2
+    ex.set_bits("forward 0", send,
+                {p: widths(p, rank, i.numel(), 0) for p, i in lg.recv_index.items()})
+    rebuilt = sorted({k[0] for k in plans} - {k[0] for k in {**ex._layouts, **ex._shared_rows}})
     return (halo.detach(), x.grad, all(lay.contiguous for lay in layouts), len(layouts),
-            sorted(ex._order))
+            permuted, kept.keys() == plans.keys()
+            and all(kept[k] is plans[k] for k in plans), rebuilt)
+
+
+def install(set_bits, lg, widths, rank):
+    """Installs `widths` for the forward and backward key of layer 0."""
+    for k, key in enumerate(("forward 0", "backward 0")):
+        out, into = (lg.send_index, lg.recv_index) if k == 0 else (lg.recv_index, lg.send_index)
+        set_bits(key, {p: widths(rank, p, i.numel(), k) for p, i in out.items()},
+                 {p: widths(p, rank, i.numel(), k) for p, i in into.items()})
 
 
 @pytest.mark.parametrize("seed", [0, None])
@@ -414,8 +431,9 @@ def test_mixed_widths_travel_in_contiguous_buckets_and_land_exactly(seed):
     data = random_directed_graph(num_nodes=120, num_edges=700, seed=seed or 0)
     parts = partition_graph(data, 3)
     results = run_workers(sorted_buckets_worker, 3, parts, seed)
-    for lg, (halo, grad, contiguous, layouts, permuted) in zip(parts, results):
+    for lg, (halo, grad, contiguous, layouts, permuted, kept, rebuilt) in zip(parts, results):
         assert contiguous and layouts > 0
+        assert kept and rebuilt == ["forward 0"]
         # One width everywhere needs no permutation: rows travel in plan order.
         assert permuted == ([] if seed is None else ["backward 0", "forward 0"])
         expect = lg.node_ids[lg.num_owned:].float().unsqueeze(1).expand(-1, 5)

@@ -269,21 +269,14 @@ class AdaptiveBits:
                       for p, idx in out.items()} for key, out, _ in plan}
         recv = _tell_receivers(ex.transport, ex.device, send, plan)
         for key, _, _ in plan:
-            self._install(ex, key, send[key], recv[key])
+            ex.set_bits(key, send[key], recv[key])
+            self.assignment[key] = (send[key], recv[key])
         if rank == 0:
             log.info("adaptive bits: solved %d keys in %.3f s; %s", len(keys),
                      self.last_solve_time,
                      "; ".join(f"{k} {self.solve_info[k]['groups']} groups "
                                f"({self.solve_info[k]['method']}): {self.histogram[k]}"
                                for k in keys))
-
-    def _install(self, ex, key: str, send: dict[int, Tensor], recv: dict[int, Tensor]) -> None:
-        """Installs `key`'s widths in `ex` (the exchange the assignment lives
-        in), unless they are the ones installed: a re-assignment that
-        changes nothing keeps the exchange's layouts and shared-row plans."""
-        if not _same_widths(self.assignment.get(key), (send, recv)):
-            ex.set_bits(key, send, recv)
-        self.assignment[key] = (send, recv)
 
     def _row_bits(self, key: str, peer: int, group_bits: dict, num_rows: int) -> Tensor:
         """Widths of the rows this worker sends `peer` under `key`, in send order."""
@@ -469,14 +462,6 @@ class AdaptiveBits:
         self._best_ratio = dict(state.get("best_ratio", {}))
         self._arrivals = list(state.get("arrivals", []))
         self._exchange = None  # re-attach and re-install at the next epoch
-
-
-def _same_widths(old: tuple[dict[int, Tensor], dict[int, Tensor]] | None,
-                 new: tuple[dict[int, Tensor], dict[int, Tensor]]) -> bool:
-    """Whether two ``(send, recv)`` assignments give every row the same width."""
-    return old is not None and all(
-        a.keys() == b.keys() and all(torch.equal(a[p], b[p]) for p in a)
-        for a, b in zip(old, new))
 
 
 def _describe(cost: CostModel) -> str:

@@ -137,17 +137,26 @@ class HaloExchange:
                 peer, in send order.
             recv_bits (dict[int, LongTensor]): Width of every row received
                 from each peer, in receive order (the peer's `send_bits`).
+
+        Widths equal to the installed ones keep the key's message layouts and
+        shared-row plans (an allocator re-assigning to the same widths).
         """
         # Each peer's rows travel sorted by width (a stable sort, which both
         # ends compute alike from the same widths), so every width's rows are
         # one slice of the message: no per-width gather or scatter.
         order = tuple({p: torch.sort(b.cpu().long(), stable=True)[1] for p, b in bits.items()}
                       for bits in (send_bits, recv_bits))
-        self._bits[key] = tuple({p: bits[p].cpu()[o[p]] for p in o}
-                                for bits, o in zip((send_bits, recv_bits), order))
+        bits = tuple({p: bits[p].cpu()[o[p]] for p in o}
+                     for bits, o in zip((send_bits, recv_bits), order))
         if all(torch.equal(o, torch.arange(o.numel())) for side in order for o in side.values()):
             # Already sorted (one width everywhere): the rows travel in plan
             # order, decoded straight into their slots as without an assignment.
+            order = None
+        if (key in self._bits and _same_per_peer(self._bits[key], bits)
+                and _same_per_peer(self._order.get(key), order)):
+            return  # the installed widths: the key's layouts and shared-row plans stay
+        self._bits[key] = bits
+        if order is None:
             self._order.pop(key, None)
         else:  # kept on the exchange's device: used at every exchange of the key
             self._order[key] = tuple({p: o.to(self.device) for p, o in side.items()}
@@ -169,19 +178,22 @@ class HaloExchange:
             self._rows[cache_key] = {p: i[perm[p]] for p, i in base.items()}
         return self._rows[cache_key]
 
+    def _widths(self, key: str, quantize: bool) -> int | str:
+        """What `key`'s messages are built for: ``"assigned"`` (its
+        :meth:`set_bits` widths), or the one width of all its rows."""
+        if not quantize:
+            return FULL_PRECISION
+        return "assigned" if key in self._bits else self.default_bits
+
     def _layout(self, key: str, peer: int, sending: bool, num_rows: int, width: int,
                 quantize: bool) -> MessageLayout:
         """The layout of one message, built once per (assignment, peer, shape)."""
-        assigned = self._bits.get(key) if quantize else None
-        if assigned is not None:
-            widths = "assigned"
-        else:
-            widths = self.default_bits if quantize else FULL_PRECISION
+        widths = self._widths(key, quantize)
         cache_key = (key, widths, peer, sending, num_rows, width)
         layout = self._layouts.get(cache_key)
         if layout is None:
-            if assigned is not None:
-                bits = assigned[0 if sending else 1][peer]
+            if widths == "assigned":
+                bits = self._bits[key][0 if sending else 1][peer]
                 if bits.numel() != num_rows:
                     raise ValueError(f"exchange {key!r}: {bits.numel()} bit widths assigned for "
                                      f"peer {peer}, but {num_rows} rows are exchanged")
@@ -209,8 +221,7 @@ class HaloExchange:
     def _shared(self, key: str, index: dict[int, Tensor], layouts: dict[int, MessageLayout],
                 width: int) -> SharedRows:
         """The quantize-once plan of `key`'s messages, built once per assignment."""
-        widths = "assigned" if key in self._bits else self.default_bits
-        cache_key = (key, widths, width)
+        cache_key = (key, self._widths(key, True), width)
         shared = self._shared_rows.get(cache_key)
         if shared is None:
             shared = self._shared_rows[cache_key] = SharedRows(index, layouts)
@@ -454,6 +465,16 @@ class _CollectHalo(Function):
 class _Done:
     """A finished exchange's result, for the sequential path."""
     value: Tensor | None
+
+
+def _same_per_peer(a: tuple[dict[int, Tensor], dict[int, Tensor]] | None,
+                   b: tuple[dict[int, Tensor], dict[int, Tensor]] | None) -> bool:
+    """Whether two ``(send, recv)`` pairs of per-peer tensors hold the same
+    values (:obj:`None`: no such pair)."""
+    if a is None or b is None:
+        return a is b
+    return all(x.keys() == y.keys() and all(torch.equal(x[p].cpu().long(), y[p].cpu().long())
+                                            for p in x) for x, y in zip(a, b))
 
 
 def _as_slice(index: Tensor) -> slice | None:
