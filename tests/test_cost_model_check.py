@@ -1,0 +1,32 @@
+"""`benchmarks/cost_model.py --runs`: how its checks spread over runs, and who passes."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+
+from cost_model import across_runs  # noqa: E402
+
+
+def test_runs_pass_only_within_15_percent_of_every_exchange_of_4_ms_or_more():
+    ms = 1e-3
+    # [width, predicted s, measured s] per check; the 2 ms exchange is too short to count.
+    runs = [{"setup": 0.5, "checks": [[16, 9 * ms, 2 * ms], [64, 13 * ms, 10 * ms],
+                                      [256, 110 * ms, 100 * ms]]},
+            {"setup": 0.6, "checks": [[16, 9 * ms, 2 * ms], [64, 11 * ms, 11 * ms],
+                                      [256, 100 * ms, 100 * ms]]},
+            {"setup": 0.7, "checks": [[16, 9 * ms, 2 * ms], [64, 12 * ms, 12 * ms],
+                                      [256, 100 * ms, 130 * ms]]}]
+    rows, model, medians = across_runs(runs)
+    # The model: run 1 is 30% off at width 64, run 3 23% at width 256.
+    assert model == 1
+    # The medians (2, 11, 100 ms): 10% in run 1, exact in run 2, 23% in run 3.
+    assert medians == 2
+    assert [r["width"] for r in rows] == [16, 64, 256]
+    assert [r["median"] for r in rows] == pytest.approx([2.0, 11.0, 100.0])
+    np.testing.assert_allclose(rows[2]["measured"], [100.0, 100.0, 130.0])
+    np.testing.assert_allclose(rows[1]["predicted"], [13.0, 11.0, 12.0])
