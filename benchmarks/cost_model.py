@@ -12,7 +12,8 @@ adaptive allocator does before epoch 0 (``profile_cost_model``), then runs
 ``--trials`` exchanges of random 2/4/8-bit assignments at each message width
 (each channel's rows in contiguous width buckets, as training sends them)
 the way training does (encode each row once per width it travels at,
-whatever peers need it; post all channels at once, wait, decode) and
+whatever peers need it; post all channels at once, wait, decode; glibc's
+malloc set as in a training worker's set-up and epochs) and
 compares the model's prediction with the slowest worker's measured time
 (median of ``--repeats``).  Prints every worker's fitted link
 and the errors; the allocator's claim is an error of at most 15% on
@@ -38,6 +39,12 @@ from pathlib import Path
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+#: Untimed exchanges before each check's timed ones.  They open the
+#: connections, and a check's new sizes fault in fresh heap pages for a
+#: few exchanges, as training's first epochs do (``keep_freed_memory``):
+#: with one, a check right after a change of width read up to 11% slower
+#: than the next check of the same width and bytes.
+WARM_UPS = 3
 #: Marks the line of rank 0's output that carries a run's checks (``--runs``).
 CHECKS = "checks: "
 
@@ -59,7 +66,8 @@ def timed_exchange(transport, shared, num_rows: int, recv_layouts: dict, width: 
                    repeats: int) -> float:
     """Median seconds of encode, exchange and decode, as one training exchange:
     `shared` (a :class:`~pyg_adaqp.comm.SharedRows` over the worker's send
-    plan) encodes the rows of an ``[num_rows, width]`` tensor once per width."""
+    plan) encodes the rows of an ``[num_rows, width]`` tensor once per width;
+    :data:`WARM_UPS` exchanges go first, untimed."""
     import numpy as np
     import torch
     import torch.distributed as dist
@@ -68,7 +76,7 @@ def timed_exchange(transport, shared, num_rows: int, recv_layouts: dict, width: 
     x = torch.randn(num_rows, width, generator=gen)
     out = {p: torch.empty(lay.num_rows, width) for p, lay in recv_layouts.items()}
     times = []
-    for _ in range(repeats + 1):          # the first one warms up the connections
+    for _ in range(repeats + WARM_UPS):
         dist.barrier()
         t0 = time.perf_counter()
         send = shared.pack(x, generator=gen)
@@ -80,7 +88,7 @@ def timed_exchange(transport, shared, num_rows: int, recv_layouts: dict, width: 
             lay.unpack(raw[p], out=out[p])
         t3 = time.perf_counter()
         times.append((t3 - t0, t1 - t0, t2 - t1, t3 - t2))
-    times = np.array(times[1:])
+    times = np.array(times[WARM_UPS:])
     return tuple(float(v) for v in times[np.argsort(times[:, 0])[len(times) // 2]])
 
 
@@ -95,8 +103,10 @@ def worker(args: argparse.Namespace) -> None:
     from pyg_adaqp.comm import MessageLayout, SharedRows
     from pyg_adaqp.comm.transport import Transport
     from pyg_adaqp.partition import load_partition
+    from pyg_adaqp.train.launch import keep_freed_memory, return_freed_memory
 
     torch.set_num_threads(1)
+    return_freed_memory()   # as a training worker's set-up
     dist.init_process_group("gloo", timeout=timedelta(seconds=120))
     rank, k = dist.get_rank(), dist.get_world_size()
     lg = load_partition(args.part_dir, rank)
@@ -104,6 +114,7 @@ def worker(args: argparse.Namespace) -> None:
     t0 = time.perf_counter()
     model = profile_cost_model(transport, "cpu")
     setup = time.perf_counter() - t0
+    keep_freed_memory()     # as training's epochs
     sizes = [None] * k
     dist.all_gather_object(sizes, {p: int(i.numel()) for p, i in lg.send_index.items()})
     checks = []
