@@ -412,6 +412,30 @@ def test_a_buckets_fixed_cost_is_its_fastest_repetition(monkeypatch):
     assert fixed == pytest.approx((encode, decode), rel=1e-9)
 
 
+def test_codec_profile_encodes_as_the_exchange_does(monkeypatch):
+    """The exchange gathers a message's rows from the layer's output, quantizes them and
+    copies them into each peer's buffer (SharedRows): the profile times that, not a
+    contiguous tensor's pack."""
+    from pyg_adaqp.comm import SharedRows
+
+    packed = []
+
+    class Recording(SharedRows):
+        def pack(self, x, *args, **kwargs):
+            out = super().pack(x, *args, **kwargs)
+            (peer, buf), = out.items()
+            packed.append((x.size(0), self.layouts[peer].num_rows, buf.numel(),
+                           self.layouts[peer].nbytes))
+            return out
+
+    monkeypatch.setattr(cost_model, "SharedRows", Recording)
+    profile_codec(torch.device("cpu"), widths=(16, 64), repeats=1)
+    # every measurement (3 bucket sizes x repeats, 3 widths x 2 feature widths) and its warm-up
+    assert len(packed) == 3 * (BUCKET_REPEATS + 1) + 3 * 2 * 2
+    for source_rows, rows, nbytes, expected in packed:
+        assert source_rows == 2 * rows and nbytes == expected
+
+
 def test_adaptive_with_one_worker(tmp_path):
     cfg = make_config(*SMALL, "assign=adaptive", "assign.cycle=1", "trainer.epochs=2",
                       "world_size=1")

@@ -45,7 +45,7 @@ import torch
 import torch.distributed as dist
 
 from pyg_adaqp.comm.clock import device_clock
-from pyg_adaqp.comm.codec import MessageLayout, message_nbytes
+from pyg_adaqp.comm.codec import MessageLayout, SharedRows, message_nbytes
 from pyg_adaqp.comm.packing import SUPPORTED_BITS
 from pyg_adaqp.comm.transport import Transport
 
@@ -61,6 +61,9 @@ CODEC_WIDTHS = (16, 256)
 #: CPU thread; 4x as many bought no accuracy in ``benchmarks/cost_model.py``'s
 #: check and lengthened the set-up: docs/benchmarks.md, eleventh pass).
 CODEC_ELEMENTS = 1 << 17
+#: The codec profile's source holds this many rows per row of its message:
+#: the exchange gathers a message's rows from the layer's whole output.
+SOURCE_ROWS_PER_ROW = 2
 #: Rows of the message that measures a bucket's fixed cost (of width CODEC_WIDTHS[0]).
 BUCKET_ROWS = 8
 #: Repetitions of that message: its fixed cost is their fastest.
@@ -189,8 +192,11 @@ def profile_codec(device: torch.device, widths: tuple[int, ...] = CODEC_WIDTHS,
     """Encode and decode seconds ``(per row, per element)`` of each width on
     `device`, and ``(encode, decode)`` seconds of one bucket whatever its rows.
 
-    Times :class:`~pyg_adaqp.comm.MessageLayout`'s pack and unpack (what
-    the exchange runs), median of `repeats`, every worker starting each
+    Times :class:`~pyg_adaqp.comm.SharedRows`' pack and
+    :class:`~pyg_adaqp.comm.MessageLayout`'s unpack (what the exchange runs:
+    a message's rows gathered from the layer's output, quantized and copied
+    into the peer's buffer; the buffer decoded into place), median of
+    `repeats`, every worker starting each
     measurement after `barrier` (in an exchange every worker codes at once:
     workers that share cores slow each other down, which timings taken one
     worker at a time under-read by 2-3x on 4 workers sharing 2 cores; one
@@ -217,16 +223,21 @@ def profile_codec(device: torch.device, widths: tuple[int, ...] = CODEC_WIDTHS,
     clock = device_clock(device)
 
     def timed(bits: int, rows: int, width: int, repeats: int = repeats) -> np.ndarray:
-        """Every repetition's encode and decode seconds, wall then CPU: ``[repeats, 4]``."""
-        x = torch.randn(rows, width, generator=gen, device=device)
+        """Every repetition's encode and decode seconds, wall then CPU: ``[repeats, 4]``.
+
+        Encodes as the exchange does (:class:`~pyg_adaqp.comm.SharedRows`):
+        the message's rows gathered from a source twice as tall, quantized,
+        and copied into the peer's buffer."""
+        x = torch.randn(SOURCE_ROWS_PER_ROW * rows, width, generator=gen, device=device)
+        sent = torch.randperm(x.size(0), generator=gen, device=device)[:rows].sort().values
         layout = MessageLayout(torch.full((rows,), bits), width)
-        buf = torch.empty(layout.nbytes, dtype=torch.uint8, device=device)
-        out = torch.empty_like(x)
+        message = SharedRows({1: sent}, {1: layout})
+        out = torch.empty(rows, width, device=device)
         took = []
         barrier()
         for _ in range(repeats + 1):          # the first one warms up
             t0, c0 = clock(), time.process_time()
-            layout.pack(x, generator=gen, out=buf)
+            buf = message.pack(x, generator=gen)[1]
             t1, c1 = clock(), time.process_time()
             layout.unpack(buf, out=out)
             t2, c2 = clock(), time.process_time()
