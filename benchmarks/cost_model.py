@@ -43,7 +43,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 #: connections, and a check's new sizes fault in fresh heap pages for a
 #: few exchanges, as training's first epochs do (``keep_freed_memory``):
 #: with one, a check right after a change of width read up to 11% slower
-#: than the next check of the same width and bytes.
+#: than the next check of the same width and about the same bytes.
 WARM_UPS = 3
 #: Marks the line of rank 0's output that carries a run's checks (``--runs``).
 CHECKS = "checks: "
