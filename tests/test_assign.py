@@ -21,7 +21,8 @@ from pyg_adaqp.assign import (
 )
 from pyg_adaqp.assign import cost_model
 from pyg_adaqp.assign.cost_model import (BUCKET_REPEATS, CODEC_ELEMENTS, PROFILE_BYTES,
-                                         codec_costs, fit_link, profile_codec)
+                                         SOURCE_ROWS_PER_ROW, codec_costs, fit_link,
+                                         profile_codec)
 from pyg_adaqp.assign.milp import TIE_BREAK, WIDTHS
 from pyg_adaqp.comm import message_nbytes
 from test_train import SMALL, launch, make_config, read_run
@@ -430,10 +431,12 @@ def test_codec_profile_encodes_as_the_exchange_does(monkeypatch):
 
     monkeypatch.setattr(cost_model, "SharedRows", Recording)
     profile_codec(torch.device("cpu"), widths=(16, 64), repeats=1)
-    # every measurement (3 bucket sizes x repeats, 3 widths x 2 feature widths) and its warm-up
+    # every measurement and its warm-up: a bucket's fixed cost at 3 bit widths
+    # (BUCKET_REPEATS each), then 3 bit widths x 2 feature widths (1 repeat each)
     assert len(packed) == 3 * (BUCKET_REPEATS + 1) + 3 * 2 * 2
+    assert SOURCE_ROWS_PER_ROW > 1                        # the rows are gathered
     for source_rows, rows, nbytes, expected in packed:
-        assert source_rows == 2 * rows and nbytes == expected
+        assert source_rows == SOURCE_ROWS_PER_ROW * rows and nbytes == expected
 
 
 def test_adaptive_with_one_worker(tmp_path):
