@@ -39,12 +39,14 @@ from pathlib import Path
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-#: Untimed exchanges before each check's timed ones.  They open the
+#: Untimed exchanges before each check's timed ones, so that a check times
+#: the steady state that every epoch of training repeats.  They open the
 #: connections, and a check's new sizes fault in fresh heap pages for a
-#: few exchanges, as training's first epochs do (``keep_freed_memory``):
-#: with one, a check right after a change of width read up to 11% slower
-#: than the next check of the same width and about the same bytes.
-WARM_UPS = 3
+#: few exchanges, as training's first epochs do (``keep_freed_memory``).
+#: With three, the first check of a width still read 1.2-1.7x the
+#: second at 1 Gbit/s; with ten, the two agree (docs/benchmarks.md,
+#: thirteenth pass).
+WARM_UPS = 10
 #: The claim: exchanges of at least MIN_TIMED_S seconds are predicted within
 #: MAX_ERROR of their measured time.
 MIN_TIMED_S, MAX_ERROR = 4e-3, 0.15
@@ -115,7 +117,7 @@ def worker(args: argparse.Namespace) -> None:
     lg = load_partition(args.part_dir, rank)
     transport = Transport(dist.new_group(backend="gloo"))
     t0 = time.perf_counter()
-    model = profile_cost_model(transport, "cpu")
+    model = profile_cost_model(transport, "cpu", args.profile_repeats)
     setup = time.perf_counter() - t0
     keep_freed_memory()     # as training's epochs
     sizes = [None] * k
@@ -243,6 +245,9 @@ def main() -> int:
     ap.add_argument("--widths", nargs="+", type=int, default=[16, 64, 256])
     ap.add_argument("--trials", type=int, default=3)
     ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--profile-repeats", type=int, default=1,
+                    help="timed exchanges per link size in the set-up's profile (their "
+                         "median counts), as the allocator's profile_repeats")
     ap.add_argument("--runs", type=int, default=1,
                     help="run the whole check (set-up included) this many times, and "
                          "print how each exchange spreads over the runs")
@@ -274,6 +279,7 @@ def main() -> int:
                      "--node-rank={rank}", "--nproc-per-node=1", "--master-addr={master}",
                      "--master-port=29500", os.path.abspath(__file__), "--part-dir", tmp,
                      "--repeats", str(args.repeats), "--trials", str(args.trials),
+                     "--profile-repeats", str(args.profile_repeats),
                      "--widths", *map(str, args.widths)], timeout=600)
                 lines = results[0].output.splitlines()
                 runs += [json.loads(line[len(CHECKS):]) for line in lines
