@@ -253,6 +253,9 @@ def main() -> int:
                          "print how each exchange spreads over the runs")
     ap.add_argument("--part-dir", help=argparse.SUPPRESS)   # set for the workers
     args = ap.parse_args()
+    for name in ("trials", "repeats", "profile_repeats", "runs"):
+        if getattr(args, name) < 1:
+            ap.error(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
     if args.part_dir:
         worker(args)
         return 0

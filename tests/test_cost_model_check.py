@@ -30,3 +30,14 @@ def test_runs_pass_only_within_15_percent_of_every_exchange_of_4_ms_or_more():
     assert [r["median"] for r in rows] == pytest.approx([2.0, 11.0, 100.0])
     np.testing.assert_allclose(rows[2]["measured"], [100.0, 100.0, 130.0])
     np.testing.assert_allclose(rows[1]["predicted"], [13.0, 11.0, 12.0])
+
+
+@pytest.mark.parametrize("flag", ["--trials", "--repeats", "--profile-repeats", "--runs"])
+def test_counts_below_one_are_refused_by_name(flag, monkeypatch, capsys):
+    import cost_model
+
+    monkeypatch.setattr(sys, "argv", ["cost_model.py", flag, "0"])
+    with pytest.raises(SystemExit) as exc:
+        cost_model.main()
+    assert exc.value.code == 2
+    assert f"{flag} must be at least 1, got 0" in capsys.readouterr().err
