@@ -280,6 +280,10 @@ def test_allocator_checks_its_arguments():
         AdaptiveBits(variance_budget=-0.1)
     with pytest.raises(ValueError, match="first_bits must be one of"):
         AdaptiveBits(first_bits=3)
+    with pytest.raises(ValueError, match="time_limit must be >= 0 seconds, got -1"):
+        AdaptiveBits(time_limit=-1)
+    with pytest.raises(ValueError, match="profile_repeats must be >= 1, got 0"):
+        AdaptiveBits(profile_repeats=0)
 
 
 @pytest.mark.parametrize("override,field", [("assign.coe_lambda=-0.1", "assign.coe_lambda"),

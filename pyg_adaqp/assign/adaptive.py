@@ -119,6 +119,10 @@ class AdaptiveBits:
             raise ValueError(f"coe_lambda must be in [0, 1], got {coe_lambda}")
         if variance_budget is not None and not variance_budget >= 0.0:
             raise ValueError(f"variance_budget must be >= 0 or None, got {variance_budget}")
+        if not time_limit >= 0.0:
+            raise ValueError(f"time_limit must be >= 0 seconds, got {time_limit}")
+        if profile_repeats < 1:
+            raise ValueError(f"profile_repeats must be >= 1, got {profile_repeats}")
         if first_bits not in WIDTHS:
             raise ValueError(f"first_bits must be one of {tuple(int(b) for b in WIDTHS)}, "
                              f"got {first_bits}")
