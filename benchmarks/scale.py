@@ -27,6 +27,9 @@ and never loads the graph.  Peak RSS is the kernel's ``VmHWM`` of the
 launcher (reset before each run) and of every worker (recorded after each
 epoch).  The whole-graph reference is PyG's ``GCNConv`` (same model) on a
 CSR adjacency in one process, one training step, its peak RSS likewise.
+Everything is written into a temporary folder, removed when the benchmark
+ends (at full scale it holds gigabytes of partitions), or into ``--work
+DIR``, which is kept.
 
 ``--metis`` also partitions a quarter of the products-sized graph's nodes,
 at its degree and at half of it, into 8 with METIS on its default edge
@@ -315,9 +318,20 @@ def main() -> None:
                          "(the README's: a39584b, before the layer-0 cache)")
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--json", type=Path, help="also write every figure here")
+    ap.add_argument("--work", type=Path, metavar="DIR",
+                    help="keep the partitions and the runs' folders here (default: a temporary "
+                         "folder, removed when the benchmark ends)")
     args = ap.parse_args()
+    if args.work is not None:
+        args.work.mkdir(parents=True, exist_ok=True)
+        bench(args, args.work.resolve())
+    else:
+        with tempfile.TemporaryDirectory(prefix="pyg_adaqp_scale_") as work:
+            bench(args, Path(work))
 
-    work = Path(tempfile.mkdtemp(prefix="pyg_adaqp_scale_"))
+
+def bench(args: argparse.Namespace, work: Path) -> None:
+    """Runs what `args` asks for, every file in `work`."""
     env = dict(os.environ, PYG_ADAQP_CACHE=str(work / "cache"))
     os.environ["PYG_ADAQP_CACHE"] = env["PYG_ADAQP_CACHE"]  # the in-process launcher too
     print(f"torch {torch.__version__}, {os.cpu_count()} cores, "

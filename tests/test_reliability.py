@@ -267,6 +267,8 @@ def kill_launcher_and_count_leftovers(argv: list[str], started: Path, workers: i
     returns the processes of its tree still alive once they are gone.  The
     event is their exit: no clock; a worker that never dies fails the test
     at its pytest time-out, and is killed then."""
+    # A SIGKILLed launcher cannot remove its temporary folder: keep it in the test's own.
+    env = {"TMPDIR": str(started.parent), **(env or {})}
     tree = kill_launcher(argv, started, workers, started.parent / "launcher.log", env)
     try:
         assert len(tree) >= workers

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -18,11 +19,15 @@ def test_scale_small_form(tmp_path):
 
     from pyg_adaqp.data import synthetic_graph
 
-    out = tmp_path / "scale.json"
+    out, tmp = tmp_path / "scale.json", tmp_path / "tmp"
+    tmp.mkdir()
     proc = subprocess.run([sys.executable, str(BENCH / "scale.py"), "--scale", "0.004",
                            "--epochs", "2", "--today", "HEAD", "--json", str(out)],
-                          capture_output=True, text=True, timeout=540)
+                          capture_output=True, text=True, timeout=540,
+                          env={**os.environ, "TMPDIR": str(tmp)})
     assert proc.returncode == 0, proc.stderr[-3000:]
+    # Its work folder (partitions, runs) and the launcher's report folders are gone.
+    assert not [p.name for p in tmp.iterdir() if p.name.startswith(("pyg_adaqp_", "adaqp-"))]
     result = json.loads(out.read_text())
     for name, stats in result["partition"].items():
         data = synthetic_graph(**synthetic_options(name, 0.004))
