@@ -13,8 +13,9 @@ adaptive allocator does before epoch 0 (``profile_cost_model``), then runs
 (each channel's rows in contiguous width buckets, as training sends them)
 the way training does (encode each row once per width it travels at,
 whatever peers need it; post all channels at once, wait, decode; glibc's
-malloc set as in a training worker's set-up and epochs) and
-compares the model's prediction with the slowest worker's measured time
+malloc set as in a training worker's set-up and epochs), every worker
+starting each exchange at one common time (out of a barrier they start up
+to 12 ms apart on this machine), and compares the model's prediction with the slowest worker's measured time
 (median of ``--repeats``).  Prints every worker's fitted link
 and the errors; the allocator's claim is an error of at most 15% on
 exchanges of 4 ms or more.
@@ -52,6 +53,9 @@ WARM_UPS = 10
 MIN_TIMED_S, MAX_ERROR = 4e-3, 0.15
 #: The claim in words, for the printed tables.
 CLAIM = f"within {MAX_ERROR:.0%} on every exchange of {MIN_TIMED_S * 1e3:.0f} ms or more"
+#: How far after the latest worker's request the common start lies: more
+#: than the 5-12 ms over which the workers leave a collective.
+START_MARGIN_S = 0.03
 #: Marks the line of rank 0's output that carries a run's checks (``--runs``).
 CHECKS = "checks: "
 
@@ -64,6 +68,25 @@ def claim_errors(predicted, measured):
 
     predicted, measured = np.asarray(predicted, float), np.asarray(measured, float)
     return np.where(measured >= MIN_TIMED_S, np.abs(predicted - measured) / measured, 0.0)
+
+
+def common_start(margin_s: float = START_MARGIN_S) -> tuple[float, float]:
+    """Sleeps until a start time common to every worker (collective); returns
+    it and by how many seconds this worker missed it (0 when it was early).
+
+    The workers share this machine's monotonic clock.  Leaving a barrier
+    does not start them together: on 4 workers sharing 2 cores they left
+    it 5-12 ms apart, and the first out then timed the others' late start
+    as exchange time."""
+    import torch
+    import torch.distributed as dist
+
+    latest = torch.tensor([time.perf_counter()], dtype=torch.float64)
+    dist.all_reduce(latest, op=dist.ReduceOp.MAX)
+    start = float(latest) + margin_s
+    early = start - time.perf_counter()
+    time.sleep(max(0.0, early))
+    return start, max(0.0, -early)
 
 
 def random_bits(seed: int, trial: int, sender: int, receiver: int, rows: int):
@@ -84,7 +107,10 @@ def timed_exchange(transport, shared, num_rows: int, recv_layouts: dict, width: 
     """Median seconds of encode, exchange and decode, as one training exchange:
     `shared` (a :class:`~pyg_adaqp.comm.SharedRows` over the worker's send
     plan) encodes the rows of an ``[num_rows, width]`` tensor once per width;
-    :data:`WARM_UPS` exchanges go first, untimed."""
+    :data:`WARM_UPS` exchanges go first, untimed.  Every exchange starts at
+    a time common to all workers (:func:`common_start`), from which each
+    worker's times count; also returns the most seconds by which this
+    worker missed the start of a timed one."""
     import numpy as np
     import torch
     import torch.distributed as dist
@@ -92,10 +118,11 @@ def timed_exchange(transport, shared, num_rows: int, recv_layouts: dict, width: 
     gen = torch.Generator().manual_seed(transport.rank)
     x = torch.randn(num_rows, width, generator=gen)
     out = {p: torch.empty(lay.num_rows, width) for p, lay in recv_layouts.items()}
-    times = []
-    for _ in range(repeats + WARM_UPS):
-        dist.barrier()
-        t0 = time.perf_counter()
+    times, missed = [], 0.0
+    for repeat in range(repeats + WARM_UPS):
+        t0, late = common_start()
+        if repeat >= WARM_UPS:
+            missed = max(missed, late)
         send = shared.pack(x, generator=gen)
         t1 = time.perf_counter()
         raw = transport.start(send, {p: lay.nbytes for p, lay in recv_layouts.items()},
@@ -106,7 +133,7 @@ def timed_exchange(transport, shared, num_rows: int, recv_layouts: dict, width: 
         t3 = time.perf_counter()
         times.append((t3 - t0, t1 - t0, t2 - t1, t3 - t2))
     times = np.array(times[WARM_UPS:])
-    return tuple(float(v) for v in times[np.argsort(times[:, 0])[len(times) // 2]])
+    return tuple(float(v) for v in times[np.argsort(times[:, 0])[len(times) // 2]]), missed
 
 
 def worker(args: argparse.Namespace) -> None:
@@ -134,7 +161,7 @@ def worker(args: argparse.Namespace) -> None:
     keep_freed_memory()     # as training's epochs
     sizes = [None] * k
     dist.all_gather_object(sizes, {p: int(i.numel()) for p, i in lg.send_index.items()})
-    checks = []
+    checks, missed = [], 0.0
     for width in args.widths:
         for trial in range(args.trials):
             bits = {(i, j): random_bits(width, trial, i, j, n)
@@ -143,10 +170,12 @@ def worker(args: argparse.Namespace) -> None:
             recv = {i: MessageLayout(bits[(i, rank)], width) for i in range(k)
                     if rank in sizes[i]}
             shared = SharedRows({j: lg.send_index[j] for j in send}, send)
-            took = timed_exchange(transport, shared, lg.num_owned, recv, width, args.repeats)
+            took, late = timed_exchange(transport, shared, lg.num_owned, recv, width,
+                                        args.repeats)
             everyone = [None] * k
-            dist.all_gather_object(everyone, (took, sum(shared.encoded_rows.values())))
-            everyone, encoded = [t for t, _ in everyone], [e for _, e in everyone]
+            dist.all_gather_object(everyone, (took, sum(shared.encoded_rows.values()), late))
+            missed = max([missed, *(m for _, _, m in everyone)])
+            everyone, encoded = [t for t, _, _ in everyone], [e for _, e, _ in everyone]
             rows = {ch: {b: int((v == b).sum()) for b in (2, 4, 8)} for ch, v in bits.items()}
             # The rows each worker encodes (a row several peers get at one
             # width once), as a share of the rows it sends.
@@ -166,7 +195,8 @@ def worker(args: argparse.Namespace) -> None:
     dist.all_gather_object(setups, setup)
     if rank == 0:
         print(f"rows sent per worker: {[sum(s.values()) for s in sizes]}")
-        print(f"set-up (profile_cost_model): {max(setups):.2f} s")
+        print(f"set-up (profile_cost_model): {max(setups):.2f} s; timed exchanges started "
+              f"together, the latest worker {missed * 1e3:.1f} ms after the common start")
         print("| worker | up (Mbit/s) | down (Mbit/s) | beta (ms) | free (KB) | "
               "bucket encode / decode (ms) |")
         print("|---:|---:|---:|---:|---:|---:|")

@@ -41,3 +41,26 @@ def test_counts_below_one_are_refused_by_name(flag, monkeypatch, capsys):
         cost_model.main()
     assert exc.value.code == 2
     assert f"{flag} must be at least 1, got 0" in capsys.readouterr().err
+
+
+def _start_together(rank: int, world_size: int, margin_s: float) -> tuple[float, float, float]:
+    import time
+
+    from cost_model import common_start
+
+    if rank == 0:
+        time.sleep(0.05)  # the others ask for the start well before rank 0
+    start, missed = common_start(margin_s)
+    return start, time.perf_counter(), missed
+
+
+def test_every_worker_starts_an_exchange_at_one_common_time():
+    from pyg_adaqp.train.workers import run_workers
+
+    got = run_workers(_start_together, 3, 0.2, timeout_s=60)
+    assert len({start for start, _, _ in got}) == 1   # one time, on the clock they share
+    assert all(resumed >= start for start, resumed, _ in got)   # nobody starts early
+    # A start already past when the workers learn it (a margin of -1 s: a second
+    # before the latest worker asked) is missed by each by at least that second.
+    got = run_workers(_start_together, 3, -1.0, timeout_s=60)
+    assert all(missed >= 1.0 for _, _, missed in got)
