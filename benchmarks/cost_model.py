@@ -14,9 +14,10 @@ adaptive allocator does before epoch 0 (``profile_cost_model``), then runs
 the way training does (encode each row once per width it travels at,
 whatever peers need it; post all channels at once, wait, decode; glibc's
 malloc set as in a training worker's set-up and epochs), every worker
-starting each exchange at one common time (out of a barrier they start up
-to 12 ms apart on this machine), and compares the model's prediction with the slowest worker's measured time
-(median of ``--repeats``).  Prints every worker's fitted link
+starting each exchange at one common time (``--exchange-start barrier``:
+each as it leaves a barrier; the check prints how far apart they leave
+it), and compares the model's prediction with the slowest worker's
+measured time (median of ``--repeats``).  Prints every worker's fitted link
 and the errors; the allocator's claim is an error of at most 15% on
 exchanges of 4 ms or more.
 
@@ -70,23 +71,34 @@ def claim_errors(predicted, measured):
     return np.where(measured >= MIN_TIMED_S, np.abs(predicted - measured) / measured, 0.0)
 
 
-def common_start(margin_s: float = START_MARGIN_S) -> tuple[float, float]:
-    """Sleeps until a start time common to every worker (collective); returns
-    it and by how many seconds this worker missed it (0 when it was early).
+def start_together(how: str = "common", margin_s: float = START_MARGIN_S
+                   ) -> tuple[float, float, float]:
+    """Starts a timed exchange on every worker (collective).
 
-    The workers share this machine's monotonic clock.  Leaving a barrier
-    does not start them together: on 4 workers sharing 2 cores they left
-    it 5-12 ms apart, and the first out then timed the others' late start
-    as exchange time."""
+    ``"barrier"``: each worker starts when it leaves a barrier.  They do
+    not leave it together (the check prints how far apart), and the first
+    out then times the others' late start as exchange time.  ``"common"``
+    (the default): after the barrier, the workers agree on the time the
+    last one left it plus `margin_s`, on this machine's monotonic clock,
+    which they share, and sleep until then.
+
+    Returns:
+        (float, float, float): The start, when this worker left the
+        barrier, and by how many seconds it missed the start (0 if none).
+    """
     import torch
     import torch.distributed as dist
 
-    latest = torch.tensor([time.perf_counter()], dtype=torch.float64)
+    dist.barrier()
+    left = time.perf_counter()
+    if how == "barrier":
+        return left, left, 0.0
+    latest = torch.tensor([left], dtype=torch.float64)
     dist.all_reduce(latest, op=dist.ReduceOp.MAX)
     start = float(latest) + margin_s
     early = start - time.perf_counter()
     time.sleep(max(0.0, early))
-    return start, max(0.0, -early)
+    return start, left, max(0.0, -early)
 
 
 def random_bits(seed: int, trial: int, sender: int, receiver: int, rows: int):
@@ -103,14 +115,14 @@ def random_bits(seed: int, trial: int, sender: int, receiver: int, rows: int):
 
 
 def timed_exchange(transport, shared, num_rows: int, recv_layouts: dict, width: int,
-                   repeats: int) -> float:
+                   repeats: int, start: str = "common") -> float:
     """Median seconds of encode, exchange and decode, as one training exchange:
     `shared` (a :class:`~pyg_adaqp.comm.SharedRows` over the worker's send
     plan) encodes the rows of an ``[num_rows, width]`` tensor once per width;
-    :data:`WARM_UPS` exchanges go first, untimed.  Every exchange starts at
-    a time common to all workers (:func:`common_start`), from which each
-    worker's times count; also returns the most seconds by which this
-    worker missed the start of a timed one."""
+    :data:`WARM_UPS` exchanges go first, untimed.  Every exchange starts as
+    `start` says (:func:`start_together`), and each worker's times count
+    from that start; also returns each timed exchange's ``(when this
+    worker left the barrier before it, by how much it missed the start)``."""
     import numpy as np
     import torch
     import torch.distributed as dist
@@ -118,11 +130,10 @@ def timed_exchange(transport, shared, num_rows: int, recv_layouts: dict, width: 
     gen = torch.Generator().manual_seed(transport.rank)
     x = torch.randn(num_rows, width, generator=gen)
     out = {p: torch.empty(lay.num_rows, width) for p, lay in recv_layouts.items()}
-    times, missed = [], 0.0
-    for repeat in range(repeats + WARM_UPS):
-        t0, late = common_start()
-        if repeat >= WARM_UPS:
-            missed = max(missed, late)
+    times, starts = [], []
+    for _ in range(repeats + WARM_UPS):
+        t0, left, missed = start_together(start)
+        starts.append((left, missed))
         send = shared.pack(x, generator=gen)
         t1 = time.perf_counter()
         raw = transport.start(send, {p: lay.nbytes for p, lay in recv_layouts.items()},
@@ -133,13 +144,15 @@ def timed_exchange(transport, shared, num_rows: int, recv_layouts: dict, width: 
         t3 = time.perf_counter()
         times.append((t3 - t0, t1 - t0, t2 - t1, t3 - t2))
     times = np.array(times[WARM_UPS:])
-    return tuple(float(v) for v in times[np.argsort(times[:, 0])[len(times) // 2]]), missed
+    return (tuple(float(v) for v in times[np.argsort(times[:, 0])[len(times) // 2]]),
+            starts[WARM_UPS:])
 
 
 def worker(args: argparse.Namespace) -> None:
     """One host's worker (under torchrun)."""
     from datetime import timedelta
 
+    import numpy as np
     import torch
     import torch.distributed as dist
 
@@ -161,7 +174,7 @@ def worker(args: argparse.Namespace) -> None:
     keep_freed_memory()     # as training's epochs
     sizes = [None] * k
     dist.all_gather_object(sizes, {p: int(i.numel()) for p, i in lg.send_index.items()})
-    checks, missed = [], 0.0
+    checks, apart, missed = [], [], 0.0
     for width in args.widths:
         for trial in range(args.trials):
             bits = {(i, j): random_bits(width, trial, i, j, n)
@@ -170,11 +183,14 @@ def worker(args: argparse.Namespace) -> None:
             recv = {i: MessageLayout(bits[(i, rank)], width) for i in range(k)
                     if rank in sizes[i]}
             shared = SharedRows({j: lg.send_index[j] for j in send}, send)
-            took, late = timed_exchange(transport, shared, lg.num_owned, recv, width,
-                                        args.repeats)
+            took, starts = timed_exchange(transport, shared, lg.num_owned, recv, width,
+                                          args.repeats, args.exchange_start)
             everyone = [None] * k
-            dist.all_gather_object(everyone, (took, sum(shared.encoded_rows.values()), late))
-            missed = max([missed, *(m for _, _, m in everyone)])
+            dist.all_gather_object(everyone, (took, sum(shared.encoded_rows.values()), starts))
+            for repeat in zip(*(s for _, _, s in everyone)):   # every worker's, one exchange
+                left = [out for out, _ in repeat]
+                apart.append(max(left) - min(left))
+                missed = max([missed, *(late for _, late in repeat)])
             everyone, encoded = [t for t, _, _ in everyone], [e for _, e, _ in everyone]
             rows = {ch: {b: int((v == b).sum()) for b in (2, 4, 8)} for ch, v in bits.items()}
             # The rows each worker encodes (a row several peers get at one
@@ -195,8 +211,12 @@ def worker(args: argparse.Namespace) -> None:
     dist.all_gather_object(setups, setup)
     if rank == 0:
         print(f"rows sent per worker: {[sum(s.values()) for s in sizes]}")
-        print(f"set-up (profile_cost_model): {max(setups):.2f} s; timed exchanges started "
-              f"together, the latest worker {missed * 1e3:.1f} ms after the common start")
+        print(f"set-up (profile_cost_model): {max(setups):.2f} s")
+        common = (f"at one common time (the latest worker {missed * 1e3:.1f} ms after it); "
+                  if args.exchange_start == "common" else "out of a barrier; ")
+        print(f"every timed exchange started {common}the workers left the barrier "
+              f"{np.median(apart) * 1e3:.1f} ms apart (median of {len(apart)} exchanges), "
+              f"at most {max(apart) * 1e3:.1f} ms")
         print("| worker | up (Mbit/s) | down (Mbit/s) | beta (ms) | free (KB) | "
               "bucket encode / decode (ms) |")
         print("|---:|---:|---:|---:|---:|---:|")
@@ -292,6 +312,10 @@ def main() -> int:
     ap.add_argument("--runs", type=int, default=1,
                     help="run the whole check (set-up included) this many times, and "
                          "print how each exchange spreads over the runs")
+    ap.add_argument("--exchange-start", choices=["common", "barrier"], default="common",
+                    help="how the workers start each timed exchange: at one common time "
+                         "after a barrier, or each as it leaves the barrier (before "
+                         "commit 6e68ab3)")
     ap.add_argument("--part-dir", help=argparse.SUPPRESS)   # set for the workers
     args = ap.parse_args()
     for name in ("trials", "repeats", "profile_repeats", "runs"):
@@ -324,6 +348,7 @@ def main() -> int:
                      "--master-port=29500", os.path.abspath(__file__), "--part-dir", tmp,
                      "--repeats", str(args.repeats), "--trials", str(args.trials),
                      "--profile-repeats", str(args.profile_repeats),
+                     "--exchange-start", args.exchange_start,
                      "--widths", *map(str, args.widths)], timeout=600)
                 lines = results[0].output.splitlines()
                 runs += [json.loads(line[len(CHECKS):]) for line in lines

@@ -46,11 +46,11 @@ def test_counts_below_one_are_refused_by_name(flag, monkeypatch, capsys):
 def _start_together(rank: int, world_size: int, margin_s: float) -> tuple[float, float, float]:
     import time
 
-    from cost_model import common_start
+    from cost_model import start_together
 
     if rank == 0:
         time.sleep(0.05)  # the others ask for the start well before rank 0
-    start, missed = common_start(margin_s)
+    start, _, missed = start_together("common", margin_s)
     return start, time.perf_counter(), missed
 
 
