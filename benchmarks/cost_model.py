@@ -72,8 +72,8 @@ def claim_errors(predicted, measured):
     return np.where(measured >= MIN_TIMED_S, np.abs(predicted - measured) / measured, 0.0)
 
 
-def start_together(how: str = "common", margin_s: float = START_MARGIN_S
-                   ) -> tuple[float, float, float]:
+def start_together(how: str = "common", margin_s: float = START_MARGIN_S,
+                   clock=time.perf_counter, sleep=time.sleep) -> tuple[float, float, float]:
     """Starts a timed exchange on every worker (collective).
 
     ``"barrier"``: each worker starts when it leaves a barrier.  They do
@@ -81,7 +81,8 @@ def start_together(how: str = "common", margin_s: float = START_MARGIN_S
     out then times the others' late start as exchange time.  ``"common"``
     (the default): after the barrier, the workers agree on the time the
     last one left it plus `margin_s`, on this machine's monotonic clock,
-    which they share, and sleep until then.
+    which they share, and sleep until then.  `clock` and `sleep` are
+    that clock and how to wait.
 
     Returns:
         (float, float, float): The start, when this worker left the
@@ -91,14 +92,14 @@ def start_together(how: str = "common", margin_s: float = START_MARGIN_S
     import torch.distributed as dist
 
     dist.barrier()
-    left = time.perf_counter()
+    left = clock()
     if how == "barrier":
         return left, left, 0.0
     latest = torch.tensor([left], dtype=torch.float64)
     dist.all_reduce(latest, op=dist.ReduceOp.MAX)
     start = float(latest) + margin_s
-    early = start - time.perf_counter()
-    time.sleep(max(0.0, early))
+    early = start - clock()
+    sleep(max(0.0, early))
     return start, left, max(0.0, -early)
 
 

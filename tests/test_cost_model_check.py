@@ -43,24 +43,37 @@ def test_counts_below_one_are_refused_by_name(flag, monkeypatch, capsys):
     assert f"{flag} must be at least 1, got 0" in capsys.readouterr().err
 
 
-def _start_together(rank: int, world_size: int, margin_s: float) -> tuple[float, float, float]:
-    import time
-
+def _start_together(rank: int, world_size: int, how: str, margin_s: float,
+                    readings: list) -> tuple[tuple[float, float, float], list[float]]:
+    """`start_together` on a recorded clock: this rank's `readings[rank]`
+    are what its clock reads, in turn; returns its result and the waits
+    it asked for."""
     from cost_model import start_together
 
-    if rank == 0:
-        time.sleep(0.05)  # the others ask for the start well before rank 0
-    start, _, missed = start_together("common", margin_s)
-    return start, time.perf_counter(), missed
+    clock, waits = iter(readings[rank]), []
+    return start_together(how, margin_s, clock=lambda: next(clock), sleep=waits.append), waits
+
+
+# Per rank: when it left the barrier, then when it learnt the common start.
+READINGS = [[10.0, 12.1], [11.0, 12.2], [12.0, 12.3]]
 
 
 def test_every_worker_starts_an_exchange_at_one_common_time():
     from pyg_adaqp.train.workers import run_workers
 
-    got = run_workers(_start_together, 3, 0.2, timeout_s=60)
-    assert len({start for start, _, _ in got}) == 1   # one time, on the clock they share
-    assert all(resumed >= start for start, resumed, _ in got)   # nobody starts early
-    # A start already past when the workers learn it (a margin of -1 s: a second
-    # before the latest worker asked) is missed by each by at least that second.
-    got = run_workers(_start_together, 3, -1.0, timeout_s=60)
-    assert all(missed >= 1.0 for _, _, missed in got)
+    # The last out of the barrier (rank 2, at 12.0) plus the margin, for every
+    # worker, each waiting from when it learnt it.
+    got = run_workers(_start_together, 3, "common", 0.5, READINGS, timeout_s=60)
+    for rank, ((start, left, missed), waits) in enumerate(got):
+        assert start == pytest.approx(12.5) and left == READINGS[rank][0]
+        assert waits == [pytest.approx(12.5 - READINGS[rank][1])] and missed == 0.0
+    # A start already past when a worker learns it (a margin of -1: 11.0) is
+    # not waited for, and is missed by the difference.
+    got = run_workers(_start_together, 3, "common", -1.0, READINGS, timeout_s=60)
+    for rank, ((start, _, missed), waits) in enumerate(got):
+        assert start == pytest.approx(11.0) and waits == [0.0]
+        assert missed == pytest.approx(READINGS[rank][1] - 11.0)
+    # Out of a barrier each worker starts when it leaves it, waiting for nothing.
+    got = run_workers(_start_together, 3, "barrier", 0.5, READINGS, timeout_s=60)
+    assert [(result, waits) for result, waits in got] == \
+        [((r[0], r[0], 0.0), []) for r in READINGS]
