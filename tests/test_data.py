@@ -61,9 +61,31 @@ def test_synthetic_labels_are_learnable():
     assert smoothed > raw + 0.15  # and much better with the graph
 
 
+@pytest.mark.parametrize("multi_label", [False, True])
+def test_synthetic_raw_channel_is_one_more_column(multi_label):
+    """`raw_channel_std` appends one label-free column of that scale and
+    moves nothing else."""
+    opts = dict(num_nodes=3000, avg_degree=8, num_classes=4, num_features=16,
+                multi_label=multi_label)
+    plain, raw = synthetic_graph(**opts), synthetic_graph(**opts, raw_channel_std=100.0)
+    assert raw.x.shape == (3000, 17)
+    assert torch.equal(raw.x[:, :16], plain.x)
+    for key in ("y", "edge_index", "train_mask", "val_mask", "test_mask"):
+        assert torch.equal(raw[key], plain[key])
+    column = raw.x[:, 16]
+    assert abs(column.std().item() / 100.0 - 1) < 0.05     # 3000 draws: sd of the sd ~1.3%
+    # Unrelated to the labels: every class's mean is within 4 standard errors of 0.
+    labels = plain.y if not multi_label else plain.y.argmax(1)
+    for c in range(4):
+        in_class = column[labels == c]
+        assert in_class.mean().abs() < 4 * 100.0 / in_class.numel() ** 0.5
+
+
 def test_synthetic_bad_options():
     with pytest.raises(ValueError, match="homophily"):
         synthetic_graph(homophily=1.5)
+    with pytest.raises(ValueError, match="raw_channel_std must be >= 0, got -1"):
+        synthetic_graph(raw_channel_std=-1)
     with pytest.raises(ValueError, match="num_classes"):
         synthetic_graph(num_nodes=3, num_classes=5)
     with pytest.raises(TypeError):

@@ -30,6 +30,7 @@ def synthetic_graph(
     train_ratio: float = 0.6,
     val_ratio: float = 0.2,
     seed: int = 0,
+    raw_channel_std: float = 0.0,
 ) -> Data:
     r"""Generates a degree-corrected stochastic block model graph.
 
@@ -61,6 +62,11 @@ def synthetic_graph(
         val_ratio (float, optional): Fraction of nodes in the validation
             split; the rest is the test split. (default: :obj:`0.2`)
         seed (int, optional): Seed of every random draw. (default: :obj:`0`)
+        raw_channel_std (float, optional): If positive, one more feature
+            column, unrelated to the labels, drawn from a Gaussian of this
+            standard deviation: an unnormalized column (a count, a year)
+            beside the others.  Everything else is the graph drawn without
+            it, bit for bit. (default: :obj:`0.0`)
     """
     if num_nodes < 1:
         raise ValueError(f"synthetic: num_nodes must be >= 1, got {num_nodes}")
@@ -72,6 +78,8 @@ def synthetic_graph(
         raise ValueError(f"synthetic: avg_degree must be >= 0, got {avg_degree}")
     if not 0.0 <= homophily <= 1.0:
         raise ValueError(f"synthetic: homophily must be in [0, 1], got {homophily}")
+    if raw_channel_std < 0:
+        raise ValueError(f"synthetic: raw_channel_std must be >= 0, got {raw_channel_std}")
     if degree_exponent <= 1.0:
         raise ValueError(f"synthetic: degree_exponent must be > 1, got {degree_exponent}")
 
@@ -108,6 +116,8 @@ def synthetic_graph(
             labels[torch.arange(num_nodes), nxt],
             (torch.rand(num_nodes, generator=gen) < 0.5).float())
         y = labels
+    if raw_channel_std > 0:  # drawn last: the rest of the graph does not move
+        x = torch.cat([x, torch.randn(num_nodes, 1, generator=gen).mul_(raw_channel_std)], dim=1)
     return Data(
         x=x, y=y, edge_index=edge_index, num_nodes=num_nodes, num_classes=num_classes,
         train_mask=train_mask, val_mask=val_mask, test_mask=test_mask,
