@@ -11,7 +11,8 @@ from torch_geometric.nn import GCNConv, SAGEConv
 from graphs import random_directed_graph
 
 from pyg_adaqp.nn import DistGCNConv, DistGraph, DistSAGEConv
-from pyg_adaqp.nn.dist_graph import INPUT_BLOCK_COLUMNS
+from pyg_adaqp.assign.tracer import RangeTracer
+from pyg_adaqp.nn.dist_graph import INPUT_BLOCK_COLUMNS, signal_power
 from pyg_adaqp.partition import partition_graph
 from pyg_adaqp.train.workers import run_workers
 
@@ -185,6 +186,61 @@ def test_quantized_error_within_variance_bound(cora, bits):
     assert err <= 1.2 * bound
     # Not vacuous: the realised error is the same order as the bound.
     assert err >= 0.1 * bound
+
+
+def test_signal_power_is_the_power_that_passes_the_weight():
+    """Unchanged by the weight's scale; an orthogonal (or no, or a zero)
+    weight sees the whole power; a weight that drops a column drops its power."""
+    gen = torch.Generator().manual_seed(0)
+    out = torch.randn(50, 6, generator=gen)
+    whole = out.square().sum()
+    w = torch.randn(9, 6, generator=gen)
+    torch.testing.assert_close(signal_power(out, 3.0 * w), signal_power(out, w))
+    q, _ = torch.linalg.qr(torch.randn(6, 6, generator=gen))
+    for weight in (None, q, torch.zeros(4, 6)):
+        torch.testing.assert_close(signal_power(out, weight), whole)
+    drop = torch.eye(6)[1:]                  # passes columns 1-5 with gain 1
+    torch.testing.assert_close(signal_power(out, drop), out[:, 1:].square().sum() * 6 / 5)
+
+
+@pytest.mark.parametrize("kind", ["gcn", "sage"])
+def test_budget_signal_is_the_aggregation_as_the_next_weight_sees_it(kind):
+    """The power the variance budget is relative to: a layer that aggregates
+    before transforming records its aggregation's power through the weight
+    it applies next (a raw column that the weight drops is not signal); a
+    layer that transforms first, its aggregation's own power."""
+    from torch_geometric.nn.conv.gcn_conv import gcn_norm
+    from torch_geometric.utils import scatter
+
+    data = random_directed_graph(num_nodes=120, num_edges=600, seed=3)
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(120, 5, generator=gen)
+    x[:, 0] *= 100.0                          # a raw column, on its own scale
+    if kind == "gcn":
+        edge_index, norm = gcn_norm(data.edge_index, data.edge_weight, 120)
+        aggregate = lambda t: scatter(norm[:, None] * t[edge_index[0]], edge_index[1], 0,
+                                      dim_size=120, reduce="sum")
+    else:
+        aggregate = lambda t: scatter(t[data.edge_index[0]], data.edge_index[1], 0,
+                                      dim_size=120, reduce="mean")
+    lg = partition_graph(data, 1)[0]
+    for out_channels in (8, 3):               # aggregates first; transforms first
+        conv = DIST[kind](5, out_channels)
+        weight = (conv.lin if kind == "gcn" else conv.lin_l).weight
+        with torch.no_grad():
+            weight[:, 0] = 0.0                # the layer ignores the raw column
+        graph = DistGraph(lg, quantize=True)
+        graph.exchange.tracer = RangeTracer()
+        conv(x[lg.owned_ids].clone().requires_grad_(), graph)
+        recorded = graph.exchange.tracer.signal["forward 0"]
+        with torch.no_grad():
+            if out_channels > 5:
+                agg = aggregate(x)[lg.owned_ids]
+                expected = (agg @ weight.t()).square().sum() * 5 / weight.square().sum()
+                assert recorded < agg.square().sum() / 100   # the raw column's power is gone
+            else:
+                expected = aggregate(x @ weight.t())[lg.owned_ids].square().sum()
+        torch.testing.assert_close(recorded, expected.double(), rtol=1e-5, atol=0)
 
 
 def cache_worker(rank, world_size, kind, parts, x, state, cache):

@@ -13,7 +13,9 @@ Two objectives:
 - **Variance budget** (the default): minimize :math:`T` subject to
   :math:`V \le \epsilon S`, where :math:`S` is the power of what the
   noise is added into (a layer's aggregated output in forward, summed over
-  all owned rows; the gradient of the rows sent in backward).  So
+  all owned rows, as the weight the layer applies next sees it
+  (:func:`~pyg_adaqp.nn.dist_graph.signal_power`); the gradient of the rows
+  sent in backward).  So
   :math:`\epsilon` is a noise-to-signal power ratio: ``0.01`` lets the
   quantization noise reach 1% of the power of the layer's output (-20 dB).
   Ties in time go to fewer bytes: within the budget the noise is taken to

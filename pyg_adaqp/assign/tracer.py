@@ -9,7 +9,9 @@ accumulates for every exchange key, peer and message row
 summed over the calls of a cycle: the variance model of one row at
 :math:`b` bits is this divided by :math:`(2^b - 1)^2`.  Beside it, the
 power of what the messages are added into (the layer's aggregated output in
-forward, the gradient of the rows sent in backward), summed over the owned
+forward, through the weight applied next if any:
+:func:`~pyg_adaqp.nn.dist_graph.signal_power`; the gradient of the rows sent
+in backward), summed over the owned
 rows and the same calls: the signal that a variance budget is relative to.
 
 The range is the row's true one, as SPEC 7 says, not the transmitted one:

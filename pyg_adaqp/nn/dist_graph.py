@@ -20,6 +20,28 @@ EdgeWeightFn = Callable[[LocalGraph], "tuple[Tensor, Tensor, Tensor]"]
 INPUT_BLOCK_COLUMNS = 128
 
 
+def signal_power(out: Tensor, then: Tensor | None = None) -> Tensor:
+    r"""The power of an aggregation `out` that quantization noise is measured
+    against: :math:`\|out\|^2`, or, when the layer applies the weight
+    :math:`W` (``[D_out, D]``) to it next, its power as :math:`W` sees it,
+
+    .. math::
+        \|out\, W^\top\|^2 \cdot \frac{D}{\|W\|_F^2}.
+
+    Quantization noise is close to isotropic (every element of a row is
+    rounded on the same step), so :math:`W` scales its power by its mean
+    gain :math:`\|W\|_F^2 / D`; the signal keeps only what :math:`W` passes.
+    Their ratio is the noise-to-signal ratio after the weight: a feature
+    channel the layer learned to ignore (an unnormalized, uninformative
+    column whose range sets every row's step) no longer counts as signal.
+    """
+    out = out.detach()
+    gain = None if then is None else torch.linalg.vector_norm(then.detach()).square()
+    if gain is None or gain == 0:
+        return torch.linalg.vector_norm(out).square()
+    return torch.linalg.vector_norm(out @ then.detach().t()).square() * (then.size(1) / gain)
+
+
 class DistGraph:
     r"""One worker's distributed-graph context for :class:`DistGCNConv` and
     :class:`DistSAGEConv`.
@@ -153,7 +175,7 @@ class DistGraph:
         return self._cached_aggregate(self.layer_index(module), x) is not None
 
     def aggregate(self, module: torch.nn.Module, x: Tensor, key: tuple,
-                  weights: EdgeWeightFn) -> Tensor:
+                  weights: EdgeWeightFn, then: Tensor | None = None) -> Tensor:
         """Aggregates over all in-edges of the owned rows, exchanging halo rows.
 
         Args:
@@ -161,6 +183,11 @@ class DistGraph:
             x (Tensor): Owned rows, ``[num_owned, D]``.
             key (tuple): Names the normalization built by `weights`.
             weights (callable): Builds ``(src, dst, weight)`` in local ids.
+            then (Tensor, optional): The weight ``[D_out, D]`` the layer
+                applies to the aggregation next, if any (a layer that
+                aggregates before transforming): the allocator's budget then
+                weighs the aggregation as that weight sees it
+                (:func:`signal_power`). (default: :obj:`None`)
 
         Returns:
             Tensor: ``[num_owned, D]``.
@@ -188,8 +215,7 @@ class DistGraph:
         if self.quantize and tracer is not None:
             # What the quantization noise is added into: the allocator's budget
             # is relative to this power.
-            tracer.record_signal(f"forward {layer}",
-                                 torch.linalg.vector_norm(out.detach()).square())
+            tracer.record_signal(f"forward {layer}", signal_power(out, then))
         return out
 
     def _cached_aggregate(self, layer: int, x: Tensor, key: tuple | None = None) -> Tensor | None:
