@@ -189,15 +189,16 @@ def test_quantized_error_within_variance_bound(cora, bits):
 
 
 def test_signal_power_is_the_power_that_passes_the_weight():
-    """Unchanged by the weight's scale; an orthogonal (or no, or a zero)
-    weight sees the whole power; a weight that drops a column drops its power."""
+    """Unchanged by the weight's scale; an orthogonal (or no, a zero, or a
+    lazy, uninitialized) weight sees the whole power; a weight that drops a
+    column drops its power."""
     gen = torch.Generator().manual_seed(0)
     out = torch.randn(50, 6, generator=gen)
     whole = out.square().sum()
     w = torch.randn(9, 6, generator=gen)
     torch.testing.assert_close(signal_power(out, 3.0 * w), signal_power(out, w))
     q, _ = torch.linalg.qr(torch.randn(6, 6, generator=gen))
-    for weight in (None, q, torch.zeros(4, 6)):
+    for weight in (None, q, torch.zeros(4, 6), torch.nn.parameter.UninitializedParameter()):
         torch.testing.assert_close(signal_power(out, weight), whole)
     drop = torch.eye(6)[1:]                  # passes columns 1-5 with gain 1
     torch.testing.assert_close(signal_power(out, drop), out[:, 1:].square().sum() * 6 / 5)

@@ -8,6 +8,7 @@ from typing import Callable, Iterator
 import torch
 import torch.distributed as dist
 from torch import Tensor
+from torch.nn.parameter import is_lazy
 
 from pyg_adaqp.comm.exchange import HaloExchange
 from pyg_adaqp.nn.spmm import SparseAdjacency
@@ -34,8 +35,12 @@ def signal_power(out: Tensor, then: Tensor | None = None) -> Tensor:
     Their ratio is the noise-to-signal ratio after the weight: a feature
     channel the layer learned to ignore (an unnormalized, uninformative
     column whose range sets every row's step) no longer counts as signal.
+    A lazy weight not yet initialized (``in_channels=-1`` before the first
+    call) passes everything.
     """
     out = out.detach()
+    if then is not None and is_lazy(then):
+        then = None
     gain = None if then is None else torch.linalg.vector_norm(then.detach()).square()
     if gain is None or gain == 0:
         return torch.linalg.vector_norm(out).square()
