@@ -189,27 +189,29 @@ def test_quantized_error_within_variance_bound(cora, bits):
 
 
 def test_signal_power_is_the_power_that_passes_the_weight():
-    """Unchanged by the weight's scale; an orthogonal (or no, a zero, or a
-    lazy, uninitialized) weight sees the whole power; a weight that drops a
-    column drops its power."""
+    """Unchanged by the weight's scale; an orthogonal (or no, or a zero)
+    weight sees the whole power; a weight that drops a column drops its
+    power; a product given is used as the aggregation times the weight."""
     gen = torch.Generator().manual_seed(0)
     out = torch.randn(50, 6, generator=gen)
     whole = out.square().sum()
     w = torch.randn(9, 6, generator=gen)
     torch.testing.assert_close(signal_power(out, 3.0 * w), signal_power(out, w))
     q, _ = torch.linalg.qr(torch.randn(6, 6, generator=gen))
-    for weight in (None, q, torch.zeros(4, 6), torch.nn.parameter.UninitializedParameter()):
+    for weight in (None, q, torch.zeros(4, 6)):
         torch.testing.assert_close(signal_power(out, weight), whole)
     drop = torch.eye(6)[1:]                  # passes columns 1-5 with gain 1
     torch.testing.assert_close(signal_power(out, drop), out[:, 1:].square().sum() * 6 / 5)
+    torch.testing.assert_close(signal_power(out, drop, out[:, :3]), out[:, :3].square().sum() * 6 / 5)
 
 
 @pytest.mark.parametrize("kind", ["gcn", "sage"])
 def test_budget_signal_is_the_aggregation_as_the_next_weight_sees_it(kind):
     """The power the variance budget is relative to: a layer that aggregates
     before transforming records its aggregation's power through the weight
-    it applies next (a raw column that the weight drops is not signal); a
-    layer that transforms first, its aggregation's own power."""
+    it applies next (a raw column that the weight drops is not signal; a
+    lazy weight, once its first call has made it); a layer that transforms
+    first, its aggregation's own power."""
     from torch_geometric.nn.conv.gcn_conv import gcn_norm
     from torch_geometric.utils import scatter
 
@@ -242,6 +244,16 @@ def test_budget_signal_is_the_aggregation_as_the_next_weight_sees_it(kind):
             else:
                 expected = aggregate(x @ weight.t())[lg.owned_ids].square().sum()
         torch.testing.assert_close(recorded, expected.double(), rtol=1e-5, atol=0)
+    lazy = DIST[kind](-1, 8)
+    graph = DistGraph(lg, quantize=True)
+    graph.exchange.tracer = RangeTracer()
+    lazy(x[lg.owned_ids].clone().requires_grad_(), graph)
+    weight = (lazy.lin if kind == "gcn" else lazy.lin_l).weight
+    with torch.no_grad():
+        expected = ((aggregate(x)[lg.owned_ids] @ weight.t()).square().sum()
+                    * 5 / weight.square().sum())
+    torch.testing.assert_close(graph.exchange.tracer.signal["forward 0"], expected.double(),
+                               rtol=1e-5, atol=0)
 
 
 def cache_worker(rank, world_size, kind, parts, x, state, cache):

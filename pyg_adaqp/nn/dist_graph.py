@@ -8,7 +8,6 @@ from typing import Callable, Iterator
 import torch
 import torch.distributed as dist
 from torch import Tensor
-from torch.nn.parameter import is_lazy
 
 from pyg_adaqp.comm.exchange import HaloExchange
 from pyg_adaqp.nn.spmm import SparseAdjacency
@@ -21,9 +20,10 @@ EdgeWeightFn = Callable[[LocalGraph], "tuple[Tensor, Tensor, Tensor]"]
 INPUT_BLOCK_COLUMNS = 128
 
 
-def signal_power(out: Tensor, then: Tensor | None = None) -> Tensor:
+def signal_power(out: Tensor, weight: Tensor | None = None,
+                 product: Tensor | None = None) -> Tensor:
     r"""The power of an aggregation `out` that quantization noise is measured
-    against: :math:`\|out\|^2`, or, when the layer applies the weight
+    against: :math:`\|out\|^2`, or, when the layer applies `weight`
     :math:`W` (``[D_out, D]``) to it next, its power as :math:`W` sees it,
 
     .. math::
@@ -35,16 +35,14 @@ def signal_power(out: Tensor, then: Tensor | None = None) -> Tensor:
     Their ratio is the noise-to-signal ratio after the weight: a feature
     channel the layer learned to ignore (an unnormalized, uninformative
     column whose range sets every row's step) no longer counts as signal.
-    A lazy weight not yet initialized (``in_channels=-1`` before the first
-    call) passes everything.
+    `product`, if given, is :math:`out\, W^\top`, already computed.
     """
-    out = out.detach()
-    if then is not None and is_lazy(then):
-        then = None
-    gain = None if then is None else torch.linalg.vector_norm(then.detach()).square()
+    gain = None if weight is None else torch.linalg.vector_norm(weight.detach()).square()
     if gain is None or gain == 0:
-        return torch.linalg.vector_norm(out).square()
-    return torch.linalg.vector_norm(out @ then.detach().t()).square() * (then.size(1) / gain)
+        return torch.linalg.vector_norm(out.detach()).square()
+    if product is None:
+        product = out.detach() @ weight.detach().t()
+    return torch.linalg.vector_norm(product.detach()).square() * (weight.size(1) / gain)
 
 
 class DistGraph:
@@ -180,7 +178,7 @@ class DistGraph:
         return self._cached_aggregate(self.layer_index(module), x) is not None
 
     def aggregate(self, module: torch.nn.Module, x: Tensor, key: tuple,
-                  weights: EdgeWeightFn, then: Tensor | None = None) -> Tensor:
+                  weights: EdgeWeightFn, then: torch.nn.Module | None = None) -> Tensor:
         """Aggregates over all in-edges of the owned rows, exchanging halo rows.
 
         Args:
@@ -188,14 +186,16 @@ class DistGraph:
             x (Tensor): Owned rows, ``[num_owned, D]``.
             key (tuple): Names the normalization built by `weights`.
             weights (callable): Builds ``(src, dst, weight)`` in local ids.
-            then (Tensor, optional): The weight ``[D_out, D]`` the layer
-                applies to the aggregation next, if any (a layer that
-                aggregates before transforming): the allocator's budget then
-                weighs the aggregation as that weight sees it
-                (:func:`signal_power`). (default: :obj:`None`)
+            then (torch.nn.Module, optional): The linear layer (with
+                ``weight`` and ``bias``) that the calling layer applies to
+                the aggregation next, if it aggregates before transforming:
+                returns its output instead, and the allocator's budget
+                weighs the aggregation as its weight sees it
+                (:func:`signal_power`) at no extra product.
+                (default: :obj:`None`)
 
         Returns:
-            Tensor: ``[num_owned, D]``.
+            Tensor: ``[num_owned, D]``, or `then`'s output.
         """
         if x.size(0) != self.graph.num_owned:
             raise ValueError(f"{type(module).__name__} got {x.size(0)} rows, but this worker "
@@ -203,7 +203,8 @@ class DistGraph:
         layer = self.layer_index(module)
         a_own, a_halo = self.layer_adjacency[layer] = self.adjacency(key, weights, x.dtype)
         if self.caches_input(module, x):
-            return self._aggregate_input(layer, x, key, a_own, a_halo)
+            out = self._aggregate_input(layer, x, key, a_own, a_halo)
+            return out if then is None else then(out)
         handle = self.exchange.begin(layer, x, quantize=self.quantize, overlap=self.overlap)
         stats = self.exchange.stats[f"forward {layer}"]
         clock = self.exchange.clock
@@ -217,11 +218,17 @@ class DistGraph:
         stats.owned_agg_time += t1 - t0
         stats.halo_agg_time += clock() - t2
         tracer = self.exchange.tracer
+        result = out if then is None else then(out)
         if self.quantize and tracer is not None:
             # What the quantization noise is added into: the allocator's budget
             # is relative to this power.
-            tracer.record_signal(f"forward {layer}", signal_power(out, then))
-        return out
+            if then is None:
+                power = signal_power(out)
+            else:
+                product = result if then.bias is None else result.detach() - then.bias.detach()
+                power = signal_power(out, then.weight, product)
+            tracer.record_signal(f"forward {layer}", power)
+        return result
 
     def _cached_aggregate(self, layer: int, x: Tensor, key: tuple | None = None) -> Tensor | None:
         """The cached aggregation of `x` at `layer`, if `x` is the cached, unchanged tensor."""
