@@ -13,7 +13,7 @@ Two objectives:
 - **Variance budget** (the default): minimize :math:`T` subject to
   :math:`V \le \epsilon S`, where :math:`S` is the power of what the
   noise is added into (a layer's aggregated output in forward, summed over
-  all owned rows, as the weight the layer applies next sees it
+  all owned rows, as the weight the layer applies next sees it, if any
   (:func:`~pyg_adaqp.nn.dist_graph.signal_power`); the gradient of the rows
   sent in backward).  So
   :math:`\epsilon` is a noise-to-signal power ratio: ``0.01`` lets the

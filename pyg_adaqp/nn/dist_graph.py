@@ -35,14 +35,24 @@ def signal_power(out: Tensor, weight: Tensor | None = None,
     Their ratio is the noise-to-signal ratio after the weight: a feature
     channel the layer learned to ignore (an unnormalized, uninformative
     column whose range sets every row's step) no longer counts as signal.
-    `product`, if given, is :math:`out\, W^\top`, already computed.
+    A zero :math:`W` passes everything.  Powers are summed in float64, and
+    nothing waits for the device.
+
+    Args:
+        out (Tensor): The aggregation, ``[N, D]``.
+        weight (Tensor, optional): :math:`W`. (default: :obj:`None`)
+        product (Tensor, optional): :math:`out\, W^\top` (no bias), if
+            already computed; only read with `weight`. (default: :obj:`None`)
     """
-    gain = None if weight is None else torch.linalg.vector_norm(weight.detach()).square()
-    if gain is None or gain == 0:
-        return torch.linalg.vector_norm(out.detach()).square()
+    whole = torch.linalg.vector_norm(out.detach(), dtype=torch.float64).square()
+    if weight is None:
+        return whole
+    weight = weight.detach()
     if product is None:
-        product = out.detach() @ weight.detach().t()
-    return torch.linalg.vector_norm(product.detach()).square() * (weight.size(1) / gain)
+        product = out.detach() @ weight.t()
+    gain = torch.linalg.vector_norm(weight, dtype=torch.float64).square()
+    seen = torch.linalg.vector_norm(product.detach(), dtype=torch.float64).square()
+    return torch.where(gain > 0, seen * weight.size(1) / gain.clamp_min(1e-300), whole)
 
 
 class DistGraph:
@@ -178,7 +188,7 @@ class DistGraph:
         return self._cached_aggregate(self.layer_index(module), x) is not None
 
     def aggregate(self, module: torch.nn.Module, x: Tensor, key: tuple,
-                  weights: EdgeWeightFn, then: torch.nn.Module | None = None) -> Tensor:
+                  weights: EdgeWeightFn, linear: torch.nn.Module | None = None) -> Tensor:
         """Aggregates over all in-edges of the owned rows, exchanging halo rows.
 
         Args:
@@ -186,16 +196,16 @@ class DistGraph:
             x (Tensor): Owned rows, ``[num_owned, D]``.
             key (tuple): Names the normalization built by `weights`.
             weights (callable): Builds ``(src, dst, weight)`` in local ids.
-            then (torch.nn.Module, optional): The linear layer (with
-                ``weight`` and ``bias``) that the calling layer applies to
-                the aggregation next, if it aggregates before transforming:
-                returns its output instead, and the allocator's budget
-                weighs the aggregation as its weight sees it
-                (:func:`signal_power`) at no extra product.
+            linear (torch.nn.Module, optional): The linear layer (a
+                ``weight`` and an optional ``bias``) that the calling layer
+                applies to the aggregation next, if it aggregates before
+                transforming: returns its output instead, and the
+                allocator's budget weighs the aggregation as its weight
+                sees it (:func:`signal_power`) at no extra product.
                 (default: :obj:`None`)
 
         Returns:
-            Tensor: ``[num_owned, D]``, or `then`'s output.
+            Tensor: ``[num_owned, D]``, or `linear`'s output.
         """
         if x.size(0) != self.graph.num_owned:
             raise ValueError(f"{type(module).__name__} got {x.size(0)} rows, but this worker "
@@ -204,7 +214,7 @@ class DistGraph:
         a_own, a_halo = self.layer_adjacency[layer] = self.adjacency(key, weights, x.dtype)
         if self.caches_input(module, x):
             out = self._aggregate_input(layer, x, key, a_own, a_halo)
-            return out if then is None else then(out)
+            return out if linear is None else linear(out)
         handle = self.exchange.begin(layer, x, quantize=self.quantize, overlap=self.overlap)
         stats = self.exchange.stats[f"forward {layer}"]
         clock = self.exchange.clock
@@ -218,17 +228,18 @@ class DistGraph:
         stats.owned_agg_time += t1 - t0
         stats.halo_agg_time += clock() - t2
         tracer = self.exchange.tracer
-        result = out if then is None else then(out)
+        transformed = out if linear is None else linear(out)
         if self.quantize and tracer is not None:
             # What the quantization noise is added into: the allocator's budget
             # is relative to this power.
-            if then is None:
+            if linear is None:
                 power = signal_power(out)
             else:
-                product = result if then.bias is None else result.detach() - then.bias.detach()
-                power = signal_power(out, then.weight, product)
+                bias = getattr(linear, "bias", None)
+                product = transformed if bias is None else transformed.detach() - bias.detach()
+                power = signal_power(out, linear.weight, product)
             tracer.record_signal(f"forward {layer}", power)
-        return result
+        return transformed
 
     def _cached_aggregate(self, layer: int, x: Tensor, key: tuple | None = None) -> Tensor | None:
         """The cached aggregation of `x` at `layer`, if `x` is the cached, unchanged tensor."""

@@ -122,7 +122,7 @@ class DistGCNConv(GCNConv):
         if self.out_channels < self.in_channels and not graph.caches_input(self, x):
             out = graph.aggregate(self, self.lin(x), key, weights)
         else:
-            out = graph.aggregate(self, x, key, weights, then=self.lin)
+            out = graph.aggregate(self, x, key, weights, linear=self.lin)
         if self.bias is not None:
             out += self.bias  # out is always a fresh product here, never a cached tensor
         return out

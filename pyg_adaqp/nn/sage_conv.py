@@ -97,7 +97,7 @@ class DistSAGEConv(SAGEConv):
             if self.lin_l.bias is not None:
                 out = out + self.lin_l.bias
         else:
-            out = graph.aggregate(self, x_src, key, weights, then=self.lin_l)
+            out = graph.aggregate(self, x_src, key, weights, linear=self.lin_l)
         if self.root_weight:
             out = out + self.lin_r(x)
         if self.normalize:

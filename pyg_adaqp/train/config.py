@@ -79,7 +79,7 @@ class AssignConfig:
     group_size: int = 100              #: adaptive: messages of one channel sharing a width
     #: adaptive: the fastest widths whose quantization noise stays within this
     #: fraction of the power of the layer's aggregated output (forward, as the
-    #: weight applied next sees it: dist_graph.signal_power) or of
+    #: weight applied next, if any, sees it: dist_graph.signal_power) or of
     #: its input gradient (backward), per layer and direction (0.1: -10 dB);
     #: null uses the paper's weighted sum with ``coe_lambda``
     variance_budget: Optional[float] = 0.1
