@@ -34,7 +34,7 @@ def synthetic_key(rng: np.random.Generator, workers: int, width: int, min_rows: 
             rows.append(group_rows)
             coef.append(group_coef)
     coef = np.concatenate(coef)
-    # A signal for which uniform 2 bits adds 30% noise: the default budget (10%) bites.
+    # A signal for which uniform 2 bits adds 30% noise: the default budgets (3%, 10%) bite.
     return KeyProblem(width, np.concatenate(sender), np.concatenate(receiver),
                       np.concatenate(rows), coef, signal=float(coef.sum() / 9 / 0.3))
 

@@ -12,8 +12,9 @@ tells when to inject a fault.  The faults:
    change ... tbf rate``).  With uniform 4 bits the losses are compared with
    a clean run of the same seed; with the adaptive scheme the mean width of
    that host's channels is shown at the re-assignments before and after,
-   under a budget that binds (``assign.variance_budget=0.01``: at the
-   default every row of this graph fits in 2 bits, and no width could move).
+   under budgets that bind (``assign.variance_budget=0.01
+   assign.gradient_budget=0.01``: at the defaults every row of this graph
+   fits in 2 bits, and no width could move).
 2. ``link-down-short``: host 1's link goes down for 10 s mid-training
    (``ip link set ... down`` at the switch port), then up.
 3. ``link-down-long``: host 1's link goes down for good; every host must exit
@@ -46,8 +47,8 @@ from _workers import print_header  # noqa: E402
 from cluster import Cluster, ClusterError, HostResult, stop_on_signals  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
-#: The adaptive run's budget: one that binds on this graph, so widths have room to move.
-BINDING_BUDGET = "assign.variance_budget=0.01"
+#: The adaptive run's budgets: ones that bind on this graph, so widths have room to move.
+BINDING_BUDGET = ["assign.variance_budget=0.01", "assign.gradient_budget=0.01"]
 FAULTS = ("slow-link", "link-down-short", "link-down-long", "kill-host", "kill-mid-checkpoint")
 # One thread per host (4 hosts share 2 cores) and evaluation every epoch, as measured.
 JOB = ["trainer.progress=false", "trainer.plots=false", "dataset.options.num_nodes=20000",
@@ -155,7 +156,7 @@ def slow_link(cluster: Cluster, work: Path, epochs: int, port: int) -> Outcome:
     after = [r["epoch_time"] for r in faulty.rows()[at + 1:]]
 
     cycle = max(2, epochs // 6)
-    adaptive = Job(cluster, ["assign=adaptive", f"assign.cycle={cycle}", BINDING_BUDGET,
+    adaptive = Job(cluster, ["assign=adaptive", f"assign.cycle={cycle}", *BINDING_BUDGET,
                              f"trainer.epochs={epochs}"], work / "slow_adaptive", port)
     try:
         adaptive.run(timeout=900, at_epoch=at, fault=lambda: cluster.set_rate(slow, slowed))

@@ -278,6 +278,8 @@ def test_allocator_checks_its_arguments():
         AdaptiveBits(group_size=0)
     with pytest.raises(ValueError, match="variance_budget"):
         AdaptiveBits(variance_budget=-0.1)
+    with pytest.raises(ValueError, match="gradient_budget must be >= 0 or None, got -0.1"):
+        AdaptiveBits(gradient_budget=-0.1)
     with pytest.raises(ValueError, match="first_bits must be one of"):
         AdaptiveBits(first_bits=3)
     with pytest.raises(ValueError, match="time_limit must be >= 0 seconds, got -1"):
@@ -289,7 +291,9 @@ def test_allocator_checks_its_arguments():
 @pytest.mark.parametrize("override,field", [("assign.coe_lambda=-0.1", "assign.coe_lambda"),
                                             ("assign.group_size=0", "assign.group_size"),
                                             ("assign.variance_budget=-1",
-                                             "assign.variance_budget")])
+                                             "assign.variance_budget"),
+                                            ("assign.gradient_budget=-1",
+                                             "assign.gradient_budget")])
 def test_bad_allocator_config_names_the_field(override, field):
     with pytest.raises(ValueError, match=rf"config field '{field}'"):
         make_config("assign=adaptive", override)
@@ -299,16 +303,36 @@ def test_adaptive_config_composes():
     cfg = make_config("assign=adaptive")
     a = cfg.assign
     assert (a.scheme, a.group_size, a.coe_lambda) == ("adaptive", 100, 0.5)
-    assert a.variance_budget == 0.1              # the default objective: a variance budget
+    # The default objective: a variance budget, one per direction.
+    assert (a.variance_budget, a.gradient_budget) == (0.03, 0.1)
     assert make_config("assign=adaptive", "assign.variance_budget=null").assign \
         .variance_budget is None                 # the paper's weighted sum
 
 
+def test_each_direction_has_its_own_budget():
+    """Forward keys get the variance budget, backward keys the gradient budget
+    (or the variance budget when it has none); without a variance budget every
+    key has the weighted sum."""
+    both = AdaptiveBits(variance_budget=0.03, gradient_budget=0.1)
+    assert [both.budget(k) for k in ("forward 0", "forward 2", "backward 1")] == [0.03, 0.03, 0.1]
+    assert AdaptiveBits(variance_budget=0.05, gradient_budget=None).budget("backward 1") == 0.05
+    assert AdaptiveBits(variance_budget=None).budget("backward 1") is None
+    assert AdaptiveBits(variance_budget=None).budget("forward 1") is None
+    # A checkpoint written when one budget governed both directions resumes as such.
+    old = AdaptiveBits(variance_budget=0.05, gradient_budget=None).state_dict()
+    del old["gradient_budget"]
+    resumed = AdaptiveBits(variance_budget=0.05, gradient_budget=0.1)
+    with pytest.warns(UserWarning, match="gradient_budget = 0.1; the checkpoint's run used 0.05"):
+        resumed.load_state_dict(old)
+
+
 @pytest.mark.parametrize("budget", [None, 1e-3])
 def test_adaptive_training_end_to_end(tmp_path, budget):
-    """Set-up before epoch 0, 8 bits in epoch 0 only, the budget kept from epoch 1 on."""
+    """Set-up before epoch 0, 8 bits in epoch 0 only, the budgets kept from epoch 1 on
+    (the gradients' twice the forward one's)."""
     objective_override = ("assign.variance_budget=null", "assign.coe_lambda=1.0") \
-        if budget is None else (f"assign.variance_budget={budget}",)
+        if budget is None else (f"assign.variance_budget={budget}",
+                                f"assign.gradient_budget={2 * budget}")
     cfg = make_config(*SMALL, "assign=adaptive", "assign.cycle=2", "assign.group_size=20",
                       *objective_override, "trainer.epochs=4")
     launch(cfg, tmp_path)
@@ -335,9 +359,11 @@ def test_adaptive_training_end_to_end(tmp_path, budget):
     else:
         for key in keys:
             info = assign["solve"][key]
-            assert info["noise"] <= budget * (1 + 1e-6)
+            own = budget if key.startswith("forward") else 2 * budget
+            assert info["noise"] <= own * (1 + 1e-6)
             # Uniform 8 bits meets the budget, uniform 2 bits does not here.
-            assert info["noise_uniform"]["8"] <= budget < info["noise_uniform"]["2"]
+            assert info["noise_uniform"]["8"] <= own < info["noise_uniform"]["2"]
+        assert (assign["variance_budget"], assign["gradient_budget"]) == (budget, 2 * budget)
         assert {b for key in keys for b in hist[key]} <= {"2", "4", "8"}
     # Each re-assignment after the first checks the last one's predictions
     # against the real exchanges of the epoch before it.
@@ -576,7 +602,7 @@ def test_device_clock_waits_for_the_current_cuda_stream(monkeypatch):
 def test_reassignment_sends_each_sender_one_uint8_per_group_of_its_own():
     """Rank 0 gets group sums only, and returns each sender its own groups' widths."""
     rng = np.random.default_rng(0)
-    allocator = AdaptiveBits(group_size=10, variance_budget=0.05)
+    allocator = AdaptiveBits(group_size=10, variance_budget=0.05, gradient_budget=None)
     allocator.cost = CostModel({i: 8e-8 for i in range(3)}, {i: 8e-8 for i in range(3)})
     gathered = []
     for i in range(3):
@@ -622,7 +648,7 @@ def _link_parts(groups: list, keys: tuple, epochs: list) -> list[dict]:
 
 def _slow_link_allocator() -> tuple[AdaptiveBits, list, tuple]:
     rng = np.random.default_rng(0)
-    allocator = AdaptiveBits(group_size=10, variance_budget=0.05)
+    allocator = AdaptiveBits(group_size=10, variance_budget=0.05, gradient_budget=None)
     allocator.cost = CostModel({i: 8e-8 for i in range(3)}, {i: 8e-8 for i in range(3)})
     keys = ("forward 1", "backward 1")
     groups = [{key: {j: group_messages(rng.lognormal(0, 1, 95), 10)[:2]

@@ -23,7 +23,18 @@ are already aggregated gradients and score 1.  The signal of a key is the
 power of what its messages are added into, summed over every worker's owned
 rows: the layer's aggregated output in forward, the gradient of the rows
 sent in backward.  So ``variance_budget`` is a noise-to-signal power ratio
-of the layer's output (or input gradient).
+of the layer's output, and ``gradient_budget`` of its input gradient.
+
+The two directions get budgets of their own because their noise does not
+cost alike.  Backward noise is zero-mean noise on a gradient, which the
+optimizer averages over the epochs as it does any unbiased gradient noise;
+forward noise enters the activations that every later layer and the loss
+are computed from, through nonlinearities, so it changes what is learned.
+Measured (``docs/benchmarks.md``, sixteenth pass): on a graph where uniform
+2 bits cost GCN 1.9 pt, a forward budget of 0.1 left it 0.5 pt below full
+precision (3 seeds), and a tighter budget on the gradients alone did not
+help; a forward budget of 0.03 held every seed within 0.23 pt, with the
+gradients' still at 0.1.
 
 Links change during training (a congested switch port, a host moved to a
 slower network). Every exchange times each peer's buffer from posting to
@@ -65,8 +76,10 @@ from pyg_adaqp.assign.tracer import RangeTracer
 from pyg_adaqp.nn import DistGraph
 
 log = logging.getLogger(__name__)
-#: The default noise-to-signal budget of every exchange key (-10 dB; see the README).
-DEFAULT_BUDGET = 0.1
+#: The default noise-to-signal budget of the forward keys (about -15 dB; see the README).
+DEFAULT_BUDGET = 0.03
+#: The default budget of the backward keys (the gradients; -10 dB).
+DEFAULT_GRADIENT_BUDGET = 0.1
 #: A link's slow-down (measured arrival over predicted, against its best) below
 #: this is taken as noise; at or above it, the link's profiled rate is scaled.
 DRIFT_BAND = 2.0
@@ -79,7 +92,8 @@ MAX_GROUPS_PER_CHANNEL = 32
 
 
 #: The allocator's settings: a checkpoint records them, a resumed run keeps its own.
-KNOBS = ("cycle", "group_size", "variance_budget", "coe_lambda", "time_limit")
+KNOBS = ("cycle", "group_size", "variance_budget", "gradient_budget", "coe_lambda",
+         "time_limit")
 
 
 class AdaptiveBits:
@@ -96,9 +110,9 @@ class AdaptiveBits:
             `variance_budget` is :obj:`None`. (default: :obj:`0.5`)
         variance_budget (float, optional): The fastest assignment whose
             quantization noise stays within this fraction of the power of
-            the layer's aggregated output (forward) or of the gradient of
-            its input rows (backward), per exchange key; :obj:`None` uses
-            the paper's weighted sum with `coe_lambda`. (default: :obj:`0.1`)
+            the layer's aggregated output, per forward exchange key;
+            :obj:`None` uses the paper's weighted sum with `coe_lambda` for
+            every key. (default: :obj:`0.03`)
         time_limit (float, optional): Seconds the MILPs of one
             re-assignment may take together; past it the greedy answer
             stands. (default: :obj:`0.3`)
@@ -106,19 +120,26 @@ class AdaptiveBits:
             profiling the links (their median counts). (default: :obj:`1`)
         first_bits (int, optional): Width of every quantized row in epoch 0,
             before the first assignment. (default: :obj:`8`)
+        gradient_budget (float, optional): The same for the backward keys,
+            as a fraction of the power of the gradient of the layer's input
+            rows; :obj:`None`: `variance_budget`. Unused without a
+            `variance_budget`. (default: :obj:`0.1`)
     """
 
     def __init__(self, cycle: int = 10, group_size: int = 100, coe_lambda: float = 0.5,
                  variance_budget: float | None = DEFAULT_BUDGET, time_limit: float = 0.3,
-                 profile_repeats: int = 1, first_bits: int = 8):
+                 profile_repeats: int = 1, first_bits: int = 8,
+                 gradient_budget: float | None = DEFAULT_GRADIENT_BUDGET):
         if cycle < 1:
             raise ValueError(f"cycle must be >= 1, got {cycle}")
         if group_size < 1:
             raise ValueError(f"group_size must be >= 1, got {group_size}")
         if not 0.0 <= coe_lambda <= 1.0:
             raise ValueError(f"coe_lambda must be in [0, 1], got {coe_lambda}")
-        if variance_budget is not None and not variance_budget >= 0.0:
-            raise ValueError(f"variance_budget must be >= 0 or None, got {variance_budget}")
+        for name, budget in (("variance_budget", variance_budget),
+                             ("gradient_budget", gradient_budget)):
+            if budget is not None and not budget >= 0.0:
+                raise ValueError(f"{name} must be >= 0 or None, got {budget}")
         if not time_limit >= 0.0:
             raise ValueError(f"time_limit must be >= 0 seconds, got {time_limit}")
         if profile_repeats < 1:
@@ -127,7 +148,7 @@ class AdaptiveBits:
             raise ValueError(f"first_bits must be one of {tuple(int(b) for b in WIDTHS)}, "
                              f"got {first_bits}")
         self.cycle, self.group_size, self.coe_lambda = cycle, group_size, coe_lambda
-        self.variance_budget = variance_budget
+        self.variance_budget, self.gradient_budget = variance_budget, gradient_budget
         self.time_limit, self.profile_repeats = time_limit, profile_repeats
         self.first_bits = int(first_bits)
         self.cost: CostModel | None = None
@@ -190,6 +211,12 @@ class AdaptiveBits:
             ex.default_bits = self.first_bits
             for key, (send, recv) in self.assignment.items():  # restored from a checkpoint
                 ex.set_bits(key, send, recv)
+
+    def budget(self, key: str) -> float | None:
+        """The variance budget of exchange `key` (None: the weighted sum)."""
+        if self.variance_budget is None or key.startswith("forward"):
+            return self.variance_budget
+        return self.variance_budget if self.gradient_budget is None else self.gradient_budget
 
     def reassigns_at(self, epoch: int) -> bool:
         """Whether the widths are re-assigned at the start of `epoch`."""
@@ -312,7 +339,7 @@ class AdaptiveBits:
         for key in keys:
             problem, channels = self._problem(key, gathered)
             sol = solve_key(problem, cost, self.coe_lambda, self.time_limit / len(keys),
-                            budget=self.variance_budget)
+                            budget=self.budget(key))
             by_channel, at = {}, 0
             for i, j, ng in channels:
                 widths = sol.bits[at:at + ng].astype(np.uint8)
@@ -422,7 +449,7 @@ class AdaptiveBits:
         """What the run's summary records: the cost model, its check, the last solve."""
         return {"cost_model": self.cost.state_dict() if self.cost is not None else None,
                 "setup_time": self.setup_time, "setup_window": self.setup_window,
-                "variance_budget": self.variance_budget,
+                "variance_budget": self.variance_budget, "gradient_budget": self.gradient_budget,
                 "cost_check": [list(c) for c in self.cost_check],
                 "last_solve_time": self.last_solve_time, "solve": self.solve_info,
                 "history": self.history}
@@ -440,15 +467,18 @@ class AdaptiveBits:
     def load_state_dict(self, state: dict) -> None:
         """Restores the allocator; the assignment is installed at the next epoch.
 
-        The knobs (cycle, group size, variance budget, coe_lambda, time
-        limit) stay as this allocator was made, so a resumed run may change
-        them (the next re-assignment regroups and solves with them); each
-        that differs from the checkpoint's is named in a warning, since
-        the same values are what resumes exactly.
+        The knobs (cycle, group size, the budgets, coe_lambda, time limit)
+        stay as this allocator was made, so a resumed run may change them
+        (the next re-assignment regroups and solves with them); each that
+        differs from the checkpoint's is named in a warning, since the same
+        values are what resumes exactly.
 
         Raises:
             ValueError: If `state` is not an adaptive allocator's.
         """
+        # Checkpoints written before the gradients had a budget of their own
+        # ran them under the one budget.
+        state = {"gradient_budget": state.get("variance_budget"), **state}
         missing = [knob for knob in KNOBS if knob not in state]
         if missing:
             raise ValueError(f"it holds no adaptive allocator state (missing "

@@ -78,11 +78,14 @@ class AssignConfig:
     cycle: int = 10                    #: epochs between re-assignments (random: redraw)
     group_size: int = 100              #: adaptive: messages of one channel sharing a width
     #: adaptive: the fastest widths whose quantization noise stays within this
-    #: fraction of the power of the layer's aggregated output (forward, as the
-    #: weight applied next, if any, sees it: dist_graph.signal_power) or of
-    #: its input gradient (backward), per layer and direction (0.1: -10 dB);
-    #: null uses the paper's weighted sum with ``coe_lambda``
-    variance_budget: Optional[float] = 0.1
+    #: fraction of the power of the layer's aggregated output, as the weight
+    #: applied next, if any, sees it (dist_graph.signal_power), per forward
+    #: exchange (0.03: about -15 dB); null uses the paper's weighted sum with
+    #: ``coe_lambda`` for every exchange
+    variance_budget: Optional[float] = 0.03
+    #: adaptive: the same for the backward exchanges, as a fraction of the power
+    #: of the layer's input gradient (0.1: -10 dB); null: ``variance_budget``
+    gradient_budget: Optional[float] = 0.1
     coe_lambda: float = 0.5            #: adaptive, without a budget: weight of variance against time
 
     def __post_init__(self) -> None:
@@ -93,8 +96,10 @@ class AssignConfig:
         _check(self.group_size >= 1, "assign.group_size", f"must be >= 1, got {self.group_size}")
         _check(0.0 <= self.coe_lambda <= 1.0, "assign.coe_lambda",
                f"must be in [0, 1], got {self.coe_lambda}")
-        _check(self.variance_budget is None or self.variance_budget >= 0.0,
-               "assign.variance_budget", f"must be >= 0 or null, got {self.variance_budget}")
+        for name in ("variance_budget", "gradient_budget"):
+            budget = getattr(self, name)
+            _check(budget is None or budget >= 0.0, f"assign.{name}",
+                   f"must be >= 0 or null, got {budget}")
 
 
 @dataclass
