@@ -16,7 +16,8 @@ import time
 import numpy as np
 
 from pyg_adaqp.assign import CostModel, KeyProblem, group_messages, objective, solve_key
-from pyg_adaqp.assign.adaptive import DEFAULT_BUDGET, MAX_GROUPS_PER_CHANNEL
+from pyg_adaqp.assign.adaptive import (DEFAULT_BUDGET, DEFAULT_GRADIENT_BUDGET,
+                                       MAX_GROUPS_PER_CHANNEL)
 
 
 def synthetic_key(rng: np.random.Generator, workers: int, width: int, min_rows: int,
@@ -51,7 +52,10 @@ def main() -> None:
                         help="most groups per channel (the allocator's default)")
     parser.add_argument("--coe-lambda", type=float, default=0.5)
     parser.add_argument("--budget", type=float, default=DEFAULT_BUDGET,
-                        help="variance budget (negative: the weighted sum with --coe-lambda)")
+                        help="forward keys' variance budget (negative: the weighted sum "
+                             "with --coe-lambda, for every key)")
+    parser.add_argument("--gradient-budget", type=float, default=DEFAULT_GRADIENT_BUDGET,
+                        help="backward keys' variance budget")
     parser.add_argument("--time-limit", type=float, default=0.3,
                         help="seconds for the MILPs of one re-assignment together")
     parser.add_argument("--seed", type=int, default=0)
@@ -68,10 +72,12 @@ def main() -> None:
     print(f"{args.workers} workers, {channels} channels, {len(keys)} keys, "
           f"{args.min_rows}-{args.max_rows} rows per channel, group_size {args.group_size} "
           f"(at most {args.max_groups} groups per channel), "
-          f"budget {args.budget}" if args.budget >= 0 else f"lambda {args.coe_lambda}")
-    budget = args.budget if args.budget >= 0 else None
+          f"budgets {args.budget} (forward), {args.gradient_budget} (backward)"
+          if args.budget >= 0 else f"lambda {args.coe_lambda}")
     t0 = time.perf_counter()
     for key, problem in problems.items():
+        budget = None if args.budget < 0 else (
+            args.budget if key.startswith("forward") else args.gradient_budget)
         sol = solve_key(problem, cost, args.coe_lambda, args.time_limit / len(keys),
                         budget=budget)
         greedy = solve_key(problem, cost, args.coe_lambda, 0.0, max_milp_groups=0,

@@ -213,10 +213,12 @@ class AdaptiveBits:
                 ex.set_bits(key, send, recv)
 
     def budget(self, key: str) -> float | None:
-        """The variance budget of exchange `key` (None: the weighted sum)."""
-        if self.variance_budget is None or key.startswith("forward"):
+        """The variance budget of exchange `key` (None: the weighted sum): the
+        gradient budget for a backward key, if set, else the variance budget."""
+        if (self.variance_budget is None or not key.startswith("backward")
+                or self.gradient_budget is None):
             return self.variance_budget
-        return self.variance_budget if self.gradient_budget is None else self.gradient_budget
+        return self.gradient_budget
 
     def reassigns_at(self, epoch: int) -> bool:
         """Whether the widths are re-assigned at the start of `epoch`."""
