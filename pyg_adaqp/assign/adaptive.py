@@ -31,9 +31,9 @@ optimizer averages over the epochs as it does any unbiased gradient noise;
 forward noise enters the activations that every later layer and the loss
 are computed from, through nonlinearities, so it changes what is learned.
 Measured (``docs/benchmarks.md``, sixteenth pass): on a graph where uniform
-2 bits cost GCN 1.9 pt, a forward budget of 0.1 left it 0.5 pt below full
+2 bits cost GCN 1.9 pt, one budget of 0.1 left it 0.5 pt below full
 precision (3 seeds), and a tighter budget on the gradients alone did not
-help; a forward budget of 0.03 held every seed within 0.23 pt, with the
+help; a forward budget of 0.03 held every seed within 0.25 pt, with the
 gradients' still at 0.1.
 
 Links change during training (a congested switch port, a host moved to a
