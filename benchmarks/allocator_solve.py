@@ -15,7 +15,8 @@ import time
 
 import numpy as np
 
-from pyg_adaqp.assign import CostModel, KeyProblem, group_messages, objective, solve_key
+from pyg_adaqp.assign import (AdaptiveBits, CostModel, KeyProblem, group_messages, objective,
+                              solve_key)
 from pyg_adaqp.assign.adaptive import (DEFAULT_BUDGET, DEFAULT_GRADIENT_BUDGET,
                                        MAX_GROUPS_PER_CHANNEL)
 
@@ -74,10 +75,12 @@ def main() -> None:
           f"(at most {args.max_groups} groups per channel), "
           f"budgets {args.budget} (forward), {args.gradient_budget} (backward)"
           if args.budget >= 0 else f"lambda {args.coe_lambda}")
+    # Each key's budget as the allocator gives it.
+    allocator = AdaptiveBits(variance_budget=args.budget if args.budget >= 0 else None,
+                             gradient_budget=args.gradient_budget)
     t0 = time.perf_counter()
     for key, problem in problems.items():
-        budget = None if args.budget < 0 else (
-            args.budget if key.startswith("forward") else args.gradient_budget)
+        budget = allocator.budget(key)
         sol = solve_key(problem, cost, args.coe_lambda, args.time_limit / len(keys),
                         budget=budget)
         greedy = solve_key(problem, cost, args.coe_lambda, 0.0, max_milp_groups=0,
