@@ -282,9 +282,6 @@ def test_allocator_checks_its_arguments():
         AdaptiveBits(gradient_budget=-0.1)
     with pytest.raises(ValueError, match="first_bits must be one of"):
         AdaptiveBits(first_bits=3)
-    with pytest.raises(ValueError, match=r"first_gradient_bits must be one of \(2, 4, 8\) or "
-                                         r"None, got 16"):
-        AdaptiveBits(first_gradient_bits=16)
     with pytest.raises(ValueError, match="time_limit must be >= 0 seconds, got -1"):
         AdaptiveBits(time_limit=-1)
     with pytest.raises(ValueError, match="profile_repeats must be >= 1, got 0"):
@@ -296,8 +293,7 @@ def test_allocator_checks_its_arguments():
                                             ("assign.variance_budget=-1",
                                              "assign.variance_budget"),
                                             ("assign.gradient_budget=-1",
-                                             "assign.gradient_budget"),
-                                            ("assign.gradient_bits=3", "assign.gradient_bits")])
+                                             "assign.gradient_budget")])
 def test_bad_allocator_config_names_the_field(override, field):
     with pytest.raises(ValueError, match=rf"config field '{field}'"):
         make_config("assign=adaptive", override)
@@ -381,21 +377,17 @@ def test_adaptive_training_end_to_end(tmp_path, budget):
         assert all(f == 1.0 or f >= 2.0 for fs in h["link_slowdown"].values() for f in fs)
 
 
-@pytest.mark.parametrize("first_bits,first_gradient_bits", [(8, 2), (4, None)])
-def test_ranges_are_traced_only_in_the_epoch_before_a_reassignment(monkeypatch, first_bits,
-                                                                    first_gradient_bits):
+@pytest.mark.parametrize("first_bits", [8, 4])
+def test_ranges_are_traced_only_in_the_epoch_before_a_reassignment(monkeypatch, first_bits):
     """Epoch 0 and the epoch before every re-assignment carry the tracer; no
-    other. Epoch 0 runs at `first_bits`, its backward keys at
-    `first_gradient_bits` (None: `first_bits`)."""
+    other. Epoch 0 runs at `first_bits`."""
     from types import SimpleNamespace
 
-    allocator = AdaptiveBits(cycle=4, first_bits=first_bits,
-                             first_gradient_bits=first_gradient_bits)
+    allocator = AdaptiveBits(cycle=4, first_bits=first_bits)
     allocator.cost = CostModel({0: 1e-9, 1: 1e-9}, {0: 1e-9, 1: 1e-9})
     reassigned, traced = [], []
     monkeypatch.setattr(allocator, "reassign", lambda graph: reassigned.append(allocator._epoch))
-    exchange = SimpleNamespace(transport=object(), tracer=None, default_bits=None,
-                               default_gradient_bits=None)
+    exchange = SimpleNamespace(transport=object(), tracer=None, default_bits=None)
     graph = SimpleNamespace(exchange=exchange)
     for epoch in range(13):
         allocator.on_epoch_start(epoch, graph)
@@ -405,36 +397,17 @@ def test_ranges_are_traced_only_in_the_epoch_before_a_reassignment(monkeypatch, 
     assert reassigned == [1, 4, 8, 12]
     assert traced == [0, 3, 7, 11]
     assert exchange.default_bits == first_bits
-    assert exchange.default_gradient_bits == first_gradient_bits
-    gradient = first_bits if first_gradient_bits is None else first_gradient_bits
-    # An untraced key (no rows sent) keeps its epoch-0 width at a re-assignment.
-    assert [allocator.first_width(k) for k in ("forward 1", "backward 1", "backward 0")] == [
-        first_bits, gradient, gradient]
-    assert allocator._row_bits("backward 1", 0, {}, 3).tolist() == [gradient] * 3
 
 
-@pytest.mark.parametrize("gradient_bits,expect", [((), "2"), (("assign.gradient_bits=null",), "4"),
-                                                   (("assign.gradient_bits=8",), "8")])
-def test_epoch_zero_runs_at_assign_bits(tmp_path, gradient_bits, expect):
-    """`assign.bits` and `assign.gradient_bits` reach the adaptive allocator:
-    epoch 0's forward rows at the first, its backward rows at the second
-    (2 by default; null: the first)."""
-    cfg = make_config(*SMALL, "assign=adaptive", "assign.bits=4", "trainer.epochs=1",
-                      *gradient_bits)
+def test_epoch_zero_runs_at_assign_bits(tmp_path):
+    """`assign.bits` reaches the adaptive allocator: epoch 0's rows at that width."""
+    cfg = make_config(*SMALL, "assign=adaptive", "assign.bits=2", "trainer.epochs=1")
     launch(cfg, tmp_path)
     _, summary = read_run(tmp_path)
     hist = summary["bits_histogram"]
     # (layer 0's input halo is exchanged once, in epoch 0, at full precision)
     assert {k: set(v) for k, v in hist.items() if not k.startswith("input")} == {
-        "forward 1": {"4"}, "forward 2": {"4"}, "backward 1": {expect}, "backward 2": {expect}}
-
-
-def test_epoch_zero_sends_gradients_at_two_bits_by_default():
-    """The defaults: epoch 0's forward keys at 8 bits, its backward keys at 2."""
-    cfg = make_config("assign=adaptive")
-    assert (cfg.assign.bits, cfg.assign.gradient_bits) == (8, 2)
-    allocator = AdaptiveBits()
-    assert (allocator.first_width("forward 0"), allocator.first_width("backward 0")) == (8, 2)
+        key: {"2"} for key in ("forward 1", "backward 1", "forward 2", "backward 2")}
 
 
 def test_codec_costs_recover_the_per_row_and_per_element_costs():

@@ -1,9 +1,8 @@
 r"""`AdaptiveBits`: AdaQP's adaptive bit-width allocator as a trainer callback (SPEC 7).
 
 Schedule: :meth:`AdaptiveBits.setup` measures the cost model once, before
-epoch 0 and outside every epoch's time.  Epoch 0 exchanges the forward
-keys at ``first_bits`` (8 by default) and the backward keys at
-``first_gradient_bits`` (2) while a
+epoch 0 and outside every epoch's time.  Epoch 0 exchanges at ``first_bits``
+(8 by default) while a
 :class:`RangeTracer` records every row's range statistic and each key's signal; the
 first assignment is made from those traces at the start of epoch 1, and
 then re-made every ``cycle`` epochs from the traces of the epoch before it
@@ -36,14 +35,6 @@ Measured (``docs/benchmarks.md``, sixteenth pass): on a graph where uniform
 precision (3 seeds), and a tighter budget on the gradients alone did not
 help; a forward budget of 0.03 held every seed within 0.25 pt, with the
 gradients' still at 0.1.
-
-Epoch 0's widths are a prior, before any range is traced, and the same
-asymmetry sets them.  On an underfitting GCN (``docs/benchmarks.md``,
-seventeenth pass; all rows at 2 bits from epoch 1 on) epoch 0 at 2 bits
-cost 0.61 pt against 8 bits over 8 seeds, and 0.67 pt with only its
-forward keys at 2 bits, but 0.13 pt (16 seeds) with only its backward keys
-at 2: the forward keys' first epoch stays at 8 bits, and the gradients'
-at the width the allocator gave them in every configuration measured.
 
 Links change during training (a congested switch port, a host moved to a
 slower network). Every exchange times each peer's buffer from posting to
@@ -89,8 +80,6 @@ log = logging.getLogger(__name__)
 DEFAULT_BUDGET = 0.03
 #: The default budget of the backward keys (the gradients; -10 dB).
 DEFAULT_GRADIENT_BUDGET = 0.1
-#: The default width of the backward keys in epoch 0, before the first assignment.
-DEFAULT_FIRST_GRADIENT_BITS = 2
 #: A link's slow-down (measured arrival over predicted, against its best) below
 #: this is taken as noise; at or above it, the link's profiled rate is scaled.
 DRIFT_BAND = 2.0
@@ -129,21 +118,18 @@ class AdaptiveBits:
             stands. (default: :obj:`0.3`)
         profile_repeats (int, optional): Timed exchanges per size when
             profiling the links (their median counts). (default: :obj:`1`)
-        first_bits (int, optional): Width of every quantized forward row
-            in epoch 0, before the first assignment. (default: :obj:`8`)
+        first_bits (int, optional): Width of every quantized row in epoch 0,
+            before the first assignment. (default: :obj:`8`)
         gradient_budget (float, optional): The same for the backward keys,
             as a fraction of the power of the gradient of the layer's input
             rows; :obj:`None`: `variance_budget`. Unused without a
             `variance_budget`. (default: :obj:`0.1`)
-        first_gradient_bits (int, optional): The same for the backward
-            rows; :obj:`None`: `first_bits`. (default: :obj:`2`)
     """
 
     def __init__(self, cycle: int = 10, group_size: int = 100, coe_lambda: float = 0.5,
                  variance_budget: float | None = DEFAULT_BUDGET, time_limit: float = 0.3,
                  profile_repeats: int = 1, first_bits: int = 8,
-                 gradient_budget: float | None = DEFAULT_GRADIENT_BUDGET,
-                 first_gradient_bits: int | None = DEFAULT_FIRST_GRADIENT_BITS):
+                 gradient_budget: float | None = DEFAULT_GRADIENT_BUDGET):
         if cycle < 1:
             raise ValueError(f"cycle must be >= 1, got {cycle}")
         if group_size < 1:
@@ -158,18 +144,13 @@ class AdaptiveBits:
             raise ValueError(f"time_limit must be >= 0 seconds, got {time_limit}")
         if profile_repeats < 1:
             raise ValueError(f"profile_repeats must be >= 1, got {profile_repeats}")
-        widths = tuple(int(b) for b in WIDTHS)
-        if first_bits not in widths:
-            raise ValueError(f"first_bits must be one of {widths}, got {first_bits}")
-        if first_gradient_bits is not None and first_gradient_bits not in widths:
-            raise ValueError(f"first_gradient_bits must be one of {widths} or None, "
-                             f"got {first_gradient_bits}")
+        if first_bits not in WIDTHS:
+            raise ValueError(f"first_bits must be one of {tuple(int(b) for b in WIDTHS)}, "
+                             f"got {first_bits}")
         self.cycle, self.group_size, self.coe_lambda = cycle, group_size, coe_lambda
         self.variance_budget, self.gradient_budget = variance_budget, gradient_budget
         self.time_limit, self.profile_repeats = time_limit, profile_repeats
         self.first_bits = int(first_bits)
-        self.first_gradient_bits = (None if first_gradient_bits is None
-                                    else int(first_gradient_bits))
         self.cost: CostModel | None = None
         #: Seconds :meth:`setup` took on this worker, and when (``time.time()``).
         self.setup_time = 0.0
@@ -228,15 +209,8 @@ class AdaptiveBits:
         if ex is not self._exchange:
             self._exchange, self._tracer = ex, RangeTracer()
             ex.default_bits = self.first_bits
-            ex.default_gradient_bits = self.first_gradient_bits
             for key, (send, recv) in self.assignment.items():  # restored from a checkpoint
                 ex.set_bits(key, send, recv)
-
-    def first_width(self, key: str) -> int:
-        """The width of exchange `key`'s rows before the first assignment."""
-        if key.startswith("backward") and self.first_gradient_bits is not None:
-            return self.first_gradient_bits
-        return self.first_bits
 
     def budget(self, key: str) -> float | None:
         """The variance budget of exchange `key` (None: the weighted sum): the
@@ -341,7 +315,7 @@ class AdaptiveBits:
         """Widths of the rows this worker sends `peer` under `key`, in send order."""
         widths = group_bits.get(key, {}).get(peer)
         if widths is None:  # untraced (no rows): as before the first assignment
-            return torch.full((num_rows,), self.first_width(key), dtype=torch.uint8)
+            return torch.full((num_rows,), self.first_bits, dtype=torch.uint8)
         order, rows = self._orders[key][peer]
         per_row = np.empty(order.size, dtype=np.uint8)
         per_row[order] = np.repeat(widths, rows)

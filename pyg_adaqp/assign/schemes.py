@@ -27,7 +27,6 @@ class UniformBits:
 
     def on_epoch_start(self, epoch: int, graph: DistGraph) -> None:
         graph.exchange.default_bits = self.bits
-        graph.exchange.default_gradient_bits = None  # the gradients too
 
     def report(self) -> dict:
         """Nothing beyond the configuration to record."""

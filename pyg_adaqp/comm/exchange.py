@@ -110,8 +110,6 @@ class HaloExchange:
         self._recv_slice = {p: _as_slice(i) for p, i in graph.recv_index.items()}
         #: Width of quantized rows of keys without an assignment (:meth:`set_bits`).
         self.default_bits = 8
-        #: The same for the backward keys (the gradients); None: :attr:`default_bits`.
-        self.default_gradient_bits: int | None = None
         #: Optional observer of quantized exchanges: ``tracer.record(key, peer, ranges,
         #: width)`` gets the per-row range ``max - min`` of every quantized message
         #: sent, ``tracer.record_signal(key, power)`` the squared norm of what the
@@ -185,11 +183,7 @@ class HaloExchange:
         :meth:`set_bits` widths), or the one width of all its rows."""
         if not quantize:
             return FULL_PRECISION
-        if key in self._bits:
-            return "assigned"
-        if key.startswith("backward") and self.default_gradient_bits is not None:
-            return self.default_gradient_bits
-        return self.default_bits
+        return "assigned" if key in self._bits else self.default_bits
 
     def _layout(self, key: str, peer: int, sending: bool, num_rows: int, width: int,
                 quantize: bool) -> MessageLayout:

@@ -75,9 +75,6 @@ class AssignConfig:
     """Bit widths of quantized messages."""
     scheme: str = "adaptive"           #: ``adaptive``, ``uniform`` (all at ``bits``) or ``random``
     bits: int = 8                      #: uniform: every row's width; adaptive: epoch 0's
-    #: adaptive: epoch 0's width of the backward exchanges (the gradients);
-    #: null: ``bits``
-    gradient_bits: Optional[int] = 2
     cycle: int = 10                    #: epochs between re-assignments (random: redraw)
     group_size: int = 100              #: adaptive: messages of one channel sharing a width
     #: adaptive: the fastest widths whose quantization noise stays within this
@@ -95,8 +92,6 @@ class AssignConfig:
         _check(self.scheme in SCHEMES, "assign.scheme",
                f"must be one of {SCHEMES}, got {self.scheme!r}")
         _check(self.bits in BITS, "assign.bits", f"must be one of {BITS}, got {self.bits}")
-        _check(self.gradient_bits is None or self.gradient_bits in BITS, "assign.gradient_bits",
-               f"must be one of {BITS} or null, got {self.gradient_bits}")
         _check(self.cycle >= 1, "assign.cycle", f"must be >= 1, got {self.cycle}")
         _check(self.group_size >= 1, "assign.group_size", f"must be >= 1, got {self.group_size}")
         _check(0.0 <= self.coe_lambda <= 1.0, "assign.coe_lambda",

@@ -111,8 +111,7 @@ class Trainer:
                        else RandomBits(m.num_layers, a.cycle, cfg.seed) if a.scheme == "random"
                        else AdaptiveBits(a.cycle, a.group_size, a.coe_lambda,
                                          a.variance_budget, first_bits=a.bits,
-                                         gradient_budget=a.gradient_budget,
-                                         first_gradient_bits=a.gradient_bits))
+                                         gradient_budget=a.gradient_budget))
         self.rows_by_bits: dict[str, dict[int, int]] = {}
         self.exchange_widths: dict[str, int] = {}  #: feature width of every exchange key
         counts = torch.zeros(ctx.world_size)
