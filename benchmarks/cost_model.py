@@ -18,7 +18,8 @@ starting each exchange at one common time (``--exchange-start barrier``:
 each as it leaves a barrier; the check prints how far apart they leave
 it), and compares the model's prediction with the slowest worker's
 measured time (median of ``--repeats``).  Prints every worker's fitted link
-and the errors; the allocator's claim is an error of at most 15% on
+and the errors, with which worker the model predicts slowest and which was
+measured slowest, and how many bytes the first one's link carries each way; the allocator's claim is an error of at most 15% on
 exchanges of 4 ms or more.
 
 With ``--runs N`` the whole check, set-up included, runs N times on the
@@ -208,8 +209,12 @@ def worker(args: argparse.Namespace) -> None:
                       for (i, _), c in rows.items() if i == w for b, n in c.items())
             dec = sum(model.codec_seconds(w, n, width, b, False)
                       for (_, j), c in rows.items() if j == w for b, n in c.items())
+            # What the predicted slowest worker's link carries each way.
+            nbytes = {ch: MessageLayout(v, width).nbytes for ch, v in bits.items()}
+            out_in = (sum(n for (i, _), n in nbytes.items() if i == w),
+                      sum(n for (_, j), n in nbytes.items() if j == w))
             checks.append((width, predicted, everyone[slowest][0], (enc, dec),
-                           everyone[slowest][1:]))
+                           everyone[slowest][1:], (w, slowest), out_in))
     setups = [None] * k
     dist.all_gather_object(setups, setup)
     if rank == 0:
@@ -230,14 +235,17 @@ def worker(args: argparse.Namespace) -> None:
                   f"{model.beta[i] * 1e3:.3f} | {model.free[i] / 1e3:.1f} | "
                   f"{model.bucket[i][0] * 1e3:.2f} / {model.bucket[i][1] * 1e3:.2f} |")
         print("\n| message width | predicted ms | measured ms | error | "
-              "encode ms pred / meas | link ms pred / meas | decode ms pred / meas |")
-        print("|---:|---:|---:|---:|---:|---:|---:|")
-        for width, predicted, measured, (enc, dec), (m_enc, m_link, m_dec) in checks:
+              "encode ms pred / meas | link ms pred / meas | decode ms pred / meas | "
+              "slowest worker pred / meas | its link's KB out / in |")
+        print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+        for (width, predicted, measured, (enc, dec), (m_enc, m_link, m_dec), (w, slowest),
+             (out_b, in_b)) in checks:
             print(f"| {width} | {predicted * 1e3:.2f} | {measured * 1e3:.2f} | "
                   f"{100 * (predicted - measured) / measured:+.0f}% | "
                   f"{enc * 1e3:.1f} / {m_enc * 1e3:.1f} | "
                   f"{(predicted - enc - dec) * 1e3:.1f} / {m_link * 1e3:.1f} | "
-                  f"{dec * 1e3:.1f} / {m_dec * 1e3:.1f} |")
+                  f"{dec * 1e3:.1f} / {m_dec * 1e3:.1f} | {w} / {slowest} | "
+                  f"{out_b / 1e3:.0f} / {in_b / 1e3:.0f} |")
         timed = [m >= MIN_TIMED_S for _, _, m, *_ in checks]
         if any(timed):
             errors = claim_errors([p for _, p, *_ in checks],
