@@ -18,9 +18,9 @@ starting each exchange at one common time (``--exchange-start barrier``:
 each as it leaves a barrier; the check prints how far apart they leave
 it), and compares the model's prediction with the slowest worker's
 measured time (median of ``--repeats``).  Prints every worker's fitted link
-and the errors, with which worker the model predicts slowest and which was
-measured slowest, and how many bytes the first one's link carries each way; the allocator's claim is an error of at most 15% on
-exchanges of 4 ms or more.
+and the errors, with the worker the model predicts slowest, the one
+measured slowest, and the bytes the first one's link carries each way; the
+allocator's claim is an error of at most 15% on exchanges of 4 ms or more.
 
 With ``--runs N`` the whole check, set-up included, runs N times on the
 same cluster (every check draws the same widths in every run), and a last
