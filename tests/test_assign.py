@@ -20,8 +20,9 @@ from pyg_adaqp.assign import (
     solve_key,
 )
 from pyg_adaqp.assign import cost_model
-from pyg_adaqp.assign.cost_model import (BUCKET_REPEATS, CODEC_ELEMENTS, PROFILE_BYTES,
-                                         SOURCE_ROWS_PER_ROW, codec_costs, fit_link,
+from pyg_adaqp.assign.cost_model import (BUCKET_REPEATS, CODEC_ELEMENTS, CODEC_WIDTHS,
+                                         LATENCY_REPEATS, PROFILE_BYTES, SOURCE_ROWS_PER_ROW,
+                                         codec_costs, fit_link, latency_plan, loaded_latency,
                                          profile_codec)
 from pyg_adaqp.assign.milp import TIE_BREAK, WIDTHS
 from pyg_adaqp.comm import message_nbytes
@@ -86,6 +87,23 @@ def test_cost_model_is_the_critical_path_of_each_worker():
     _, two = assignment_seconds(cost, 100, {(0, 1): {4: 500, 8: 500}})   # no 8-bit codec cost
     assert two[0] == pytest.approx(2 * 2e-4 + 500 * 1e-6 + 1e-3 + 1e-9 * nbytes)
     assert two[1] == pytest.approx(2 * 3e-4 + 500 * 100 * 1e-8 + 1e-9 * nbytes)
+
+
+def test_loaded_latency_is_what_the_exchange_took_beyond_the_model():
+    """Every worker sends LATENCY_ROWS split over its peers at 2 bits; what a
+    worker's exchange took beyond the model's prediction of it is its extra
+    latency, never below 0."""
+    assert latency_plan(3, rows=100) == {(0, 1): {2: 50}, (0, 2): {2: 50}, (1, 0): {2: 50},
+                                         (1, 2): {2: 50}, (2, 0): {2: 50}, (2, 1): {2: 50}}
+    cost = CostModel(up={0: 1e-8, 1: 2e-8}, down={0: 1e-8, 1: 1e-8}, beta={0: 1e-3, 1: 1e-3},
+                     encode={i: {2: (1e-6, 1e-8)} for i in (0, 1)},
+                     decode={i: {2: (1e-7, 1e-9)} for i in (0, 1)})
+    plan = latency_plan(2, rows=1000)
+    nbytes = message_nbytes(1000, CODEC_WIDTHS[0], 2)
+    codec = 1000 * (1e-6 + 1e-8 * CODEC_WIDTHS[0]) + 1000 * (1e-7 + 1e-9 * CODEC_WIDTHS[0])
+    predicted = {0: codec + 1e-3 + 1e-8 * nbytes, 1: codec + 1e-3 + 2e-8 * nbytes}
+    extra = loaded_latency(cost, plan, [predicted[0] + 4e-3, predicted[1] - 1e-3])
+    assert extra[0] == pytest.approx(4e-3) and extra[1] == 0.0
 
 
 def test_cost_model_encodes_shared_rows_once():
@@ -562,8 +580,9 @@ def test_profile_goes_through_the_exchanges_own_transport_and_device():
     parts = partition_graph(synthetic_graph(num_nodes=300, avg_degree=6, num_features=8), 2)
     for seen in run_workers(_profile_through_the_exchange, 2, parts, timeout_s=60):
         # every link round went through it: a warm-up, each worker's round at
-        # each size, the all-links round (one timed exchange each by default)
-        assert len(seen) == 1 + 2 * len(PROFILE_BYTES) + 1
+        # each size, the all-links round (one timed exchange each by default),
+        # then the loaded-latency exchange (a warm-up and its repetitions)
+        assert len(seen) == 1 + 2 * len(PROFILE_BYTES) + 1 + 1 + LATENCY_REPEATS
         assert all(same and device == torch.device("cpu") and buffers in ([], ["cpu"])
                    for same, device, buffers in seen)
 

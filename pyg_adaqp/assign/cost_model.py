@@ -33,6 +33,10 @@ counts only senders.)
 bounded time: the codec on synthetic rows, and the links in one round per
 worker in which that worker sends to and receives from every peer at once,
 at a few sizes, so each end of every link is timed in both directions.
+Last, one small exchange that every worker codes and sends at once, as
+training does, against the model's prediction for it: what it takes beyond
+(wake-ups of the transport's threads while the other workers hold the
+cores, where workers share a host's cores) is added to :math:`\beta_i`.
 """
 from __future__ import annotations
 
@@ -68,6 +72,12 @@ SOURCE_ROWS_PER_ROW = 2
 BUCKET_ROWS = 8
 #: Repetitions of that message: its fixed cost is their fastest.
 BUCKET_REPEATS = 9
+#: The loaded-latency exchange: rows each worker sends (split over its peers),
+#: of CODEC_WIDTHS[0] at 2 bits, and timed repetitions (their median counts).
+#: A few milliseconds each; on 4 workers sharing 2 cores it read 3-4x the
+#: idle model's prediction at 1 Gbit/s (docs/benchmarks.md, seventeenth pass).
+LATENCY_ROWS = 8192
+LATENCY_REPEATS = 5
 
 
 @dataclass
@@ -77,7 +87,8 @@ class CostModel:
     Args:
         up (dict[int, float]): Seconds per byte leaving each worker.
         down (dict[int, float]): Seconds per byte entering each worker.
-        beta (dict[int, float], optional): Fixed seconds of each worker's exchange.
+        beta (dict[int, float], optional): Fixed seconds of each worker's
+            exchange, as every worker codes and sends at once.
         free (dict[int, float], optional): Bytes each worker's link passes
             before its rate applies (0 when missing).
         encode (dict[int, dict[int, tuple[float, float]]], optional): Per
@@ -404,11 +415,68 @@ def profile_cost_model(transport: Transport, device: torch.device | str = "cpu",
     codec = profile_codec(device, barrier=lambda: dist.barrier(group=transport.group))
     links = profile_links(transport, device, repeats=repeats)
     codecs = _gather(codec)
-    return CostModel({i: f[0] for i, f in links.items()}, {i: f[1] for i, f in links.items()},
-                     {i: f[2] for i, f in links.items()}, {i: f[3] for i, f in links.items()},
-                     {i: c[0] for i, c in enumerate(codecs)},
-                     {i: c[1] for i, c in enumerate(codecs)},
-                     {i: c[2] for i, c in enumerate(codecs)})
+    model = CostModel({i: f[0] for i, f in links.items()}, {i: f[1] for i, f in links.items()},
+                      {i: f[2] for i, f in links.items()}, {i: f[3] for i, f in links.items()},
+                      {i: c[0] for i, c in enumerate(codecs)},
+                      {i: c[1] for i, c in enumerate(codecs)},
+                      {i: c[2] for i, c in enumerate(codecs)})
+    plan = latency_plan(transport.world_size)
+    took = _gather(time_loaded_exchange(transport, device, plan))
+    for i, extra in loaded_latency(model, plan, took).items():
+        model.beta[i] += extra
+    return model
+
+
+def latency_plan(world_size: int, rows: int = LATENCY_ROWS) -> dict[tuple[int, int], dict[int, int]]:
+    """The loaded-latency exchange's rows per channel ``(i, j)`` and width:
+    every worker sends `rows` at 2 bits, split evenly over its peers."""
+    per_peer = max(1, rows // max(1, world_size - 1))
+    return {(i, j): {2: per_peer} for i in range(world_size) for j in range(world_size)
+            if i != j}
+
+
+def time_loaded_exchange(transport: Transport, device: torch.device,
+                         plan: dict[tuple[int, int], dict[int, int]],
+                         repeats: int = LATENCY_REPEATS) -> float:
+    """Times the exchange `plan` (:func:`latency_plan`) as training runs one
+    (collective): every worker encodes its rows (gathered from a source twice
+    as tall), posts every channel, waits and decodes, all after one barrier;
+    returns this worker's median seconds over `repeats` (after one untimed
+    warm-up)."""
+    rank, width = transport.rank, CODEC_WIDTHS[0]
+    gen = torch.Generator(device).manual_seed(rank)
+    mine = {j: n[2] for (i, j), n in plan.items() if i == rank}
+    x = torch.randn(SOURCE_ROWS_PER_ROW * sum(mine.values()), width, generator=gen,
+                    device=device)
+    perm = torch.randperm(x.size(0), generator=gen, device=device)
+    index, at = {}, 0
+    for j, n in sorted(mine.items()):
+        index[j] = perm[at:at + n].sort().values
+        at += n
+    send = {j: MessageLayout(torch.full((n,), 2), width) for j, n in mine.items()}
+    message = SharedRows(index, send)
+    recv = {i: MessageLayout(torch.full((n[2],), 2), width) for (i, j), n in plan.items()
+            if j == rank}
+    out = {i: torch.empty(layout.num_rows, width, device=device) for i, layout in recv.items()}
+    clock = device_clock(device)
+    took = []
+    for _ in range(repeats + 1):              # the first one warms up
+        dist.barrier(group=transport.group)
+        t0 = clock()
+        raw = transport.start(message.pack(x, generator=gen),
+                              {i: layout.nbytes for i, layout in recv.items()}, device).wait()
+        for i, layout in recv.items():
+            layout.unpack(raw[i], out=out[i])
+        took.append(clock() - t0)
+    return float(np.median(took[1:]))
+
+
+def loaded_latency(model: CostModel, plan: dict[tuple[int, int], dict[int, int]],
+                   took: list[float]) -> dict[int, float]:
+    """Per worker, the seconds the loaded-latency exchange `plan` took
+    (`took`, by rank) beyond the model's prediction for it, at least 0."""
+    _, predicted = assignment_seconds(model, CODEC_WIDTHS[0], plan)
+    return {i: max(0.0, took[i] - predicted.get(i, 0.0)) for i in range(len(took))}
 
 
 def assignment_seconds(model: CostModel, width: int, rows: dict[tuple[int, int], dict[int, int]],
