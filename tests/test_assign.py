@@ -47,7 +47,9 @@ def random_problem(seed: int, workers: int = 3, groups: int = 4, width: int = 16
                      # Every used width bucket of a message (by default up
                      # to a row's worth of link time) at each end.
                      bucket={i: (float(rng.uniform(0, bucket)), float(rng.uniform(0, bucket)))
-                             for i in range(workers)})
+                             for i in range(workers)},
+                     # and a loaded latency beside beta
+                     latency={i: float(rng.uniform(0, 1e-5)) for i in range(workers)})
     return problem, cost
 
 
@@ -104,6 +106,11 @@ def test_loaded_latency_is_what_the_exchange_took_beyond_the_model():
     predicted = {0: codec + 1e-3 + 1e-8 * nbytes, 1: codec + 1e-3 + 2e-8 * nbytes}
     extra = loaded_latency(cost, plan, [predicted[0] + 4e-3, predicted[1] - 1e-3])
     assert extra[0] == pytest.approx(4e-3) and extra[1] == 0.0
+    # Measured against the model without a latency of its own, then part of it.
+    cost.latency = extra
+    assert loaded_latency(cost, plan, [predicted[0] + 4e-3, predicted[1]]) == pytest.approx(extra)
+    assert assignment_seconds(cost, CODEC_WIDTHS[0], plan)[1][0] == pytest.approx(
+        predicted[0] + 4e-3)
 
 
 def test_cost_model_encodes_shared_rows_once():
@@ -126,13 +133,16 @@ def test_cost_model_encodes_shared_rows_once():
 
 
 def test_cost_model_lets_free_bytes_through():
-    cost = CostModel({0: 1e-9}, {0: 1e-9}, {0: 1e-4}, {0: 250e3})
-    assert cost.link_seconds(0, 100e3, 0) == pytest.approx(1e-4)          # within the burst
-    assert cost.link_seconds(0, 1.25e6, 0) == pytest.approx(1e-4 + 1e-3)  # 1 MB over it
+    cost = CostModel({0: 1e-9}, {0: 1e-9}, {0: 1e-4}, {0: 250e3}, latency={0: 2e-4})
+    assert cost.link_seconds(0, 100e3, 0) == pytest.approx(3e-4)          # within the burst
+    assert cost.link_seconds(0, 1.25e6, 0) == pytest.approx(3e-4 + 1e-3)  # 1 MB over it
     assert cost.link_seconds(0, 0, 0) == 0.0                              # nothing to move
     assert CostModel.from_state_dict(cost.state_dict()) == cost
     # Through JSON (summary.json) the keys become strings and come back.
     assert CostModel.from_state_dict(json.loads(json.dumps(cost.state_dict()))) == cost
+    # A model saved before the loaded latency was measured has none.
+    old = {k: v for k, v in cost.state_dict().items() if k != "latency"}
+    assert CostModel.from_state_dict(old).link_seconds(0, 100e3, 0) == pytest.approx(1e-4)
 
 
 @pytest.mark.parametrize("free", [0.0, 3e5])
@@ -544,7 +554,7 @@ def test_profile_measures_every_worker_both_ways():
     # Loopback moves bytes as memory copies, so a rate may come out as
     # unmeasurably fast (0 s/B); what matters is that every piece is there.
     for i in (0, 1):
-        assert min(cost.up[i], cost.down[i], cost.beta[i], cost.free[i]) >= 0
+        assert min(cost.up[i], cost.down[i], cost.beta[i], cost.free[i], cost.latency[i]) >= 0
         for table, encoding in ((cost.encode, True), (cost.decode, False)):
             assert set(table[i]) == {2, 4, 8}
             assert all(row >= 0 and element >= 0 for row, element in table[i].values())

@@ -8,7 +8,7 @@ nothing:
 
 .. math::
     T_i = E_i + D_i + \max\big(0,\; C_i - h_i\big), \qquad
-    C_i = \beta_i + \max\big(u_i (\mathrm{out}_i - f_i),\;
+    C_i = \beta_i + \lambda_i + \max\big(u_i (\mathrm{out}_i - f_i),\;
                              d_i (\mathrm{in}_i - f_i),\; 0\big),
 
 and the exchange takes :math:`T = \max_i T_i`, since the slowest worker
@@ -34,14 +34,16 @@ bounded time: the codec on synthetic rows, and the links in one round per
 worker in which that worker sends to and receives from every peer at once,
 at a few sizes, so each end of every link is timed in both directions.
 Last, one small exchange that every worker codes and sends at once, as
-training does, against the model's prediction for it: what it takes beyond
-(wake-ups of the transport's threads while the other workers hold the
-cores, where workers share a host's cores) is added to :math:`\beta_i`.
+training does, against the model's prediction for it: what worker
+:math:`i` takes beyond it is its loaded latency :math:`\lambda_i` (the
+transport's threads waking up behind the other workers' coding, where
+workers share a host's cores; the link rounds time :math:`\beta_i` with
+the other workers idle).
 """
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable
 
 import numpy as np
@@ -87,8 +89,7 @@ class CostModel:
     Args:
         up (dict[int, float]): Seconds per byte leaving each worker.
         down (dict[int, float]): Seconds per byte entering each worker.
-        beta (dict[int, float], optional): Fixed seconds of each worker's
-            exchange, as every worker codes and sends at once.
+        beta (dict[int, float], optional): Fixed seconds of each worker's exchange.
         free (dict[int, float], optional): Bytes each worker's link passes
             before its rate applies (0 when missing).
         encode (dict[int, dict[int, tuple[float, float]]], optional): Per
@@ -98,6 +99,9 @@ class CostModel:
         bucket (dict[int, tuple[float, float]], optional): Per worker, the
             encode and decode seconds of every non-empty width bucket of a
             message, whatever its rows.
+        latency (dict[int, float], optional): Fixed seconds each worker's
+            exchange takes beyond `beta` when every worker codes and sends
+            at once (:func:`loaded_latency`; 0 when missing).
     """
     up: dict[int, float] = field(default_factory=dict)
     down: dict[int, float] = field(default_factory=dict)
@@ -106,6 +110,7 @@ class CostModel:
     encode: dict[int, dict[int, tuple[float, float]]] = field(default_factory=dict)
     decode: dict[int, dict[int, tuple[float, float]]] = field(default_factory=dict)
     bucket: dict[int, tuple[float, float]] = field(default_factory=dict)
+    latency: dict[int, float] = field(default_factory=dict)
 
     def codec_seconds(self, worker: int, rows: float, width: int, bits: int,
                       encoding: bool, share: float = 1.0, fan_out: int = 1) -> float:
@@ -126,9 +131,13 @@ class CostModel:
         if out_bytes <= 0 and in_bytes <= 0:
             return 0.0
         f = self.free.get(worker, 0.0)
-        return self.beta.get(worker, 0.0) + max(
+        return self.fixed_seconds(worker) + max(
             0.0, self.up.get(worker, 0.0) * (out_bytes - f),
             self.down.get(worker, 0.0) * (in_bytes - f))
+
+    def fixed_seconds(self, worker: int) -> float:
+        """:math:`\beta_i + \lambda_i`: what `worker`'s link time costs whatever its bytes."""
+        return self.beta.get(worker, 0.0) + self.latency.get(worker, 0.0)
 
     def worker_seconds(self, worker: int, out_bytes: float, in_bytes: float,
                        codec_s: float, hidden_s: float = 0.0) -> float:
@@ -148,7 +157,8 @@ class CostModel:
         return {"up": floats(self.up), "down": floats(self.down), "beta": floats(self.beta),
                 "free": floats(self.free), "encode": codec(self.encode),
                 "decode": codec(self.decode),
-                "bucket": {int(i): [float(x) for x in c] for i, c in self.bucket.items()}}
+                "bucket": {int(i): [float(x) for x in c] for i, c in self.bucket.items()},
+                "latency": floats(self.latency)}
 
     @classmethod
     def from_state_dict(cls, state: dict) -> CostModel:
@@ -158,11 +168,12 @@ class CostModel:
         def floats(d: dict) -> dict[int, float]:
             return {int(i): float(v) for i, v in d.items()}
 
-        # Checkpoints written before the bucket cost was measured lack it.
+        # Checkpoints written before the bucket cost or the loaded latency
+        # was measured lack it.
         bucket = {int(i): tuple(c) for i, c in state.get("bucket", {}).items()}
         return cls(floats(state["up"]), floats(state["down"]), floats(state["beta"]),
                    floats(state["free"]), codec(state["encode"]), codec(state["decode"]),
-                   bucket)
+                   bucket, floats(state.get("latency", {})))
 
 
 def fit_link(sent: np.ndarray, took: np.ndarray) -> tuple[float, float, float]:
@@ -422,12 +433,12 @@ def profile_cost_model(transport: Transport, device: torch.device | str = "cpu",
                       {i: c[2] for i, c in enumerate(codecs)})
     plan = latency_plan(transport.world_size)
     took = _gather(time_loaded_exchange(transport, device, plan))
-    for i, extra in loaded_latency(model, plan, took).items():
-        model.beta[i] += extra
+    model.latency = loaded_latency(model, plan, took)
     return model
 
 
-def latency_plan(world_size: int, rows: int = LATENCY_ROWS) -> dict[tuple[int, int], dict[int, int]]:
+def latency_plan(world_size: int, rows: int = LATENCY_ROWS
+                 ) -> dict[tuple[int, int], dict[int, int]]:
     """The loaded-latency exchange's rows per channel ``(i, j)`` and width:
     every worker sends `rows` at 2 bits, split evenly over its peers."""
     per_peer = max(1, rows // max(1, world_size - 1))
@@ -474,8 +485,9 @@ def time_loaded_exchange(transport: Transport, device: torch.device,
 def loaded_latency(model: CostModel, plan: dict[tuple[int, int], dict[int, int]],
                    took: list[float]) -> dict[int, float]:
     """Per worker, the seconds the loaded-latency exchange `plan` took
-    (`took`, by rank) beyond the model's prediction for it, at least 0."""
-    _, predicted = assignment_seconds(model, CODEC_WIDTHS[0], plan)
+    (`took`, by rank) beyond the prediction of `model` without its
+    :attr:`~CostModel.latency`, at least 0."""
+    _, predicted = assignment_seconds(replace(model, latency={}), CODEC_WIDTHS[0], plan)
     return {i: max(0.0, took[i] - predicted.get(i, 0.0)) for i in range(len(took))}
 
 

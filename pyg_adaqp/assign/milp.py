@@ -142,7 +142,9 @@ class _Timing:
             return np.array([values.get(int(w), default) for w in self.workers], dtype=float)
 
         self.up, self.down = per_worker(cost.up), per_worker(cost.down)
-        self.beta, self.free = per_worker(cost.beta), per_worker(cost.free)
+        # Each worker's link time whatever its bytes: beta and the loaded latency.
+        self.fixed = np.array([cost.fixed_seconds(int(w)) for w in self.workers], dtype=float)
+        self.free = per_worker(cost.free)
         self.hidden = per_worker(problem.hidden)
         self.bytes = problem.bytes
         d, n = problem.width, problem.rows[:, None].astype(float)
@@ -187,7 +189,7 @@ class _Timing:
         cpu = (np.bincount(self.s, self.enc[g, choice], minlength=w)
                + np.bincount(self.r, self.dec[g, choice], minlength=w)
                + self.bucket_seconds(choice))
-        link = self.beta + np.maximum(0.0, np.maximum(self.up * (out - self.free),
+        link = self.fixed + np.maximum(0.0, np.maximum(self.up * (out - self.free),
                                                       self.down * (inn - self.free)))
         link[(out <= 0) & (inn <= 0)] = 0.0
         return float(np.max(cpu + np.maximum(0.0, link - self.hidden)))
@@ -419,8 +421,8 @@ def _milp(obj: _Objective, time_limit: float, mip_rel_gap: float, free: np.ndarr
                           shape=(w, 3 * g + 3 * nc))
         return sp.hstack([m, sp.csr_matrix(-np.ones((w, 1)))], format="csr")
 
-    base_cost = tm.beta - tm.hidden
-    blocks = [  # t >= cpu; cpu + beta - h; cpu + beta - h + u (out - f); ... + d (in - f)
+    base_cost = tm.fixed - tm.hidden
+    blocks = [  # t >= cpu; cpu + fixed - h; cpu + fixed - h + u (out - f); ... + d (in - f)
         (rows(None, None), -cpu_fixed),
         (rows(None, None), -(cpu_fixed + base_cost)),
         (rows(rs, (tm.up[s][:, None] * nbytes).ravel()),
