@@ -61,10 +61,6 @@ from pyg_adaqp.comm.transport import Transport
 #: takes ~40 ms at 100 Mbit/s, and each worker's round moves their sum, 680 KiB,
 #: through its link (~57 ms there).
 PROFILE_BYTES = (512 << 10, 128 << 10, 32 << 10, 8 << 10)
-#: A link whose largest round is faster than this gets one more round, the
-#: largest size times a power of two up to MAX_PROFILE_SCALE, to take about this long.
-PROFILE_MIN_S = 0.03
-MAX_PROFILE_SCALE = 8
 #: Feature widths of the codec profile (per-row and per-element costs).
 CODEC_WIDTHS = (16, 256)
 #: Elements encoded per codec measurement (a fraction of a millisecond on one
@@ -329,8 +325,7 @@ def profile_links(transport: Transport, device: torch.device,
     carries ``size`` bytes in each direction while every other link carries
     a ``k - 1``-th of that.  Each peer times the arrival of ``i``'s bytes
     (``i``'s egress) and ``i`` the arrival of all of theirs (its ingress).
-    A link whose largest round took under :data:`PROFILE_MIN_S` gets one
-    more, larger round.  A last round loads every link at once, as training does; where a link
+    A last round loads every link at once, as training does; where a link
     is slower then than its fit predicts, its rates are scaled by the ratio
     (:func:`link_scales`).
 
@@ -359,26 +354,16 @@ def profile_links(transport: Transport, device: torch.device,
     def round_of(owner: int) -> list[int]:
         return peers if rank == owner else [owner]
 
-    def timed_round(owner: int, size: int) -> float:
-        per_peer = max(1, size // max(1, k - 1))
-        took = float(np.median([exchange(round_of(owner), per_peer) for _ in range(repeats)]))
-        (down_t if rank == owner else up_t)[owner].append((per_peer * (k - 1), took))
-        return took
-
     exchange(round_of(0), sizes[0] // max(1, k - 1))     # warms up every connection
-    largest: dict[int, float] = {}
     for owner in range(k):
-        took = [timed_round(owner, size) for size in sizes]
-        largest[owner] = took[int(np.argmax(sizes))]
-    # A link whose largest round took under PROFILE_MIN_S is timed once more,
-    # larger: at 1 Gbit/s a token bucket's burst (~250 KB) is half of the
-    # 512 KiB round, and the rest too short to read a rate from.
-    seen = _gather(largest)
-    for owner in range(k):
-        took = max(part[owner] for part in seen)
-        if 0 < took < PROFILE_MIN_S:
-            scale = min(MAX_PROFILE_SCALE, 2 ** int(np.ceil(np.log2(PROFILE_MIN_S / took))))
-            timed_round(owner, sizes[0] * scale)
+        for size in sizes:
+            per_peer = max(1, size // max(1, k - 1))
+            took = float(np.median([exchange(round_of(owner), per_peer)
+                                    for _ in range(repeats)]))
+            if rank == owner:
+                down_t[owner].append((per_peer * (k - 1), took))
+            else:
+                up_t[owner].append((per_peer * (k - 1), took))
     # Every link busy at once, both ways, as in training: TCP shares each
     # link with the acknowledgements of the other direction, which the
     # one-link rounds do not see.
