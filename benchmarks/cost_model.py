@@ -350,38 +350,44 @@ def main() -> int:
         return 0
 
     from _workers import print_header
-    from cluster import Cluster
+    from cluster import Cluster, Stopped, stop_on_signals
 
     from pyg_adaqp.data import synthetic_graph
     from pyg_adaqp.partition import partition_graph
 
     print_header()
-    with tempfile.TemporaryDirectory(prefix="adaqp-cost-") as tmp:
-        data = synthetic_graph(num_nodes=args.nodes, avg_degree=args.avg_degree,
-                               num_features=8, seed=0)
-        partition_graph(data, args.hosts, seed=0, out_dir=Path(tmp))
-        runs = []
-        with Cluster(args.hosts, args.rates or args.rate) as cluster:
-            print(f"cluster: {args.hosts} hosts, links at {cluster.rate}", flush=True)
-            for run in range(args.runs):
-                if args.runs > 1:
-                    print(f"\n## run {run + 1} of {args.runs}", flush=True)
-                results = cluster.run(
-                    [sys.executable, "-m", "torch.distributed.run", "--nnodes={hosts}",
-                     "--node-rank={rank}", "--nproc-per-node=1", "--master-addr={master}",
-                     "--master-port=29500", os.path.abspath(__file__), "--part-dir", tmp,
-                     "--repeats", str(args.repeats), "--trials", str(args.trials),
-                     "--profile-repeats", str(args.profile_repeats),
-                     "--exchange-start", args.exchange_start,
-                     "--widths", *map(str, args.widths)], timeout=600)
-                lines = results[0].output.splitlines()
-                runs += [json.loads(line[len(CHECKS):]) for line in lines
-                         if line.startswith(CHECKS)]
-                print("".join(line + "\n" for line in lines
-                              if "socket.cpp" not in line and not line.startswith(CHECKS)),
-                      end="", flush=True)
-        if len(runs) > 1:
-            print_across_runs(runs)
+    # Ctrl-C, SIGTERM, SIGHUP: the cluster is torn down, as throughput.py's is.
+    stop_on_signals()
+    try:
+        with tempfile.TemporaryDirectory(prefix="adaqp-cost-") as tmp:
+            data = synthetic_graph(num_nodes=args.nodes, avg_degree=args.avg_degree,
+                                   num_features=8, seed=0)
+            partition_graph(data, args.hosts, seed=0, out_dir=Path(tmp))
+            runs = []
+            with Cluster(args.hosts, args.rates or args.rate) as cluster:
+                print(f"cluster: {args.hosts} hosts, links at {cluster.rate}", flush=True)
+                for run in range(args.runs):
+                    if args.runs > 1:
+                        print(f"\n## run {run + 1} of {args.runs}", flush=True)
+                    results = cluster.run(
+                        [sys.executable, "-m", "torch.distributed.run", "--nnodes={hosts}",
+                         "--node-rank={rank}", "--nproc-per-node=1", "--master-addr={master}",
+                         "--master-port=29500", os.path.abspath(__file__), "--part-dir", tmp,
+                         "--repeats", str(args.repeats), "--trials", str(args.trials),
+                         "--profile-repeats", str(args.profile_repeats),
+                         "--exchange-start", args.exchange_start,
+                         "--widths", *map(str, args.widths)], timeout=600)
+                    lines = results[0].output.splitlines()
+                    runs += [json.loads(line[len(CHECKS):]) for line in lines
+                             if line.startswith(CHECKS)]
+                    print("".join(line + "\n" for line in lines
+                                  if "socket.cpp" not in line and not line.startswith(CHECKS)),
+                          end="", flush=True)
+            if len(runs) > 1:
+                print_across_runs(runs)
+    except Stopped as sig:
+        print(f"stopped by {sig}; the cluster was torn down", file=sys.stderr)
+        return 130
     print("teardown check: no namespace, link or qdisc left")
     return 0
 

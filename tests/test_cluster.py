@@ -98,6 +98,23 @@ def test_sigterm_tears_the_cluster_down():
     assert subprocess.run(["pgrep", "-f", "sleep 61.5"], capture_output=True).stdout == b""
 
 
+@pytest.mark.timeout(120)
+def test_sigterm_tears_the_cost_model_checks_cluster_down():
+    """`benchmarks/cost_model.py` stops on SIGTERM as `cluster.py` does: 130, nothing left."""
+    proc = subprocess.Popen([sys.executable, str(BENCHMARKS / "cost_model.py"), "--hosts", "2",
+                             "--rate", "100mbit", "--nodes", "2000", "--trials", "1",
+                             "--repeats", "1"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    prefix = f"adaqp{proc.pid}"
+    while not any(ns.startswith(prefix) for ns in netns_names()):
+        assert proc.poll() is None, proc.communicate()
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and "stopped by SIGTERM" in err, err[-2000:]
+    assert not [ns for ns in netns_names() if ns.startswith(prefix)]
+
+
 @pytest.mark.timeout(180)
 def test_training_across_two_hosts(tmp_path):
     """A real two-node torchrun job over the namespaces' network."""
