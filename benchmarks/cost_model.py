@@ -19,8 +19,10 @@ barrier``, each as it leaves a barrier; the check prints how far apart
 they leave it), and compares the model's prediction with the slowest worker's
 measured time (median of ``--repeats``).  Prints every worker's fitted link
 and the errors, with the worker the model predicts slowest, the one
-measured slowest, and the bytes the first one's link carries each way; the
-allocator's claim is an error of at most 15% on exchanges of 4 ms or more.
+measured slowest, and the bytes the first one's link carries each way, and
+the errors of the same model without its loaded latency (each run and, with
+``--runs``, how many runs pass each way); the allocator's claim is an error
+of at most 15% on exchanges of 4 ms or more.
 
 With ``--runs N`` the whole check, set-up included, runs N times on the
 same cluster (every check draws the same widths in every run), and a last
@@ -204,8 +206,8 @@ def worker(args: argparse.Namespace) -> None:
             share = {i: encoded[i] / max(1, sum(sizes[i].values())) for i in range(k)}
             predicted, per = assignment_seconds(model, width, rows, encode_share=share)
             # The same model as its link rounds measured it, without the loaded latency.
-            idle = assignment_seconds(dataclasses.replace(model, latency={}), width, rows,
-                                      encode_share=share)[0]
+            unloaded = assignment_seconds(dataclasses.replace(model, loaded_latency=0.0),
+                                          width, rows, encode_share=share)[0]
             slowest = max(range(k), key=lambda i: everyone[i][0])
             # The predicted parts of the worker predicted slowest, and the
             # measured parts of the worker measured slowest.
@@ -219,7 +221,7 @@ def worker(args: argparse.Namespace) -> None:
             out_in = (sum(n for (i, _), n in nbytes.items() if i == w),
                       sum(n for (_, j), n in nbytes.items() if j == w))
             checks.append((width, predicted, everyone[slowest][0], (enc, dec),
-                           everyone[slowest][1:], (w, slowest), out_in, idle))
+                           everyone[slowest][1:], (w, slowest), out_in, unloaded))
     setups = [None] * k
     dist.all_gather_object(setups, setup)
     if rank == 0:
@@ -230,15 +232,16 @@ def worker(args: argparse.Namespace) -> None:
         print(f"every timed exchange started {common}the workers left the barrier "
               f"{np.median(apart) * 1e3:.1f} ms apart (median of {len(apart)} exchanges), "
               f"at most {max(apart) * 1e3:.1f} ms")
-        print("| worker | up (Mbit/s) | down (Mbit/s) | beta (ms) | loaded latency (ms) | "
-              "free (KB) | bucket encode / decode (ms) |")
-        print("|---:|---:|---:|---:|---:|---:|---:|")
+        print(f"loaded latency (every exchange, beside beta): "
+              f"{model.loaded_latency * 1e3:.3f} ms")
+        print("| worker | up (Mbit/s) | down (Mbit/s) | beta (ms) | free (KB) | "
+              "bucket encode / decode (ms) |")
+        print("|---:|---:|---:|---:|---:|---:|")
         for i in sorted(model.up):
             def mbit(a):
                 return f"{8 / a / 1e6:.0f}" if a else "inf"
             print(f"| {i} | {mbit(model.up[i])} | {mbit(model.down[i])} | "
-                  f"{model.beta[i] * 1e3:.3f} | {model.latency.get(i, 0.0) * 1e3:.3f} | "
-                  f"{model.free[i] / 1e3:.1f} | "
+                  f"{model.beta[i] * 1e3:.3f} | {model.free[i] / 1e3:.1f} | "
                   f"{model.bucket[i][0] * 1e3:.2f} / {model.bucket[i][1] * 1e3:.2f} |")
         print("\n| message width | predicted ms | measured ms | error | "
               "encode ms pred / meas | link ms pred / meas | decode ms pred / meas | "
@@ -256,14 +259,15 @@ def worker(args: argparse.Namespace) -> None:
         if any(timed):
             errors = claim_errors([p for _, p, *_ in checks],
                                   [m for _, _, m, *_ in checks])[timed]
-            idle = claim_errors([c[-1] for c in checks], [m for _, _, m, *_ in checks])[timed]
+            unloaded = claim_errors([c[-1] for c in checks],
+                                    [m for _, _, m, *_ in checks])[timed]
             print(f"\nexchanges of {MIN_TIMED_S * 1e3:.0f} ms or more: largest error "
                   f"{errors.max():.0%}, mean {errors.mean():.0%} (without the loaded latency: "
-                  f"{idle.max():.0%}, {idle.mean():.0%})", flush=True)
+                  f"{unloaded.max():.0%}, {unloaded.mean():.0%})", flush=True)
         # For --runs: every check of this run, read back by the launcher.
         print(CHECKS + json.dumps({"setup": max(setups), "checks": [
             [width, predicted, measured] for width, predicted, measured, *_ in checks],
-            "idle": [c[-1] for c in checks]}), flush=True)
+            "unloaded": [c[-1] for c in checks]}), flush=True)
     dist.destroy_process_group()
 
 
@@ -312,9 +316,9 @@ def print_across_runs(runs: list[dict]) -> None:
     print(f"\nruns {CLAIM}: the model {model} of "
           f"{len(runs)}; each check's median measured time, as a prediction, {medians} of "
           f"{len(runs)}", flush=True)
-    if all("idle" in r for r in runs):   # the same runs' model without the loaded latency
+    if all("unloaded" in r for r in runs):   # the same runs' model without the loaded latency
         measured = np.array([[m for _, _, m in r["checks"]] for r in runs])
-        errors = claim_errors(np.array([r["idle"] for r in runs]), measured)
+        errors = claim_errors(np.array([r["unloaded"] for r in runs]), measured)
         print(f"without the loaded latency (beta as the link rounds measured it): "
               f"{int((errors.max(axis=1) <= MAX_ERROR).sum())} of {len(runs)}", flush=True)
 

@@ -22,7 +22,7 @@ from pyg_adaqp.assign import (
 from pyg_adaqp.assign import cost_model
 from pyg_adaqp.assign.cost_model import (BUCKET_REPEATS, CODEC_ELEMENTS, CODEC_WIDTHS,
                                          LATENCY_REPEATS, PROFILE_BYTES, SOURCE_ROWS_PER_ROW,
-                                         codec_costs, fit_link, latency_plan, loaded_latency,
+                                         codec_costs, excess_latency, fit_link, latency_plan,
                                          profile_codec)
 from pyg_adaqp.assign.milp import TIE_BREAK, WIDTHS
 from pyg_adaqp.comm import message_nbytes
@@ -49,7 +49,7 @@ def random_problem(seed: int, workers: int = 3, groups: int = 4, width: int = 16
                      bucket={i: (float(rng.uniform(0, bucket)), float(rng.uniform(0, bucket)))
                              for i in range(workers)},
                      # and a loaded latency beside beta
-                     latency={i: float(rng.uniform(0, 1e-5)) for i in range(workers)})
+                     loaded_latency=float(rng.uniform(0, 1e-5)))
     return problem, cost
 
 
@@ -92,9 +92,9 @@ def test_cost_model_is_the_critical_path_of_each_worker():
 
 
 def test_loaded_latency_is_what_the_exchange_took_beyond_the_model():
-    """Every worker sends LATENCY_ROWS split over its peers at 2 bits; what a
-    worker's exchange took beyond the model's prediction of it is its extra
-    latency, never below 0."""
+    """Every worker sends LATENCY_ROWS split over its peers at 2 bits; what the
+    slowest worker took beyond the slowest prediction is the loaded latency,
+    never below 0."""
     assert latency_plan(3, rows=100) == {(0, 1): {2: 50}, (0, 2): {2: 50}, (1, 0): {2: 50},
                                          (1, 2): {2: 50}, (2, 0): {2: 50}, (2, 1): {2: 50}}
     cost = CostModel(up={0: 1e-8, 1: 2e-8}, down={0: 1e-8, 1: 1e-8}, beta={0: 1e-3, 1: 1e-3},
@@ -104,13 +104,17 @@ def test_loaded_latency_is_what_the_exchange_took_beyond_the_model():
     nbytes = message_nbytes(1000, CODEC_WIDTHS[0], 2)
     codec = 1000 * (1e-6 + 1e-8 * CODEC_WIDTHS[0]) + 1000 * (1e-7 + 1e-9 * CODEC_WIDTHS[0])
     predicted = {0: codec + 1e-3 + 1e-8 * nbytes, 1: codec + 1e-3 + 2e-8 * nbytes}
-    extra = loaded_latency(cost, plan, [predicted[0] + 4e-3, predicted[1] - 1e-3])
-    assert extra[0] == pytest.approx(4e-3) and extra[1] == 0.0
+    slowest = max(predicted.values())                  # worker 1's: its slower uplink
+    assert predicted[1] == slowest
+    # Worker 0 waited 4 ms past its own prediction, but only 4 ms past the
+    # slowest one counts: its wait for worker 1 is in the maximum already.
+    extra = excess_latency(cost, plan, [slowest + 4e-3, predicted[1] + 1e-3])
+    assert extra == pytest.approx(4e-3)
+    assert excess_latency(cost, plan, [predicted[0], predicted[1] - 1e-3]) == 0.0
     # Measured against the model without a latency of its own, then part of it.
-    cost.latency = extra
-    assert loaded_latency(cost, plan, [predicted[0] + 4e-3, predicted[1]]) == pytest.approx(extra)
-    assert assignment_seconds(cost, CODEC_WIDTHS[0], plan)[1][0] == pytest.approx(
-        predicted[0] + 4e-3)
+    cost.loaded_latency = extra
+    assert excess_latency(cost, plan, [slowest + 4e-3, 0.0]) == pytest.approx(extra)
+    assert assignment_seconds(cost, CODEC_WIDTHS[0], plan)[0] == pytest.approx(slowest + 4e-3)
 
 
 def test_cost_model_encodes_shared_rows_once():
@@ -133,7 +137,7 @@ def test_cost_model_encodes_shared_rows_once():
 
 
 def test_cost_model_lets_free_bytes_through():
-    cost = CostModel({0: 1e-9}, {0: 1e-9}, {0: 1e-4}, {0: 250e3}, latency={0: 2e-4})
+    cost = CostModel({0: 1e-9}, {0: 1e-9}, {0: 1e-4}, {0: 250e3}, loaded_latency=2e-4)
     assert cost.link_seconds(0, 100e3, 0) == pytest.approx(3e-4)          # within the burst
     assert cost.link_seconds(0, 1.25e6, 0) == pytest.approx(3e-4 + 1e-3)  # 1 MB over it
     assert cost.link_seconds(0, 0, 0) == 0.0                              # nothing to move
@@ -141,7 +145,7 @@ def test_cost_model_lets_free_bytes_through():
     # Through JSON (summary.json) the keys become strings and come back.
     assert CostModel.from_state_dict(json.loads(json.dumps(cost.state_dict()))) == cost
     # A model saved before the loaded latency was measured has none.
-    old = {k: v for k, v in cost.state_dict().items() if k != "latency"}
+    old = {k: v for k, v in cost.state_dict().items() if k != "loaded_latency"}
     assert CostModel.from_state_dict(old).link_seconds(0, 100e3, 0) == pytest.approx(1e-4)
 
 
@@ -545,6 +549,32 @@ def _profile(rank: int, world_size: int) -> dict:
     return profile_cost_model(Transport(), "cpu").state_dict()
 
 
+def _profile_of_known_parts(rank: int, world_size: int) -> dict:
+    """The profile with its measurements replaced by known ones."""
+    from pyg_adaqp.assign import cost_model as cm
+    from pyg_adaqp.comm.transport import Transport
+
+    cm.profile_codec = lambda device, barrier: ({2: (1e-6, 1e-8)}, {2: (1e-7, 1e-9)},
+                                                (1e-4, 5e-5))
+    cm.profile_links = lambda transport, device, repeats: {
+        i: (1e-8 * (i + 1), 2e-8, 1e-3, 0.0) for i in range(world_size)}
+    cm.time_loaded_exchange = lambda transport, device, plan: 0.25 + 0.01 * rank
+    return cm.profile_cost_model(Transport(), "cpu").state_dict()
+
+
+def test_profile_keeps_beta_and_adds_the_slowest_workers_excess_as_the_loaded_latency():
+    from pyg_adaqp.train.workers import run_workers
+
+    states = run_workers(_profile_of_known_parts, 2, timeout_s=60)
+    assert states[0] == states[1]
+    cost = CostModel.from_state_dict(states[0])
+    assert cost.beta == {0: 1e-3, 1: 1e-3}                 # the link rounds' own
+    unloaded = CostModel.from_state_dict({**states[0], "loaded_latency": 0.0})
+    predicted, _ = assignment_seconds(unloaded, CODEC_WIDTHS[0], latency_plan(2))
+    assert 0 < predicted < 0.25
+    assert cost.loaded_latency == pytest.approx(0.26 - predicted)   # worker 1 took 0.26 s
+
+
 def test_profile_measures_every_worker_both_ways():
     from pyg_adaqp.train.workers import run_workers
 
@@ -554,7 +584,7 @@ def test_profile_measures_every_worker_both_ways():
     # Loopback moves bytes as memory copies, so a rate may come out as
     # unmeasurably fast (0 s/B); what matters is that every piece is there.
     for i in (0, 1):
-        assert min(cost.up[i], cost.down[i], cost.beta[i], cost.free[i], cost.latency[i]) >= 0
+        assert min(cost.up[i], cost.down[i], cost.beta[i], cost.free[i]) >= 0
         for table, encoding in ((cost.encode, True), (cost.decode, False)):
             assert set(table[i]) == {2, 4, 8}
             assert all(row >= 0 and element >= 0 for row, element in table[i].values())

@@ -506,7 +506,7 @@ def _describe(cost: CostModel) -> str:
         return f"{8e-6 / s_per_byte:.0f}" if s_per_byte > 0 else "inf"
 
     return "; ".join(f"worker {i}: up {mbit(cost.up[i])} / down {mbit(cost.down[i])} Mbit/s, "
-                     f"beta {1e3 * cost.beta[i]:.2f} ms (+{1e3 * cost.latency.get(i, 0.0):.2f} "
+                     f"beta {1e3 * cost.beta[i]:.2f} ms (+{1e3 * cost.loaded_latency:.2f} "
                      f"loaded), free {cost.free[i] / 1e3:.0f} KB"
                      for i in sorted(cost.up))
 

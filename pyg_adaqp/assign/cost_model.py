@@ -8,7 +8,7 @@ nothing:
 
 .. math::
     T_i = E_i + D_i + \max\big(0,\; C_i - h_i\big), \qquad
-    C_i = \beta_i + \lambda_i + \max\big(u_i (\mathrm{out}_i - f_i),\;
+    C_i = \beta_i + \lambda + \max\big(u_i (\mathrm{out}_i - f_i),\;
                              d_i (\mathrm{in}_i - f_i),\; 0\big),
 
 and the exchange takes :math:`T = \max_i T_i`, since the slowest worker
@@ -34,11 +34,14 @@ bounded time: the codec on synthetic rows, and the links in one round per
 worker in which that worker sends to and receives from every peer at once,
 at a few sizes, so each end of every link is timed in both directions.
 Last, one small exchange that every worker codes and sends at once, as
-training does, against the model's prediction for it: what worker
-:math:`i` takes beyond it is its loaded latency :math:`\lambda_i` (the
-transport's threads waking up behind the other workers' coding, where
-workers share a host's cores; the link rounds time :math:`\beta_i` with
-the other workers idle).
+training does, against the model's prediction for it: what its slowest
+worker took beyond the slowest prediction is the loaded latency
+:math:`\lambda` (the transport's threads waking up behind the other
+workers' coding, where workers share a host's cores; the link rounds time
+:math:`\beta_i` with the other workers idle), at least 0.  One figure for
+the exchange, not per worker: a worker's own time also holds its wait for
+slower peers, which the maximum over workers already counts.  It sits in
+:math:`C_i`, where the overlap may hide it, as it hides the link's wait.
 """
 from __future__ import annotations
 
@@ -57,7 +60,7 @@ from pyg_adaqp.comm.transport import Transport
 
 #: Bytes every profiled round moves through the timed link, largest first:
 #: TCP's congestion window opens on the big transfer, as it has in training.
-#: The smallest fits in a token bucket (it measures the latency); the largest
+#: The smallest fits in a token bucket (it measures beta); the largest
 #: takes ~40 ms at 100 Mbit/s, and each worker's round moves their sum, 680 KiB,
 #: through its link (~57 ms there).
 PROFILE_BYTES = (512 << 10, 128 << 10, 32 << 10, 8 << 10)
@@ -75,10 +78,11 @@ BUCKET_ROWS = 8
 #: Repetitions of that message: its fixed cost is their fastest.
 BUCKET_REPEATS = 9
 #: The loaded-latency exchange: rows each worker sends (split over its peers),
-#: of CODEC_WIDTHS[0] at 2 bits, and timed repetitions (their median counts).
+#: of CODEC_WIDTHS[0] at LATENCY_BITS, and timed repetitions (their median counts).
 #: A few milliseconds each; on 4 workers sharing 2 cores it read 3-4x the
 #: idle model's prediction at 1 Gbit/s (docs/benchmarks.md, seventeenth pass).
 LATENCY_ROWS = 8192
+LATENCY_BITS = 2
 LATENCY_REPEATS = 5
 
 
@@ -99,9 +103,9 @@ class CostModel:
         bucket (dict[int, tuple[float, float]], optional): Per worker, the
             encode and decode seconds of every non-empty width bucket of a
             message, whatever its rows.
-        latency (dict[int, float], optional): Fixed seconds each worker's
+        loaded_latency (float, optional): Fixed seconds every worker's
             exchange takes beyond `beta` when every worker codes and sends
-            at once (:func:`loaded_latency`; 0 when missing).
+            at once (:func:`excess_latency`). (default: :obj:`0.0`)
     """
     up: dict[int, float] = field(default_factory=dict)
     down: dict[int, float] = field(default_factory=dict)
@@ -110,7 +114,7 @@ class CostModel:
     encode: dict[int, dict[int, tuple[float, float]]] = field(default_factory=dict)
     decode: dict[int, dict[int, tuple[float, float]]] = field(default_factory=dict)
     bucket: dict[int, tuple[float, float]] = field(default_factory=dict)
-    latency: dict[int, float] = field(default_factory=dict)
+    loaded_latency: float = 0.0
 
     def codec_seconds(self, worker: int, rows: float, width: int, bits: int,
                       encoding: bool, share: float = 1.0, fan_out: int = 1) -> float:
@@ -136,8 +140,8 @@ class CostModel:
             self.down.get(worker, 0.0) * (in_bytes - f))
 
     def fixed_seconds(self, worker: int) -> float:
-        """:math:`\beta_i + \lambda_i`: what `worker`'s link time costs whatever its bytes."""
-        return self.beta.get(worker, 0.0) + self.latency.get(worker, 0.0)
+        r""":math:`\beta_i + \lambda`: what `worker`'s link time costs whatever its bytes."""
+        return self.beta.get(worker, 0.0) + self.loaded_latency
 
     def worker_seconds(self, worker: int, out_bytes: float, in_bytes: float,
                        codec_s: float, hidden_s: float = 0.0) -> float:
@@ -158,7 +162,7 @@ class CostModel:
                 "free": floats(self.free), "encode": codec(self.encode),
                 "decode": codec(self.decode),
                 "bucket": {int(i): [float(x) for x in c] for i, c in self.bucket.items()},
-                "latency": floats(self.latency)}
+                "loaded_latency": float(self.loaded_latency)}
 
     @classmethod
     def from_state_dict(cls, state: dict) -> CostModel:
@@ -173,7 +177,7 @@ class CostModel:
         bucket = {int(i): tuple(c) for i, c in state.get("bucket", {}).items()}
         return cls(floats(state["up"]), floats(state["down"]), floats(state["beta"]),
                    floats(state["free"]), codec(state["encode"]), codec(state["decode"]),
-                   bucket, floats(state.get("latency", {})))
+                   bucket, float(state.get("loaded_latency", 0.0)))
 
 
 def fit_link(sent: np.ndarray, took: np.ndarray) -> tuple[float, float, float]:
@@ -318,7 +322,8 @@ def _gather(value: object) -> list:
 def profile_links(transport: Transport, device: torch.device,
                   sizes: tuple[int, ...] = PROFILE_BYTES, repeats: int = 1
                   ) -> dict[int, tuple[float, float, float, float]]:
-    """Up and down rate, latency and free bytes of every worker's link (collective).
+    """Up and down rate, beta (the latency, with the other workers idle) and
+    free bytes of every worker's link (collective).
 
     One round per worker ``i``: ``i`` sends ``size / (k - 1)`` bytes to
     every peer and every peer sends it as much, all at once, so ``i``'s link
@@ -421,7 +426,12 @@ def link_scales(fits: dict[int, list[float]], seen: dict[tuple[int, int], float]
 
 def profile_cost_model(transport: Transport, device: torch.device | str = "cpu",
                        repeats: int = 1) -> CostModel:
-    """Measures the whole cost model (collective: every worker calls it)."""
+    """Measures the whole cost model (collective: every worker calls it), on
+    the exchange's own `transport` and `device`: the codec
+    (:func:`profile_codec`), the links (:func:`profile_links`, each size
+    timed `repeats` times), then the loaded latency
+    (:func:`time_loaded_exchange` of :func:`latency_plan`,
+    :func:`excess_latency`)."""
     device = torch.device(device)
     codec = profile_codec(device, barrier=lambda: dist.barrier(group=transport.group))
     links = profile_links(transport, device, repeats=repeats)
@@ -433,30 +443,30 @@ def profile_cost_model(transport: Transport, device: torch.device | str = "cpu",
                       {i: c[2] for i, c in enumerate(codecs)})
     plan = latency_plan(transport.world_size)
     took = _gather(time_loaded_exchange(transport, device, plan))
-    model.latency = loaded_latency(model, plan, took)
+    model.loaded_latency = excess_latency(model, plan, took)
     return model
 
 
 def latency_plan(world_size: int, rows: int = LATENCY_ROWS
                  ) -> dict[tuple[int, int], dict[int, int]]:
     """The loaded-latency exchange's rows per channel ``(i, j)`` and width:
-    every worker sends `rows` at 2 bits, split evenly over its peers."""
+    every worker sends `rows` at :data:`LATENCY_BITS`, split evenly over its peers."""
     per_peer = max(1, rows // max(1, world_size - 1))
-    return {(i, j): {2: per_peer} for i in range(world_size) for j in range(world_size)
-            if i != j}
+    return {(i, j): {LATENCY_BITS: per_peer} for i in range(world_size)
+            for j in range(world_size) if i != j}
 
 
 def time_loaded_exchange(transport: Transport, device: torch.device,
                          plan: dict[tuple[int, int], dict[int, int]],
                          repeats: int = LATENCY_REPEATS) -> float:
     """Times the exchange `plan` (:func:`latency_plan`) as training runs one
-    (collective): every worker encodes its rows (gathered from a source twice
-    as tall), posts every channel, waits and decodes, all after one barrier;
-    returns this worker's median seconds over `repeats` (after one untimed
-    warm-up)."""
+    (collective): every worker leaves a barrier, encodes its rows (gathered
+    from a source twice as tall), posts every channel, waits and decodes;
+    returns this worker's median seconds over `repeats` such exchanges
+    (after one untimed warm-up)."""
     rank, width = transport.rank, CODEC_WIDTHS[0]
     gen = torch.Generator(device).manual_seed(rank)
-    mine = {j: n[2] for (i, j), n in plan.items() if i == rank}
+    mine = {j: n[LATENCY_BITS] for (i, j), n in plan.items() if i == rank}
     x = torch.randn(SOURCE_ROWS_PER_ROW * sum(mine.values()), width, generator=gen,
                     device=device)
     perm = torch.randperm(x.size(0), generator=gen, device=device)
@@ -464,10 +474,10 @@ def time_loaded_exchange(transport: Transport, device: torch.device,
     for j, n in sorted(mine.items()):
         index[j] = perm[at:at + n].sort().values
         at += n
-    send = {j: MessageLayout(torch.full((n,), 2), width) for j, n in mine.items()}
+    send = {j: MessageLayout(torch.full((n,), LATENCY_BITS), width) for j, n in mine.items()}
     message = SharedRows(index, send)
-    recv = {i: MessageLayout(torch.full((n[2],), 2), width) for (i, j), n in plan.items()
-            if j == rank}
+    recv = {i: MessageLayout(torch.full((n[LATENCY_BITS],), LATENCY_BITS), width)
+            for (i, j), n in plan.items() if j == rank}
     out = {i: torch.empty(layout.num_rows, width, device=device) for i, layout in recv.items()}
     clock = device_clock(device)
     took = []
@@ -482,13 +492,13 @@ def time_loaded_exchange(transport: Transport, device: torch.device,
     return float(np.median(took[1:]))
 
 
-def loaded_latency(model: CostModel, plan: dict[tuple[int, int], dict[int, int]],
-                   took: list[float]) -> dict[int, float]:
-    """Per worker, the seconds the loaded-latency exchange `plan` took
-    (`took`, by rank) beyond the prediction of `model` without its
-    :attr:`~CostModel.latency`, at least 0."""
-    _, predicted = assignment_seconds(replace(model, latency={}), CODEC_WIDTHS[0], plan)
-    return {i: max(0.0, took[i] - predicted.get(i, 0.0)) for i in range(len(took))}
+def excess_latency(model: CostModel, plan: dict[tuple[int, int], dict[int, int]],
+                   took: list[float]) -> float:
+    """The seconds the exchange `plan` took (`took`: each worker's, by rank;
+    the slowest sets the pace) beyond the prediction of `model` without its
+    :attr:`~CostModel.loaded_latency` (the slowest worker's), at least 0."""
+    predicted, _ = assignment_seconds(replace(model, loaded_latency=0.0), CODEC_WIDTHS[0], plan)
+    return max(0.0, max(took, default=0.0) - predicted)
 
 
 def assignment_seconds(model: CostModel, width: int, rows: dict[tuple[int, int], dict[int, int]],
