@@ -79,8 +79,9 @@ BUCKET_ROWS = 8
 BUCKET_REPEATS = 9
 #: The loaded-latency exchange: rows each worker sends (split over its peers),
 #: of CODEC_WIDTHS[0] at LATENCY_BITS, and timed repetitions (their median counts).
-#: A few milliseconds each; on 4 workers sharing 2 cores it read 3-4x the
-#: idle model's prediction at 1 Gbit/s (docs/benchmarks.md, seventeenth pass).
+#: A few milliseconds each; on 4 workers sharing 2 cores at 1 Gbit/s the
+#: exchange took 2.5-3.8 ms beyond the idle model's prediction
+#: (docs/benchmarks.md, seventeenth pass).
 LATENCY_ROWS = 8192
 LATENCY_BITS = 2
 LATENCY_REPEATS = 5
