@@ -505,10 +505,10 @@ def _describe(cost: CostModel) -> str:
     def mbit(s_per_byte: float) -> str:
         return f"{8e-6 / s_per_byte:.0f}" if s_per_byte > 0 else "inf"
 
-    return "; ".join(f"worker {i}: up {mbit(cost.up[i])} / down {mbit(cost.down[i])} Mbit/s, "
-                     f"beta {1e3 * cost.beta[i]:.2f} ms (+{1e3 * cost.loaded_latency:.2f} "
-                     f"loaded), free {cost.free[i] / 1e3:.0f} KB"
-                     for i in sorted(cost.up))
+    links = [f"worker {i}: up {mbit(cost.up[i])} / down {mbit(cost.down[i])} Mbit/s, "
+             f"beta {1e3 * cost.beta[i]:.2f} ms, free {cost.free[i] / 1e3:.0f} KB"
+             for i in sorted(cost.up)]
+    return "; ".join([*links, f"loaded latency {1e3 * cost.loaded_latency:.2f} ms"])
 
 
 def _exchange_scores(graph: DistGraph) -> dict[int, dict[int, np.ndarray]]:

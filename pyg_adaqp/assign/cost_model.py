@@ -436,15 +436,16 @@ def profile_cost_model(transport: Transport, device: torch.device | str = "cpu",
     device = torch.device(device)
     codec = profile_codec(device, barrier=lambda: dist.barrier(group=transport.group))
     links = profile_links(transport, device, repeats=repeats)
-    codecs = _gather(codec)
+    plan = latency_plan(transport.world_size)
+    # Every worker's codec profile and loaded-exchange time, in one collective.
+    mine = _gather((codec, time_loaded_exchange(transport, device, plan)))
+    codecs = [c for c, _ in mine]
     model = CostModel({i: f[0] for i, f in links.items()}, {i: f[1] for i, f in links.items()},
                       {i: f[2] for i, f in links.items()}, {i: f[3] for i, f in links.items()},
                       {i: c[0] for i, c in enumerate(codecs)},
                       {i: c[1] for i, c in enumerate(codecs)},
                       {i: c[2] for i, c in enumerate(codecs)})
-    plan = latency_plan(transport.world_size)
-    took = _gather(time_loaded_exchange(transport, device, plan))
-    model.loaded_latency = excess_latency(model, plan, took)
+    model.loaded_latency = excess_latency(model, plan, [took for _, took in mine])
     return model
 
 
