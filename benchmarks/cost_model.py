@@ -17,12 +17,12 @@ malloc set as in a training worker's set-up and epochs), every worker
 starting each exchange at one common time (or, with ``--exchange-start
 barrier``, each as it leaves a barrier; the check prints how far apart
 they leave it), and compares the model's prediction with the slowest worker's
-measured time (median of ``--repeats``; see :data:`REPEATS`).  Prints every worker's fitted link
-and the errors, with the worker the model predicts slowest, the one
-measured slowest, and the bytes the first one's link carries each way, and
-the errors of the same model without its loaded latency (each run and, with
-``--runs``, how many runs pass each way); the allocator's claim is an error
-of at most 15% on exchanges of 4 ms or more.
+measured time (median of ``--repeats``, :data:`REPEATS` by default).  Prints
+every worker's fitted link and the errors, with the worker the model
+predicts slowest, the one measured slowest, and the bytes the first one's
+link carries each way, and the errors of the same model without its loaded
+latency (each run and, with ``--runs``, how many runs pass each way); the
+allocator's claim is an error of at most 15% on exchanges of 4 ms or more.
 
 With ``--runs N`` the whole check, set-up included, runs N times on the
 same cluster (every check draws the same widths in every run), and a last
