@@ -56,8 +56,9 @@ WARM_UPS = 10
 #: check's measured time moved from run to run by up to 28% of its median
 #: at 1 Gbit/s, and the checks' medians, as predictions, passed 2 of 5
 #: runs; with 9 they passed 5 of 5 at 100 Mbit/s, at 1 Gbit/s and on uneven
-#: links, so what the check reports is the model's error, not the
-#: measurement's (docs/benchmarks.md, eighteenth pass).
+#: links (4 of 5 in a second 1 Gbit/s batch), so what the check reports is
+#: mostly the model's error, not the measurement's (docs/benchmarks.md,
+#: eighteenth pass).
 REPEATS = 9
 #: The claim: exchanges of at least MIN_TIMED_S seconds are predicted within
 #: MAX_ERROR of their measured time.
