@@ -41,6 +41,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
@@ -71,6 +72,18 @@ CLAIM = f"within {MAX_ERROR:.0%} on every exchange of {MIN_TIMED_S * 1e3:.0f} ms
 START_MARGIN_S = 0.03
 #: Marks the line of rank 0's output that carries a run's checks (``--runs``).
 CHECKS = "checks: "
+
+
+class Check(NamedTuple):
+    """One check's prediction and measurement (seconds)."""
+    width: int
+    predicted: float
+    measured: float            #: the slowest worker's
+    codec: tuple               #: (encode, decode) predicted for the worker predicted slowest
+    parts: tuple               #: (encode, link, decode) measured on the slowest worker
+    slowest: tuple             #: (predicted, measured) slowest worker
+    out_in: tuple              #: bytes the predicted slowest worker's link carries each way
+    unloaded: float            #: predicted without the loaded latency
 
 
 def claim_errors(predicted, measured):
@@ -229,8 +242,8 @@ def worker(args: argparse.Namespace) -> None:
                       for ch, c in rows.items()}
             out_in = (sum(n for (i, _), n in nbytes.items() if i == w),
                       sum(n for (_, j), n in nbytes.items() if j == w))
-            checks.append((width, predicted, everyone[slowest][0], (enc, dec),
-                           everyone[slowest][1:], (w, slowest), out_in, unloaded))
+            checks.append(Check(width, predicted, everyone[slowest][0], (enc, dec),
+                                everyone[slowest][1:], (w, slowest), out_in, unloaded))
     setups = [None] * k
     dist.all_gather_object(setups, setup)
     if rank == 0:
@@ -257,26 +270,25 @@ def worker(args: argparse.Namespace) -> None:
               "slowest worker pred / meas | predicted slowest's link KB out / in |")
         print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
         for (width, predicted, measured, (enc, dec), (m_enc, m_link, m_dec), (w, slowest),
-             (out_b, in_b), _) in checks:
+             (out_b, in_b), _) in checks:       # every field of a Check
             print(f"| {width} | {predicted * 1e3:.2f} | {measured * 1e3:.2f} | "
                   f"{100 * (predicted - measured) / measured:+.0f}% | "
                   f"{enc * 1e3:.1f} / {m_enc * 1e3:.1f} | "
                   f"{(predicted - enc - dec) * 1e3:.1f} / {m_link * 1e3:.1f} | "
                   f"{dec * 1e3:.1f} / {m_dec * 1e3:.1f} | {w} / {slowest} | "
                   f"{out_b / 1e3:.0f} / {in_b / 1e3:.0f} |")
-        timed = [m >= MIN_TIMED_S for _, _, m, *_ in checks]
+        measured = [c.measured for c in checks]
+        timed = [m >= MIN_TIMED_S for m in measured]
         if any(timed):
-            errors = claim_errors([p for _, p, *_ in checks],
-                                  [m for _, _, m, *_ in checks])[timed]
-            unloaded = claim_errors([c[-1] for c in checks],
-                                    [m for _, _, m, *_ in checks])[timed]
+            errors = claim_errors([c.predicted for c in checks], measured)[timed]
+            unloaded = claim_errors([c.unloaded for c in checks], measured)[timed]
             print(f"\nexchanges of {MIN_TIMED_S * 1e3:.0f} ms or more: largest error "
                   f"{errors.max():.0%}, mean {errors.mean():.0%} (without the loaded latency: "
                   f"{unloaded.max():.0%}, {unloaded.mean():.0%})", flush=True)
         # For --runs: every check of this run, read back by the launcher.
         print(CHECKS + json.dumps({"setup": max(setups), "checks": [
-            [width, predicted, measured] for width, predicted, measured, *_ in checks],
-            "unloaded": [c[-1] for c in checks]}), flush=True)
+            [c.width, c.predicted, c.measured] for c in checks],
+            "unloaded": [c.unloaded for c in checks]}), flush=True)
     dist.destroy_process_group()
 
 

@@ -192,7 +192,7 @@ class AdaptiveBits:
         Bounded: the codec is timed on ~0.13M synthetic elements per width,
         the links in one round per worker at four sizes up to 512 KiB, then
         one small exchange of every worker at once (its loaded latency;
-        about 0.6 s in all for 4 hosts at 100 Mbit/s).  Skipped when the
+        0.6-0.8 s in all for 4 hosts at 100 Mbit/s, README's table).  Skipped when the
         model came from a checkpoint or nothing is exchanged.
         """
         t0, started = time.perf_counter(), time.time()
