@@ -19,7 +19,9 @@ barrier``, each as it leaves a barrier; the check prints how far apart
 they leave it), and compares the model's prediction with the slowest worker's
 measured time (median of ``--repeats``, :data:`REPEATS` by default).  Prints
 every worker's fitted link and the errors, with the worker the model
-predicts slowest, the one measured slowest, and the bytes the first one's
+predicts slowest, the one measured slowest (its parts, and its encode's
+CPU time: on workers that share cores, the encode's wall time over its CPU
+time is the contention the profile must read), and the bytes the first one's
 link carries each way, and the errors of the same model without its loaded
 latency (each run and, with ``--runs``, how many runs pass each way); the
 allocator's claim is an error of at most 15% on exchanges of 4 ms or more.
@@ -80,7 +82,7 @@ class Check(NamedTuple):
     predicted: float
     measured: float            #: the slowest worker's
     codec: tuple               #: (encode, decode) predicted for the worker predicted slowest
-    parts: tuple               #: (encode, link, decode) measured on the slowest worker
+    parts: tuple               #: (encode, link, decode, encode's CPU time) measured on the slowest worker
     slowest: tuple             #: (predicted, measured) slowest worker
     out_in: tuple              #: bytes the predicted slowest worker's link carries each way
     unloaded: float            #: predicted without the loaded latency
@@ -143,7 +145,8 @@ def random_bits(seed: int, trial: int, sender: int, receiver: int, rows: int):
 def timed_exchange(transport, shared, num_rows: int, recv_layouts: dict, width: int,
                    repeats: int, start: str = "common"
                    ) -> tuple[tuple[float, ...], list[tuple[float, float]]]:
-    """Median seconds of encode, exchange and decode, as one training exchange:
+    """Median seconds of encode, exchange and decode, and the encode's CPU
+    time (this process's), as one training exchange:
     `shared` (a :class:`~pyg_adaqp.comm.SharedRows` over the worker's send
     plan) encodes the rows of an ``[num_rows, width]`` tensor once per width;
     :data:`WARM_UPS` exchanges go first, untimed.  Every exchange starts as
@@ -161,15 +164,16 @@ def timed_exchange(transport, shared, num_rows: int, recv_layouts: dict, width: 
     for _ in range(repeats + WARM_UPS):
         t0, left, missed = start_together(start)
         starts.append((left, missed))
+        c0 = time.process_time()
         send = shared.pack(x, generator=gen)
-        t1 = time.perf_counter()
+        t1, c1 = time.perf_counter(), time.process_time()
         raw = transport.start(send, {p: lay.nbytes for p, lay in recv_layouts.items()},
                               torch.device("cpu")).wait()
         t2 = time.perf_counter()
         for p, lay in recv_layouts.items():
             lay.unpack(raw[p], out=out[p])
         t3 = time.perf_counter()
-        times.append((t3 - t0, t1 - t0, t2 - t1, t3 - t2))
+        times.append((t3 - t0, t1 - t0, t2 - t1, t3 - t2, c1 - c0))
     times = np.array(times[WARM_UPS:])
     return (tuple(float(v) for v in times[np.argsort(times[:, 0])[len(times) // 2]]),
             starts[WARM_UPS:])
@@ -266,14 +270,14 @@ def worker(args: argparse.Namespace) -> None:
                   f"{model.beta[i] * 1e3:.3f} | {model.free[i] / 1e3:.1f} | "
                   f"{model.bucket[i][0] * 1e3:.2f} / {model.bucket[i][1] * 1e3:.2f} |")
         print("\n| message width | predicted ms | measured ms | error | "
-              "encode ms pred / meas | link ms pred / meas | decode ms pred / meas | "
+              "encode ms pred / meas (its CPU) | link ms pred / meas | decode ms pred / meas | "
               "slowest worker pred / meas | predicted slowest's link KB out / in |")
         print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
-        for (width, predicted, measured, (enc, dec), (m_enc, m_link, m_dec), (w, slowest),
+        for (width, predicted, measured, (enc, dec), (m_enc, m_link, m_dec, m_cpu), (w, slowest),
              (out_b, in_b), _) in checks:       # every field of a Check
             print(f"| {width} | {predicted * 1e3:.2f} | {measured * 1e3:.2f} | "
                   f"{100 * (predicted - measured) / measured:+.0f}% | "
-                  f"{enc * 1e3:.1f} / {m_enc * 1e3:.1f} | "
+                  f"{enc * 1e3:.1f} / {m_enc * 1e3:.1f} ({m_cpu * 1e3:.1f}) | "
                   f"{(predicted - enc - dec) * 1e3:.1f} / {m_link * 1e3:.1f} | "
                   f"{dec * 1e3:.1f} / {m_dec * 1e3:.1f} | {w} / {slowest} | "
                   f"{out_b / 1e3:.0f} / {in_b / 1e3:.0f} |")
