@@ -831,3 +831,39 @@ def test_link_scales_judge_each_link_by_the_pairs_it_bounds():
     # Faster than fitted never speeds a link up.
     seen = {(0, 1): 0.5 * fast * total, (1, 0): 0.8 * fast * total}
     assert link_scales(two, seen, total) == pytest.approx({0: 1.0, 1: 1.0})
+
+
+def _tell(rank: int, world_size: int) -> tuple[list, dict, dict]:
+    from pyg_adaqp.assign.adaptive import _tell_receivers
+    from pyg_adaqp.comm.transport import Transport
+
+    peer = 1 - rank
+    rows = {"forward 1": 7, "backward 1": 5, "forward 2": 0}
+    plan = [(key, {peer: torch.arange(n)}, {peer: torch.arange(n)}) for key, n in rows.items()]
+    send = {"forward 1": {peer: torch.full((7,), 2, dtype=torch.uint8)},     # one width
+            "backward 1": {peer: torch.tensor([8, 2, 4, 2, 2], dtype=torch.uint8) if rank == 0
+                           else torch.full((5,), 4, dtype=torch.uint8)},   # mixed from 0 only
+            "forward 2": {peer: torch.zeros(0, dtype=torch.uint8)}}        # an empty channel
+    sent = []
+    start = Transport.start
+
+    def recording(self, buffers, recv_bytes, device):
+        sent.append({p: b.tolist() for p, b in buffers.items()})
+        return start(self, buffers, recv_bytes, device)
+
+    Transport.start = recording
+    recv = _tell_receivers(Transport(), torch.device("cpu"), send, plan)
+    return sent, send, recv
+
+
+def test_receivers_get_one_byte_per_channel_of_one_width_and_a_byte_per_row_of_a_mix():
+    from pyg_adaqp.assign.adaptive import PER_ROW
+    from pyg_adaqp.train.workers import run_workers
+
+    (sent0, send0, recv0), (sent1, send1, recv1) = run_workers(_tell, 2, timeout_s=60)
+    for recv, send in ((recv0, send1), (recv1, send0)):   # what each got is what the other sent
+        assert {k: {p: b.tolist() for p, b in v.items()} for k, v in recv.items()} == \
+            {k: {1 - p: b.tolist() for p, b in v.items()} for k, v in send.items()}
+    # A header of one byte per key (plan order), then the rows of the mixed channels only.
+    assert sent0 == [{1: [2, PER_ROW, PER_ROW]}, {1: [8, 2, 4, 2, 2]}]
+    assert sent1 == [{0: [2, 4, PER_ROW]}, {}]

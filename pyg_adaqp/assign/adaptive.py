@@ -261,7 +261,9 @@ class AdaptiveBits:
         its receivers sent once) and gives rank 0 only each group's
         :math:`C_g` and row count; rank 0 solves and returns one uint8 width
         per group to that sender alone; the sender tells each receiver the
-        widths of the rows it will send it, point to point.  Every worker
+        widths of the rows it will send it, point to point: one uint8 per
+        channel whose rows share one width, else one per row
+        (:func:`_tell_receivers`).  Every worker
         also gives rank 0 its arrivals per peer of the epochs since the last
         re-assignment (the links' slow-down).
         """
@@ -534,25 +536,51 @@ def _exchange_scores(graph: DistGraph) -> dict[int, dict[int, np.ndarray]]:
     return out
 
 
+#: In :func:`_tell_receivers`' header: the channel's widths follow, one uint8 per row.
+PER_ROW = 0
+
+
 def _tell_receivers(transport, device: torch.device, send: dict[str, dict[int, Tensor]],
                     plan: list) -> dict[str, dict[int, Tensor]]:
-    """Sends every receiver the widths of the rows it will get, one uint8 per
-    row, all keys in one buffer per peer; returns the widths received."""
+    """Sends every receiver the widths of the rows it will get; returns the
+    widths received.
+
+    Two exchanges, each one buffer per peer for all keys: a header of one
+    uint8 per key, that channel's width when all its rows share it (every
+    channel once training settles, e.g. at 2 bits) or :data:`PER_ROW`; then
+    one uint8 per row of the channels whose header said so (empty when none
+    did: every worker posts it, as a collective transport needs)."""
+    def channels(p: int, side: int) -> list[tuple[str, int]]:
+        """The keys of peer `p`'s channel on `side` (1: to it, 2: from it), with its rows."""
+        return [(entry[0], int(entry[side][p].numel())) for entry in plan if p in entry[side]]
+
     peers_out = {p for _, out, _ in plan for p in out}
-    buffers = {p: torch.cat([send[key][p] for key, out, _ in plan if p in out])
-               for p in peers_out}
-    recv_bytes = {p: sum(int(into[p].numel()) for _, _, into in plan if p in into)
-                  for _, _, into in plan for p in into}
-    got = transport.start({p: b.to(device) for p, b in buffers.items()}, recv_bytes,
-                          device).wait()
+    peers_in = {p for _, _, into in plan for p in into}
+
+    def header_byte(bits: Tensor) -> int:
+        return int(bits[0]) if bits.numel() and bool((bits == bits[0]).all()) else PER_ROW
+
+    headers = {p: torch.tensor([header_byte(send[key][p]) for key, _ in channels(p, 1)],
+                               dtype=torch.uint8) for p in peers_out}
+    got = transport.start({p: h.to(device) for p, h in headers.items()},
+                          {p: len(channels(p, 2)) for p in peers_in}, device).wait()
+    heard = {p: got[p].cpu().tolist() for p in peers_in}
+    rows_out = {p: torch.cat([send[key][p] for (key, _), h
+                              in zip(channels(p, 1), headers[p].tolist()) if h == PER_ROW]
+                             or [torch.zeros(0, dtype=torch.uint8)]) for p in peers_out}
+    rows_in = {p: sum(n for (_, n), h in zip(channels(p, 2), heard[p]) if h == PER_ROW)
+               for p in peers_in}
+    got = transport.start({p: b.to(device) for p, b in rows_out.items() if b.numel()},
+                          {p: n for p, n in rows_in.items() if n}, device).wait()
     recv: dict[str, dict[int, Tensor]] = {key: {} for key, _, _ in plan}
-    at: dict[int, int] = {}
-    for key, _, into in plan:
-        for p, idx in into.items():
-            n, start = int(idx.numel()), at.get(p, 0)
-            recv[key][p] = got[p][start:start + n].cpu() if n else \
-                torch.zeros(0, dtype=torch.uint8)
-            at[p] = start + n
+    for p in peers_in:
+        at = 0
+        for (key, n), h in zip(channels(p, 2), heard[p]):
+            if h != PER_ROW:
+                recv[key][p] = torch.full((n,), h, dtype=torch.uint8)
+            else:
+                recv[key][p] = got[p][at:at + n].cpu() if n else torch.zeros(0, dtype=torch.uint8)
+                at += n
     return recv
 
 
