@@ -192,8 +192,9 @@ class AdaptiveBits:
         Bounded: the codec is timed on ~0.13M synthetic elements per width,
         the links in one round per worker at four sizes up to 512 KiB, then
         one small exchange of every worker at once (its loaded latency;
-        0.6-0.8 s in all for 4 hosts at 100 Mbit/s, README's table).  Skipped when the
-        model came from a checkpoint or nothing is exchanged.
+        0.66-0.81 s in all for 4 hosts at 100 Mbit/s, docs/benchmarks.md's
+        nineteenth pass).  Skipped when the model came from a checkpoint or
+        nothing is exchanged.
         """
         t0, started = time.perf_counter(), time.time()
         self._attach(graph)
