@@ -550,7 +550,10 @@ def _tell_receivers(transport, device: torch.device, send: dict[str, dict[int, T
     uint8 per key, that channel's width when all its rows share it (every
     channel once training settles, e.g. at 2 bits) or :data:`PER_ROW`; then
     one uint8 per row of the channels whose header said so (empty when none
-    did: every worker posts it, as a collective transport needs)."""
+    did: every worker posts it, as a collective transport needs).  Both
+    ends count a channel's keys alike because the partition's plans mirror
+    each other: a worker sends `p` rows under a key exactly when `p`
+    receives rows from it under that key."""
     def channels(p: int, side: int) -> list[tuple[str, int]]:
         """The keys of peer `p`'s channel on `side` (1: to it, 2: from it), with its rows."""
         return [(entry[0], int(entry[side][p].numel())) for entry in plan if p in entry[side]]
