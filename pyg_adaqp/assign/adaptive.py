@@ -554,32 +554,27 @@ def _tell_receivers(transport, device: torch.device, send: dict[str, dict[int, T
     ends count a channel's keys alike because the partition's plans mirror
     each other: a worker sends `p` rows under a key exactly when `p`
     receives rows from it under that key."""
-    def channels(p: int, side: int) -> list[tuple[str, int]]:
-        """The keys of peer `p`'s channel on `side` (1: to it, 2: from it), with its rows."""
-        return [(entry[0], int(entry[side][p].numel())) for entry in plan if p in entry[side]]
-
-    peers_out = {p for _, out, _ in plan for p in out}
-    peers_in = {p for _, _, into in plan for p in into}
-
-    def header_byte(bits: Tensor) -> int:
-        return int(bits[0]) if bits.numel() and bool((bits == bits[0]).all()) else PER_ROW
-
-    headers = {p: torch.tensor([header_byte(send[key][p]) for key, _ in channels(p, 1)],
-                               dtype=torch.uint8) for p in peers_out}
-    got = transport.start({p: h.to(device) for p, h in headers.items()},
-                          {p: len(channels(p, 2)) for p in peers_in}, device).wait()
-    heard = {p: got[p].cpu().tolist() for p in peers_in}
-    rows_out = {p: torch.cat([send[key][p] for (key, _), h
-                              in zip(channels(p, 1), headers[p].tolist()) if h == PER_ROW]
-                             or [torch.zeros(0, dtype=torch.uint8)]) for p in peers_out}
-    rows_in = {p: sum(n for (_, n), h in zip(channels(p, 2), heard[p]) if h == PER_ROW)
-               for p in peers_in}
-    got = transport.start({p: b.to(device) for p, b in rows_out.items() if b.numel()},
+    # Per peer, the keys of its channel in plan order, with the channel's rows.
+    outgoing = {p: [(key, send[key][p]) for key, out, _ in plan if p in out]
+                for p in {p for _, out, _ in plan for p in out}}
+    incoming = {p: [(key, int(into[p].numel())) for key, _, into in plan if p in into]
+                for p in {p for _, _, into in plan for p in into}}
+    headers = {p: [int(b[0]) if b.numel() and bool((b == b[0]).all()) else PER_ROW
+                   for _, b in keys] for p, keys in outgoing.items()}
+    got = transport.start({p: torch.tensor(h, dtype=torch.uint8).to(device)
+                           for p, h in headers.items()},
+                          {p: len(keys) for p, keys in incoming.items()}, device).wait()
+    heard = {p: got[p].cpu().tolist() for p in incoming}
+    rows_out = {p: [b for (_, b), h in zip(keys, headers[p]) if h == PER_ROW and b.numel()]
+                for p, keys in outgoing.items()}
+    rows_in = {p: sum(n for (_, n), h in zip(keys, heard[p]) if h == PER_ROW)
+               for p, keys in incoming.items()}
+    got = transport.start({p: torch.cat(b).to(device) for p, b in rows_out.items() if b},
                           {p: n for p, n in rows_in.items() if n}, device).wait()
     recv: dict[str, dict[int, Tensor]] = {key: {} for key, _, _ in plan}
-    for p in peers_in:
+    for p, keys in incoming.items():
         at = 0
-        for (key, n), h in zip(channels(p, 2), heard[p]):
+        for (key, n), h in zip(keys, heard[p]):
             if h != PER_ROW:
                 recv[key][p] = torch.full((n,), h, dtype=torch.uint8)
             else:
