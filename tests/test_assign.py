@@ -21,9 +21,10 @@ from pyg_adaqp.assign import (
 )
 from pyg_adaqp.assign import cost_model
 from pyg_adaqp.assign.cost_model import (BUCKET_REPEATS, CODEC_ELEMENTS, CODEC_WIDTHS,
-                                         LATENCY_REPEATS, PROFILE_BYTES, SOURCE_ROWS_PER_ROW,
-                                         codec_costs, excess_latency, fit_link, latency_plan,
-                                         profile_codec)
+                                         LATENCY_REPEATS, LARGEST_WITHIN_S, PROFILE_BYTES,
+                                         SOURCE_ROWS_PER_ROW, WARM_UP_BYTES, codec_costs,
+                                         excess_latency, fit_link, latency_plan, profile_codec,
+                                         profile_sizes)
 from pyg_adaqp.assign.milp import TIE_BREAK, WIDTHS
 from pyg_adaqp.comm import message_nbytes
 from test_train import SMALL, launch, make_config, read_run
@@ -608,6 +609,57 @@ def _profile_through_the_exchange(rank: int, world_size: int, parts) -> list:
     Transport.start = recording
     AdaptiveBits().setup(graph)
     return seen
+
+
+def test_profile_sizes_halve_the_largest_transfer_only_on_slow_links():
+    sizes = (512 << 10, 128 << 10, 32 << 10, 8 << 10)
+    # The slowest link's warm-up time at which the largest would take exactly the limit.
+    edge = LARGEST_WITHIN_S * WARM_UP_BYTES / sizes[0]
+    assert profile_sizes(sizes, 0.0) == sizes
+    assert profile_sizes(sizes, edge) == sizes
+    assert profile_sizes(sizes, 1.01 * edge) == (256 << 10, 128 << 10, 32 << 10, 8 << 10)
+    # Never below the next size, and one size has nothing to halve toward.
+    assert profile_sizes((160 << 10, 128 << 10), 1.0) == (128 << 10, 128 << 10)
+    assert profile_sizes((512 << 10,), 1.0) == (512 << 10,)
+
+
+def _owner_round_sizes(rank: int, world_size: int, slow_rank: int) -> list[int]:
+    """The per-peer bytes of every link-profile exchange this worker posts,
+    with `slow_rank`'s warm-up sent 0.5 s late (a slow link).  The limit is
+    raised to 1 s, so that loopback on a busy machine never reads as slow."""
+    import time as clock
+
+    from pyg_adaqp.assign import cost_model as cm
+    from pyg_adaqp.assign.cost_model import profile_links
+    from pyg_adaqp.comm.transport import Transport
+
+    cm.LARGEST_WITHIN_S = 1.0
+
+    sizes, start = [], Transport.start
+
+    def recording(self, send, recv_bytes, device):
+        sizes.append(max(b.numel() for b in send.values()))
+        if rank == slow_rank and len(sizes) == 1:
+            clock.sleep(0.5)     # its bytes reach the peer 0.5 s late
+        return start(self, send, recv_bytes, device)
+
+    Transport.start = recording
+    profile_links(Transport(), torch.device("cpu"))
+    return sizes
+
+
+@pytest.mark.parametrize("slow_rank", [None, 1])
+def test_one_slow_link_halves_every_workers_largest_owner_round(slow_rank):
+    """Every worker learns the slowest warm-up alike, so all post the same
+    sizes (a worker posting a size its peers do not would hang the profile)."""
+    from pyg_adaqp.train.workers import run_workers
+
+    seen = run_workers(_owner_round_sizes, 2, slow_rank, timeout_s=60)
+    assert seen[0] == seen[1]
+    largest = PROFILE_BYTES[0] // 2 if slow_rank is not None else PROFILE_BYTES[0]
+    # warm-up, each owner's rounds (2 workers: each peer gets the whole size), all links
+    assert seen[0] == [WARM_UP_BYTES, largest, *PROFILE_BYTES[1:],
+                       largest, *PROFILE_BYTES[1:], PROFILE_BYTES[0]]
 
 
 def test_profile_goes_through_the_exchanges_own_transport_and_device():

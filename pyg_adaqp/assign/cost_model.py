@@ -60,10 +60,19 @@ from pyg_adaqp.comm.transport import Transport
 
 #: Bytes every profiled round moves through the timed link, largest first:
 #: TCP's congestion window opens on the big transfer, as it has in training.
-#: The smallest fits in a token bucket (it measures beta); the largest
-#: takes ~40 ms at 100 Mbit/s, and each worker's round moves their sum, 680 KiB,
-#: through its link (~57 ms there).
+#: The smallest fits in a token bucket (it measures beta).  The largest is
+#: also what every link carries each way in the all-links round; in the
+#: owner rounds it is halved on slow links (:func:`profile_sizes`).
 PROFILE_BYTES = (512 << 10, 128 << 10, 32 << 10, 8 << 10)
+#: Bytes every link carries each way in the warm-up, all links at once
+#: (~10 ms at 100 Mbit/s): it opens every connection and times the slowest link.
+WARM_UP_BYTES = 128 << 10
+#: The owner rounds' largest transfer is halved where the slowest link would
+#: take longer than this to carry it.  At 100 Mbit/s the full 512 KiB
+#: (~42 ms, 680 KiB per owner round in all) made the set-up ~0.2 s longer
+#: and its checks no closer; at 1 Gbit/s (~4 ms) half of it fitted the links
+#: up to 2x off (docs/benchmarks.md, twenty-first pass).
+LARGEST_WITHIN_S = 0.02
 #: Feature widths of the codec profile (per-row and per-element costs).
 CODEC_WIDTHS = (16, 256)
 #: Elements encoded per codec measurement (a fraction of a millisecond on one
@@ -320,13 +329,27 @@ def _gather(value: object) -> list:
     return out
 
 
+def profile_sizes(sizes: tuple[int, ...], warm_up_s: float,
+                  warm_up_bytes: int = WARM_UP_BYTES) -> tuple[int, ...]:
+    """The owner rounds' sizes: `sizes` (largest first), the largest halved
+    (never below the next) where the slowest link, which carried
+    `warm_up_bytes` each way in `warm_up_s` seconds, would take longer than
+    :data:`LARGEST_WITHIN_S` to carry it."""
+    if len(sizes) < 2 or warm_up_s * sizes[0] / warm_up_bytes <= LARGEST_WITHIN_S:
+        return tuple(sizes)
+    return (max(sizes[0] // 2, sizes[1]), *sizes[1:])
+
+
 def profile_links(transport: Transport, device: torch.device,
                   sizes: tuple[int, ...] = PROFILE_BYTES, repeats: int = 1
                   ) -> dict[int, tuple[float, float, float, float]]:
     """Up and down rate, beta (the latency, with the other workers idle) and
     free bytes of every worker's link (collective).
 
-    One round per worker ``i``: ``i`` sends ``size / (k - 1)`` bytes to
+    A warm-up loads every link at once with :data:`WARM_UP_BYTES` each
+    way; how long the slowest link took sets the sizes
+    (:func:`profile_sizes`).  Then one round per worker ``i``: ``i`` sends
+    ``size / (k - 1)`` bytes to
     every peer and every peer sends it as much, all at once, so ``i``'s link
     carries ``size`` bytes in each direction while every other link carries
     a ``k - 1``-th of that.  Each peer times the arrival of ``i``'s bytes
@@ -360,9 +383,12 @@ def profile_links(transport: Transport, device: torch.device,
     def round_of(owner: int) -> list[int]:
         return peers if rank == owner else [owner]
 
-    exchange(round_of(0), sizes[0] // max(1, k - 1))     # warms up every connection
+    # Opens every connection; the slowest link's time, which every worker
+    # learns alike, sizes the owner rounds.
+    warm = max(arrivals(peers, max(1, WARM_UP_BYTES // max(1, k - 1))).values(), default=0.0)
+    owner_sizes = profile_sizes(sizes, max(_gather(warm)))
     for owner in range(k):
-        for size in sizes:
+        for size in owner_sizes:
             per_peer = max(1, size // max(1, k - 1))
             took = float(np.median([exchange(round_of(owner), per_peer)
                                     for _ in range(repeats)]))
