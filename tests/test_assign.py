@@ -389,6 +389,8 @@ def test_adaptive_training_end_to_end(tmp_path, budget):
             assert set(hist[key]) == {"8"}
         # (epoch 0 also sends the input features' halo, once, at full precision)
         assert len({r["bytes_sent"] for r in rows[1:]}) == 1
+        # Epoch 2's re-assignment kept 8 bits everywhere: solved, neither told nor installed.
+        assert [h["unchanged"] for h in assign["history"]] == [False, True]
     else:
         for key in keys:
             info = assign["solve"][key]
@@ -710,6 +712,31 @@ def test_device_clock_waits_for_the_current_cuda_stream(monkeypatch):
     assert events == ["read"]
 
 
+def test_a_reassignment_that_keeps_every_channels_one_width_is_not_told():
+    """Rank 0 flags a solve whose channels all keep the one width they were
+    installed with; a mixed channel, or a changed width, is told in full."""
+    rng = np.random.default_rng(0)
+    allocator = AdaptiveBits(group_size=10, variance_budget=1e6, gradient_budget=1e6)
+    allocator.cost = CostModel({i: 8e-8 for i in range(2)}, {i: 8e-8 for i in range(2)})
+    coef, rows, _ = group_messages(rng.lognormal(0, 1, 95), 10)
+
+    def solve(budget: float) -> list[bool]:
+        allocator.variance_budget = allocator.gradient_budget = budget
+        gathered = [{"groups": {"forward 1": {1 - i: (coef, rows)}},
+                     "signal": {"forward 1": 50.0}, "widths": {"forward 1": 32},
+                     "observed": {}, "arrivals": [], "overlap": True} for i in range(2)]
+        return [unchanged for _, _, unchanged in allocator._solve(gathered)]
+
+    assert solve(1e6) == [False, False]      # the first: every row at 2 bits, told
+    assert solve(1e6) == [True, True]        # the same one width on every channel
+    assert allocator.history[-1]["unchanged"] and allocator.histogram["forward 1"][2] == 190
+    assert solve(1e-4) == [False, False]     # mixed widths
+    assert set(allocator.histogram["forward 1"].values()) != {0, 190}
+    assert solve(1e-4) == [False, False]     # mixed again: always told
+    assert solve(1e6) == [False, False]      # back to 2 bits: told once
+    assert solve(1e6) == [True, True]
+
+
 def test_reassignment_sends_each_sender_one_uint8_per_group_of_its_own():
     """Rank 0 gets group sums only, and returns each sender its own groups' widths,
     each key's within its own direction's budget."""
@@ -729,8 +756,9 @@ def test_reassignment_sends_each_sender_one_uint8_per_group_of_its_own():
                          "arrivals": [], "overlap": True})
     parts = allocator._solve(gathered)
     assert len(parts) == 3
-    for i, (keys, mine) in enumerate(parts):
+    for i, (keys, mine, unchanged) in enumerate(parts):
         assert keys == ["backward 1", "forward 1"]
+        assert not unchanged                                  # the first assignment
         for key in keys:
             assert sorted(mine[key]) == [j for j in range(3) if j != i]   # its own channels
             for widths in mine[key].values():

@@ -12,6 +12,9 @@ every sender groups its rows, rank 0 gathers the groups' sums, solves one
 MILP per exchange key (:func:`~pyg_adaqp.assign.milp.solve_key`) and returns
 each sender its groups' widths, the senders tell their receivers, and every
 worker installs them with :meth:`~pyg_adaqp.comm.HaloExchange.set_bits`.
+A re-assignment that leaves every channel at the one width it already
+carries (every row at 2 bits, once training settles) stops after rank 0's
+reply: nothing is told or installed.
 
 The variance a row :math:`m` adds at :math:`b` bits is modelled as
 :math:`c_m / (2^b - 1)^2` with :math:`c_m = s(m) \cdot \mathrm{trace}(m)`.
@@ -182,6 +185,10 @@ class AdaptiveBits:
         #: ``i->j`` the rows at each width (all keys) and their mean width.
         self.history: list[dict] = []
         self._best_ratio: dict[tuple[int, int], float] = {}  # (receiver, sender) -> best
+        #: Rank 0: each channel's one width ``(key, sender, receiver) -> bits``
+        #: as installed by the last re-assignment (None where it was mixed;
+        #: empty before the first and after a resume).
+        self._installed: dict[tuple[str, int, int], int | None] = {}
         self._epoch = 0
 
     # --- set-up, before epoch 0 -----------------------------------------------------------------
@@ -190,11 +197,12 @@ class AdaptiveBits:
         """Measures the cost model (collective; before the first epoch).
 
         Bounded: the codec is timed on ~0.13M synthetic elements per width,
-        the links in one round per worker at four sizes up to 512 KiB, then
-        one small exchange of every worker at once (its loaded latency;
-        0.66-0.81 s in all for 4 hosts at 100 Mbit/s, docs/benchmarks.md's
-        nineteenth pass).  Skipped when the model came from a checkpoint or
-        nothing is exchanged.
+        the links in a warm-up, one round per worker at four sizes up to
+        512 KiB (256 KiB where a link is slow) and one round of all links,
+        then one small exchange of every worker at once (its loaded latency;
+        0.54 s in all for 4 hosts at 100 Mbit/s in ``benchmarks/cost_model.py``,
+        docs/benchmarks.md's twenty-first pass).  Skipped when the model came
+        from a checkpoint or nothing is exchanged.
         """
         t0, started = time.perf_counter(), time.time()
         self._attach(graph)
@@ -294,9 +302,17 @@ class AdaptiveBits:
         parts = self._solve(gathered) if rank == 0 else [None] * world
         box = [None]
         dist.scatter_object_list(box, parts, src=0)
-        keys, group_bits = box[0]
+        keys, group_bits, unchanged = box[0]
         if not keys:
             return  # nothing was traced (e.g. no quantized exchange): keep the assignment
+        if rank == 0:
+            log.info("adaptive bits: solved %d keys in %.3f s%s; %s", len(keys),
+                     self.last_solve_time, " (unchanged)" if unchanged else "",
+                     "; ".join(f"{k} {self.solve_info[k]['groups']} groups "
+                               f"({self.solve_info[k]['method']}): {self.histogram[k]}"
+                               for k in keys))
+        if unchanged:
+            return  # every channel keeps the one width it carries: nothing to tell or install
         lg = graph.graph
         # Forward rows go out in send_index order; backward rows (halo
         # gradients) in recv_index order.
@@ -308,12 +324,6 @@ class AdaptiveBits:
         for key, _, _ in plan:
             ex.set_bits(key, send[key], recv[key])
             self.assignment[key] = (send[key], recv[key])
-        if rank == 0:
-            log.info("adaptive bits: solved %d keys in %.3f s; %s", len(keys),
-                     self.last_solve_time,
-                     "; ".join(f"{k} {self.solve_info[k]['groups']} groups "
-                               f"({self.solve_info[k]['method']}): {self.histogram[k]}"
-                               for k in keys))
 
     def _row_bits(self, key: str, peer: int, group_bits: dict, num_rows: int) -> Tensor:
         """Widths of the rows this worker sends `peer` under `key`, in send order."""
@@ -326,7 +336,9 @@ class AdaptiveBits:
         return torch.from_numpy(per_row)
 
     def _solve(self, gathered: list[dict]) -> list[tuple]:
-        """Rank 0: solves every key; returns what each rank gets (its groups' widths)."""
+        """Rank 0: solves every key; returns what each rank gets: the keys,
+        its groups' widths, and whether every channel keeps the one width it
+        was installed with (the same for every rank)."""
         t0 = time.perf_counter()
         # The previous solve's predictions against the epoch just measured.
         for key, predicted in self._predicted.items():
@@ -365,16 +377,23 @@ class AdaptiveBits:
                          "channels": by_channel}
             self._predicted[key] = sol.seconds
         self.histogram, self.solve_info = hist, info
+        # Each channel's one width (0 for an empty one), None where its groups differ.
+        installed = {(key, i, j): (int(w[0]) if w.size and bool((w == w[0]).all())
+                                   else None if w.size else 0)
+                     for i, mine in enumerate(out) for key, by_peer in mine.items()
+                     for j, w in by_peer.items()}
+        unchanged = installed == self._installed and None not in installed.values()
+        self._installed = installed
         if keys:
             self.history.append({
-                "epoch": self._epoch,
+                "epoch": self._epoch, "unchanged": unchanged,
                 # (up, down) in the report; one slow-down counts both ways
                 "link_slowdown": {i: [f, f] for i, f in sorted(drift.items())},
                 "rows_by_bits": dict(sorted(channel_rows.items())),
                 "mean_bits": {c: round(sum(b * n for b, n in h.items()) / sum(h.values()), 3)
                               for c, h in sorted(channel_rows.items()) if sum(h.values())}})
         self.last_solve_time = time.perf_counter() - t0
-        return [(keys, mine) for mine in out]
+        return [(keys, mine, unchanged) for mine in out]
 
     def _link_drift(self, gathered: list[dict]) -> dict[int, float]:
         """Per worker, the slow-down of its link from the arrivals of the epochs
@@ -500,6 +519,7 @@ class AdaptiveBits:
         # (absent from checkpoints written before link slow-downs were followed)
         self.history = list(state.get("history", []))
         self._best_ratio = dict(state.get("best_ratio", {}))
+        self._installed = {}   # the next re-assignment tells and installs in full
         self._arrivals = list(state.get("arrivals", []))
         self._exchange = None  # re-attach and re-install at the next epoch
 
