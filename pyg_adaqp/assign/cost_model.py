@@ -65,14 +65,16 @@ from pyg_adaqp.comm.transport import Transport
 #: owner rounds it is halved on slow links (:func:`profile_sizes`).
 PROFILE_BYTES = (512 << 10, 128 << 10, 32 << 10, 8 << 10)
 #: Bytes every link carries each way in the warm-up, all links at once
-#: (~10 ms at 100 Mbit/s): it opens every connection and times the slowest link.
-WARM_UP_BYTES = 128 << 10
+#: (~20 ms at 100 Mbit/s): it opens every connection and times the slowest
+#: link.  128 KiB read 7-11 ms at 100 Mbit/s and up to 6 ms at 1 Gbit/s
+#: (4 workers sharing 2 cores), too close to tell the links apart.
+WARM_UP_BYTES = 256 << 10
 #: The owner rounds' largest transfer is halved where the slowest link would
 #: take longer than this to carry it.  At 100 Mbit/s the full 512 KiB
 #: (~42 ms, 680 KiB per owner round in all) made the set-up ~0.2 s longer
-#: and its checks no closer; at 1 Gbit/s (~4 ms) half of it fitted the links
-#: up to 2x off (docs/benchmarks.md, twenty-first pass).
-LARGEST_WITHIN_S = 0.02
+#: and its checks no closer; at 1 Gbit/s (~4 ms) half of it fitted some
+#: links far off (docs/benchmarks.md, twenty-first pass).
+LARGEST_WITHIN_S = 0.025
 #: Feature widths of the codec profile (per-row and per-element costs).
 CODEC_WIDTHS = (16, 256)
 #: Elements encoded per codec measurement (a fraction of a millisecond on one
