@@ -200,7 +200,7 @@ class AdaptiveBits:
         the links in a warm-up, one round per worker at four sizes up to
         512 KiB (256 KiB where a link is slow) and one round of all links,
         then one small exchange of every worker at once (its loaded latency;
-        0.54 s in all for 4 hosts at 100 Mbit/s in ``benchmarks/cost_model.py``,
+        0.44-0.54 s in all for 4 hosts at 100 Mbit/s in ``benchmarks/cost_model.py``,
         docs/benchmarks.md's twenty-first pass).  Skipped when the model came
         from a checkpoint or nothing is exchanged.
         """
