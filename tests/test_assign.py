@@ -628,7 +628,7 @@ def test_profile_sizes_halve_the_largest_transfer_only_on_slow_links():
 def _owner_round_sizes(rank: int, world_size: int, slow_rank: int) -> list[int]:
     """The per-peer bytes of every link-profile exchange this worker posts,
     with `slow_rank`'s warm-up sent 0.5 s late (a slow link).  The limit is
-    raised to 0.5 s, so that loopback on a busy machine never reads as slow."""
+    raised to 0.5 s, so that loopback on a busy machine is not expected to read as slow."""
     import time as clock
 
     from pyg_adaqp.assign import cost_model as cm
@@ -716,7 +716,8 @@ def test_a_reassignment_that_keeps_every_channels_one_width_is_not_told():
     """Rank 0 flags a solve whose channels all keep the one width they were
     installed with; a mixed channel, or a changed width, is told in full."""
     rng = np.random.default_rng(0)
-    allocator = AdaptiveBits(group_size=10, variance_budget=1e6, gradient_budget=1e6)
+    allocator = AdaptiveBits(group_size=10, variance_budget=1e6, gradient_budget=1e6,
+                             time_limit=10.0)
     allocator.cost = CostModel({i: 8e-8 for i in range(2)}, {i: 8e-8 for i in range(2)})
     coef, rows, _ = group_messages(rng.lognormal(0, 1, 95), 10)
 
@@ -732,6 +733,7 @@ def test_a_reassignment_that_keeps_every_channels_one_width_is_not_told():
     assert allocator.history[-1]["unchanged"] and allocator.histogram["forward 1"][2] == 190
     assert solve(1e-4) == [False, False]     # mixed widths
     assert set(allocator.histogram["forward 1"].values()) != {0, 190}
+    assert None in allocator._installed.values()
     assert solve(1e-4) == [False, False]     # mixed again: always told
     assert solve(1e6) == [False, False]      # back to 2 bits: told once
     assert solve(1e6) == [True, True]

@@ -187,7 +187,7 @@ class AdaptiveBits:
         self._best_ratio: dict[tuple[int, int], float] = {}  # (receiver, sender) -> best
         #: Rank 0: each channel's one width ``(key, sender, receiver) -> bits``
         #: as installed by the last re-assignment (None where it was mixed;
-        #: empty before the first and after a resume).
+        #: empty before the first, after a resume and on a new exchange).
         self._installed: dict[tuple[str, int, int], int | None] = {}
         self._epoch = 0
 
@@ -200,8 +200,9 @@ class AdaptiveBits:
         the links in a warm-up, one round per worker at four sizes up to
         512 KiB (256 KiB where a link is slow) and one round of all links,
         then one small exchange of every worker at once (its loaded latency;
-        0.44-0.54 s in all for 4 hosts at 100 Mbit/s in ``benchmarks/cost_model.py``,
-        docs/benchmarks.md's twenty-first pass).  Skipped when the model came
+        0.46-0.51 s in all for 4 hosts at 100 Mbit/s in ``benchmarks/cost_model.py``,
+        docs/benchmarks.md's twenty-first pass).  One slow link halves
+        every worker's owner rounds.  Skipped when the model came
         from a checkpoint or nothing is exchanged.
         """
         t0, started = time.perf_counter(), time.time()
@@ -218,6 +219,7 @@ class AdaptiveBits:
         ex = graph.exchange
         if ex is not self._exchange:
             self._exchange, self._tracer = ex, RangeTracer()
+            self._installed = {}   # a new exchange: the next re-assignment installs in full
             ex.default_bits = self.first_bits
             for key, (send, recv) in self.assignment.items():  # restored from a checkpoint
                 ex.set_bits(key, send, recv)
@@ -272,7 +274,8 @@ class AdaptiveBits:
         per group to that sender alone; the sender tells each receiver the
         widths of the rows it will send it, point to point: one uint8 per
         channel whose rows share one width, else one per row
-        (:func:`_tell_receivers`).  Every worker
+        (:func:`_tell_receivers`); when every channel keeps the one width it
+        carries, rank 0 says so and nothing is told.  Every worker
         also gives rank 0 its arrivals per peer of the epochs since the last
         re-assignment (the links' slow-down).
         """

@@ -30,9 +30,11 @@ blocking one-pair sends while the exchange runs all channels at once, and
 counts only senders.)
 
 :func:`profile_cost_model` measures all of it once, before training, in
-bounded time: the codec on synthetic rows, and the links in one round per
-worker in which that worker sends to and receives from every peer at once,
-at a few sizes, so each end of every link is timed in both directions.
+bounded time: the codec on synthetic rows, and the links: a warm-up of
+every link at once, whose slowest link sizes the rest (:func:`profile_sizes`),
+then one round per worker in which that worker sends to and receives from
+every peer at once, at a few sizes, so each end of every link is timed in
+both directions, and one round of every link at once.
 Last, one small exchange that every worker codes and sends at once, as
 training does, against the model's prediction for it: what its slowest
 worker took beyond the slowest prediction is the loaded latency
@@ -66,8 +68,9 @@ from pyg_adaqp.comm.transport import Transport
 PROFILE_BYTES = (512 << 10, 128 << 10, 32 << 10, 8 << 10)
 #: Bytes every link carries each way in the warm-up, all links at once
 #: (~20 ms at 100 Mbit/s): it opens every connection and times the slowest
-#: link.  128 KiB read 7-11 ms at 100 Mbit/s and up to 6 ms at 1 Gbit/s
-#: (4 workers sharing 2 cores), too close to tell the links apart.
+#: link.  At 128 KiB a 100 Mbit/s link (whose token bucket passes its first
+#: bytes free) and a busy 1 Gbit/s one (4 workers sharing 2 cores) took
+#: about as long (docs/benchmarks.md, twenty-first pass).
 WARM_UP_BYTES = 256 << 10
 #: The owner rounds' largest transfer is halved where the slowest link would
 #: take longer than this to carry it.  At 100 Mbit/s the full 512 KiB
