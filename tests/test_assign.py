@@ -739,6 +739,24 @@ def test_a_reassignment_that_keeps_every_channels_one_width_is_not_told():
     assert solve(1e6) == [True, True]
 
 
+def test_a_resume_or_a_new_exchange_forgets_the_installed_widths():
+    """Rank 0's record of each channel's installed width is not trusted after a
+    resume or on another exchange: the next re-assignment tells and installs in full."""
+    from types import SimpleNamespace
+
+    allocator = AdaptiveBits()
+    allocator._installed = {("forward 1", 0, 1): 2}
+    allocator.load_state_dict(AdaptiveBits().state_dict())
+    assert allocator._installed == {}
+    graph = SimpleNamespace(exchange=SimpleNamespace(default_bits=None))
+    allocator._attach(graph)
+    allocator._installed = {("forward 1", 0, 1): 2}
+    allocator._attach(graph)                      # the same exchange: kept
+    assert allocator._installed == {("forward 1", 0, 1): 2}
+    allocator._attach(SimpleNamespace(exchange=SimpleNamespace(default_bits=None)))
+    assert allocator._installed == {}
+
+
 def test_reassignment_sends_each_sender_one_uint8_per_group_of_its_own():
     """Rank 0 gets group sums only, and returns each sender its own groups' widths,
     each key's within its own direction's budget."""
