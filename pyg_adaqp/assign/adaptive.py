@@ -380,11 +380,8 @@ class AdaptiveBits:
                          "channels": by_channel}
             self._predicted[key] = sol.seconds
         self.histogram, self.solve_info = hist, info
-        # Each channel's one width (0 for an empty one), None where its groups differ.
-        installed = {(key, i, j): (int(w[0]) if w.size and bool((w == w[0]).all())
-                                   else None if w.size else 0)
-                     for i, mine in enumerate(out) for key, by_peer in mine.items()
-                     for j, w in by_peer.items()}
+        installed = {(key, i, j): _one_width(w) for i, mine in enumerate(out)
+                     for key, by_peer in mine.items() for j, w in by_peer.items()}
         unchanged = installed == self._installed and None not in installed.values()
         self._installed = installed
         if keys:
@@ -525,6 +522,12 @@ class AdaptiveBits:
         self._installed = {}   # the next re-assignment tells and installs in full
         self._arrivals = list(state.get("arrivals", []))
         self._exchange = None  # re-attach and re-install at the next epoch
+
+
+def _one_width(group_bits: np.ndarray) -> int | None:
+    """A channel's one width (0 when it has no groups), None when its groups differ."""
+    widths = np.unique(group_bits)
+    return int(widths[0]) if widths.size == 1 else (0 if widths.size == 0 else None)
 
 
 def _describe(cost: CostModel) -> str:

@@ -388,13 +388,17 @@ def profile_links(transport: Transport, device: torch.device,
     def round_of(owner: int) -> list[int]:
         return peers if rank == owner else [owner]
 
+    def per_peer_of(size: int) -> int:
+        """Bytes to each peer so that a worker talking to all moves `size` each way."""
+        return max(1, size // max(1, k - 1))
+
     # Opens every connection; the slowest link's time, which every worker
     # learns alike, sizes the owner rounds.
-    warm = max(arrivals(peers, max(1, WARM_UP_BYTES // max(1, k - 1))).values(), default=0.0)
+    warm = exchange(peers, per_peer_of(WARM_UP_BYTES))
     owner_sizes = profile_sizes(sizes, max(_gather(warm)))
     for owner in range(k):
         for size in owner_sizes:
-            per_peer = max(1, size // max(1, k - 1))
+            per_peer = per_peer_of(size)
             took = float(np.median([exchange(round_of(owner), per_peer)
                                     for _ in range(repeats)]))
             if rank == owner:
@@ -404,7 +408,7 @@ def profile_links(transport: Transport, device: torch.device,
     # Every link busy at once, both ways, as in training: TCP shares each
     # link with the acknowledgements of the other direction, which the
     # one-link rounds do not see.
-    per_peer = max(1, sizes[0] // max(1, k - 1))
+    per_peer = per_peer_of(sizes[0])
     rounds = [arrivals(peers, per_peer) for _ in range(repeats)]
     all_seen = {p: float(np.median([r[p] for r in rounds])) for p in peers}
     # The owner's egress is timed by all its peers: the slowest arrival counts.
