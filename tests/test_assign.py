@@ -613,16 +613,17 @@ def _profile_through_the_exchange(rank: int, world_size: int, parts) -> list:
     return seen
 
 
-def test_profile_sizes_halve_the_largest_transfer_only_on_slow_links():
+def test_profile_sizes_halve_the_owner_rounds_and_double_the_all_links_round_on_slow_links():
     sizes = (512 << 10, 128 << 10, 32 << 10, 8 << 10)
     # The slowest link's warm-up time at which the largest would take exactly the limit.
     edge = LARGEST_WITHIN_S * WARM_UP_BYTES / sizes[0]
-    assert profile_sizes(sizes, 0.0) == sizes
-    assert profile_sizes(sizes, edge) == sizes
-    assert profile_sizes(sizes, 1.01 * edge) == (256 << 10, 128 << 10, 32 << 10, 8 << 10)
+    assert profile_sizes(sizes, 0.0) == (sizes, 512 << 10)
+    assert profile_sizes(sizes, edge) == (sizes, 512 << 10)
+    assert profile_sizes(sizes, 1.01 * edge) == ((256 << 10, 128 << 10, 32 << 10, 8 << 10),
+                                                 1024 << 10)
     # Never below the next size, and one size has nothing to halve toward.
-    assert profile_sizes((160 << 10, 128 << 10), 1.0) == (128 << 10, 128 << 10)
-    assert profile_sizes((512 << 10,), 1.0) == (512 << 10,)
+    assert profile_sizes((160 << 10, 128 << 10), 1.0) == ((128 << 10, 128 << 10), 320 << 10)
+    assert profile_sizes((512 << 10,), 1.0) == ((512 << 10,), 1024 << 10)
 
 
 def _owner_round_sizes(rank: int, world_size: int, slow_rank: int) -> list[int]:
@@ -651,17 +652,19 @@ def _owner_round_sizes(rank: int, world_size: int, slow_rank: int) -> list[int]:
 
 
 @pytest.mark.parametrize("slow_rank", [None, 1])
-def test_one_slow_link_halves_every_workers_largest_owner_round(slow_rank):
+def test_one_slow_link_sets_every_workers_round_sizes(slow_rank):
     """Every worker learns the slowest warm-up alike, so all post the same
     sizes (a worker posting a size its peers do not would hang the profile)."""
     from pyg_adaqp.train.workers import run_workers
 
     seen = run_workers(_owner_round_sizes, 2, slow_rank, timeout_s=60)
     assert seen[0] == seen[1]
-    largest = PROFILE_BYTES[0] // 2 if slow_rank is not None else PROFILE_BYTES[0]
+    slow = slow_rank is not None
+    largest = PROFILE_BYTES[0] // 2 if slow else PROFILE_BYTES[0]
+    all_links = 2 * PROFILE_BYTES[0] if slow else PROFILE_BYTES[0]
     # warm-up, each owner's rounds (2 workers: each peer gets the whole size), all links
     assert seen[0] == [WARM_UP_BYTES, largest, *PROFILE_BYTES[1:],
-                       largest, *PROFILE_BYTES[1:], PROFILE_BYTES[0]]
+                       largest, *PROFILE_BYTES[1:], all_links]
 
 
 def test_profile_goes_through_the_exchanges_own_transport_and_device():

@@ -63,8 +63,9 @@ from pyg_adaqp.comm.transport import Transport
 #: Bytes every profiled round moves through the timed link, largest first:
 #: TCP's congestion window opens on the big transfer, as it has in training.
 #: The smallest fits in a token bucket (it measures beta).  The largest is
-#: also what every link carries each way in the all-links round; in the
-#: owner rounds it is halved on slow links (:func:`profile_sizes`).
+#: also what every link carries each way in the all-links round; on slow
+#: links the owner rounds carry half of it and the all-links round twice
+#: as much (:func:`profile_sizes`).
 PROFILE_BYTES = (512 << 10, 128 << 10, 32 << 10, 8 << 10)
 #: Bytes every link carries each way in the warm-up, all links at once
 #: (~20 ms at 100 Mbit/s): it opens every connection and times the slowest
@@ -72,11 +73,18 @@ PROFILE_BYTES = (512 << 10, 128 << 10, 32 << 10, 8 << 10)
 #: bytes free) and a busy 1 Gbit/s one (4 workers sharing 2 cores) took
 #: about as long (docs/benchmarks.md, twenty-first pass).
 WARM_UP_BYTES = 256 << 10
-#: The owner rounds' largest transfer is halved where the slowest link would
-#: take longer than this to carry it.  At 100 Mbit/s the full 512 KiB
-#: (~42 ms, 680 KiB per owner round in all) made the set-up ~0.2 s longer
-#: and its checks no closer; at 1 Gbit/s (~4 ms) half of it fitted some
-#: links far off (docs/benchmarks.md, twenty-first pass).
+#: A link is slow where the slowest would take longer than this to carry
+#: the largest size.  There the owner rounds' largest transfer is halved:
+#: at 100 Mbit/s the full 512 KiB (~42 ms, 680 KiB per owner round in all)
+#: made the set-up ~0.2 s longer and its checks no closer; at 1 Gbit/s
+#: (~4 ms) half of it fitted some links far off (docs/benchmarks.md,
+#: twenty-first pass).  And the all-links round carries twice the largest:
+#: at 100 Mbit/s one all-links round of 512 KiB read the links' rate 10-20%
+#: apart from one set-up to the next, and its scale moved every prediction
+#: with it; at 1 MiB (~0.06 s more set-up) ``benchmarks/cost_model.py``
+#: passed 13 of 20 runs against 2 of 10, and a median of three or five
+#: rounds of 512 KiB bought no more for longer (docs/benchmarks.md,
+#: twenty-second pass).
 LARGEST_WITHIN_S = 0.025
 #: Feature widths of the codec profile (per-row and per-element costs).
 CODEC_WIDTHS = (16, 256)
@@ -335,14 +343,18 @@ def _gather(value: object) -> list:
 
 
 def profile_sizes(sizes: tuple[int, ...], warm_up_s: float,
-                  warm_up_bytes: int = WARM_UP_BYTES) -> tuple[int, ...]:
-    """The owner rounds' sizes: `sizes` (largest first), the largest halved
-    (never below the next) where the slowest link, which carried
-    `warm_up_bytes` each way in `warm_up_s` seconds, would take longer than
-    :data:`LARGEST_WITHIN_S` to carry it."""
-    if len(sizes) < 2 or warm_up_s * sizes[0] / warm_up_bytes <= LARGEST_WITHIN_S:
-        return tuple(sizes)
-    return (max(sizes[0] // 2, sizes[1]), *sizes[1:])
+                  warm_up_bytes: int = WARM_UP_BYTES) -> tuple[tuple[int, ...], int]:
+    """The owner rounds' sizes and the all-links round's bytes each way.
+
+    `sizes` (largest first) and its largest, unless the slowest link, which
+    carried `warm_up_bytes` each way in `warm_up_s` seconds, would take
+    longer than :data:`LARGEST_WITHIN_S` to carry that largest: then the
+    owner rounds' largest is halved (never below the next size; a single
+    size stays) and the all-links round carries twice the largest."""
+    if warm_up_s * sizes[0] / warm_up_bytes <= LARGEST_WITHIN_S:
+        return tuple(sizes), sizes[0]
+    owner = (max(sizes[0] // 2, sizes[1]), *sizes[1:]) if len(sizes) > 1 else tuple(sizes)
+    return owner, 2 * sizes[0]
 
 
 def profile_links(transport: Transport, device: torch.device,
@@ -352,7 +364,7 @@ def profile_links(transport: Transport, device: torch.device,
     free bytes of every worker's link (collective).
 
     A warm-up loads every link at once with :data:`WARM_UP_BYTES` each
-    way; how long the slowest link took sets the sizes
+    way; how long the slowest link took sets the sizes of the rounds
     (:func:`profile_sizes`).  Then one round per worker ``i``: ``i`` sends
     ``size / (k - 1)`` bytes to
     every peer and every peer sends it as much, all at once, so ``i``'s link
@@ -395,7 +407,7 @@ def profile_links(transport: Transport, device: torch.device,
     # Opens every connection; the slowest link's time, which every worker
     # learns alike, sizes the owner rounds.
     warm = exchange(peers, per_peer_of(WARM_UP_BYTES))
-    owner_sizes = profile_sizes(sizes, max(_gather(warm)))
+    owner_sizes, all_links_bytes = profile_sizes(sizes, max(_gather(warm)))
     for owner in range(k):
         for size in owner_sizes:
             per_peer = per_peer_of(size)
@@ -408,7 +420,7 @@ def profile_links(transport: Transport, device: torch.device,
     # Every link busy at once, both ways, as in training: TCP shares each
     # link with the acknowledgements of the other direction, which the
     # one-link rounds do not see.
-    per_peer = per_peer_of(sizes[0])
+    per_peer = per_peer_of(all_links_bytes)
     rounds = [arrivals(peers, per_peer) for _ in range(repeats)]
     all_seen = {p: float(np.median([r[p] for r in rounds])) for p in peers}
     # The owner's egress is timed by all its peers: the slowest arrival counts.
