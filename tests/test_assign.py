@@ -21,7 +21,7 @@ from pyg_adaqp.assign import (
 )
 from pyg_adaqp.assign import cost_model
 from pyg_adaqp.assign.cost_model import (BUCKET_REPEATS, CODEC_ELEMENTS, CODEC_WIDTHS,
-                                         LATENCY_REPEATS, LARGEST_WITHIN_S, PROFILE_BYTES,
+                                         EVEN_WITHIN, LATENCY_REPEATS, LARGEST_WITHIN_S, PROFILE_BYTES,
                                          SOURCE_ROWS_PER_ROW, WARM_UP_BYTES, codec_costs,
                                          excess_latency, fit_link, latency_plan, profile_codec,
                                          profile_sizes)
@@ -613,17 +613,21 @@ def _profile_through_the_exchange(rank: int, world_size: int, parts) -> list:
     return seen
 
 
-def test_profile_sizes_halve_the_owner_rounds_and_double_the_all_links_round_on_slow_links():
+def test_profile_sizes_halve_the_owner_rounds_on_slow_links_and_double_all_links_on_even_ones():
     sizes = (512 << 10, 128 << 10, 32 << 10, 8 << 10)
     # The slowest link's warm-up time at which the largest would take exactly the limit.
     edge = LARGEST_WITHIN_S * WARM_UP_BYTES / sizes[0]
-    assert profile_sizes(sizes, 0.0) == (sizes, 512 << 10)
-    assert profile_sizes(sizes, edge) == (sizes, 512 << 10)
-    assert profile_sizes(sizes, 1.01 * edge) == ((256 << 10, 128 << 10, 32 << 10, 8 << 10),
-                                                 1024 << 10)
+    halved = (256 << 10, 128 << 10, 32 << 10, 8 << 10)
+    assert profile_sizes(sizes, 0.0, 0.0) == (sizes, 512 << 10)
+    assert profile_sizes(sizes, edge, edge) == (sizes, 512 << 10)
+    assert profile_sizes(sizes, 1.01 * edge, 1.01 * edge) == (halved, 1024 << 10)
+    # Links even within EVEN_WITHIN: the all-links round doubles; one slow
+    # link among fast ones halves the owner rounds only.
+    assert profile_sizes(sizes, 1.01 * edge, 1.01 * edge / EVEN_WITHIN) == (halved, 1024 << 10)
+    assert profile_sizes(sizes, 1.01 * edge, edge / EVEN_WITHIN) == (halved, 512 << 10)
     # Never below the next size, and one size has nothing to halve toward.
-    assert profile_sizes((160 << 10, 128 << 10), 1.0) == ((128 << 10, 128 << 10), 320 << 10)
-    assert profile_sizes((512 << 10,), 1.0) == ((512 << 10,), 1024 << 10)
+    assert profile_sizes((160 << 10, 128 << 10), 1.0, 1.0) == ((128 << 10, 128 << 10), 320 << 10)
+    assert profile_sizes((512 << 10,), 1.0, 1.0) == ((512 << 10,), 1024 << 10)
 
 
 def _owner_round_sizes(rank: int, world_size: int, slow_rank: int) -> list[int]:
@@ -651,20 +655,24 @@ def _owner_round_sizes(rank: int, world_size: int, slow_rank: int) -> list[int]:
     return sizes
 
 
-@pytest.mark.parametrize("slow_rank", [None, 1])
-def test_one_slow_link_sets_every_workers_round_sizes(slow_rank):
-    """Every worker learns the slowest warm-up alike, so all post the same
-    sizes (a worker posting a size its peers do not would hang the profile)."""
+@pytest.mark.parametrize("world_size, slow_rank, even", [(2, None, True), (2, 1, True),
+                                                        (3, 1, False)])
+def test_one_slow_link_sets_every_workers_round_sizes(world_size, slow_rank, even):
+    """Every worker learns the warm-up's slowest and fastest pair alike, so
+    all post the same sizes (a worker posting a size its peers do not would
+    hang the profile).  Of 2 workers, one late makes both pairs slow (even
+    links); of 3, the pair of the two others stays fast."""
     from pyg_adaqp.train.workers import run_workers
 
-    seen = run_workers(_owner_round_sizes, 2, slow_rank, timeout_s=60)
-    assert seen[0] == seen[1]
+    seen = run_workers(_owner_round_sizes, world_size, slow_rank, timeout_s=60)
+    assert all(sizes == seen[0] for sizes in seen)
     slow = slow_rank is not None
     largest = PROFILE_BYTES[0] // 2 if slow else PROFILE_BYTES[0]
-    all_links = 2 * PROFILE_BYTES[0] if slow else PROFILE_BYTES[0]
-    # warm-up, each owner's rounds (2 workers: each peer gets the whole size), all links
-    assert seen[0] == [WARM_UP_BYTES, largest, *PROFILE_BYTES[1:],
-                       largest, *PROFILE_BYTES[1:], all_links]
+    all_links = 2 * PROFILE_BYTES[0] if slow and even else PROFILE_BYTES[0]
+    owner_round = [largest, *PROFILE_BYTES[1:]]
+    # warm-up, each owner's rounds, all links; in bytes to each peer
+    assert seen[0] == [size // (world_size - 1)
+                       for size in [WARM_UP_BYTES, *owner_round * world_size, all_links]]
 
 
 def test_profile_goes_through_the_exchanges_own_transport_and_device():

@@ -78,14 +78,19 @@ WARM_UP_BYTES = 256 << 10
 #: at 100 Mbit/s the full 512 KiB (~42 ms, 680 KiB per owner round in all)
 #: made the set-up ~0.2 s longer and its checks no closer; at 1 Gbit/s
 #: (~4 ms) half of it fitted some links far off (docs/benchmarks.md,
-#: twenty-first pass).  And the all-links round carries twice the largest:
-#: at 100 Mbit/s one all-links round of 512 KiB read the links' rate 10-20%
-#: apart from one set-up to the next, and its scale moved every prediction
-#: with it; at 1 MiB (~0.06 s more set-up) ``benchmarks/cost_model.py``
-#: passed 13 of 20 runs against 2 of 10, and a median of three or five
-#: rounds of 512 KiB bought no more for longer (docs/benchmarks.md,
-#: twenty-second pass).
+#: twenty-first pass).
 LARGEST_WITHIN_S = 0.025
+#: Where every link is slow, the warm-up's fastest pair within this factor
+#: of its slowest, the all-links round carries twice the largest size: at
+#: 100 Mbit/s one all-links round of 512 KiB read the links' rate 10-20%
+#: apart from one set-up to the next, and its scale moved every prediction
+#: with it.  At 1 MiB (~0.06 s more set-up) ``benchmarks/cost_model.py``
+#: passed 19 of 30 runs against 2 of 10, and a median of three or five
+#: rounds of 512 KiB bought no more for longer.  With one slow host among
+#: fast ones (pairs ~10x apart) 1 MiB read the slow link ~8% slower than
+#: the checks found it (14 of 20 runs against 8 of 10), so there the round
+#: keeps the largest size (docs/benchmarks.md, twenty-second pass).
+EVEN_WITHIN = 2.0
 #: Feature widths of the codec profile (per-row and per-element costs).
 CODEC_WIDTHS = (16, 256)
 #: Elements encoded per codec measurement (a fraction of a millisecond on one
@@ -342,19 +347,22 @@ def _gather(value: object) -> list:
     return out
 
 
-def profile_sizes(sizes: tuple[int, ...], warm_up_s: float,
+def profile_sizes(sizes: tuple[int, ...], slowest_s: float, fastest_s: float,
                   warm_up_bytes: int = WARM_UP_BYTES) -> tuple[tuple[int, ...], int]:
     """The owner rounds' sizes and the all-links round's bytes each way.
 
-    `sizes` (largest first) and its largest, unless the slowest link, which
-    carried `warm_up_bytes` each way in `warm_up_s` seconds, would take
-    longer than :data:`LARGEST_WITHIN_S` to carry that largest: then the
-    owner rounds' largest is halved (never below the next size; a single
-    size stays) and the all-links round carries twice the largest."""
-    if warm_up_s * sizes[0] / warm_up_bytes <= LARGEST_WITHIN_S:
+    `sizes` (largest first) and its largest, unless the slowest link, whose
+    last pair of the warm-up (`warm_up_bytes` each way on every link) took
+    `slowest_s` seconds, would take longer than :data:`LARGEST_WITHIN_S` to
+    carry that largest.  Then the owner rounds' largest is halved (never
+    below the next size; a single size stays), and where the links are
+    even, the warm-up's fastest pair (`fastest_s`) within
+    :data:`EVEN_WITHIN` of its slowest, the all-links round carries twice
+    the largest."""
+    if slowest_s * sizes[0] / warm_up_bytes <= LARGEST_WITHIN_S:
         return tuple(sizes), sizes[0]
     owner = (max(sizes[0] // 2, sizes[1]), *sizes[1:]) if len(sizes) > 1 else tuple(sizes)
-    return owner, 2 * sizes[0]
+    return owner, 2 * sizes[0] if fastest_s * EVEN_WITHIN >= slowest_s else sizes[0]
 
 
 def profile_links(transport: Transport, device: torch.device,
@@ -404,10 +412,12 @@ def profile_links(transport: Transport, device: torch.device,
         """Bytes to each peer so that a worker talking to all moves `size` each way."""
         return max(1, size // max(1, k - 1))
 
-    # Opens every connection; the slowest link's time, which every worker
-    # learns alike, sizes the owner rounds.
-    warm = exchange(peers, per_peer_of(WARM_UP_BYTES))
-    owner_sizes, all_links_bytes = profile_sizes(sizes, max(_gather(warm)))
+    # Opens every connection; its slowest and fastest pair, which every
+    # worker learns alike, size the rounds.
+    warm = arrivals(peers, per_peer_of(WARM_UP_BYTES)).values()
+    pairs = _gather((max(warm, default=0.0), min(warm, default=0.0)))
+    owner_sizes, all_links_bytes = profile_sizes(
+        sizes, max(slow for slow, _ in pairs), min(fast for _, fast in pairs))
     for owner in range(k):
         for size in owner_sizes:
             per_peer = per_peer_of(size)
