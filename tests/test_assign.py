@@ -23,8 +23,8 @@ from pyg_adaqp.assign import cost_model
 from pyg_adaqp.assign.cost_model import (BUCKET_REPEATS, CODEC_ELEMENTS, CODEC_WIDTHS,
                                          EVEN_WITHIN, LATENCY_REPEATS, LARGEST_WITHIN_S, PROFILE_BYTES,
                                          SOURCE_ROWS_PER_ROW, WARM_UP_BYTES, codec_costs,
-                                         excess_latency, fit_link, latency_plan, profile_codec,
-                                         profile_sizes)
+                                         all_links_bytes, excess_latency, fit_link, latency_plan,
+                                         profile_codec, profile_sizes)
 from pyg_adaqp.assign.milp import TIE_BREAK, WIDTHS
 from pyg_adaqp.comm import message_nbytes
 from test_train import SMALL, launch, make_config, read_run
@@ -613,27 +613,38 @@ def _profile_through_the_exchange(rank: int, world_size: int, parts) -> list:
     return seen
 
 
-def test_profile_sizes_halve_the_owner_rounds_on_slow_links_and_double_all_links_on_even_ones():
+def test_profile_sizes_halve_the_largest_transfer_only_on_slow_links():
     sizes = (512 << 10, 128 << 10, 32 << 10, 8 << 10)
     # The slowest link's warm-up time at which the largest would take exactly the limit.
     edge = LARGEST_WITHIN_S * WARM_UP_BYTES / sizes[0]
-    halved = (256 << 10, 128 << 10, 32 << 10, 8 << 10)
-    assert profile_sizes(sizes, 0.0, 0.0) == (sizes, 512 << 10)
-    assert profile_sizes(sizes, edge, edge) == (sizes, 512 << 10)
-    assert profile_sizes(sizes, 1.01 * edge, 1.01 * edge) == (halved, 1024 << 10)
-    # Links even within EVEN_WITHIN: the all-links round doubles; one slow
-    # link among fast ones halves the owner rounds only.
-    assert profile_sizes(sizes, 1.01 * edge, 1.01 * edge / EVEN_WITHIN) == (halved, 1024 << 10)
-    assert profile_sizes(sizes, 1.01 * edge, edge / EVEN_WITHIN) == (halved, 512 << 10)
+    assert profile_sizes(sizes, 0.0) == sizes
+    assert profile_sizes(sizes, edge) == sizes
+    assert profile_sizes(sizes, 1.01 * edge) == (256 << 10, 128 << 10, 32 << 10, 8 << 10)
     # Never below the next size, and one size has nothing to halve toward.
-    assert profile_sizes((160 << 10, 128 << 10), 1.0, 1.0) == ((128 << 10, 128 << 10), 320 << 10)
-    assert profile_sizes((512 << 10,), 1.0, 1.0) == ((512 << 10,), 1024 << 10)
+    assert profile_sizes((160 << 10, 128 << 10), 1.0) == (128 << 10, 128 << 10)
+    assert profile_sizes((512 << 10,), 1.0) == (512 << 10,)
 
 
-def _owner_round_sizes(rank: int, world_size: int, slow_rank: int) -> list[int]:
+def test_all_links_round_doubles_only_on_slow_even_links():
+    mbit_100 = 8 / 100e6                      # seconds per byte
+    even = {i: [mbit_100, 1.1 * mbit_100, 1e-3, 0.0] for i in range(4)}
+    # One host 10x slower than the others (its up and down rate).
+    uneven = {**{i: [mbit_100 / 10, mbit_100 / 10, 1e-3, 0.0] for i in range(3)}, 3: even[3]}
+    edge = {0: [mbit_100, mbit_100, 0.0, 0.0], 1: [EVEN_WITHIN * mbit_100, mbit_100, 0.0, 0.0]}
+    assert all_links_bytes(512 << 10, True, even) == 1024 << 10
+    assert all_links_bytes(512 << 10, True, edge) == 1024 << 10
+    assert all_links_bytes(512 << 10, True, uneven) == 512 << 10
+    assert all_links_bytes(512 << 10, False, even) == 512 << 10
+    # A rate the fit left at 0 (noise) is not a link 'infinitely fast'.
+    assert all_links_bytes(512 << 10, True, {**even, 2: [0.0, 0.0, 0.0, 0.0]}) == 1024 << 10
+
+
+def _owner_round_sizes(rank: int, world_size: int, slow_rank: int,
+                       even_within: float) -> list[int]:
     """The per-peer bytes of every link-profile exchange this worker posts,
-    with `slow_rank`'s warm-up sent 0.5 s late (a slow link).  The limit is
-    raised to 0.5 s, so that loopback on a busy machine is not expected to read as slow."""
+    with `slow_rank`'s warm-up sent 0.5 s late (a slow link) and links even
+    within `even_within`.  The limit is raised to 0.5 s, so that loopback on
+    a busy machine is not expected to read as slow."""
     import time as clock
 
     from pyg_adaqp.assign import cost_model as cm
@@ -641,6 +652,7 @@ def _owner_round_sizes(rank: int, world_size: int, slow_rank: int) -> list[int]:
     from pyg_adaqp.comm.transport import Transport
 
     cm.LARGEST_WITHIN_S = 0.5
+    cm.EVEN_WITHIN = even_within
 
     sizes, start = [], Transport.start
 
@@ -655,24 +667,24 @@ def _owner_round_sizes(rank: int, world_size: int, slow_rank: int) -> list[int]:
     return sizes
 
 
-@pytest.mark.parametrize("world_size, slow_rank, even", [(2, None, True), (2, 1, True),
-                                                        (3, 1, False)])
-def test_one_slow_link_sets_every_workers_round_sizes(world_size, slow_rank, even):
-    """Every worker learns the warm-up's slowest and fastest pair alike, so
-    all post the same sizes (a worker posting a size its peers do not would
-    hang the profile).  Of 2 workers, one late makes both pairs slow (even
-    links); of 3, the pair of the two others stays fast."""
+@pytest.mark.parametrize("slow_rank, even_within", [(None, 2.0), (1, float("inf")), (1, 0.0)])
+def test_one_slow_link_sets_every_workers_round_sizes(slow_rank, even_within):
+    """Every worker learns the slowest warm-up and every fit alike, so all
+    post the same sizes (a worker posting a size its peers do not would
+    hang the profile): the owner rounds' largest halved on a slow link, the
+    all-links round doubled where the links also fit as even
+    (`even_within`: always or never here; :func:`all_links_bytes` is tested
+    on its own)."""
     from pyg_adaqp.train.workers import run_workers
 
-    seen = run_workers(_owner_round_sizes, world_size, slow_rank, timeout_s=60)
-    assert all(sizes == seen[0] for sizes in seen)
+    seen = run_workers(_owner_round_sizes, 2, slow_rank, even_within, timeout_s=60)
+    assert seen[0] == seen[1]
     slow = slow_rank is not None
     largest = PROFILE_BYTES[0] // 2 if slow else PROFILE_BYTES[0]
-    all_links = 2 * PROFILE_BYTES[0] if slow and even else PROFILE_BYTES[0]
-    owner_round = [largest, *PROFILE_BYTES[1:]]
-    # warm-up, each owner's rounds, all links; in bytes to each peer
-    assert seen[0] == [size // (world_size - 1)
-                       for size in [WARM_UP_BYTES, *owner_round * world_size, all_links]]
+    all_links = 2 * PROFILE_BYTES[0] if slow and even_within > 1 else PROFILE_BYTES[0]
+    # warm-up, each owner's rounds (2 workers: each peer gets the whole size), all links
+    assert seen[0] == [WARM_UP_BYTES, largest, *PROFILE_BYTES[1:],
+                       largest, *PROFILE_BYTES[1:], all_links]
 
 
 def test_profile_goes_through_the_exchanges_own_transport_and_device():

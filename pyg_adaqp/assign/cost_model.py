@@ -64,8 +64,8 @@ from pyg_adaqp.comm.transport import Transport
 #: TCP's congestion window opens on the big transfer, as it has in training.
 #: The smallest fits in a token bucket (it measures beta).  The largest is
 #: also what every link carries each way in the all-links round; on slow
-#: links the owner rounds carry half of it and the all-links round twice
-#: as much (:func:`profile_sizes`).
+#: links the owner rounds carry half of it (:func:`profile_sizes`), on slow
+#: and even links the all-links round twice as much (:func:`all_links_bytes`).
 PROFILE_BYTES = (512 << 10, 128 << 10, 32 << 10, 8 << 10)
 #: Bytes every link carries each way in the warm-up, all links at once
 #: (~20 ms at 100 Mbit/s): it opens every connection and times the slowest
@@ -80,8 +80,9 @@ WARM_UP_BYTES = 256 << 10
 #: (~4 ms) half of it fitted some links far off (docs/benchmarks.md,
 #: twenty-first pass).
 LARGEST_WITHIN_S = 0.025
-#: Where every link is slow, the warm-up's fastest pair within this factor
-#: of its slowest, the all-links round carries twice the largest size: at
+#: Where every link is slow, the owner rounds' fitted rates within this
+#: factor of each other, the all-links round carries twice the largest
+#: size (:func:`all_links_bytes`): at
 #: 100 Mbit/s one all-links round of 512 KiB read the links' rate 10-20%
 #: apart from one set-up to the next, and its scale moved every prediction
 #: with it.  At 1 MiB (~0.06 s more set-up) ``benchmarks/cost_model.py``
@@ -347,22 +348,25 @@ def _gather(value: object) -> list:
     return out
 
 
-def profile_sizes(sizes: tuple[int, ...], slowest_s: float, fastest_s: float,
-                  warm_up_bytes: int = WARM_UP_BYTES) -> tuple[tuple[int, ...], int]:
-    """The owner rounds' sizes and the all-links round's bytes each way.
+def profile_sizes(sizes: tuple[int, ...], warm_up_s: float,
+                  warm_up_bytes: int = WARM_UP_BYTES) -> tuple[int, ...]:
+    """The owner rounds' sizes: `sizes` (largest first), the largest halved
+    (never below the next) where the slowest link, which carried
+    `warm_up_bytes` each way in `warm_up_s` seconds, would take longer than
+    :data:`LARGEST_WITHIN_S` to carry it."""
+    if len(sizes) < 2 or warm_up_s * sizes[0] / warm_up_bytes <= LARGEST_WITHIN_S:
+        return tuple(sizes)
+    return (max(sizes[0] // 2, sizes[1]), *sizes[1:])
 
-    `sizes` (largest first) and its largest, unless the slowest link, whose
-    last pair of the warm-up (`warm_up_bytes` each way on every link) took
-    `slowest_s` seconds, would take longer than :data:`LARGEST_WITHIN_S` to
-    carry that largest.  Then the owner rounds' largest is halved (never
-    below the next size; a single size stays), and where the links are
-    even, the warm-up's fastest pair (`fastest_s`) within
-    :data:`EVEN_WITHIN` of its slowest, the all-links round carries twice
-    the largest."""
-    if slowest_s * sizes[0] / warm_up_bytes <= LARGEST_WITHIN_S:
-        return tuple(sizes), sizes[0]
-    owner = (max(sizes[0] // 2, sizes[1]), *sizes[1:]) if len(sizes) > 1 else tuple(sizes)
-    return owner, 2 * sizes[0] if fastest_s * EVEN_WITHIN >= slowest_s else sizes[0]
+
+def all_links_bytes(largest: int, slow: bool, fits: dict[int, list[float]]) -> int:
+    """Bytes every link carries each way in the all-links round: `largest`,
+    or twice as much where the links are `slow` and even (every rate of
+    `fits`, ``(up s/B, down s/B, ...)`` per worker, within
+    :data:`EVEN_WITHIN` of every other)."""
+    rates = [a for f in fits.values() for a in f[:2] if a > 0]
+    even = bool(rates) and max(rates) <= EVEN_WITHIN * min(rates)
+    return 2 * largest if slow and even else largest
 
 
 def profile_links(transport: Transport, device: torch.device,
@@ -372,14 +376,15 @@ def profile_links(transport: Transport, device: torch.device,
     free bytes of every worker's link (collective).
 
     A warm-up loads every link at once with :data:`WARM_UP_BYTES` each
-    way; how long the slowest link took sets the sizes of the rounds
+    way; how long the slowest link took sets the sizes of the owner rounds
     (:func:`profile_sizes`).  Then one round per worker ``i``: ``i`` sends
     ``size / (k - 1)`` bytes to
     every peer and every peer sends it as much, all at once, so ``i``'s link
     carries ``size`` bytes in each direction while every other link carries
     a ``k - 1``-th of that.  Each peer times the arrival of ``i``'s bytes
     (``i``'s egress) and ``i`` the arrival of all of theirs (its ingress).
-    A last round loads every link at once, as training does; where a link
+    A last round loads every link at once, as training does (its size
+    from the owner rounds' fits: :func:`all_links_bytes`); where a link
     is slower then than its fit predicts, its rates are scaled by the ratio
     (:func:`link_scales`).
 
@@ -412,12 +417,10 @@ def profile_links(transport: Transport, device: torch.device,
         """Bytes to each peer so that a worker talking to all moves `size` each way."""
         return max(1, size // max(1, k - 1))
 
-    # Opens every connection; its slowest and fastest pair, which every
-    # worker learns alike, size the rounds.
-    warm = arrivals(peers, per_peer_of(WARM_UP_BYTES)).values()
-    pairs = _gather((max(warm, default=0.0), min(warm, default=0.0)))
-    owner_sizes, all_links_bytes = profile_sizes(
-        sizes, max(slow for slow, _ in pairs), min(fast for _, fast in pairs))
+    # Opens every connection; the slowest link's time, which every worker
+    # learns alike, sizes the owner rounds.
+    warm = exchange(peers, per_peer_of(WARM_UP_BYTES))
+    owner_sizes = profile_sizes(sizes, max(_gather(warm)))
     for owner in range(k):
         for size in owner_sizes:
             per_peer = per_peer_of(size)
@@ -427,24 +430,24 @@ def profile_links(transport: Transport, device: torch.device,
                 down_t[owner].append((per_peer * (k - 1), took))
             else:
                 up_t[owner].append((per_peer * (k - 1), took))
-    # Every link busy at once, both ways, as in training: TCP shares each
-    # link with the acknowledgements of the other direction, which the
-    # one-link rounds do not see.
-    per_peer = per_peer_of(all_links_bytes)
-    rounds = [arrivals(peers, per_peer) for _ in range(repeats)]
-    all_seen = {p: float(np.median([r[p] for r in rounds])) for p in peers}
     # The owner's egress is timed by all its peers: the slowest arrival counts.
-    gathered = _gather((up_t, down_t, all_seen))
+    gathered = _gather((up_t, down_t))
     fits = {}
     for i in range(k):
-        ups = [ts[i] for ts, _, _ in gathered if ts[i]]
+        ups = [ts[i] for ts, _ in gathered if ts[i]]
         up_pts = [(b, max(run[j][1] for run in ups)) for j, (b, _) in enumerate(ups[0])] \
             if ups else []
         down_pts = gathered[i][1][i]
         a_up, b_up, f_up = fit_link(*map(np.array, zip(*up_pts))) if up_pts else (0, 0, 0)
         a_dn, b_dn, f_dn = fit_link(*map(np.array, zip(*down_pts))) if down_pts else (0, 0, 0)
         fits[i] = [float(a_up), float(a_dn), float(min(b_up, b_dn)), float(min(f_up, f_dn))]
-    seen = {(i, j): t for i, (_, _, by_peer) in enumerate(gathered) for j, t in by_peer.items()}
+    # Every link busy at once, both ways, as in training: TCP shares each
+    # link with the acknowledgements of the other direction, which the
+    # one-link rounds do not see.
+    per_peer = per_peer_of(all_links_bytes(sizes[0], owner_sizes[0] < sizes[0], fits))
+    rounds = [arrivals(peers, per_peer) for _ in range(repeats)]
+    all_seen = {p: float(np.median([r[p] for r in rounds])) for p in peers}
+    seen = {(i, j): t for i, by_peer in enumerate(_gather(all_seen)) for j, t in by_peer.items()}
     for i, scale in link_scales(fits, seen, per_peer * (k - 1)).items():
         fits[i][0] *= scale
         fits[i][1] *= scale
