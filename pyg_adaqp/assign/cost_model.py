@@ -82,15 +82,17 @@ WARM_UP_BYTES = 256 << 10
 LARGEST_WITHIN_S = 0.025
 #: Where every link is slow, the owner rounds' fitted rates within this
 #: factor of each other, the all-links round carries twice the largest
-#: size (:func:`all_links_bytes`): at
-#: 100 Mbit/s one all-links round of 512 KiB read the links' rate 10-20%
-#: apart from one set-up to the next, and its scale moved every prediction
-#: with it.  At 1 MiB (~0.06 s more set-up) ``benchmarks/cost_model.py``
-#: passed 19 of 30 runs against 2 of 10, and a median of three or five
-#: rounds of 512 KiB bought no more for longer.  With one slow host among
-#: fast ones (pairs ~10x apart) 1 MiB read the slow link ~8% slower than
-#: the checks found it (14 of 20 runs against 8 of 10), so there the round
-#: keeps the largest size (docs/benchmarks.md, twenty-second pass).
+#: size (:func:`all_links_bytes`).  At 100 Mbit/s one all-links round of
+#: 512 KiB left the links' fitted rates anywhere from 62 to 127 Mbit/s over
+#: ten set-ups, and its scale moved every prediction with it:
+#: ``benchmarks/cost_model.py`` passed 2 of 10 runs, the widest check
+#: predicted at a median 258 ms against 224 measured.  At 1 MiB (set-up
+#: 0.50-0.55 s against 0.44-0.54) 11 of 20 runs passed, that check at 248
+#: and 235 against 222 and 225 (a median of three or five rounds of
+#: 512 KiB, uncommitted, bought no more for longer).  With one 100 Mbit/s host among 1 Gbit/s
+#: ones, 1 MiB read the slow link slower (median 94 against 99 Mbit/s) and
+#: passed 5 of 10 runs against 8 of 10, so uneven links keep the largest
+#: size (docs/benchmarks.md, twenty-second pass).
 EVEN_WITHIN = 2.0
 #: Feature widths of the codec profile (per-row and per-element costs).
 CODEC_WIDTHS = (16, 256)
