@@ -21,10 +21,10 @@ from pyg_adaqp.assign import (
 )
 from pyg_adaqp.assign import cost_model
 from pyg_adaqp.assign.cost_model import (BUCKET_REPEATS, CODEC_ELEMENTS, CODEC_WIDTHS,
-                                         EVEN_WITHIN, LATENCY_REPEATS, LARGEST_WITHIN_S, PROFILE_BYTES,
-                                         SOURCE_ROWS_PER_ROW, WARM_UP_BYTES, codec_costs,
-                                         all_links_bytes, excess_latency, fit_link, latency_plan,
-                                         profile_codec, profile_sizes)
+                                         EVEN_WITHIN, LARGEST_WITHIN_S, LATENCY_REPEATS,
+                                         PROFILE_BYTES, SOURCE_ROWS_PER_ROW, WARM_UP_BYTES,
+                                         all_links_bytes, codec_costs, excess_latency, fit_link,
+                                         latency_plan, profile_codec, profile_sizes, slow_links)
 from pyg_adaqp.assign.milp import TIE_BREAK, WIDTHS
 from pyg_adaqp.comm import message_nbytes
 from test_train import SMALL, launch, make_config, read_run
@@ -617,6 +617,7 @@ def test_profile_sizes_halve_the_largest_transfer_only_on_slow_links():
     sizes = (512 << 10, 128 << 10, 32 << 10, 8 << 10)
     # The slowest link's warm-up time at which the largest would take exactly the limit.
     edge = LARGEST_WITHIN_S * WARM_UP_BYTES / sizes[0]
+    assert not slow_links(sizes[0], edge) and slow_links(sizes[0], 1.01 * edge)
     assert profile_sizes(sizes, 0.0) == sizes
     assert profile_sizes(sizes, edge) == sizes
     assert profile_sizes(sizes, 1.01 * edge) == (256 << 10, 128 << 10, 32 << 10, 8 << 10)
@@ -635,16 +636,20 @@ def test_all_links_round_doubles_only_on_slow_even_links():
     assert all_links_bytes(512 << 10, True, edge) == 1024 << 10
     assert all_links_bytes(512 << 10, True, uneven) == 512 << 10
     assert all_links_bytes(512 << 10, False, even) == 512 << 10
-    # A rate the fit left at 0 (noise) is not a link 'infinitely fast'.
-    assert all_links_bytes(512 << 10, True, {**even, 2: [0.0, 0.0, 0.0, 0.0]}) == 1024 << 10
+    # A rate the fit left at 0 (noise) is not a link 'infinitely fast'; with
+    # no rate left the links count as uneven.
+    zero = [0.0, 0.0, 0.0, 0.0]
+    assert all_links_bytes(512 << 10, True, {**even, 2: zero}) == 1024 << 10
+    assert all_links_bytes(512 << 10, True, {i: zero for i in range(4)}) == 512 << 10
 
 
 def _owner_round_sizes(rank: int, world_size: int, slow_rank: int,
-                       even_within: float) -> list[int]:
+                       doubling: set[int]) -> list[int]:
     """The per-peer bytes of every link-profile exchange this worker posts,
-    with `slow_rank`'s warm-up sent 0.5 s late (a slow link) and links even
-    within `even_within`.  The limit is raised to 0.5 s, so that loopback on
-    a busy machine is not expected to read as slow."""
+    with `slow_rank`'s warm-up sent 0.5 s late (a slow link), and
+    :func:`all_links_bytes` doubling on slow links for the ranks in
+    `doubling` (what the fits say is tested on its own).  The limit is raised
+    to 0.5 s, so that loopback on a busy machine is not expected to read as slow."""
     import time as clock
 
     from pyg_adaqp.assign import cost_model as cm
@@ -652,7 +657,8 @@ def _owner_round_sizes(rank: int, world_size: int, slow_rank: int,
     from pyg_adaqp.comm.transport import Transport
 
     cm.LARGEST_WITHIN_S = 0.5
-    cm.EVEN_WITHIN = even_within
+    cm.all_links_bytes = lambda largest, slow, fits: (
+        2 * largest if slow and rank in doubling else largest)
 
     sizes, start = [], Transport.start
 
@@ -667,21 +673,21 @@ def _owner_round_sizes(rank: int, world_size: int, slow_rank: int,
     return sizes
 
 
-@pytest.mark.parametrize("slow_rank, even_within", [(None, 2.0), (1, float("inf")), (1, 0.0)])
-def test_one_slow_link_sets_every_workers_round_sizes(slow_rank, even_within):
-    """Every worker learns the slowest warm-up and every fit alike, so all
-    post the same sizes (a worker posting a size its peers do not would
-    hang the profile): the owner rounds' largest halved on a slow link, the
-    all-links round doubled where the links also fit as even
-    (`even_within`: always or never here; :func:`all_links_bytes` is tested
-    on its own)."""
+@pytest.mark.parametrize("slow_rank, doubling, doubled", [
+    (None, {0, 1}, False), (1, {0, 1}, True), (1, set(), False),
+    (1, {1}, True)])       # the two disagree: both take the larger
+def test_one_slow_link_sets_every_workers_round_sizes(slow_rank, doubling, doubled):
+    """Every worker learns the slowest warm-up alike, and the largest
+    all-links size any worker chose, so all post the same sizes (a worker
+    posting a size its peers do not would hang the profile): the owner
+    rounds' largest halved on a slow link, the all-links round doubled
+    where a worker's :func:`all_links_bytes` says so."""
     from pyg_adaqp.train.workers import run_workers
 
-    seen = run_workers(_owner_round_sizes, 2, slow_rank, even_within, timeout_s=60)
+    seen = run_workers(_owner_round_sizes, 2, slow_rank, doubling, timeout_s=60)
     assert seen[0] == seen[1]
-    slow = slow_rank is not None
-    largest = PROFILE_BYTES[0] // 2 if slow else PROFILE_BYTES[0]
-    all_links = 2 * PROFILE_BYTES[0] if slow and even_within > 1 else PROFILE_BYTES[0]
+    largest = PROFILE_BYTES[0] // 2 if slow_rank is not None else PROFILE_BYTES[0]
+    all_links = 2 * PROFILE_BYTES[0] if doubled else PROFILE_BYTES[0]
     # warm-up, each owner's rounds (2 workers: each peer gets the whole size), all links
     assert seen[0] == [WARM_UP_BYTES, largest, *PROFILE_BYTES[1:],
                        largest, *PROFILE_BYTES[1:], all_links]

@@ -80,19 +80,20 @@ WARM_UP_BYTES = 256 << 10
 #: (~4 ms) half of it fitted some links far off (docs/benchmarks.md,
 #: twenty-first pass).
 LARGEST_WITHIN_S = 0.025
-#: Where every link is slow, the owner rounds' fitted rates within this
-#: factor of each other, the all-links round carries twice the largest
-#: size (:func:`all_links_bytes`).  At 100 Mbit/s one all-links round of
-#: 512 KiB left the links' fitted rates anywhere from 62 to 127 Mbit/s over
-#: ten set-ups, and its scale moved every prediction with it:
-#: ``benchmarks/cost_model.py`` passed 2 of 10 runs, the widest check
-#: predicted at a median 258 ms against 224 measured.  At 1 MiB (set-up
-#: 0.50-0.55 s against 0.44-0.54) 11 of 20 runs passed, that check at 248
-#: and 235 against 222 and 225 (a median of three or five rounds of
-#: 512 KiB, uncommitted, bought no more for longer).  With one 100 Mbit/s host among 1 Gbit/s
-#: ones, 1 MiB read the slow link slower (median 94 against 99 Mbit/s) and
-#: passed 5 of 10 runs against 8 of 10, so uneven links keep the largest
-#: size (docs/benchmarks.md, twenty-second pass).
+#: Where the links are slow (:func:`slow_links`) and even, every fitted
+#: rate of the owner rounds within this factor of every other, the
+#: all-links round carries twice the largest size (:func:`all_links_bytes`).
+#: At 100 Mbit/s one all-links round of 512 KiB left the links' fitted
+#: rates anywhere from 62 to 127 Mbit/s over ten set-ups, and its scale
+#: moved every prediction with it: ``benchmarks/cost_model.py`` passed 2
+#: of 10 runs (6 of 20 in this and the previous session's batches), the
+#: widest check predicted at a median 258 ms against 225 measured.  At
+#: 1 MiB (set-up 0.50-0.55 s against 0.44-0.54) 11 of 20 runs passed, that
+#: check at 249 and 235 against 223 and 225.  On uneven links (one
+#: 100 Mbit/s host among 1 Gbit/s ones) 1 MiB showed no gain: the slow
+#: link read slower (median 94 against 99 Mbit/s), 5 of 10 runs passed
+#: against 8 of 10, so there the round keeps the largest size
+#: (docs/benchmarks.md, twenty-second pass).
 EVEN_WITHIN = 2.0
 #: Feature widths of the codec profile (per-row and per-element costs).
 CODEC_WIDTHS = (16, 256)
@@ -350,22 +351,29 @@ def _gather(value: object) -> list:
     return out
 
 
+def slow_links(largest: int, warm_up_s: float, warm_up_bytes: int = WARM_UP_BYTES) -> bool:
+    """Whether the slowest link, which carried `warm_up_bytes` each way in
+    `warm_up_s` seconds, would take longer than :data:`LARGEST_WITHIN_S` to
+    carry `largest` bytes."""
+    return warm_up_s * largest / warm_up_bytes > LARGEST_WITHIN_S
+
+
 def profile_sizes(sizes: tuple[int, ...], warm_up_s: float,
                   warm_up_bytes: int = WARM_UP_BYTES) -> tuple[int, ...]:
     """The owner rounds' sizes: `sizes` (largest first), the largest halved
-    (never below the next) where the slowest link, which carried
-    `warm_up_bytes` each way in `warm_up_s` seconds, would take longer than
-    :data:`LARGEST_WITHIN_S` to carry it."""
-    if len(sizes) < 2 or warm_up_s * sizes[0] / warm_up_bytes <= LARGEST_WITHIN_S:
+    (never below the next) where the links are slow (:func:`slow_links`)."""
+    if len(sizes) < 2 or not slow_links(sizes[0], warm_up_s, warm_up_bytes):
         return tuple(sizes)
     return (max(sizes[0] // 2, sizes[1]), *sizes[1:])
 
 
 def all_links_bytes(largest: int, slow: bool, fits: dict[int, list[float]]) -> int:
     """Bytes every link carries each way in the all-links round: `largest`,
-    or twice as much where the links are `slow` and even (every rate of
-    `fits`, ``(up s/B, down s/B, ...)`` per worker, within
-    :data:`EVEN_WITHIN` of every other)."""
+    or twice as much where the links are `slow` and even: every rate of
+    `fits` (``(up s/B, down s/B, ...)`` per worker) within
+    :data:`EVEN_WITHIN` of every other, rates the fit left at 0 (no
+    measurable time per byte) aside; with none left, the links count as
+    uneven."""
     rates = [a for f in fits.values() for a in f[:2] if a > 0]
     even = bool(rates) and max(rates) <= EVEN_WITHIN * min(rates)
     return 2 * largest if slow and even else largest
@@ -421,8 +429,8 @@ def profile_links(transport: Transport, device: torch.device,
 
     # Opens every connection; the slowest link's time, which every worker
     # learns alike, sizes the owner rounds.
-    warm = exchange(peers, per_peer_of(WARM_UP_BYTES))
-    owner_sizes = profile_sizes(sizes, max(_gather(warm)))
+    warm = max(_gather(exchange(peers, per_peer_of(WARM_UP_BYTES))))
+    owner_sizes = profile_sizes(sizes, warm)
     for owner in range(k):
         for size in owner_sizes:
             per_peer = per_peer_of(size)
@@ -446,7 +454,11 @@ def profile_links(transport: Transport, device: torch.device,
     # Every link busy at once, both ways, as in training: TCP shares each
     # link with the acknowledgements of the other direction, which the
     # one-link rounds do not see.
-    per_peer = per_peer_of(all_links_bytes(sizes[0], owner_sizes[0] < sizes[0], fits))
+    # Every worker fits the same points, but a least-squares solve on another
+    # CPU or BLAS could land on the other side of EVEN_WITHIN: all take the
+    # largest choice, so none posts a size its peers do not expect.
+    per_peer = per_peer_of(max(_gather(all_links_bytes(sizes[0], slow_links(sizes[0], warm),
+                                                       fits))))
     rounds = [arrivals(peers, per_peer) for _ in range(repeats)]
     all_seen = {p: float(np.median([r[p] for r in rounds])) for p in peers}
     seen = {(i, j): t for i, by_peer in enumerate(_gather(all_seen)) for j, t in by_peer.items()}
