@@ -453,10 +453,10 @@ def profile_links(transport: Transport, device: torch.device,
         fits[i] = [float(a_up), float(a_dn), float(min(b_up, b_dn)), float(min(f_up, f_dn))]
     # Every link busy at once, both ways, as in training: TCP shares each
     # link with the acknowledgements of the other direction, which the
-    # one-link rounds do not see.
-    # Every worker fits the same points, but a least-squares solve on another
-    # CPU or BLAS could land on the other side of EVEN_WITHIN: all take the
-    # largest choice, so none posts a size its peers do not expect.
+    # one-link rounds do not see.  Every worker fits the same points, but a
+    # least-squares solve on another CPU or BLAS could land on the other
+    # side of EVEN_WITHIN: all take the largest size any worker chose, so
+    # none posts a size its peers do not expect.
     per_peer = per_peer_of(max(_gather(all_links_bytes(sizes[0], slow_links(sizes[0], warm),
                                                        fits))))
     rounds = [arrivals(peers, per_peer) for _ in range(repeats)]
