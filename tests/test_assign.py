@@ -595,20 +595,28 @@ def test_profile_measures_every_worker_both_ways():
         assert len(cost.bucket[i]) == 2 and min(cost.bucket[i]) > 0   # encode, decode
 
 
-def _profile_through_the_exchange(rank: int, world_size: int, parts) -> list:
+def _record_starts(record) -> None:
+    """In a spawned worker: every ``Transport.start`` first calls
+    ``record(transport, send, device)`` (which may also hold the start back)."""
     from pyg_adaqp.comm.transport import Transport
+
+    start = Transport.start
+
+    def recording(self, send, recv_bytes, device):
+        record(self, send, device)
+        return start(self, send, recv_bytes, device)
+
+    Transport.start = recording
+
+
+def _profile_through_the_exchange(rank: int, world_size: int, parts) -> list:
     from pyg_adaqp.nn import DistGraph
 
     graph = DistGraph(parts[rank], quantize=True)
     ours = graph.exchange.transport
     seen = []
-    start = Transport.start
-
-    def recording(self, send, recv_bytes, device):
-        seen.append((self is ours, device, sorted({str(b.device) for b in send.values()})))
-        return start(self, send, recv_bytes, device)
-
-    Transport.start = recording
+    _record_starts(lambda transport, send, device: seen.append(
+        (transport is ours, device, sorted({str(b.device) for b in send.values()}))))
     AdaptiveBits().setup(graph)
     return seen
 
@@ -660,15 +668,14 @@ def _owner_round_sizes(rank: int, world_size: int, slow_rank: int,
     cm.all_links_bytes = lambda largest, slow, fits: (
         2 * largest if slow and rank in doubling else largest)
 
-    sizes, start = [], Transport.start
+    sizes = []
 
-    def recording(self, send, recv_bytes, device):
+    def record(transport, send, device):
         sizes.append(max(b.numel() for b in send.values()))
         if rank == slow_rank and len(sizes) == 1:
             clock.sleep(0.5)     # its bytes reach the peer 0.5 s late
-        return start(self, send, recv_bytes, device)
 
-    Transport.start = recording
+    _record_starts(record)
     profile_links(Transport(), torch.device("cpu"))
     return sizes
 
@@ -974,13 +981,8 @@ def _tell(rank: int, world_size: int) -> tuple[list, dict, dict]:
                            else torch.full((5,), 4, dtype=torch.uint8)},   # mixed from 0 only
             "forward 2": {peer: torch.zeros(0, dtype=torch.uint8)}}        # an empty channel
     sent = []
-    start = Transport.start
-
-    def recording(self, buffers, recv_bytes, device):
-        sent.append({p: b.tolist() for p, b in buffers.items()})
-        return start(self, buffers, recv_bytes, device)
-
-    Transport.start = recording
+    _record_starts(lambda transport, buffers, device: sent.append(
+        {p: b.tolist() for p, b in buffers.items()}))
     recv = _tell_receivers(Transport(), torch.device("cpu"), send, plan)
     return sent, send, recv
 

@@ -198,12 +198,13 @@ class AdaptiveBits:
 
         Bounded: the codec is timed on ~0.13M synthetic elements per width,
         the links in a warm-up, one round per worker at four sizes up to
-        512 KiB (256 KiB where a link is slow) and one round of all links,
-        then one small exchange of every worker at once (its loaded latency;
-        0.46-0.51 s in all for 4 hosts at 100 Mbit/s in ``benchmarks/cost_model.py``,
-        docs/benchmarks.md's twenty-first pass).  One slow link halves
-        every worker's owner rounds.  Skipped when the model came
-        from a checkpoint or nothing is exchanged.
+        512 KiB (256 KiB where a link is slow) and one round of all links
+        (1 MiB where the links are slow and even, else 512 KiB), then one
+        small exchange of every worker at once (its loaded latency;
+        0.49-0.60 s in all for 4 hosts at 100 Mbit/s in
+        ``benchmarks/cost_model.py``, docs/benchmarks.md's twenty-second
+        pass).  One slow link halves every worker's owner rounds.  Skipped
+        when the model came from a checkpoint or nothing is exchanged.
         """
         t0, started = time.perf_counter(), time.time()
         self._attach(graph)
