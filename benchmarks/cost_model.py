@@ -23,12 +23,8 @@ predicts slowest, the one measured slowest (its parts, and its encode's
 CPU time: on workers that share cores, the encode's wall time over its CPU
 time is the contention the profile must read), and the bytes the first one's
 link carries each way, and the errors of the same model without its loaded
-latency, and of the same set-up's model with its first all-links round
-alone (each run and, with ``--runs``, how many runs pass each way, and how
-far the predictions spread about the measurements, check by check in the
-same runs: a paired comparison that the measurements' own noise does not
-blur); the allocator's claim is an error of at most 15% on exchanges of
-4 ms or more.
+latency (each run and, with ``--runs``, how many runs pass each way); the
+allocator's claim is an error of at most 15% on exchanges of 4 ms or more.
 
 With ``--runs N`` the whole check, set-up included, runs N times on the
 same cluster (every check draws the same widths in every run), and a last
@@ -80,34 +76,6 @@ START_MARGIN_S = 0.03
 CHECKS = "checks: "
 
 
-def first_round_alone(model):
-    """`model` with the factors of its first all-links round instead of the
-    mean of its rounds' (:attr:`~pyg_adaqp.assign.CostModel.link_rounds`):
-    what the set-up would have predicted with that round alone.  The loaded
-    latency stays the one measured against the mean (a few kilobytes per
-    link, within the links' free bytes: the rates barely move it)."""
-    import dataclasses
-
-    if len(model.link_rounds) < 2:
-        return model
-    first = model.link_rounds[0]
-    mean = {i: sum(r[i] for r in model.link_rounds) / len(model.link_rounds) for i in first}
-    factor = {i: first[i] / mean[i] for i in first}
-    return dataclasses.replace(
-        model, up={i: a * factor.get(i, 1.0) for i, a in model.up.items()},
-        down={i: a * factor.get(i, 1.0) for i, a in model.down.items()}, link_rounds=[first])
-
-
-def log_spread(predicted, measured) -> tuple[float, float]:
-    """Median of predicted over measured (arrays of seconds, any shape)
-    and the standard deviation of its logarithm: how far a model's
-    predictions lie about the measurements, exchange by exchange."""
-    import numpy as np
-
-    ratio = np.log(np.asarray(predicted, float) / np.asarray(measured, float))
-    return float(np.exp(np.median(ratio))), float(ratio.std())
-
-
 class Check(NamedTuple):
     """One check's prediction and measurement (seconds)."""
     width: int
@@ -118,7 +86,6 @@ class Check(NamedTuple):
     slowest: tuple             #: (predicted, measured) slowest worker
     out_in: tuple              #: bytes the predicted slowest worker's link carries each way
     unloaded: float            #: predicted without the loaded latency
-    first_round: float         #: predicted with the first all-links round alone
 
 
 def claim_errors(predicted, measured):
@@ -237,7 +204,6 @@ def worker(args: argparse.Namespace) -> None:
     t0 = time.perf_counter()
     model = profile_cost_model(transport, "cpu", args.profile_repeats)
     setup = time.perf_counter() - t0
-    one_round = first_round_alone(model)
     keep_freed_memory()     # as training's epochs
     sizes = [None] * k
     dist.all_gather_object(sizes, {p: int(i.numel()) for p, i in lg.send_index.items()})
@@ -281,9 +247,7 @@ def worker(args: argparse.Namespace) -> None:
             out_in = (sum(n for (i, _), n in nbytes.items() if i == w),
                       sum(n for (_, j), n in nbytes.items() if j == w))
             checks.append(Check(width, predicted, everyone[slowest][0], (enc, dec),
-                                everyone[slowest][1:], (w, slowest), out_in, unloaded,
-                                assignment_seconds(one_round, width, rows,
-                                                   encode_share=share)[0]))
+                                everyone[slowest][1:], (w, slowest), out_in, unloaded))
     setups = [None] * k
     dist.all_gather_object(setups, setup)
     if rank == 0:
@@ -296,8 +260,6 @@ def worker(args: argparse.Namespace) -> None:
               f"at most {max(apart) * 1e3:.1f} ms")
         print(f"loaded latency (every exchange, beside beta): "
               f"{model.loaded_latency * 1e3:.3f} ms")
-        print("all-links rounds' factors on the fitted rates, by worker: " + "; ".join(
-            " ".join(f"{r[i]:.2f}" for i in sorted(r)) for r in model.link_rounds))
         print("| worker | up (Mbit/s) | down (Mbit/s) | beta (ms) | free (KB) | "
               "bucket encode / decode (ms) |")
         print("|---:|---:|---:|---:|---:|---:|")
@@ -312,7 +274,7 @@ def worker(args: argparse.Namespace) -> None:
               "slowest worker pred / meas | predicted slowest's link KB out / in |")
         print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
         for (width, predicted, measured, (enc, dec), (m_enc, m_link, m_dec, m_cpu), (w, slowest),
-             (out_b, in_b), _, _) in checks:    # every field of a Check
+             (out_b, in_b), _) in checks:       # every field of a Check
             print(f"| {width} | {predicted * 1e3:.2f} | {measured * 1e3:.2f} | "
                   f"{100 * (predicted - measured) / measured:+.0f}% | "
                   f"{enc * 1e3:.1f} / {m_enc * 1e3:.1f} ({m_cpu * 1e3:.1f}) | "
@@ -324,16 +286,13 @@ def worker(args: argparse.Namespace) -> None:
         if any(timed):
             errors = claim_errors([c.predicted for c in checks], measured)[timed]
             unloaded = claim_errors([c.unloaded for c in checks], measured)[timed]
-            first = claim_errors([c.first_round for c in checks], measured)[timed]
             print(f"\nexchanges of {MIN_TIMED_S * 1e3:.0f} ms or more: largest error "
                   f"{errors.max():.0%}, mean {errors.mean():.0%} (without the loaded latency: "
-                  f"{unloaded.max():.0%}, {unloaded.mean():.0%}; with the first all-links "
-                  f"round alone: {first.max():.0%}, {first.mean():.0%})", flush=True)
+                  f"{unloaded.max():.0%}, {unloaded.mean():.0%})", flush=True)
         # For --runs: every check of this run, read back by the launcher.
         print(CHECKS + json.dumps({"setup": max(setups), "checks": [
             [c.width, c.predicted, c.measured] for c in checks],
-            "unloaded": [c.unloaded for c in checks],
-            "first_round": [c.first_round for c in checks]}), flush=True)
+            "unloaded": [c.unloaded for c in checks]}), flush=True)
     dist.destroy_process_group()
 
 
@@ -385,20 +344,11 @@ def print_across_runs(runs: list[dict]) -> None:
     print(f"\nruns {CLAIM}: the model {model} of "
           f"{len(runs)}; each check's median measured time, as a prediction, {medians} of "
           f"{len(runs)}", flush=True)
-    measured = np.array([[m for _, _, m in r["checks"]] for r in runs])
     if all("unloaded" in r for r in runs):   # the same runs' model without the loaded latency
+        measured = np.array([[m for _, _, m in r["checks"]] for r in runs])
         passed = runs_passed(np.array([r["unloaded"] for r in runs]), measured)
         print(f"without the loaded latency (beta as the link rounds measured it): "
               f"{passed} of {len(runs)}", flush=True)
-    # The same set-ups' model with its first all-links round alone, on the same checks.
-    first = np.array([r["first_round"] for r in runs])
-    models = {"the model": np.array([[p for _, p, _ in r["checks"]] for r in runs]),
-              "with its first all-links round alone": first}
-    print(f"with its first all-links round alone: {runs_passed(first, measured)} of "
-          f"{len(runs)}\nprediction over measurement, every check of every run, median "
-          f"(spread: sd of its log): " + "; ".join(
-              "{}: {:.3f} ({:.3f})".format(name, *log_spread(p, measured))
-              for name, p in models.items()), flush=True)
 
 
 def launch(args: argparse.Namespace) -> None:

@@ -20,10 +20,9 @@ from pyg_adaqp.assign import (
     solve_key,
 )
 from pyg_adaqp.assign import cost_model
-from pyg_adaqp.assign.cost_model import (ALL_LINKS_ROUNDS, BUCKET_REPEATS, CODEC_ELEMENTS,
-                                         CODEC_WIDTHS, EVEN_WITHIN, LARGEST_WITHIN_S,
-                                         LATENCY_REPEATS, PROFILE_BYTES, SOURCE_ROWS_PER_ROW,
-                                         WARM_UP_BYTES,
+from pyg_adaqp.assign.cost_model import (BUCKET_REPEATS, CODEC_ELEMENTS, CODEC_WIDTHS,
+                                         EVEN_WITHIN, LARGEST_WITHIN_S, LATENCY_REPEATS,
+                                         PROFILE_BYTES, SOURCE_ROWS_PER_ROW, WARM_UP_BYTES,
                                          all_links_bytes, codec_costs, excess_latency, fit_link,
                                          latency_plan, profile_codec, profile_sizes, slow_links)
 from pyg_adaqp.assign.milp import TIE_BREAK, WIDTHS
@@ -139,8 +138,7 @@ def test_cost_model_encodes_shared_rows_once():
 
 
 def test_cost_model_lets_free_bytes_through():
-    cost = CostModel({0: 1e-9}, {0: 1e-9}, {0: 1e-4}, {0: 250e3}, loaded_latency=2e-4,
-                     link_rounds=[{0: 1.25}, {0: 0.75}])
+    cost = CostModel({0: 1e-9}, {0: 1e-9}, {0: 1e-4}, {0: 250e3}, loaded_latency=2e-4)
     assert cost.link_seconds(0, 100e3, 0) == pytest.approx(3e-4)          # within the burst
     assert cost.link_seconds(0, 1.25e6, 0) == pytest.approx(3e-4 + 1e-3)  # 1 MB over it
     assert cost.link_seconds(0, 0, 0) == 0.0                              # nothing to move
@@ -150,9 +148,6 @@ def test_cost_model_lets_free_bytes_through():
     # A model saved before the loaded latency was measured has none.
     old = {k: v for k, v in cost.state_dict().items() if k != "loaded_latency"}
     assert CostModel.from_state_dict(old).link_seconds(0, 100e3, 0) == pytest.approx(1e-4)
-    # Nor, before they were recorded, the all-links rounds' factors.
-    old = {k: v for k, v in cost.state_dict().items() if k != "link_rounds"}
-    assert CostModel.from_state_dict(old).link_rounds == []
 
 
 @pytest.mark.parametrize("free", [0.0, 3e5])
@@ -564,9 +559,8 @@ def _profile_of_known_parts(rank: int, world_size: int) -> dict:
 
     cm.profile_codec = lambda device, barrier: ({2: (1e-6, 1e-8)}, {2: (1e-7, 1e-9)},
                                                 (1e-4, 5e-5))
-    cm.profile_links = lambda transport, device, repeats: ({
-        i: (1e-8 * (i + 1), 2e-8, 1e-3, 0.0) for i in range(world_size)},
-        [{i: 1.5 for i in range(world_size)}, {i: 1.0 for i in range(world_size)}])
+    cm.profile_links = lambda transport, device, repeats: {
+        i: (1e-8 * (i + 1), 2e-8, 1e-3, 0.0) for i in range(world_size)}
     cm.time_loaded_exchange = lambda transport, device, plan: 0.25 + 0.01 * rank
     return cm.profile_cost_model(Transport(), "cpu").state_dict()
 
@@ -578,7 +572,6 @@ def test_profile_keeps_beta_and_adds_the_slowest_workers_excess_as_the_loaded_la
     assert states[0] == states[1]
     cost = CostModel.from_state_dict(states[0])
     assert cost.beta == {0: 1e-3, 1: 1e-3}                 # the link rounds' own
-    assert cost.link_rounds == [{0: 1.5, 1: 1.5}, {0: 1.0, 1: 1.0}]
     unloaded = CostModel.from_state_dict({**states[0], "loaded_latency": 0.0})
     predicted, _ = assignment_seconds(unloaded, CODEC_WIDTHS[0], latency_plan(2))
     assert 0 < predicted < 0.25
@@ -702,10 +695,9 @@ def test_one_slow_link_sets_every_workers_round_sizes(slow_rank, doubling, doubl
     assert seen[0] == seen[1]
     largest = PROFILE_BYTES[0] // 2 if slow_rank is not None else PROFILE_BYTES[0]
     all_links = 2 * PROFILE_BYTES[0] if doubled else PROFILE_BYTES[0]
-    # warm-up, each owner's rounds (2 workers: each peer gets the whole size),
-    # the all-links rounds
+    # warm-up, each owner's rounds (2 workers: each peer gets the whole size), all links
     assert seen[0] == [WARM_UP_BYTES, largest, *PROFILE_BYTES[1:],
-                       largest, *PROFILE_BYTES[1:], *[all_links] * ALL_LINKS_ROUNDS]
+                       largest, *PROFILE_BYTES[1:], all_links]
 
 
 def test_profile_goes_through_the_exchanges_own_transport_and_device():
@@ -718,10 +710,9 @@ def test_profile_goes_through_the_exchanges_own_transport_and_device():
     parts = partition_graph(synthetic_graph(num_nodes=300, avg_degree=6, num_features=8), 2)
     for seen in run_workers(_profile_through_the_exchange, 2, parts, timeout_s=60):
         # every link round went through it: a warm-up, each worker's round at
-        # each size, the all-links rounds (one timed exchange each by default),
+        # each size, the all-links round (one timed exchange each by default),
         # then the loaded-latency exchange (a warm-up and its repetitions)
-        assert len(seen) == (1 + 2 * len(PROFILE_BYTES) + ALL_LINKS_ROUNDS + 1
-                             + LATENCY_REPEATS)
+        assert len(seen) == 1 + 2 * len(PROFILE_BYTES) + 1 + 1 + LATENCY_REPEATS
         assert all(same and device == torch.device("cpu") and buffers in ([], ["cpu"])
                    for same, device, buffers in seen)
 
@@ -976,26 +967,6 @@ def test_link_scales_judge_each_link_by_the_pairs_it_bounds():
     # Faster than fitted never speeds a link up.
     seen = {(0, 1): 0.5 * fast * total, (1, 0): 0.8 * fast * total}
     assert link_scales(two, seen, total) == pytest.approx({0: 1.0, 1: 1.0})
-
-
-def test_link_rounds_scale_each_link_by_their_mean_factor():
-    """Two all-links rounds on two even links: 1's bytes reached 0 at 1.6x
-    their fit in the first and 1.2x in the second (the other pair at 0.9x
-    and 1.1x).  A pair bounded by both ends counts for both, so each round
-    gives both workers its slowest pair's ratio, and each worker's factor
-    is the mean of the rounds'."""
-    from pyg_adaqp.assign.cost_model import mean_link_scales
-
-    rate, total = 8e-8, 1e6
-    fits = {0: [rate, rate, 0.0, 0.0], 1: [rate, rate, 0.0, 0.0]}
-    first = {(0, 1): 1.6 * rate * total, (1, 0): 0.9 * rate * total}
-    second = {(0, 1): 1.2 * rate * total, (1, 0): 1.1 * rate * total}
-    scales, per_round = mean_link_scales(fits, [first, second], total)
-    # a pair counts for both ends: its receiver's downlink and its sender's uplink
-    assert per_round == [pytest.approx({0: 1.6, 1: 1.6}), pytest.approx({0: 1.2, 1: 1.2})]
-    assert scales == pytest.approx({0: 1.4, 1: 1.4})
-    # With one round, the mean is that round's factor.
-    assert mean_link_scales(fits, [second], total)[0] == pytest.approx({0: 1.2, 1: 1.2})
 
 
 def _tell(rank: int, world_size: int) -> tuple[list, dict, dict]:

@@ -32,35 +32,6 @@ def test_runs_pass_only_within_15_percent_of_every_exchange_of_4_ms_or_more():
     np.testing.assert_allclose(rows[1]["predicted"], [13.0, 11.0, 12.0])
 
 
-def test_the_first_round_alone_rescales_each_worker_by_its_first_factor():
-    """The set-up's model scales each link by its rounds' mean factor; the
-    check's paired comparison undoes it for the first round's factor."""
-    from cost_model import first_round_alone
-
-    from pyg_adaqp.assign import CostModel
-
-    model = CostModel({0: 3e-8, 1: 1e-8}, {0: 6e-8, 1: 1e-8}, {0: 1e-4, 1: 1e-4},
-                      {0: 0.0, 1: 0.0}, loaded_latency=1e-3,
-                      link_rounds=[{0: 1.0, 1: 1.2}, {0: 2.0, 1: 1.2}])
-    one = first_round_alone(model)
-    # worker 0's mean factor 1.5, its first 1.0; worker 1's both 1.2
-    assert one.up == pytest.approx({0: 2e-8, 1: 1e-8})
-    assert one.down == pytest.approx({0: 4e-8, 1: 1e-8})
-    assert one.link_rounds == [{0: 1.0, 1: 1.2}]
-    assert (one.beta, one.loaded_latency) == (model.beta, model.loaded_latency)
-    # A model of one round (or of a checkpoint without them) is its own.
-    assert first_round_alone(one) is one
-
-
-def test_log_spread_is_the_median_ratio_and_the_sd_of_its_log():
-    from cost_model import log_spread
-
-    median, spread = log_spread([[1.1, 2.2], [0.9, 2.0]], [[1.0, 2.0], [1.0, 2.0]])
-    assert median == pytest.approx(np.exp(np.median(np.log([1.1, 1.1, 0.9, 1.0]))))
-    assert spread == pytest.approx(np.log([1.1, 1.1, 0.9, 1.0]).std())
-    assert log_spread([2.0, 4.0], [1.0, 2.0]) == pytest.approx((2.0, 0.0))
-
-
 @pytest.mark.parametrize("flag", ["--trials", "--repeats", "--profile-repeats", "--runs"])
 def test_counts_below_one_are_refused_by_name(flag, monkeypatch, capsys):
     import cost_model

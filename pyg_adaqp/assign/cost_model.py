@@ -34,7 +34,7 @@ bounded time: the codec on synthetic rows, and the links: a warm-up of
 every link at once, whose slowest link sizes the rest (:func:`profile_sizes`),
 then one round per worker in which that worker sends to and receives from
 every peer at once, at a few sizes, so each end of every link is timed in
-both directions, and :data:`ALL_LINKS_ROUNDS` rounds of every link at once.
+both directions, and one round of every link at once.
 Last, one small exchange that every worker codes and sends at once, as
 training does, against the model's prediction for it: what its slowest
 worker took beyond the slowest prediction is the loaded latency
@@ -95,11 +95,6 @@ LARGEST_WITHIN_S = 0.025
 #: against 8 of 10, so there the round keeps the largest size
 #: (docs/benchmarks.md, twenty-second pass).
 EVEN_WITHIN = 2.0
-#: Rounds of every link at once, back to back.  Each gives every worker a
-#: factor on its fitted rates (:func:`link_scales`), and the mean of the
-#: rounds' factors scales them (:func:`mean_link_scales`): one round's tail
-#: (which of a link's flows finishes last) moves from round to round.
-ALL_LINKS_ROUNDS = 2
 #: Feature widths of the codec profile (per-row and per-element costs).
 CODEC_WIDTHS = (16, 256)
 #: Elements encoded per codec measurement (a fraction of a millisecond on one
@@ -143,10 +138,6 @@ class CostModel:
         loaded_latency (float, optional): Fixed seconds every worker's
             exchange takes beyond `beta` when every worker codes and sends
             at once (:func:`excess_latency`). (default: :obj:`0.0`)
-        link_rounds (list[dict[int, float]], optional): Each all-links
-            round's factor per worker; `up` and `down` hold their mean
-            (:func:`mean_link_scales`).  How far they spread is how
-            steadily the links ran in the set-up.
     """
     up: dict[int, float] = field(default_factory=dict)
     down: dict[int, float] = field(default_factory=dict)
@@ -156,7 +147,6 @@ class CostModel:
     decode: dict[int, dict[int, tuple[float, float]]] = field(default_factory=dict)
     bucket: dict[int, tuple[float, float]] = field(default_factory=dict)
     loaded_latency: float = 0.0
-    link_rounds: list[dict[int, float]] = field(default_factory=list)
 
     def codec_seconds(self, worker: int, rows: float, width: int, bits: int,
                       encoding: bool, share: float = 1.0, fan_out: int = 1) -> float:
@@ -204,8 +194,7 @@ class CostModel:
                 "free": floats(self.free), "encode": codec(self.encode),
                 "decode": codec(self.decode),
                 "bucket": {int(i): [float(x) for x in c] for i, c in self.bucket.items()},
-                "loaded_latency": float(self.loaded_latency),
-                "link_rounds": [floats(r) for r in self.link_rounds]}
+                "loaded_latency": float(self.loaded_latency)}
 
     @classmethod
     def from_state_dict(cls, state: dict) -> CostModel:
@@ -215,13 +204,12 @@ class CostModel:
         def floats(d: dict) -> dict[int, float]:
             return {int(i): float(v) for i, v in d.items()}
 
-        # Checkpoints written before the bucket cost, the loaded latency or
-        # the all-links rounds' factors were recorded lack them.
+        # Checkpoints written before the bucket cost or the loaded latency
+        # was measured lack it.
         bucket = {int(i): tuple(c) for i, c in state.get("bucket", {}).items()}
         return cls(floats(state["up"]), floats(state["down"]), floats(state["beta"]),
                    floats(state["free"]), codec(state["encode"]), codec(state["decode"]),
-                   bucket, float(state.get("loaded_latency", 0.0)),
-                   [floats(r) for r in state.get("link_rounds", [])])
+                   bucket, float(state.get("loaded_latency", 0.0)))
 
 
 def fit_link(sent: np.ndarray, took: np.ndarray) -> tuple[float, float, float]:
@@ -393,11 +381,9 @@ def all_links_bytes(largest: int, slow: bool, fits: dict[int, list[float]]) -> i
 
 def profile_links(transport: Transport, device: torch.device,
                   sizes: tuple[int, ...] = PROFILE_BYTES, repeats: int = 1
-                  ) -> tuple[dict[int, tuple[float, float, float, float]],
-                             list[dict[int, float]]]:
+                  ) -> dict[int, tuple[float, float, float, float]]:
     """Up and down rate, beta (the latency, with the other workers idle) and
-    free bytes of every worker's link (collective), and each all-links
-    round's factor per worker.
+    free bytes of every worker's link (collective).
 
     A warm-up loads every link at once with :data:`WARM_UP_BYTES` each
     way; how long the slowest link took sets the sizes of the owner rounds
@@ -407,16 +393,13 @@ def profile_links(transport: Transport, device: torch.device,
     carries ``size`` bytes in each direction while every other link carries
     a ``k - 1``-th of that.  Each peer times the arrival of ``i``'s bytes
     (``i``'s egress) and ``i`` the arrival of all of theirs (its ingress).
-    Last, :data:`ALL_LINKS_ROUNDS` rounds load every link at once, as
-    training does (their size from the owner rounds' fits:
-    :func:`all_links_bytes`); where a link is slower then than its fit
-    predicts, its rates are scaled by the ratio, the mean over the rounds
-    (:func:`mean_link_scales`).
+    A last round loads every link at once, as training does (its size
+    from the owner rounds' fits: :func:`all_links_bytes`); where a link
+    is slower then than its fit predicts, its rates are scaled by the ratio
+    (:func:`link_scales`).
 
     Returns:
-        (dict[int, tuple], list[dict[int, float]]): ``(up s/B, down s/B,
-        beta s, free B)`` per worker, and each all-links round's factor per
-        worker.
+        dict[int, tuple]: ``(up s/B, down s/B, beta s, free B)`` per worker.
     """
     k, rank = transport.world_size, transport.rank
     peers = [p for p in range(k) if p != rank]
@@ -476,27 +459,13 @@ def profile_links(transport: Transport, device: torch.device,
     # none posts a size its peers do not expect.
     per_peer = per_peer_of(max(_gather(all_links_bytes(sizes[0], slow_links(sizes[0], warm),
                                                        fits))))
-    mine = []                     # per round: when each peer's bytes arrived here
-    for _ in range(ALL_LINKS_ROUNDS):
-        rounds = [arrivals(peers, per_peer) for _ in range(repeats)]
-        mine.append({p: float(np.median([r[p] for r in rounds])) for p in peers})
-    everyone = _gather(mine)
-    seen = [{(i, j): t for i, by_round in enumerate(everyone) for j, t in by_round[r].items()}
-            for r in range(ALL_LINKS_ROUNDS)]
-    scales, per_round = mean_link_scales(fits, seen, per_peer * (k - 1))
-    for i, scale in scales.items():
+    rounds = [arrivals(peers, per_peer) for _ in range(repeats)]
+    all_seen = {p: float(np.median([r[p] for r in rounds])) for p in peers}
+    seen = {(i, j): t for i, by_peer in enumerate(_gather(all_seen)) for j, t in by_peer.items()}
+    for i, scale in link_scales(fits, seen, per_peer * (k - 1)).items():
         fits[i][0] *= scale
         fits[i][1] *= scale
-    return {i: tuple(f) for i, f in fits.items()}, per_round
-
-
-def mean_link_scales(fits: dict[int, list[float]], rounds: list[dict[tuple[int, int], float]],
-                     total: float) -> tuple[dict[int, float], list[dict[int, float]]]:
-    """Per worker, the mean over the all-links `rounds` (each a `seen` of
-    :func:`link_scales`) of the factor each round gives it, and each round's
-    factors."""
-    per_round = [link_scales(fits, seen, total) for seen in rounds]
-    return {i: float(np.mean([r[i] for r in per_round])) for i in fits}, per_round
+    return {i: tuple(f) for i, f in fits.items()}
 
 
 def link_scales(fits: dict[int, list[float]], seen: dict[tuple[int, int], float],
@@ -540,7 +509,7 @@ def profile_cost_model(transport: Transport, device: torch.device | str = "cpu",
     :func:`excess_latency`)."""
     device = torch.device(device)
     codec = profile_codec(device, barrier=lambda: dist.barrier(group=transport.group))
-    links, link_rounds = profile_links(transport, device, repeats=repeats)
+    links = profile_links(transport, device, repeats=repeats)
     plan = latency_plan(transport.world_size)
     # Every worker's codec profile and loaded-exchange time, in one collective.
     mine = _gather((codec, time_loaded_exchange(transport, device, plan)))
@@ -549,7 +518,7 @@ def profile_cost_model(transport: Transport, device: torch.device | str = "cpu",
                       {i: f[2] for i, f in links.items()}, {i: f[3] for i, f in links.items()},
                       {i: c[0] for i, c in enumerate(codecs)},
                       {i: c[1] for i, c in enumerate(codecs)},
-                      {i: c[2] for i, c in enumerate(codecs)}, link_rounds=link_rounds)
+                      {i: c[2] for i, c in enumerate(codecs)})
     model.loaded_latency = excess_latency(model, plan, [took for _, took in mine])
     return model
 
