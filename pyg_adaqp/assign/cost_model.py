@@ -86,10 +86,11 @@ LARGEST_WITHIN_S = 0.025
 #: At 100 Mbit/s one all-links round of 512 KiB left the links' fitted
 #: rates anywhere from 62 to 127 Mbit/s over ten set-ups, and its scale
 #: moved every prediction with it: ``benchmarks/cost_model.py`` passed 2
-#: of 10 runs (6 of 20 in this and the previous session's batches), the
-#: widest check predicted at a median 258 ms against 225 measured.  At
-#: 1 MiB (set-up 0.50-0.55 s against 0.44-0.54) 11 of 20 runs passed, that
-#: check at 249 and 235 against 223 and 225.  On uneven links (one
+#: of 10 runs (6 of 20 over the twenty-first and twenty-second passes'
+#: batches), the widest check predicted at a median 258 ms against 225
+#: measured.  At 1 MiB (set-up 0.49-0.60 s against 0.44-0.54) 17 of 30 runs
+#: passed in three batches, that check's median prediction 4-12% over the
+#: measurement.  On uneven links (one
 #: 100 Mbit/s host among 1 Gbit/s ones) 1 MiB showed no gain: the slow
 #: link read slower (median 94 against 99 Mbit/s), 5 of 10 runs passed
 #: against 8 of 10, so there the round keeps the largest size
