@@ -61,6 +61,12 @@ def test_group_messages_sorts_and_cuts():
     # At most 2 groups: groups of ceil(5 / 2) = 3 messages.
     coef, rows, order = group_messages(np.array([1.0, 5.0, 3.0, 0.0, 4.0]), 1, max_groups=2)
     assert coef.tolist() == [12.0, 1.0] and rows.tolist() == [3, 2]
+    # Ties in any order: still every message once, the groups' sums the same.
+    c = np.repeat([2.0, 0.0, 7.0], 50)
+    coef, rows, order = group_messages(c, 50)
+    assert sorted(order.tolist()) == list(range(150))
+    assert coef.tolist() == [350.0, 100.0, 0.0] and rows.tolist() == [50, 50, 50]
+    assert (np.diff(c[order]) <= 0).all()
 
 
 def test_cost_model_is_the_critical_path_of_each_worker():

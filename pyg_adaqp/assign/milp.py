@@ -115,13 +115,17 @@ def group_messages(coef: np.ndarray, group_size: int, max_groups: int | None = N
     otherwise have more than `max_groups` groups (the solve's time grows
     with the groups, its gain from finer groups does not).
 
+    Messages of equal :math:`c_m` are in no particular order (they cost the
+    same in any group): a stable sort took six times as long (~1.1 ms
+    against 0.17 for 18k messages, at each re-assignment, for every channel).
+
     Returns:
         (np.ndarray, np.ndarray, np.ndarray): :math:`C_g` and the number of
         messages of every group, and the message order: the groups hold
         consecutive runs of ``order``.
     """
     coef = np.asarray(coef, dtype=np.float64)
-    order = np.argsort(-coef, kind="stable")
+    order = np.argsort(-coef)
     if order.size == 0:
         return np.zeros(0), np.zeros(0, dtype=np.int64), order
     if max_groups is not None:
