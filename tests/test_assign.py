@@ -168,6 +168,50 @@ def test_fit_link_recovers_line_and_knot(free):
     assert np.max(np.abs(pred - took) / took) < 0.1
 
 
+def _fit_link_per_knot(sent, took):
+    """fit_link as one weighted least-squares solve per knot (the reference)."""
+    w = 1.0 / np.maximum(took, 1e-9)
+    best, best_err = (0.0, float(np.median(took)), 0.0), np.inf
+    sizes = np.sort(np.unique(sent[sent > 0]))
+    knots = np.geomspace(sizes[0], sizes[-2], 64) if sizes.size > 2 else np.zeros(0)
+    for free in np.r_[0.0, knots]:
+        x = np.maximum(0.0, sent - free)
+        design = np.stack([x, np.ones_like(x)], axis=1) * w[:, None]
+        (alpha, beta), *_ = np.linalg.lstsq(design, took * w, rcond=None)
+        if alpha < 0:
+            alpha, beta = 0.0, float(np.sum(took * w * w) / np.sum(w * w))
+        elif beta < 0:
+            alpha, beta = float(np.sum(x * took * w * w) / max(np.sum(x * x * w * w), 1e-30)), 0.0
+        err = float(np.sum(((alpha * x + beta - took) * w) ** 2))
+        if err < best_err - 1e-12:
+            best, best_err = (float(alpha), float(beta), float(free)), err
+    return best
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_fit_link_is_the_least_squares_fit_of_each_knot(seed):
+    """The closed form over every knot at once fits what one solve per knot
+    fits: the set-up's four sizes and repeats, a burst, noise up to 50%, lines
+    sloping down or starting below 0."""
+    rng = np.random.default_rng(seed)
+    sizes = np.array([512, 128, 32, 8]) * 1024.0
+    sent = np.repeat(sizes, rng.integers(1, 3))
+    alpha, beta = rng.uniform(-2e-9, 1e-7), rng.uniform(-1e-4, 3e-3)
+    took = beta + alpha * np.maximum(0.0, sent - rng.choice([0.0, rng.uniform(0, 2e5)]))
+    took = np.abs(took) * (1 + rng.uniform(0, 0.5) * rng.standard_normal(sent.size)) + 1e-6
+    np.testing.assert_allclose(fit_link(sent, took), _fit_link_per_knot(sent, took),
+                               rtol=1e-6, atol=1e-15)
+
+
+def test_fit_link_of_one_size_or_no_bytes():
+    """One size: the line through the origin; no bytes: the time is all beta."""
+    alpha, beta, free = fit_link(np.array([1e5, 1e5]), np.array([1e-3, 1e-3]))
+    assert (alpha, beta, free) == (pytest.approx(1e-8), 0.0, 0.0)
+    # Weighted by 1 / took^2: (1e-3 * 1e6 + 3e-3 * 1e6 / 9) / (1e6 + 1e6 / 9) = 1.2e-3.
+    alpha, beta, free = fit_link(np.array([0.0, 0.0]), np.array([1e-3, 3e-3]))
+    assert (alpha, free) == (0.0, 0.0) and beta == pytest.approx(1.2e-3)
+
+
 def test_fit_link_never_slopes_down():
     alpha, beta, knot = fit_link(np.array([1e3, 1e4, 1e5, 1e6]),
                                  np.array([3e-3, 2e-3, 1e-3, 1e-3]))
