@@ -295,6 +295,31 @@ def test_budget_milp_is_the_fastest_within_budget_by_brute_force(seed, bucket):
     assert 0 < sol.noise <= budget * (1 + 1e-9)
 
 
+@pytest.mark.parametrize("seed", range(4))
+def test_budget_milp_runs_no_longer_than_it_could_save(seed):
+    """With `uses`, the MILP's time is capped by what it could save over
+    them (the greedy time less all 2 bits'): a solve that cannot pay leaves
+    the greedy answer; one that can is the solve without the cap."""
+    problem, cost = random_problem(seed, workers=2, groups=3, bucket=2e-5)
+    noise = {b: problem.variance(np.full(problem.num_groups, k))
+             for k, b in enumerate((2, 4, 8))}
+    problem.signal = 1.0
+    budget = float(np.sqrt(noise[2] * noise[4]))
+    greedy = solve_key(problem, cost, max_milp_groups=0, budget=budget)
+    assert greedy.seconds > assignment_time(problem, cost, np.full(problem.num_groups, 2))
+    full = solve_key(problem, cost, time_limit=5.0, mip_rel_gap=1e-9, budget=budget)
+    for uses in (0, 1e-12):   # a saving of at most 0 s, or far under MIN_MILP_SECONDS
+        capped = solve_key(problem, cost, time_limit=5.0, mip_rel_gap=1e-9, budget=budget,
+                           uses=uses)
+        assert capped.method == "greedy" and capped.bits.tolist() == greedy.bits.tolist()
+    paid = solve_key(problem, cost, time_limit=5.0, mip_rel_gap=1e-9, budget=budget, uses=1e9)
+    assert paid.bits.tolist() == full.bits.tolist() and paid.method == full.method
+    # Without a budget the weighted sum's MILP runs whatever `uses`.
+    lam = solve_key(problem, cost, 0.5, time_limit=5.0, mip_rel_gap=1e-9, uses=0)
+    assert lam.bits.tolist() == solve_key(problem, cost, 0.5, time_limit=5.0,
+                                          mip_rel_gap=1e-9).bits.tolist()
+
+
 def assignment_time(problem: KeyProblem, cost: CostModel, bits) -> float:
     """The cost model's time of a per-group assignment, from its channels' row counts."""
     rows: dict = {}

@@ -118,7 +118,10 @@ class AdaptiveBits:
             every key. (default: :obj:`0.03`)
         time_limit (float, optional): Seconds the MILPs of one
             re-assignment may take together; past it the greedy answer
-            stands. (default: :obj:`0.3`)
+            stands.  Under a budget a key's MILP also runs no longer than
+            it could save over the `cycle` epochs its widths serve
+            (:func:`~pyg_adaqp.assign.milp.solve_key`'s `uses`).
+            (default: :obj:`0.3`)
         profile_repeats (int, optional): Timed exchanges per size when
             profiling the links (their median counts). (default: :obj:`1`)
         first_bits (int, optional): Width of every quantized row in epoch 0,
@@ -360,8 +363,9 @@ class AdaptiveBits:
         channel_rows: dict[str, dict[int, int]] = defaultdict(lambda: {int(b): 0 for b in WIDTHS})
         for key in keys:
             problem, channels = self._problem(key, gathered)
+            # The widths serve one exchange of the key per epoch until the next re-assignment.
             sol = solve_key(problem, cost, self.coe_lambda, self.time_limit / len(keys),
-                            budget=self.budget(key))
+                            budget=self.budget(key), uses=self.cycle)
             by_channel, at = {}, 0
             for i, j, ng in channels:
                 widths = sol.bits[at:at + ng].astype(np.uint8)

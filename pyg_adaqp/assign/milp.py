@@ -48,6 +48,9 @@ _LEVELS = (2.0 ** WIDTHS - 1) ** 2
 #: arbitrary widths; it is far above HiGHS's default absolute gap (1e-6),
 #: yet moves the reported objective by at most this much.
 TIE_BREAK = 1e-5
+#: Least time limit the MILP is started with (HiGHS's own set-up takes a few
+#: milliseconds); below it the greedy answer stands (:func:`solve_key`'s `uses`).
+MIN_MILP_SECONDS = 0.005
 
 
 @dataclass
@@ -116,8 +119,9 @@ def group_messages(coef: np.ndarray, group_size: int, max_groups: int | None = N
     with the groups, its gain from finer groups does not).
 
     Messages of equal :math:`c_m` are in no particular order (they cost the
-    same in any group): a stable sort took six times as long (~1.1 ms
-    against 0.17 for 18k messages, at each re-assignment, for every channel).
+    same in any group): a stable sort takes several times as long, at every
+    re-assignment for every channel and key (``benchmarks/allocator_solve.py``
+    prints both).
 
     Returns:
         (np.ndarray, np.ndarray, np.ndarray): :math:`C_g` and the number of
@@ -272,7 +276,8 @@ def objective(problem: KeyProblem, cost: CostModel, bits: np.ndarray, coe_lambda
 
 def solve_key(problem: KeyProblem, cost: CostModel, coe_lambda: float = 0.5,
               time_limit: float = 0.3, mip_rel_gap: float = 1e-3,
-              max_milp_groups: int = 2000, budget: float | None = None) -> Solution:
+              max_milp_groups: int = 2000, budget: float | None = None,
+              uses: float | None = None) -> Solution:
     """Assigns a width to every group of `problem`.
 
     The greedy solution comes first; the MILP then decides the groups near
@@ -298,6 +303,12 @@ def solve_key(problem: KeyProblem, cost: CostModel, coe_lambda: float = 0.5,
         budget (float, optional): Minimize time with the variance at most
             `budget` times the signal power :math:`S` instead of the
             weighted sum. (default: :obj:`None`)
+        uses (float, optional): Exchanges the assignment will serve.  With
+            a `budget`, the MILP runs no longer than it could save over
+            them: the greedy answer's time less the least time (every group
+            at 2 bits), times `uses`; not at all under
+            :data:`MIN_MILP_SECONDS`.  Every worker waits for the solve.
+            (default: :obj:`None`: `time_limit` alone)
     """
     t0 = time.perf_counter()
     if problem.num_groups == 0:
@@ -307,7 +318,10 @@ def solve_key(problem: KeyProblem, cost: CostModel, coe_lambda: float = 0.5,
     best, method = greedy, "greedy"
     # Every group at 2 bits within the budget is the least time and the
     # fewest bytes: nothing for the MILP to improve.
-    if not (budget is not None and cut == 0 and obj.tie_on_bytes):
+    if budget is not None and uses is not None:
+        time_limit = min(time_limit, uses * max(0.0, obj.timing.seconds(greedy) - obj.t_min))
+    if not (budget is not None and cut == 0 and obj.tie_on_bytes) \
+            and time_limit >= MIN_MILP_SECONDS:
         free = _near_cut(problem, steps, cut, max_milp_groups)
         choice = _milp(obj, time_limit, mip_rel_gap, free, greedy)
         if choice is not None and not obj.better(best, choice):
