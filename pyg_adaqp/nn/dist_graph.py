@@ -36,10 +36,10 @@ def signal_power(out: Tensor, weight: Tensor | None = None,
     channel the layer learned to ignore (an unnormalized, uninformative
     column whose range sets every row's step) no longer counts as signal.
     A zero :math:`W` passes everything.  Norms are summed in the tensors'
-    own precision, at least float32, and squared in float64 (a float64 sum
-    of a 10000 x 256 block took ten times as long on one CPU thread, in
-    each traced epoch; float32's relative error, ~1e-4, is far below what
-    a budget tells apart), and nothing waits for the device.
+    own precision, at least float32, and squared in float64 (a float64
+    sum first copies the whole block, several times as long on the CPU in
+    every traced epoch; float32's rounding is far below what a budget
+    tells apart), and nothing waits for the device.
 
     Args:
         out (Tensor): The aggregation, ``[N, D]``.
@@ -58,7 +58,7 @@ def signal_power(out: Tensor, weight: Tensor | None = None,
 
 
 def _power(x: Tensor) -> Tensor:
-    """:math:`\|x\|^2` in float64, the norm summed in `x`'s precision (at least float32)."""
+    r""":math:`\|x\|^2` in float64, the norm summed in `x`'s precision (at least float32)."""
     dtype = torch.promote_types(x.dtype, torch.float32)
     return torch.linalg.vector_norm(x.detach(), dtype=dtype).double().square()
 
