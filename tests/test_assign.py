@@ -276,14 +276,19 @@ def test_milp_matches_brute_force_and_beats_uniform(seed, coe_lambda):
     assert 0.0 < sol.objective < min(coe_lambda, 1 - coe_lambda)  # a real trade-off
 
 
+def budget_between_2_and_4_bits(problem: KeyProblem) -> float:
+    """Sets `problem`'s signal to 1 and returns a budget between the noise
+    of all 2 bits and of all 4 bits (their geometric mean)."""
+    problem.signal = 1.0
+    noise = [problem.variance(np.full(problem.num_groups, k)) for k in (0, 1)]
+    return float(np.sqrt(noise[0] * noise[1]))
+
+
 @pytest.mark.parametrize("seed", range(4))
 @pytest.mark.parametrize("bucket", [2e-7, 2e-5])   # a bucket: a row's link time, or the exchange's
 def test_budget_milp_is_the_fastest_within_budget_by_brute_force(seed, bucket):
     problem, cost = random_problem(seed, workers=2, groups=3, bucket=bucket)
-    uniform_noise = {b: problem.variance(np.full(problem.num_groups, k))
-                     for k, b in enumerate((2, 4, 8))}
-    problem.signal = 1.0
-    budget = float(np.sqrt(uniform_noise[2] * uniform_noise[4]))  # between 2 and 4 bits
+    budget = budget_between_2_and_4_bits(problem)
     sol = solve_key(problem, cost, time_limit=5.0, mip_rel_gap=1e-9, budget=budget)
     choice = np.searchsorted(WIDTHS, sol.bits)
     assert problem.variance(choice) <= budget * (1 + 1e-9)
@@ -301,10 +306,7 @@ def test_budget_milp_runs_no_longer_than_it_could_save(seed):
     them (the greedy time less all 2 bits'): a solve that cannot pay leaves
     the greedy answer; one that can is the solve without the cap."""
     problem, cost = random_problem(seed, workers=2, groups=3, bucket=2e-5)
-    noise = {b: problem.variance(np.full(problem.num_groups, k))
-             for k, b in enumerate((2, 4, 8))}
-    problem.signal = 1.0
-    budget = float(np.sqrt(noise[2] * noise[4]))
+    budget = budget_between_2_and_4_bits(problem)
     greedy = solve_key(problem, cost, max_milp_groups=0, budget=budget)
     assert greedy.seconds > assignment_time(problem, cost, np.full(problem.num_groups, 2))
     full = solve_key(problem, cost, time_limit=5.0, mip_rel_gap=1e-9, budget=budget)

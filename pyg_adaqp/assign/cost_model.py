@@ -236,17 +236,18 @@ def fit_link(sent: np.ndarray, took: np.ndarray) -> tuple[float, float, float]:
     s1, st = w2.sum(), w2 @ took
     sx, sxx, sxt = x @ w2, (x * x) @ w2, x @ (w2 * took)
     det = sxx * s1 - sx * sx
-    # Without two distinct x (one size), the line through the origin; without bytes, flat.
+    flat = st / s1                                   # alpha 0: the weighted mean
+    origin = sxt / np.maximum(sxx, 1e-300)           # beta 0: the line through the origin
+    # Without two distinct x (one size), through the origin; without bytes, flat.
     line = det > 1e-9 * sxx * s1
     safe = np.where(line, det, 1.0)
-    alpha = np.where(line, (sxt * s1 - sx * st) / safe, sxt / np.maximum(sxx, 1e-300))
-    beta = np.where(line, (sxx * st - sx * sxt) / safe, np.where(sxx > 0, 0.0, st / s1))
+    alpha = np.where(line, (sxt * s1 - sx * st) / safe, origin)
+    beta = np.where(line, (sxx * st - sx * sxt) / safe, np.where(sxx > 0, 0.0, flat))
     # Noise can tilt the line; time never falls with bytes nor goes below 0.
     down = alpha < 0
-    alpha, beta = np.where(down, 0.0, alpha), np.where(down, st / s1, beta)
     below = ~down & (beta < 0)
-    alpha = np.where(below, sxt / np.maximum(sxx, 1e-30), alpha)
-    beta = np.where(below, 0.0, beta)
+    alpha = np.where(down, 0.0, np.where(below, origin, alpha))
+    beta = np.where(down, flat, np.where(below, 0.0, beta))
     err = ((alpha[:, None] * x + beta[:, None] - took) ** 2) @ w2
     best, best_err = (0.0, float(np.median(took)), 0.0), np.inf
     for k in range(free.size):
