@@ -24,7 +24,8 @@ from pyg_adaqp.assign.cost_model import (BUCKET_REPEATS, CODEC_ELEMENTS, CODEC_W
                                          EVEN_WITHIN, LARGEST_WITHIN_S, LATENCY_REPEATS,
                                          PROFILE_BYTES, SOURCE_ROWS_PER_ROW, WARM_UP_BYTES,
                                          all_links_bytes, codec_costs, excess_latency, fit_link,
-                                         latency_plan, profile_codec, profile_sizes, slow_links)
+                                         latency_plan, profile_codec, profile_sizes,
+                                         shared_core_factor, slow_links, usable_cores)
 from pyg_adaqp.assign.milp import TIE_BREAK, WIDTHS
 from pyg_adaqp.comm import message_nbytes
 from test_train import SMALL, launch, make_config, read_run
@@ -522,16 +523,17 @@ def test_epoch_zero_runs_at_assign_bits(tmp_path):
         key: {"2"} for key in ("forward 1", "backward 1", "forward 2", "backward 2")}
 
 
-def test_codec_costs_recover_the_per_row_and_per_element_costs():
+@pytest.mark.parametrize("share", [1.7, np.array([2.0, 1.0])])
+def test_codec_costs_recover_the_per_row_and_per_element_costs(share):
     """From measurements made of known costs: the fixed bucket cost comes
-    off, `share` scales the measured seconds to the exchange's."""
+    off, `share` (one factor, or encode's and decode's) scales the measured
+    seconds to the exchange's."""
     fixed = np.array([2e-4, 1e-4])
     truth = {2: ((3e-8, 2e-9), (1e-8, 6e-10)), 8: ((5e-8, 1e-9), (2e-8, 4e-10))}
-    share = 1.7
     per = {bits: {width: np.array([
-        (fixed[k] + (CODEC_ELEMENTS // width) * (row + element * width)) / share
-        for k, (row, element) in enumerate(costs)]) for width in (16, 256)}
-        for bits, costs in truth.items()}
+        (fixed[k] + (CODEC_ELEMENTS // width) * (row + element * width))
+        / np.broadcast_to(share, 2)[k] for k, (row, element) in enumerate(costs)])
+        for width in (16, 256)} for bits, costs in truth.items()}
     enc, dec = codec_costs(fixed, per, share)
     for bits, (e, d) in truth.items():
         assert enc[bits] == pytest.approx(e, rel=1e-9)
@@ -553,6 +555,63 @@ def test_a_buckets_fixed_cost_is_its_fastest_repetition(monkeypatch):
                         lambda device: lambda: next(ticks, times[-1] + 1.0))
     _, _, fixed = profile_codec(torch.device("cpu"), widths=(16, 64), repeats=1)
     assert fixed == pytest.approx((encode, decode), rel=1e-9)
+
+
+def test_the_encode_is_slowed_by_the_cores_contention_and_the_decode_is_not(monkeypatch):
+    """On the CPU the profile reads CPU time; `contention` scales the encode's
+    per-row, per-element and bucket costs, and leaves the decode's alone."""
+    from types import SimpleNamespace
+
+    def ticking(step: float):
+        now = [0.0]
+
+        def clock() -> float:
+            now[0] += step
+            return now[0]
+        return clock
+
+    def profile(contention: float):
+        # Every wall and CPU reading advances by a fixed step: each measurement
+        # reads alike, whatever the machine does meanwhile.
+        monkeypatch.setattr(cost_model, "device_clock", lambda device: ticking(2e-4))
+        monkeypatch.setattr(cost_model, "time", SimpleNamespace(process_time=ticking(1e-3)))
+        return profile_codec(torch.device("cpu"), widths=(16, 64), repeats=1,
+                             contention=contention)
+
+    (enc1, dec1, fixed1), (enc3, dec3, fixed3) = profile(1.0), profile(2.5)
+    assert fixed3 == pytest.approx((2.5 * fixed1[0], fixed1[1]), rel=1e-12)
+    assert dec3 == dec1
+    for bits, (row, element) in enc1.items():
+        assert element > 0
+        assert enc3[bits] == pytest.approx((2.5 * row, 2.5 * element), rel=1e-9)
+
+
+@pytest.mark.parametrize("everyone, factor", [
+    # 4 workers of 1 thread on one host of 2 cores (the benchmarks' cluster)
+    ([("a", (0, 1), 1)] * 4, 2.0),
+    # one worker per host
+    ([("a", (0, 1), 1), ("b", (0, 1), 1), ("c", (0, 1), 1)], 1.0),
+    # cores to spare
+    ([("a", tuple(range(8)), 2)] * 2, 1.0),
+    # 3 workers of 2 threads on 4 cores
+    ([("a", (0, 1, 2, 3), 2)] * 3, 1.5),
+    # pinned to cores of their own
+    ([("a", (0,), 1), ("a", (1,), 1)], 1.0),
+])
+def test_shared_core_factor_counts_threads_on_the_hosts_cores(everyone, factor):
+    assert shared_core_factor(everyone[0], everyone) == factor
+
+
+def _core_contention(rank: int, world_size: int) -> float:
+    torch.set_num_threads(3)
+    return cost_model.core_contention()
+
+
+def test_core_contention_of_workers_on_this_machine():
+    from pyg_adaqp.train.workers import run_workers
+
+    factors = run_workers(_core_contention, 2, timeout_s=60)
+    assert factors == [max(1.0, 2 * 3 / len(usable_cores()))] * 2
 
 
 def test_codec_profile_encodes_as_the_exchange_does(monkeypatch):
@@ -634,8 +693,8 @@ def _profile_of_known_parts(rank: int, world_size: int) -> dict:
     from pyg_adaqp.assign import cost_model as cm
     from pyg_adaqp.comm.transport import Transport
 
-    cm.profile_codec = lambda device, barrier: ({2: (1e-6, 1e-8)}, {2: (1e-7, 1e-9)},
-                                                (1e-4, 5e-5))
+    cm.profile_codec = lambda device, barrier, contention: (
+        {2: (1e-6, 1e-8)}, {2: (1e-7, 1e-9)}, (1e-4, 5e-5))
     cm.profile_links = lambda transport, device, repeats: {
         i: (1e-8 * (i + 1), 2e-8, 1e-3, 0.0) for i in range(world_size)}
     cm.time_loaded_exchange = lambda transport, device, plan: 0.25 + 0.01 * rank

@@ -18,7 +18,9 @@ applies (a token bucket's burst, a switch buffer; 0 on a plain link),
 :math:`E_i, D_i` the encode and decode time of the rows it sends and
 receives at their widths (measured per row and per element on that worker's
 device, plus a fixed cost per non-empty width bucket of every message: a
-bucket's few kernels cost ~0.1-0.6 ms on one CPU thread whatever its rows),
+bucket's few kernels cost ~0.1-0.6 ms on one CPU thread whatever its rows;
+on the CPU the encode is slowed by the workers that share the host's cores
+and encode at the same time, :func:`core_contention`),
 and :math:`h_i` the aggregation time that overlaps the exchange.  Every
 piece is linear in the widths' indicator variables (and in one variable per
 channel and width that says whether the bucket is used), so the MILP keeps
@@ -47,6 +49,8 @@ slower peers, which the maximum over workers already counts.  It sits in
 """
 from __future__ import annotations
 
+import os
+import socket
 import time
 from dataclasses import dataclass, field, replace
 from typing import Callable
@@ -257,7 +261,8 @@ def fit_link(sent: np.ndarray, took: np.ndarray) -> tuple[float, float, float]:
 
 
 def profile_codec(device: torch.device, widths: tuple[int, ...] = CODEC_WIDTHS,
-                  repeats: int = 3, barrier: Callable[[], object] = lambda: None
+                  repeats: int = 3, barrier: Callable[[], object] = lambda: None,
+                  contention: float = 1.0
                   ) -> tuple[dict[int, tuple[float, float]], dict[int, tuple[float, float]],
                              tuple[float, float]]:
     """Encode and decode seconds ``(per row, per element)`` of each width on
@@ -283,12 +288,17 @@ def profile_codec(device: torch.device, widths: tuple[int, ...] = CODEC_WIDTHS,
     (:func:`~pyg_adaqp.comm.clock.device_clock`).  On the CPU, one
     measurement's wall time depends on which workers held the cores while it
     ran (4 workers on 2 cores), its CPU time much less: so there each
-    measurement of :data:`CODEC_ELEMENTS` is its median CPU
-    time (the process's, which counts torch's intra-op threads) times the
-    profile's sharing factor, its total wall time over its total CPU time:
-    the slow-down of coding while every worker codes, averaged over the
-    profile's large measurements (a bucket's fixed cost, well under a time
-    slice, keeps its fastest wall time).
+    measurement of :data:`CODEC_ELEMENTS` is its median CPU time (the
+    process's, which counts torch's intra-op threads).  The encode, which
+    every worker of a host runs at once when an exchange starts, is then
+    slowed by `contention` (:func:`core_contention`), its bucket's fixed
+    cost too; the decode is not (workers decode as their peers' bytes
+    arrive, at different times).  The wall time over the CPU time of these
+    measurements, the factor used before, read anywhere from 1 to 2 from
+    run to run on 4 workers sharing 2 cores: each lasts less than a time
+    slice, so it is either not pre-empted or pre-empted whole
+    (docs/benchmarks.md, twenty-fifth pass).  A bucket's fixed cost, well
+    under a time slice, is its fastest wall time.
     """
     gen = torch.Generator(device).manual_seed(0)
     clock = device_clock(device)
@@ -324,15 +334,51 @@ def profile_codec(device: torch.device, widths: tuple[int, ...] = CODEC_WIDTHS,
                     for bits in SUPPORTED_BITS], axis=0)
     runs = {bits: {width: timed(bits, codec_rows(width), width) for width in widths}
             for bits in SUPPORTED_BITS}
-    share, cols = 1.0, wall
-    if device.type == "cpu":
-        every = np.concatenate([r for by_width in runs.values() for r in by_width.values()])
-        if every[:, cpu].sum() > 0:
-            share, cols = float(every[:, wall].sum() / every[:, cpu].sum()), cpu
+    cols, share = (cpu, np.array([contention, 1.0])) if device.type == "cpu" else (wall, 1.0)
     per = {bits: {width: np.median(r[:, cols], axis=0) for width, r in by_width.items()}
            for bits, by_width in runs.items()}
+    fixed = fixed * share
     enc, dec = codec_costs(fixed, per, share)
     return enc, dec, (float(fixed[0]), float(fixed[1]))
+
+
+def host_id() -> str:
+    """What tells this machine from others: the kernel's boot id (network
+    namespaces and containers on one machine share it), else the host name."""
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as f:
+            return f.read().strip()
+    except OSError:
+        return socket.gethostname()
+
+
+def usable_cores() -> tuple[int, ...]:
+    """The CPUs this process may run on."""
+    if hasattr(os, "sched_getaffinity"):
+        return tuple(sorted(os.sched_getaffinity(0)))
+    return tuple(range(os.cpu_count() or 1))
+
+
+def shared_core_factor(mine: tuple[str, tuple[int, ...], int],
+               everyone: list[tuple[str, tuple[int, ...], int]]) -> float:
+    """How much slower a worker codes while every worker codes at once.
+
+    Each entry is a worker's ``(host id, usable cores, intra-op threads)``;
+    `everyone` includes `mine`.  The workers on `mine`'s host whose cores
+    overlap its own share the cores of all of them: the factor is their
+    threads over those cores, at least 1 (a worker alone on its host, or
+    with cores to spare, is not slowed).
+    """
+    host, cores, _ = mine
+    near = [e for e in everyone if e[0] == host and set(e[1]) & set(cores)]
+    shared = set().union(*(set(e[1]) for e in near)) if near else set(cores)
+    return max(1.0, sum(e[2] for e in near) / max(1, len(shared)))
+
+
+def core_contention() -> float:
+    """This worker's :func:`shared_core_factor` among all workers (collective)."""
+    mine = (host_id(), usable_cores(), torch.get_num_threads())
+    return shared_core_factor(mine, [tuple(e) for e in _gather(mine)])
 
 
 def codec_rows(width: int) -> int:
@@ -340,12 +386,14 @@ def codec_rows(width: int) -> int:
     return max(1, CODEC_ELEMENTS // width)
 
 
-def codec_costs(fixed: np.ndarray, per: dict[int, dict[int, np.ndarray]], share: float = 1.0
+def codec_costs(fixed: np.ndarray, per: dict[int, dict[int, np.ndarray]],
+                share: float | np.ndarray = 1.0
                 ) -> tuple[dict[int, tuple[float, float]], dict[int, tuple[float, float]]]:
     """Encode and decode seconds ``(per row, per element)`` of each bit width
     from :func:`profile_codec`'s measurements: `fixed`, one bucket's
-    ``(encode, decode)`` seconds, and ``per[bits][width]``, the seconds of
-    :func:`codec_rows` rows of `width`, which `share` scales to the
+    ``(encode, decode)`` seconds in the exchange, and ``per[bits][width]``,
+    the ``(encode, decode)`` seconds of :func:`codec_rows` rows of `width`,
+    which `share` (one factor, or one per direction) scales to the
     exchange's time; a line through the narrowest and widest width."""
     enc, dec = {}, {}
     for bits, by_width in per.items():
@@ -521,7 +569,8 @@ def profile_cost_model(transport: Transport, device: torch.device | str = "cpu",
     (:func:`time_loaded_exchange` of :func:`latency_plan`,
     :func:`excess_latency`)."""
     device = torch.device(device)
-    codec = profile_codec(device, barrier=lambda: dist.barrier(group=transport.group))
+    codec = profile_codec(device, barrier=lambda: dist.barrier(group=transport.group),
+                          contention=core_contention())
     links = profile_links(transport, device, repeats=repeats)
     plan = latency_plan(transport.world_size)
     # Every worker's codec profile and loaded-exchange time, in one collective.
