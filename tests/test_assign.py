@@ -21,9 +21,11 @@ from pyg_adaqp.assign import (
 )
 from pyg_adaqp.assign import cost_model
 from pyg_adaqp.assign.cost_model import (BUCKET_REPEATS, CODEC_ELEMENTS, CODEC_WIDTHS,
-                                         EVEN_WITHIN, LARGEST_WITHIN_S, LATENCY_REPEATS,
+                                         EVEN_WITHIN, FAST_WITHIN_S, LARGEST_WITHIN_S,
+                                         LATENCY_REPEATS,
                                          PROFILE_BYTES, SOURCE_ROWS_PER_ROW, WARM_UP_BYTES,
-                                         all_links_bytes, codec_costs, excess_latency, fit_link,
+                                         all_links_bytes, codec_costs, excess_latency, fast_links,
+                                         fit_link,
                                          latency_plan, profile_codec, profile_sizes,
                                          shared_core_factor, slow_links, usable_cores)
 from pyg_adaqp.assign.milp import TIE_BREAK, WIDTHS
@@ -746,8 +748,10 @@ def _record_starts(record) -> None:
 
 
 def _profile_through_the_exchange(rank: int, world_size: int, parts) -> list:
+    from pyg_adaqp.assign import cost_model as cm
     from pyg_adaqp.nn import DistGraph
 
+    cm.FAST_WITHIN_S = 1e9      # fast links: the rounds also start together on its group
     graph = DistGraph(parts[rank], quantize=True)
     ours = graph.exchange.transport
     seen = []
@@ -757,12 +761,15 @@ def _profile_through_the_exchange(rank: int, world_size: int, parts) -> list:
     return seen
 
 
-def test_profile_sizes_halve_the_largest_transfer_only_on_slow_links():
+def test_profile_sizes_halve_the_largest_transfer_on_slow_links_and_add_4x_on_fast_ones():
     sizes = (512 << 10, 128 << 10, 32 << 10, 8 << 10)
     # The slowest link's warm-up time at which the largest would take exactly the limit.
     edge = LARGEST_WITHIN_S * WARM_UP_BYTES / sizes[0]
+    fast = FAST_WITHIN_S * WARM_UP_BYTES / sizes[0]
     assert not slow_links(sizes[0], edge) and slow_links(sizes[0], 1.01 * edge)
-    assert profile_sizes(sizes, 0.0) == sizes
+    assert fast_links(sizes[0], 0.99 * fast) and not fast_links(sizes[0], fast)
+    assert profile_sizes(sizes, 0.0) == profile_sizes(sizes, 0.99 * fast) == (2 << 20, *sizes)
+    assert profile_sizes(sizes, fast) == sizes
     assert profile_sizes(sizes, edge) == sizes
     assert profile_sizes(sizes, 1.01 * edge) == (256 << 10, 128 << 10, 32 << 10, 8 << 10)
     # Never below the next size, and one size has nothing to halve toward.
@@ -788,12 +795,14 @@ def test_all_links_round_doubles_only_on_slow_even_links():
 
 
 def _owner_round_sizes(rank: int, world_size: int, slow_rank: int,
-                       doubling: set[int]) -> list[int]:
+                       doubling: set[int], fast: bool) -> tuple[list[int], int]:
     """The per-peer bytes of every link-profile exchange this worker posts,
     with `slow_rank`'s warm-up sent 0.5 s late (a slow link), and
     :func:`all_links_bytes` doubling on slow links for the ranks in
-    `doubling` (what the fits say is tested on its own).  The limit is raised
-    to 0.5 s, so that loopback on a busy machine is not expected to read as slow."""
+    `doubling` (what the fits say is tested on its own), and how many
+    rounds started together.  The slow limit is raised to 0.5 s, so that
+    loopback on a busy machine is not expected to read as slow; the fast
+    limit is set so that loopback reads as `fast` (unless a link is slow)."""
     import time as clock
 
     from pyg_adaqp.assign import cost_model as cm
@@ -801,8 +810,12 @@ def _owner_round_sizes(rank: int, world_size: int, slow_rank: int,
     from pyg_adaqp.comm.transport import Transport
 
     cm.LARGEST_WITHIN_S = 0.5
+    cm.FAST_WITHIN_S = 0.4 if fast else 0.0
     cm.all_links_bytes = lambda largest, slow, fits: (
         2 * largest if slow and rank in doubling else largest)
+    together = []
+    start_together = cm.start_together
+    cm.start_together = lambda *args: together.append(1) or start_together(*args)
 
     sizes = []
 
@@ -813,27 +826,53 @@ def _owner_round_sizes(rank: int, world_size: int, slow_rank: int,
 
     _record_starts(record)
     profile_links(Transport(), torch.device("cpu"))
-    return sizes
+    return sizes, len(together)
 
 
-@pytest.mark.parametrize("slow_rank, doubling, doubled", [
-    (None, {0, 1}, False), (1, {0, 1}, True), (1, set(), False),
-    (1, {1}, True)])       # the two disagree: both take the larger
-def test_one_slow_link_sets_every_workers_round_sizes(slow_rank, doubling, doubled):
+@pytest.mark.parametrize("slow_rank, doubling, fast, doubled", [
+    (None, {0, 1}, False, False), (1, {0, 1}, False, True), (1, set(), False, False),
+    (1, {1}, False, True),       # the two disagree: both take the larger
+    (None, set(), True, False), (1, set(), True, False)])   # fast, unless a link is slow
+def test_one_slow_link_sets_every_workers_round_sizes(slow_rank, doubling, fast, doubled):
     """Every worker learns the slowest warm-up alike, and the largest
     all-links size any worker chose, so all post the same sizes (a worker
     posting a size its peers do not would hang the profile): the owner
     rounds' largest halved on a slow link, the all-links round doubled
-    where a worker's :func:`all_links_bytes` says so."""
+    where a worker's :func:`all_links_bytes` says so, and on fast links
+    (on one host) a transfer 4x the largest added, which the all-links
+    round carries, every round after the warm-up started together."""
     from pyg_adaqp.train.workers import run_workers
 
-    seen = run_workers(_owner_round_sizes, 2, slow_rank, doubling, timeout_s=60)
+    seen = run_workers(_owner_round_sizes, 2, slow_rank, doubling, fast, timeout_s=60)
     assert seen[0] == seen[1]
-    largest = PROFILE_BYTES[0] // 2 if slow_rank is not None else PROFILE_BYTES[0]
-    all_links = 2 * PROFILE_BYTES[0] if doubled else PROFILE_BYTES[0]
+    sizes, together = seen[0]
+    fast = fast and slow_rank is None
+    owner = ((4 * PROFILE_BYTES[0], *PROFILE_BYTES) if fast else
+             (PROFILE_BYTES[0] // 2 if slow_rank is not None else PROFILE_BYTES[0],
+              *PROFILE_BYTES[1:]))
+    all_links = 2 * PROFILE_BYTES[0] if doubled else owner[0] if fast else PROFILE_BYTES[0]
     # warm-up, each owner's rounds (2 workers: each peer gets the whole size), all links
-    assert seen[0] == [WARM_UP_BYTES, largest, *PROFILE_BYTES[1:],
-                       largest, *PROFILE_BYTES[1:], all_links]
+    assert sizes == [WARM_UP_BYTES, *owner, *owner, all_links]
+    assert together == (len(sizes) - 1 if fast else 0)
+
+
+def _start_together(rank: int, world_size: int) -> tuple[float, float]:
+    import time as clock
+
+    from pyg_adaqp.comm.transport import Transport
+
+    if rank == 1:
+        clock.sleep(0.05)       # arrives late: the other waits for it
+    start = cost_model.start_together(Transport().group, torch.device("cpu"))
+    return start, clock.perf_counter()
+
+
+def test_workers_on_one_host_start_together_after_the_last_arrives():
+    from pyg_adaqp.train.workers import run_workers
+
+    (start0, left0), (start1, left1) = run_workers(_start_together, 2, timeout_s=60)
+    assert start0 == start1                  # one time, on the host's monotonic clock
+    assert left0 >= start0 and left1 >= start1
 
 
 def test_profile_goes_through_the_exchanges_own_transport_and_device():
@@ -846,9 +885,10 @@ def test_profile_goes_through_the_exchanges_own_transport_and_device():
     parts = partition_graph(synthetic_graph(num_nodes=300, avg_degree=6, num_features=8), 2)
     for seen in run_workers(_profile_through_the_exchange, 2, parts, timeout_s=60):
         # every link round went through it: a warm-up, each worker's round at
-        # each size, the all-links round (one timed exchange each by default),
-        # then the loaded-latency exchange (a warm-up and its repetitions)
-        assert len(seen) == 1 + 2 * len(PROFILE_BYTES) + 1 + 1 + LATENCY_REPEATS
+        # each size (fast links: one more), the all-links round (one timed
+        # exchange each by default), then the loaded-latency exchange (a
+        # warm-up and its repetitions)
+        assert len(seen) == 1 + 2 * (len(PROFILE_BYTES) + 1) + 1 + 1 + LATENCY_REPEATS
         assert all(same and device == torch.device("cpu") and buffers in ([], ["cpu"])
                    for same, device, buffers in seen)
 

@@ -100,6 +100,20 @@ LARGEST_WITHIN_S = 0.025
 #: against 8 of 10, so there the round keeps the largest size
 #: (docs/benchmarks.md, twenty-second pass).
 EVEN_WITHIN = 2.0
+#: A link is fast where the slowest would carry the largest size within this.
+#: There the owner rounds add a transfer four times the largest, which also
+#: sizes the all-links round, and workers on one host start every link round
+#: at one time (:func:`start_together`).  At 1 Gbit/s a 512 KiB transfer
+#: takes ~4 ms, half of it a token bucket's burst (the owner rounds' knot
+#: search stops at their second largest size, so the fitted rates read
+#: 1.4-1.8 Gbit/s), and workers leave a barrier up to several ms apart on
+#: 4 workers sharing 2 cores, which the rounds timed as link time
+#: (docs/benchmarks.md, twenty-fifth pass).
+FAST_WITHIN_S = 0.016
+#: How long after the last worker reached it a common start lies: more than
+#: the workers' usual spread leaving a collective (0.3 ms median on 4 workers
+#: sharing 2 cores; a worker later than this starts late).
+START_MARGIN_S = 0.002
 #: Feature widths of the codec profile (per-row and per-element costs).
 CODEC_WIDTHS = (16, 256)
 #: Elements encoded per codec measurement (a fraction of a millisecond on one
@@ -419,13 +433,35 @@ def slow_links(largest: int, warm_up_s: float, warm_up_bytes: int = WARM_UP_BYTE
     return warm_up_s * largest / warm_up_bytes > LARGEST_WITHIN_S
 
 
+def fast_links(largest: int, warm_up_s: float, warm_up_bytes: int = WARM_UP_BYTES) -> bool:
+    """Whether the slowest link, which carried `warm_up_bytes` each way in
+    `warm_up_s` seconds, would carry `largest` bytes within :data:`FAST_WITHIN_S`."""
+    return warm_up_s * largest / warm_up_bytes < FAST_WITHIN_S
+
+
 def profile_sizes(sizes: tuple[int, ...], warm_up_s: float,
                   warm_up_bytes: int = WARM_UP_BYTES) -> tuple[int, ...]:
     """The owner rounds' sizes: `sizes` (largest first), the largest halved
-    (never below the next) where the links are slow (:func:`slow_links`)."""
+    (never below the next) where the links are slow (:func:`slow_links`),
+    and four times the largest added first where they are fast
+    (:func:`fast_links`)."""
+    if len(sizes) >= 2 and fast_links(sizes[0], warm_up_s, warm_up_bytes):
+        return (4 * sizes[0], *sizes)
     if len(sizes) < 2 or not slow_links(sizes[0], warm_up_s, warm_up_bytes):
         return tuple(sizes)
     return (max(sizes[0] // 2, sizes[1]), *sizes[1:])
+
+
+def start_together(group: object, device: torch.device,
+                   margin_s: float = START_MARGIN_S) -> float:
+    """Starts a timed round on every worker of `group` at one time (collective;
+    for workers that share a host, hence ``perf_counter``'s clock): the
+    latest worker's arrival plus `margin_s`.  Returns that start."""
+    latest = torch.tensor([time.perf_counter()], dtype=torch.float64, device=device)
+    dist.all_reduce(latest, op=dist.ReduceOp.MAX, group=group)
+    start = float(latest) + margin_s
+    time.sleep(max(0.0, start - time.perf_counter()))
+    return start
 
 
 def all_links_bytes(largest: int, slow: bool, fits: dict[int, list[float]]) -> int:
@@ -448,14 +484,17 @@ def profile_links(transport: Transport, device: torch.device,
 
     A warm-up loads every link at once with :data:`WARM_UP_BYTES` each
     way; how long the slowest link took sets the sizes of the owner rounds
-    (:func:`profile_sizes`).  Then one round per worker ``i``: ``i`` sends
+    (:func:`profile_sizes`) and, where the links are fast and every worker
+    is on one host, makes every later round start at one time
+    (:func:`start_together`) instead of out of a barrier.  Then one round
+    per worker ``i``: ``i`` sends
     ``size / (k - 1)`` bytes to
     every peer and every peer sends it as much, all at once, so ``i``'s link
     carries ``size`` bytes in each direction while every other link carries
     a ``k - 1``-th of that.  Each peer times the arrival of ``i``'s bytes
     (``i``'s egress) and ``i`` the arrival of all of theirs (its ingress).
-    A last round loads every link at once, as training does (its size
-    from the owner rounds' fits: :func:`all_links_bytes`); where a link
+    A last round loads every link at once, as training does (the owner
+    rounds' largest size, or twice it by their fits: :func:`all_links_bytes`); where a link
     is slower then than its fit predicts, its rates are scaled by the ratio
     (:func:`link_scales`).
 
@@ -466,13 +505,17 @@ def profile_links(transport: Transport, device: torch.device,
     peers = [p for p in range(k) if p != rank]
     up_t: dict[int, list] = {i: [] for i in range(k)}     # (bytes, seconds) per round owner
     down_t: dict[int, list] = {i: [] for i in range(k)}
+    together = False        # every round out of a barrier, until fast links on one host
 
     def arrivals(talk: list[int], per_peer: int) -> dict[int, float]:
         """Seconds until each of `talk`'s `per_peer` bytes arrived, while this
         worker sends each of them as much."""
         send = {p: torch.empty(per_peer, dtype=torch.uint8, device=device) for p in talk}
-        dist.barrier(group=transport.group)
-        t0 = time.perf_counter()
+        if together:
+            t0 = start_together(transport.group, device)
+        else:
+            dist.barrier(group=transport.group)
+            t0 = time.perf_counter()
         pending = transport.start(send, {p: per_peer for p in talk}, device)
         pending.wait()
         return {p: at - t0 for p, at in pending.arrived.items()}
@@ -490,8 +533,11 @@ def profile_links(transport: Transport, device: torch.device,
 
     # Opens every connection; the slowest link's time, which every worker
     # learns alike, sizes the owner rounds.
-    warm = max(_gather(exchange(peers, per_peer_of(WARM_UP_BYTES))))
+    warm, hosts = map(list, zip(*_gather((exchange(peers, per_peer_of(WARM_UP_BYTES)),
+                                          host_id()))))
+    warm = max(warm)
     owner_sizes = profile_sizes(sizes, warm)
+    together = fast_links(sizes[0], warm) and len(set(hosts)) == 1
     for owner in range(k):
         for size in owner_sizes:
             per_peer = per_peer_of(size)
@@ -518,8 +564,8 @@ def profile_links(transport: Transport, device: torch.device,
     # least-squares solve on another CPU or BLAS could land on the other
     # side of EVEN_WITHIN: all take the largest size any worker chose, so
     # none posts a size its peers do not expect.
-    per_peer = per_peer_of(max(_gather(all_links_bytes(sizes[0], slow_links(sizes[0], warm),
-                                                       fits))))
+    per_peer = per_peer_of(max(_gather(all_links_bytes(max(sizes[0], owner_sizes[0]),
+                                                       slow_links(sizes[0], warm), fits))))
     rounds = [arrivals(peers, per_peer) for _ in range(repeats)]
     all_seen = {p: float(np.median([r[p] for r in rounds])) for p in peers}
     seen = {(i, j): t for i, by_peer in enumerate(_gather(all_seen)) for j, t in by_peer.items()}
