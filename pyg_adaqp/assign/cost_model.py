@@ -105,10 +105,10 @@ EVEN_WITHIN = 2.0
 #: sizes the all-links round, and workers on one host start every link round
 #: at one time (:func:`start_together`).  At 1 Gbit/s a 512 KiB transfer
 #: takes ~4 ms, half of it a token bucket's burst (the owner rounds' knot
-#: search stops at their second largest size, so the fitted rates read
-#: 1.4-1.8 Gbit/s), and workers leave a barrier up to several ms apart on
-#: 4 workers sharing 2 cores, which the rounds timed as link time
-#: (docs/benchmarks.md, twenty-fifth pass).
+#: search stops at their second largest size, so the fit read the rate
+#: high), and workers leave a barrier up to several ms apart on 4 workers
+#: sharing 2 cores, which the rounds timed as link time (docs/benchmarks.md,
+#: twenty-fifth pass).
 FAST_WITHIN_S = 0.016
 #: How long after the last worker reached it a common start lies: more than
 #: the workers' usual spread leaving a collective (0.3 ms median on 4 workers
@@ -374,7 +374,7 @@ def usable_cores() -> tuple[int, ...]:
 
 
 def shared_core_factor(mine: tuple[str, tuple[int, ...], int],
-               everyone: list[tuple[str, tuple[int, ...], int]]) -> float:
+                       everyone: list[tuple[str, tuple[int, ...], int]]) -> float:
     """How much slower a worker codes while every worker codes at once.
 
     Each entry is a worker's ``(host id, usable cores, intra-op threads)``;
@@ -493,9 +493,10 @@ def profile_links(transport: Transport, device: torch.device,
     carries ``size`` bytes in each direction while every other link carries
     a ``k - 1``-th of that.  Each peer times the arrival of ``i``'s bytes
     (``i``'s egress) and ``i`` the arrival of all of theirs (its ingress).
-    A last round loads every link at once, as training does (the owner
-    rounds' largest size, or twice it by their fits: :func:`all_links_bytes`); where a link
-    is slower then than its fit predicts, its rates are scaled by the ratio
+    A last round loads every link at once, as training does (the largest
+    of `sizes` and of the owner rounds' sizes, or twice it where the
+    owner rounds' fits say so: :func:`all_links_bytes`); where a link is
+    slower then than its fit predicts, its rates are scaled by the ratio
     (:func:`link_scales`).
 
     Returns:
