@@ -27,7 +27,7 @@ from pyg_adaqp.assign.cost_model import (BUCKET_REPEATS, CODEC_ELEMENTS, CODEC_W
                                          all_links_bytes, codec_costs, excess_latency, fast_links,
                                          fit_link,
                                          latency_plan, profile_codec, profile_sizes,
-                                         shared_core_factor, slow_links, usable_cores)
+                                         coding_slowdown, slow_links, usable_cores)
 from pyg_adaqp.assign.milp import TIE_BREAK, WIDTHS
 from pyg_adaqp.comm import message_nbytes
 from test_train import SMALL, launch, make_config, read_run
@@ -560,8 +560,9 @@ def test_a_buckets_fixed_cost_is_its_fastest_repetition(monkeypatch):
 
 
 def test_the_encode_is_slowed_by_the_cores_contention_and_the_decode_is_not(monkeypatch):
-    """On the CPU the profile reads CPU time; `contention` scales the encode's
-    per-row, per-element and bucket costs, and leaves the decode's alone."""
+    """On the CPU the profile reads CPU time and `contention` turns it into
+    the exchange's wall time: the encode's and the decode's factors, and the
+    bucket's slow-down on its fixed cost, which comes off the measurements."""
     from types import SimpleNamespace
 
     def ticking(step: float):
@@ -580,31 +581,39 @@ def test_the_encode_is_slowed_by_the_cores_contention_and_the_decode_is_not(monk
         return profile_codec(torch.device("cpu"), widths=(16, 64), repeats=1,
                              contention=contention)
 
-    (enc1, dec1, fixed1), (enc3, dec3, fixed3) = profile(1.0), profile(2.5)
-    assert fixed3 == pytest.approx((2.5 * fixed1[0], fixed1[1]), rel=1e-12)
-    assert dec3 == dec1
+    (enc1, dec1, fixed1) = profile((1.0, 1.0, 1.0))
+    (enc3, dec3, fixed3) = profile((2.5, 0.5, 2.0))
+    assert fixed3 == pytest.approx((2.0 * fixed1[0], fixed1[1]), rel=1e-12)
     for bits, (row, element) in enc1.items():
-        assert element > 0
-        assert enc3[bits] == pytest.approx((2.5 * row, 2.5 * element), rel=1e-9)
+        assert element > 0 and dec1[bits][1] > 0
+        # (CPU time x factor - the scaled bucket) / rows: every reading is 1e-3
+        # CPU seconds and 2e-4 wall seconds for the bucket
+        ratio = (2.5 * 1e-3 - 2.0 * 2e-4) / (1e-3 - 2e-4)
+        assert enc3[bits] == pytest.approx((ratio * row, ratio * element), rel=1e-9)
+        dec_ratio = (0.5 * 1e-3 - 2e-4) / (1e-3 - 2e-4)
+        assert dec3[bits] == pytest.approx(tuple(dec_ratio * c for c in dec1[bits]), rel=1e-9)
 
 
-@pytest.mark.parametrize("everyone, factor", [
-    # 4 workers of 1 thread on one host of 2 cores (the benchmarks' cluster)
-    ([("a", (0, 1), 1)] * 4, 2.0),
+@pytest.mark.parametrize("everyone, slowdown", [
+    # 4 workers of 1 thread on one host of 2 cores (the benchmarks' cluster):
+    # each gets half a core while all encode
+    ([("a", (0, 1), 1)] * 4, (2.0, 1.0, 2.0)),
     # one worker per host
-    ([("a", (0, 1), 1), ("b", (0, 1), 1), ("c", (0, 1), 1)], 1.0),
-    # cores to spare
-    ([("a", tuple(range(8)), 2)] * 2, 1.0),
-    # 3 workers of 2 threads on 4 cores
-    ([("a", (0, 1, 2, 3), 2)] * 3, 1.5),
+    ([("a", (0, 1), 1), ("b", (0, 1), 1), ("c", (0, 1), 1)], (1.0, 1.0, 1.0)),
+    # cores to spare: 2 threads run on 2 cores, 0.5 s of wall per CPU second
+    ([("a", tuple(range(8)), 2)] * 2, (0.5, 0.5, 1.0)),
+    # 3 workers of 2 threads on 4 cores: 4/3 cores each while all encode
+    ([("a", (0, 1, 2, 3), 2)] * 3, (0.75, 0.5, 1.25)),
+    # one worker of 3 threads on 2 cores
+    ([("a", (0, 1), 3)], (0.5, 0.5, 1.0)),
     # pinned to cores of their own
-    ([("a", (0,), 1), ("a", (1,), 1)], 1.0),
+    ([("a", (0,), 1), ("a", (1,), 1)], (1.0, 1.0, 1.0)),
 ])
-def test_shared_core_factor_counts_threads_on_the_hosts_cores(everyone, factor):
-    assert shared_core_factor(everyone[0], everyone) == factor
+def test_coding_slowdown_shares_the_hosts_cores_among_its_workers_threads(everyone, slowdown):
+    assert coding_slowdown(everyone[0], everyone) == pytest.approx(slowdown, rel=1e-12)
 
 
-def _core_contention(rank: int, world_size: int) -> float:
+def _core_contention(rank: int, world_size: int) -> tuple[float, float, float]:
     torch.set_num_threads(3)
     return cost_model.core_contention()
 
@@ -612,8 +621,12 @@ def _core_contention(rank: int, world_size: int) -> float:
 def test_core_contention_of_workers_on_this_machine():
     from pyg_adaqp.train.workers import run_workers
 
+    cores = len(usable_cores())
     factors = run_workers(_core_contention, 2, timeout_s=60)
-    assert factors == [max(1.0, 2 * 3 / len(usable_cores()))] * 2
+    # 2 workers of 3 threads on this machine's cores
+    expect = (1 / min(3, cores, cores * 3 / 6), 1 / min(3, cores), max(1.0, 4 / cores))
+    for factor in factors:
+        assert factor == pytest.approx(expect, rel=1e-12)
 
 
 def test_codec_profile_encodes_as_the_exchange_does(monkeypatch):
@@ -856,22 +869,26 @@ def test_one_slow_link_sets_every_workers_round_sizes(slow_rank, doubling, fast,
     assert together == (len(sizes) - 1 if fast else 0)
 
 
-def _start_together(rank: int, world_size: int) -> tuple[float, float]:
+def _start_together(rank: int, world_size: int) -> tuple[float, float, float]:
     import time as clock
 
     from pyg_adaqp.comm.transport import Transport
 
     if rank == 1:
         clock.sleep(0.05)       # arrives late: the other waits for it
+    arrived = clock.perf_counter()
     start = cost_model.start_together(Transport().group, torch.device("cpu"))
-    return start, clock.perf_counter()
+    return arrived, start, clock.perf_counter()
 
 
 def test_workers_on_one_host_start_together_after_the_last_arrives():
+    from pyg_adaqp.assign.cost_model import START_MARGIN_S
     from pyg_adaqp.train.workers import run_workers
 
-    (start0, left0), (start1, left1) = run_workers(_start_together, 2, timeout_s=60)
+    (arrived0, start0, left0), (arrived1, start1, left1) = run_workers(
+        _start_together, 2, timeout_s=60)
     assert start0 == start1                  # one time, on the host's monotonic clock
+    assert start0 >= max(arrived0, arrived1) + START_MARGIN_S    # after the last one
     assert left0 >= start0 and left1 >= start1
 
 

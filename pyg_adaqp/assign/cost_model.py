@@ -276,7 +276,7 @@ def fit_link(sent: np.ndarray, took: np.ndarray) -> tuple[float, float, float]:
 
 def profile_codec(device: torch.device, widths: tuple[int, ...] = CODEC_WIDTHS,
                   repeats: int = 3, barrier: Callable[[], object] = lambda: None,
-                  contention: float = 1.0
+                  contention: tuple[float, float, float] = (1.0, 1.0, 1.0)
                   ) -> tuple[dict[int, tuple[float, float]], dict[int, tuple[float, float]],
                              tuple[float, float]]:
     """Encode and decode seconds ``(per row, per element)`` of each width on
@@ -303,10 +303,11 @@ def profile_codec(device: torch.device, widths: tuple[int, ...] = CODEC_WIDTHS,
     measurement's wall time depends on which workers held the cores while it
     ran (4 workers on 2 cores), its CPU time much less: so there each
     measurement of :data:`CODEC_ELEMENTS` is its median CPU time (the
-    process's, which counts torch's intra-op threads).  The encode, which
-    every worker of a host runs at once when an exchange starts, is then
-    slowed by `contention` (:func:`core_contention`), its bucket's fixed
-    cost too; the decode is not (workers decode as their peers' bytes
+    process's, which counts torch's intra-op threads), turned into the
+    exchange's wall time by `contention` (:func:`coding_slowdown`): the
+    encode, which every worker of a host runs at once when an exchange
+    starts, shares the cores with the others', its bucket's fixed cost
+    too; the decode does not (workers decode as their peers' bytes
     arrive, at different times).  The wall time over the CPU time of these
     measurements, the factor used before, read anywhere from 1 to 2 from
     run to run on 4 workers sharing 2 cores: each lasts less than a time
@@ -348,10 +349,11 @@ def profile_codec(device: torch.device, widths: tuple[int, ...] = CODEC_WIDTHS,
                     for bits in SUPPORTED_BITS], axis=0)
     runs = {bits: {width: timed(bits, codec_rows(width), width) for width in widths}
             for bits in SUPPORTED_BITS}
-    cols, share = (cpu, np.array([contention, 1.0])) if device.type == "cpu" else (wall, 1.0)
+    cols, share, bucket = ((cpu, np.array(contention[:2]), np.array([contention[2], 1.0]))
+                           if device.type == "cpu" else (wall, 1.0, 1.0))
     per = {bits: {width: np.median(r[:, cols], axis=0) for width, r in by_width.items()}
            for bits, by_width in runs.items()}
-    fixed = fixed * share
+    fixed = fixed * bucket
     enc, dec = codec_costs(fixed, per, share)
     return enc, dec, (float(fixed[0]), float(fixed[1]))
 
@@ -373,26 +375,38 @@ def usable_cores() -> tuple[int, ...]:
     return tuple(range(os.cpu_count() or 1))
 
 
-def shared_core_factor(mine: tuple[str, tuple[int, ...], int],
-                       everyone: list[tuple[str, tuple[int, ...], int]]) -> float:
-    """How much slower a worker codes while every worker codes at once.
+def coding_slowdown(mine: tuple[str, tuple[int, ...], int],
+                    everyone: list[tuple[str, tuple[int, ...], int]]
+                    ) -> tuple[float, float, float]:
+    """What a worker's coding takes in an exchange, from what it measures alone.
 
     Each entry is a worker's ``(host id, usable cores, intra-op threads)``;
     `everyone` includes `mine`.  The workers on `mine`'s host whose cores
-    overlap its own share the cores of all of them: the factor is their
-    threads over those cores, at least 1 (a worker alone on its host, or
-    with cores to spare, is not slowed).
+    overlap its own share the cores of all of them.  When all of them
+    encode at once, this worker's threads get at most their own number of
+    cores, its own cores, and its threads' share of the shared cores; it
+    decodes alone (its peers' bytes arrive at different times).
+
+    Returns:
+        (float, float, float): Wall seconds per CPU second of the encode and
+        of the decode, and how much slower one of its single-threaded
+        kernels runs while every other worker encodes (that thread and
+        theirs over the shared cores, at least 1): a bucket's fixed cost,
+        timed alone, scaled to the exchange.
     """
-    host, cores, _ = mine
+    host, cores, threads = mine
     near = [e for e in everyone if e[0] == host and set(e[1]) & set(cores)]
-    shared = set().union(*(set(e[1]) for e in near)) if near else set(cores)
-    return max(1.0, sum(e[2] for e in near) / max(1, len(shared)))
+    shared = len(set().union(*(set(e[1]) for e in near))) if near else len(cores)
+    demand = sum(e[2] for e in near) if near else threads
+    alone = max(1, min(threads, len(cores)))
+    encoding = min(alone, max(1, shared) * threads / max(1, demand))
+    return 1.0 / encoding, 1.0 / alone, max(1.0, (demand - threads + 1) / max(1, shared))
 
 
-def core_contention() -> float:
-    """This worker's :func:`shared_core_factor` among all workers (collective)."""
+def core_contention() -> tuple[float, float, float]:
+    """This worker's :func:`coding_slowdown` among all workers (collective)."""
     mine = (host_id(), usable_cores(), torch.get_num_threads())
-    return shared_core_factor(mine, [tuple(e) for e in _gather(mine)])
+    return coding_slowdown(mine, [tuple(e) for e in _gather(mine)])
 
 
 def codec_rows(width: int) -> int:
@@ -455,8 +469,9 @@ def profile_sizes(sizes: tuple[int, ...], warm_up_s: float,
 def start_together(group: object, device: torch.device,
                    margin_s: float = START_MARGIN_S) -> float:
     """Starts a timed round on every worker of `group` at one time (collective;
-    for workers that share a host, hence ``perf_counter``'s clock): the
-    latest worker's arrival plus `margin_s`.  Returns that start."""
+    for workers that share a host and its monotonic clock, which
+    ``perf_counter`` reads: not across time namespaces): the latest
+    worker's arrival plus `margin_s`.  Returns that start."""
     latest = torch.tensor([time.perf_counter()], dtype=torch.float64, device=device)
     dist.all_reduce(latest, op=dist.ReduceOp.MAX, group=group)
     start = float(latest) + margin_s
@@ -538,7 +553,8 @@ def profile_links(transport: Transport, device: torch.device,
                                           host_id()))))
     warm = max(warm)
     owner_sizes = profile_sizes(sizes, warm)
-    together = fast_links(sizes[0], warm) and len(set(hosts)) == 1
+    # Fast links (profile_sizes added the 4x transfer) on one host.
+    together = len(owner_sizes) > len(sizes) and len(set(hosts)) == 1
     for owner in range(k):
         for size in owner_sizes:
             per_peer = per_peer_of(size)
