@@ -118,16 +118,14 @@ def start_together(how: str = "common", margin_s: float = START_MARGIN_S,
     import torch
     import torch.distributed as dist
 
+    from pyg_adaqp.assign.cost_model import start_together as common_start
+
     dist.barrier()
-    left = clock()
     if how == "barrier":
+        left = clock()
         return left, left, 0.0
-    latest = torch.tensor([left], dtype=torch.float64)
-    dist.all_reduce(latest, op=dist.ReduceOp.MAX)
-    start = float(latest) + margin_s
-    early = start - clock()
-    sleep(max(0.0, early))
-    return start, left, max(0.0, -early)
+    # The link profile's own common start (pyg_adaqp.assign.cost_model).
+    return common_start(None, torch.device("cpu"), margin_s, clock, sleep)
 
 
 def random_bits(seed: int, trial: int, sender: int, receiver: int, rows: int):

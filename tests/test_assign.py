@@ -814,8 +814,8 @@ def _owner_round_sizes(rank: int, world_size: int, slow_rank: int,
     :func:`all_links_bytes` doubling on slow links for the ranks in
     `doubling` (what the fits say is tested on its own), and how many
     rounds started together.  The slow limit is raised to 0.5 s, so that
-    loopback on a busy machine is not expected to read as slow; the fast
-    limit is set so that loopback reads as `fast` (unless a link is slow)."""
+    loopback on a busy machine is not expected to read as slow; with
+    `fast`, the fast limit lets loopback read as fast unless a link is slow."""
     import time as clock
 
     from pyg_adaqp.assign import cost_model as cm
@@ -823,7 +823,9 @@ def _owner_round_sizes(rank: int, world_size: int, slow_rank: int,
     from pyg_adaqp.comm.transport import Transport
 
     cm.LARGEST_WITHIN_S = 0.5
-    cm.FAST_WITHIN_S = 0.4 if fast else 0.0
+    # Fast: any warm-up under 0.45 s (a slow one takes over 0.5), so only the
+    # slow link's sleep, not the machine's load, tells the cases apart.
+    cm.FAST_WITHIN_S = 0.9 if fast else 0.0
     cm.all_links_bytes = lambda largest, slow, fits: (
         2 * largest if slow and rank in doubling else largest)
     together = []
@@ -869,27 +871,28 @@ def test_one_slow_link_sets_every_workers_round_sizes(slow_rank, doubling, fast,
     assert together == (len(sizes) - 1 if fast else 0)
 
 
-def _start_together(rank: int, world_size: int) -> tuple[float, float, float]:
-    import time as clock
-
+def _start_together(rank: int, world_size: int, readings: list) -> tuple[tuple, list]:
+    """`start_together` on a recorded clock: this rank's `readings[rank]`
+    are what its clock reads, in turn (when it arrived, then when it
+    learnt the start); returns its result and the waits it asked for."""
     from pyg_adaqp.comm.transport import Transport
 
-    if rank == 1:
-        clock.sleep(0.05)       # arrives late: the other waits for it
-    arrived = clock.perf_counter()
-    start = cost_model.start_together(Transport().group, torch.device("cpu"))
-    return arrived, start, clock.perf_counter()
+    clock, waits = iter(readings[rank]), []
+    return cost_model.start_together(Transport().group, torch.device("cpu"), 0.5,
+                                     clock=lambda: next(clock), sleep=waits.append), waits
 
 
 def test_workers_on_one_host_start_together_after_the_last_arrives():
-    from pyg_adaqp.assign.cost_model import START_MARGIN_S
     from pyg_adaqp.train.workers import run_workers
 
-    (arrived0, start0, left0), (arrived1, start1, left1) = run_workers(
-        _start_together, 2, timeout_s=60)
-    assert start0 == start1                  # one time, on the host's monotonic clock
-    assert start0 >= max(arrived0, arrived1) + START_MARGIN_S    # after the last one
-    assert left0 >= start0 and left1 >= start1
+    readings = [[10.0, 10.9], [10.3, 10.4]]       # rank 1 arrives last
+    got = run_workers(_start_together, 2, readings, timeout_s=60)
+    for rank, ((start, arrived, missed), waits) in enumerate(got):
+        # the last arrival plus the margin, waited for from when each learnt it
+        assert start == pytest.approx(10.8) and arrived == readings[rank][0]
+        assert waits == [pytest.approx(max(0.0, 10.8 - readings[rank][1]))]
+        # rank 0 learnt it only after it had passed
+        assert missed == pytest.approx(max(0.0, readings[rank][1] - 10.8))
 
 
 def test_profile_goes_through_the_exchanges_own_transport_and_device():

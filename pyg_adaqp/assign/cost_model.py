@@ -395,9 +395,9 @@ def coding_slowdown(mine: tuple[str, tuple[int, ...], int],
         timed alone, scaled to the exchange.
     """
     host, cores, threads = mine
-    near = [e for e in everyone if e[0] == host and set(e[1]) & set(cores)]
-    shared = len(set().union(*(set(e[1]) for e in near))) if near else len(cores)
-    demand = sum(e[2] for e in near) if near else threads
+    near = [e for e in everyone if e[0] == host and set(e[1]) & set(cores)]   # mine too
+    shared = len(set().union(*(set(e[1]) for e in near)))
+    demand = sum(e[2] for e in near)
     alone = max(1, min(threads, len(cores)))
     encoding = min(alone, max(1, shared) * threads / max(1, demand))
     return 1.0 / encoding, 1.0 / alone, max(1.0, (demand - threads + 1) / max(1, shared))
@@ -466,17 +466,26 @@ def profile_sizes(sizes: tuple[int, ...], warm_up_s: float,
     return (max(sizes[0] // 2, sizes[1]), *sizes[1:])
 
 
-def start_together(group: object, device: torch.device,
-                   margin_s: float = START_MARGIN_S) -> float:
-    """Starts a timed round on every worker of `group` at one time (collective;
-    for workers that share a host and its monotonic clock, which
-    ``perf_counter`` reads: not across time namespaces): the latest
-    worker's arrival plus `margin_s`.  Returns that start."""
-    latest = torch.tensor([time.perf_counter()], dtype=torch.float64, device=device)
+def start_together(group: object, device: torch.device, margin_s: float = START_MARGIN_S,
+                   clock: Callable[[], float] = time.perf_counter,
+                   sleep: Callable[[float], object] = time.sleep
+                   ) -> tuple[float, float, float]:
+    """Starts a timed round on every worker of `group` at one time
+    (collective; for workers that share a host and its monotonic clock,
+    which `clock` reads: not across time namespaces): the latest worker's
+    arrival plus `margin_s`, waited for with `sleep`.
+
+    Returns:
+        (float, float, float): The start, when this worker arrived, and by
+        how many seconds it missed the start (0 if none).
+    """
+    arrived = clock()
+    latest = torch.tensor([arrived], dtype=torch.float64, device=device)
     dist.all_reduce(latest, op=dist.ReduceOp.MAX, group=group)
     start = float(latest) + margin_s
-    time.sleep(max(0.0, start - time.perf_counter()))
-    return start
+    early = start - clock()
+    sleep(max(0.0, early))
+    return start, arrived, max(0.0, -early)
 
 
 def all_links_bytes(largest: int, slow: bool, fits: dict[int, list[float]]) -> int:
@@ -528,7 +537,7 @@ def profile_links(transport: Transport, device: torch.device,
         worker sends each of them as much."""
         send = {p: torch.empty(per_peer, dtype=torch.uint8, device=device) for p in talk}
         if together:
-            t0 = start_together(transport.group, device)
+            t0, _, _ = start_together(transport.group, device)
         else:
             dist.barrier(group=transport.group)
             t0 = time.perf_counter()
@@ -549,12 +558,11 @@ def profile_links(transport: Transport, device: torch.device,
 
     # Opens every connection; the slowest link's time, which every worker
     # learns alike, sizes the owner rounds.
-    warm, hosts = map(list, zip(*_gather((exchange(peers, per_peer_of(WARM_UP_BYTES)),
-                                          host_id()))))
-    warm = max(warm)
+    seen = _gather((exchange(peers, per_peer_of(WARM_UP_BYTES)), host_id()))
+    warm = max(took for took, _ in seen)
     owner_sizes = profile_sizes(sizes, warm)
     # Fast links (profile_sizes added the 4x transfer) on one host.
-    together = len(owner_sizes) > len(sizes) and len(set(hosts)) == 1
+    together = len(owner_sizes) > len(sizes) and len({host for _, host in seen}) == 1
     for owner in range(k):
         for size in owner_sizes:
             per_peer = per_peer_of(size)

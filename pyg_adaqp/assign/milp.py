@@ -318,8 +318,9 @@ def solve_key(problem: KeyProblem, cost: CostModel, coe_lambda: float = 0.5,
     best, method = greedy, "greedy"
     # Every group at 2 bits within the budget is the least time and the
     # fewest bytes: nothing for the MILP to improve.
+    greedy_s = obj.timing.seconds(greedy)
     if budget is not None and uses is not None:
-        time_limit = min(time_limit, uses * max(0.0, obj.timing.seconds(greedy) - obj.t_min))
+        time_limit = min(time_limit, uses * max(0.0, greedy_s - obj.t_min))
     if not (budget is not None and cut == 0 and obj.tie_on_bytes) \
             and time_limit >= MIN_MILP_SECONDS:
         free = _near_cut(problem, steps, cut, max_milp_groups)
@@ -328,7 +329,8 @@ def solve_key(problem: KeyProblem, cost: CostModel, coe_lambda: float = 0.5,
             best, method = choice, "milp"
     v = problem.variance(best)
     return Solution(WIDTHS[best], obj(best), method, time.perf_counter() - t0,
-                    obj.timing.seconds(best), v / problem.signal if problem.signal > 0 else 0.0)
+                    greedy_s if best is greedy else obj.timing.seconds(best),
+                    v / problem.signal if problem.signal > 0 else 0.0)
 
 
 def _greedy(obj: _Objective) -> tuple[np.ndarray, np.ndarray, int]:
