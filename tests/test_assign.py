@@ -1165,6 +1165,42 @@ def test_link_scales_judge_each_link_by_the_pairs_it_bounds():
     assert link_scales(two, seen, total) == pytest.approx({0: 1.0, 1: 1.0})
 
 
+def test_pool_rates_give_links_within_the_factor_one_rate_and_keep_the_rest():
+    """Even links whose fits spread (70-100 Mbit/s) take the median of
+    their rates; a 100 Mbit/s host among 1 Gbit/s ones keeps its own, each
+    direction on its own; beta and free bytes are untouched; a rate the fit
+    left at 0 stays 0 and joins no median."""
+    from pyg_adaqp.assign.cost_model import SAME_LINK_WITHIN, pool_rates
+
+    def s_per_byte(mbit: float) -> float:
+        return 8 / (mbit * 1e6)
+
+    even = {i: [s_per_byte(m), s_per_byte(d), 1e-3 * i, 100.0 * i]
+            for i, (m, d) in enumerate([(70, 90), (85, 80), (100, 95), (90, 90)])}
+    even[3][1] = 0.0
+    pooled = pool_rates(even)
+    ups = sorted(f[0] for f in even.values())
+    assert [f[0] for f in pooled.values()] == pytest.approx([(ups[1] + ups[2]) / 2] * 4)
+    downs = sorted(even[i][1] for i in range(3))
+    assert [pooled[i][1] for i in range(3)] == pytest.approx([downs[1]] * 3)
+    assert pooled[3][1] == 0.0
+    assert [f[2:] for f in pooled.values()] == [f[2:] for f in even.values()]
+    # Uneven: three 1 Gbit/s hosts (one read 1.4x slower) and one 100 Mbit/s host.
+    uneven = {0: [s_per_byte(1000)] * 2, 1: [s_per_byte(900)] * 2,
+              2: [s_per_byte(700)] * 2, 3: [s_per_byte(100)] * 2}
+    uneven = {i: [*f, 0.0, 0.0] for i, f in uneven.items()}
+    pooled = pool_rates(uneven)
+    assert [pooled[i][0] for i in range(3)] == pytest.approx([s_per_byte(900)] * 3)
+    assert pooled[3] == uneven[3]
+    # Each worker's own neighbourhood: 100 and 140 pool, 140 and 200 pool, 100 and 200 do not.
+    chain = {i: [s_per_byte(m)] * 2 + [0.0, 0.0] for i, m in enumerate([100, 140, 200])}
+    assert SAME_LINK_WITHIN < 2.0
+    pooled = pool_rates(chain)
+    assert pooled[0][0] == pytest.approx((s_per_byte(100) + s_per_byte(140)) / 2)
+    assert pooled[1][0] == pytest.approx(s_per_byte(140))
+    assert pooled[2][0] == pytest.approx((s_per_byte(140) + s_per_byte(200)) / 2)
+
+
 def _tell(rank: int, world_size: int) -> tuple[list, dict, dict]:
     from pyg_adaqp.assign.adaptive import _tell_receivers
     from pyg_adaqp.comm.transport import Transport

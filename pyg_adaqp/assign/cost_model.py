@@ -82,8 +82,10 @@ WARM_UP_BYTES = 256 << 10
 #: at 100 Mbit/s the full 512 KiB (~42 ms, 680 KiB per owner round in all)
 #: made the set-up ~0.2 s longer and its checks no closer; at 1 Gbit/s
 #: (~4 ms) half of it fitted some links far off (docs/benchmarks.md,
-#: twenty-first pass).
-LARGEST_WITHIN_S = 0.025
+#: twenty-first pass).  The same limit as :data:`FAST_WITHIN_S`: the two
+#: rules part the links at one warm-up time (0.025 before the twenty-sixth
+#: pass).
+LARGEST_WITHIN_S = 0.028
 #: Where the links are slow (:func:`slow_links`) and even, every fitted
 #: rate of the owner rounds within this factor of every other, the
 #: all-links round carries twice the largest size (:func:`all_links_bytes`).
@@ -108,8 +110,22 @@ EVEN_WITHIN = 2.0
 #: search stops at their second largest size, so the fit read the rate
 #: high), and workers leave a barrier up to several ms apart on 4 workers
 #: sharing 2 cores, which the rounds timed as link time (docs/benchmarks.md,
-#: twenty-fifth pass).
-FAST_WITHIN_S = 0.016
+#: twenty-fifth pass).  The warm-up that decides it took 2.6-10 ms at
+#: 1 Gbit/s (8 set-ups) and 17.6-26.2 ms where the slowest link was
+#: 100 Mbit/s (16 set-ups, even and uneven links; 4 workers on 2 cores):
+#: this limit (a warm-up of 14 ms) lies about as far from both.  At 16 ms (8 ms) two of eight 1 Gbit/s
+#: set-ups missed the rule, and their checks erred by -28% and +42%
+#: (docs/benchmarks.md, twenty-sixth pass).
+FAST_WITHIN_S = 0.028
+#: Workers whose fitted rates (one direction at a time) lie within this
+#: factor of each other count as links of one speed: each takes the median
+#: of the rates within this factor of its own (:func:`pool_rates`).  On 4
+#: even 100 Mbit/s links one set-up's rates spread over 70-100 Mbit/s, and
+#: the exchange, which waits for the slowest worker, was predicted from
+#: the lowest: the widest check 8% over by median and 5 of 8 runs within
+#: 15%; the same runs' rates pooled, 1% and 8 of 8 (docs/benchmarks.md,
+#: twenty-sixth pass).  A 100 Mbit/s host among 1 Gbit/s ones keeps its own.
+SAME_LINK_WITHIN = 1.5
 #: How long after the last worker reached it a common start lies: more than
 #: the workers' usual spread leaving a collective (0.3 ms median on 4 workers
 #: sharing 2 cores; a worker later than this starts late).
@@ -521,7 +537,8 @@ def profile_links(transport: Transport, device: torch.device,
     of `sizes` and of the owner rounds' sizes, or twice it where the
     owner rounds' fits say so: :func:`all_links_bytes`); where a link is
     slower then than its fit predicts, its rates are scaled by the ratio
-    (:func:`link_scales`).
+    (:func:`link_scales`).  Last, links within :data:`SAME_LINK_WITHIN` of
+    each other take one rate (:func:`pool_rates`).
 
     Returns:
         dict[int, tuple]: ``(up s/B, down s/B, beta s, free B)`` per worker.
@@ -597,7 +614,26 @@ def profile_links(transport: Transport, device: torch.device,
     for i, scale in link_scales(fits, seen, per_peer * (k - 1)).items():
         fits[i][0] *= scale
         fits[i][1] *= scale
-    return {i: tuple(f) for i, f in fits.items()}
+    return {i: tuple(f) for i, f in pool_rates(fits).items()}
+
+
+def pool_rates(fits: dict[int, list[float]], within: float = SAME_LINK_WITHIN
+               ) -> dict[int, list[float]]:
+    """`fits` (``[up s/B, down s/B, beta s, free B]`` per worker) with each
+    worker's up and down rate replaced by the median of every worker's rate
+    in that direction within `within` of its own (its own included): links
+    that the profile cannot tell apart from its own noise take one rate,
+    links further apart keep theirs.  A rate the fit left at 0 (no
+    measurable time per byte) is kept and joins no median."""
+    out = {i: list(f) for i, f in fits.items()}
+    for direction in (0, 1):
+        rates = [f[direction] for f in fits.values() if f[direction] > 0]
+        for i, f in fits.items():
+            mine = f[direction]
+            if mine > 0:
+                out[i][direction] = float(np.median(
+                    [r for r in rates if max(r, mine) <= within * min(r, mine)]))
+    return out
 
 
 def link_scales(fits: dict[int, list[float]], seen: dict[tuple[int, int], float],
