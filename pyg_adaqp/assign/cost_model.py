@@ -69,7 +69,8 @@ from pyg_adaqp.comm.transport import Transport
 #: The smallest fits in a token bucket (it measures beta).  The largest is
 #: also what every link carries each way in the all-links round; on slow
 #: links the owner rounds carry half of it (:func:`profile_sizes`), on slow
-#: and even links the all-links round twice as much (:func:`all_links_bytes`).
+#: and even links the all-links round :data:`EVEN_ALL_LINKS` times as much
+#: (:func:`all_links_bytes`).
 PROFILE_BYTES = (512 << 10, 128 << 10, 32 << 10, 8 << 10)
 #: Bytes every link carries each way in the warm-up, all links at once
 #: (~20 ms at 100 Mbit/s): it opens every connection and times the slowest
@@ -88,7 +89,8 @@ WARM_UP_BYTES = 256 << 10
 LARGEST_WITHIN_S = 0.028
 #: Where the links are slow (:func:`slow_links`) and even, every fitted
 #: rate of the owner rounds within this factor of every other, the
-#: all-links round carries twice the largest size (:func:`all_links_bytes`).
+#: all-links round carries :data:`EVEN_ALL_LINKS` times the largest size
+#: (:func:`all_links_bytes`).
 #: At 100 Mbit/s one all-links round of 512 KiB left the links' fitted
 #: rates anywhere from 62 to 127 Mbit/s over ten set-ups, and its scale
 #: moved every prediction with it: ``benchmarks/cost_model.py`` passed 2
@@ -102,30 +104,28 @@ LARGEST_WITHIN_S = 0.028
 #: against 8 of 10, so there the round keeps the largest size
 #: (docs/benchmarks.md, twenty-second pass).
 EVEN_WITHIN = 2.0
+#: How many times the largest size the all-links round carries on slow,
+#: even links.  At 2 (1 MiB at 100 Mbit/s) the workers' rates read
+#: 70-101 Mbit/s over eight set-ups at 8bf1619, against about 85 in the
+#: exchanges themselves, and the exchange, which waits for the slowest
+#: worker, was predicted from the lowest: the widest check at 250 ms by
+#: median against 223-232 measured.  What a round costs beyond its bytes
+#: (likely its slowest pair's ramp-up) weighs half as much in 2 MiB, for
+#: ~0.1 s more set-up (docs/benchmarks.md, twenty-sixth pass).
+EVEN_ALL_LINKS = 4
 #: A link is fast where the slowest would carry the largest size within this.
 #: There the owner rounds add a transfer four times the largest, which also
-#: sizes the all-links round, and workers on one host start every link round
-#: at one time (:func:`start_together`).  At 1 Gbit/s a 512 KiB transfer
+#: sizes the all-links round.  At 1 Gbit/s a 512 KiB transfer
 #: takes ~4 ms, half of it a token bucket's burst (the owner rounds' knot
 #: search stops at their second largest size, so the fit read the rate
-#: high), and workers leave a barrier up to several ms apart on 4 workers
-#: sharing 2 cores, which the rounds timed as link time (docs/benchmarks.md,
-#: twenty-fifth pass).  The warm-up that decides it took 2.6-10 ms at
-#: 1 Gbit/s (8 set-ups) and 17.6-26.2 ms where the slowest link was
-#: 100 Mbit/s (16 set-ups, even and uneven links; 4 workers on 2 cores):
-#: this limit (a warm-up of 14 ms) lies about as far from both.  At 16 ms (8 ms) two of eight 1 Gbit/s
-#: set-ups missed the rule, and their checks erred by -28% and +42%
+#: high; docs/benchmarks.md, twenty-fifth pass).  At 16 ms a 1 Gbit/s
+#: set-up on 4 workers sharing 2 cores could miss the rule (its warm-up
+#: slowed by the workers' scheduling): one of eight did at 196e864 (a
+#: set-up of 0.35 s against 0.46-0.49 where it fired); at 28 ms all
+#: eight fired (0.41-0.47 s, 802a283), while where the slowest link is
+#: 100 Mbit/s the warm-up alone takes longer than half of it
 #: (docs/benchmarks.md, twenty-sixth pass).
 FAST_WITHIN_S = 0.028
-#: Workers whose fitted rates (one direction at a time) lie within this
-#: factor of each other count as links of one speed: each takes the median
-#: of the rates within this factor of its own (:func:`pool_rates`).  On 4
-#: even 100 Mbit/s links one set-up's rates spread over 70-100 Mbit/s, and
-#: the exchange, which waits for the slowest worker, was predicted from
-#: the lowest: the widest check 8% over by median and 5 of 8 runs within
-#: 15%; the same runs' rates pooled, 1% and 8 of 8 (docs/benchmarks.md,
-#: twenty-sixth pass).  A 100 Mbit/s host among 1 Gbit/s ones keeps its own.
-SAME_LINK_WITHIN = 1.5
 #: How long after the last worker reached it a common start lies: more than
 #: the workers' usual spread leaving a collective (0.3 ms median on 4 workers
 #: sharing 2 cores; a worker later than this starts late).
@@ -506,14 +506,15 @@ def start_together(group: object, device: torch.device, margin_s: float = START_
 
 def all_links_bytes(largest: int, slow: bool, fits: dict[int, list[float]]) -> int:
     """Bytes every link carries each way in the all-links round: `largest`,
-    or twice as much where the links are `slow` and even: every rate of
+    or :data:`EVEN_ALL_LINKS` times as much where the links are `slow` and
+    even: every rate of
     `fits` (``(up s/B, down s/B, ...)`` per worker) within
     :data:`EVEN_WITHIN` of every other, rates the fit left at 0 (no
     measurable time per byte) aside; with none left, the links count as
     uneven."""
     rates = [a for f in fits.values() for a in f[:2] if a > 0]
     even = bool(rates) and max(rates) <= EVEN_WITHIN * min(rates)
-    return 2 * largest if slow and even else largest
+    return EVEN_ALL_LINKS * largest if slow and even else largest
 
 
 def profile_links(transport: Transport, device: torch.device,
@@ -524,9 +525,10 @@ def profile_links(transport: Transport, device: torch.device,
 
     A warm-up loads every link at once with :data:`WARM_UP_BYTES` each
     way; how long the slowest link took sets the sizes of the owner rounds
-    (:func:`profile_sizes`) and, where the links are fast and every worker
-    is on one host, makes every later round start at one time
-    (:func:`start_together`) instead of out of a barrier.  Then one round
+    (:func:`profile_sizes`).  Where every worker is on one host, every
+    later round starts at one time (:func:`start_together`), else out of a
+    barrier: workers leave a barrier up to several ms apart (4 workers on
+    2 cores), which a round would time as link time.  Then one round
     per worker ``i``: ``i`` sends
     ``size / (k - 1)`` bytes to
     every peer and every peer sends it as much, all at once, so ``i``'s link
@@ -534,11 +536,10 @@ def profile_links(transport: Transport, device: torch.device,
     a ``k - 1``-th of that.  Each peer times the arrival of ``i``'s bytes
     (``i``'s egress) and ``i`` the arrival of all of theirs (its ingress).
     A last round loads every link at once, as training does (the largest
-    of `sizes` and of the owner rounds' sizes, or twice it where the
-    owner rounds' fits say so: :func:`all_links_bytes`); where a link is
-    slower then than its fit predicts, its rates are scaled by the ratio
-    (:func:`link_scales`).  Last, links within :data:`SAME_LINK_WITHIN` of
-    each other take one rate (:func:`pool_rates`).
+    of `sizes` and of the owner rounds' sizes, or :data:`EVEN_ALL_LINKS`
+    times it where the owner rounds' fits say so: :func:`all_links_bytes`);
+    where a link is slower then than its fit predicts, its rates are
+    scaled by the ratio (:func:`link_scales`).
 
     Returns:
         dict[int, tuple]: ``(up s/B, down s/B, beta s, free B)`` per worker.
@@ -547,7 +548,7 @@ def profile_links(transport: Transport, device: torch.device,
     peers = [p for p in range(k) if p != rank]
     up_t: dict[int, list] = {i: [] for i in range(k)}     # (bytes, seconds) per round owner
     down_t: dict[int, list] = {i: [] for i in range(k)}
-    together = False        # every round out of a barrier, until fast links on one host
+    together = False        # the warm-up out of a barrier
 
     def arrivals(talk: list[int], per_peer: int) -> dict[int, float]:
         """Seconds until each of `talk`'s `per_peer` bytes arrived, while this
@@ -578,8 +579,7 @@ def profile_links(transport: Transport, device: torch.device,
     seen = _gather((exchange(peers, per_peer_of(WARM_UP_BYTES)), host_id()))
     warm = max(took for took, _ in seen)
     owner_sizes = profile_sizes(sizes, warm)
-    # Fast links (profile_sizes added the 4x transfer) on one host.
-    together = len(owner_sizes) > len(sizes) and len({host for _, host in seen}) == 1
+    together = len({host for _, host in seen}) == 1
     for owner in range(k):
         for size in owner_sizes:
             per_peer = per_peer_of(size)
@@ -614,26 +614,7 @@ def profile_links(transport: Transport, device: torch.device,
     for i, scale in link_scales(fits, seen, per_peer * (k - 1)).items():
         fits[i][0] *= scale
         fits[i][1] *= scale
-    return {i: tuple(f) for i, f in pool_rates(fits).items()}
-
-
-def pool_rates(fits: dict[int, list[float]], within: float = SAME_LINK_WITHIN
-               ) -> dict[int, list[float]]:
-    """`fits` (``[up s/B, down s/B, beta s, free B]`` per worker) with each
-    worker's up and down rate replaced by the median of every worker's rate
-    in that direction within `within` of its own (its own included): links
-    that the profile cannot tell apart from its own noise take one rate,
-    links further apart keep theirs.  A rate the fit left at 0 (no
-    measurable time per byte) is kept and joins no median."""
-    out = {i: list(f) for i, f in fits.items()}
-    for direction in (0, 1):
-        rates = [f[direction] for f in fits.values() if f[direction] > 0]
-        for i, f in fits.items():
-            mine = f[direction]
-            if mine > 0:
-                out[i][direction] = float(np.median(
-                    [r for r in rates if max(r, mine) <= within * min(r, mine)]))
-    return out
+    return {i: tuple(f) for i, f in fits.items()}
 
 
 def link_scales(fits: dict[int, list[float]], seen: dict[tuple[int, int], float],
