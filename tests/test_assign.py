@@ -808,15 +808,16 @@ def test_all_links_round_grows_only_on_slow_even_links():
     assert all_links_bytes(512 << 10, True, {i: zero for i in range(4)}) == 512 << 10
 
 
-def _owner_round_sizes(rank: int, world_size: int, slow_rank: int,
-                       doubling: set[int], fast: bool) -> tuple[list[int], int]:
+def _owner_round_sizes(rank: int, world_size: int, slow_rank: int, doubling: set[int],
+                       fast: bool, one_host: bool = True) -> tuple[list[int], int]:
     """The per-peer bytes of every link-profile exchange this worker posts,
     with `slow_rank`'s warm-up sent 0.5 s late (a slow link), and
     :func:`all_links_bytes` doubling on slow links for the ranks in
     `doubling` (what the fits say is tested on its own), and how many
     rounds started together.  The slow limit is raised to 0.5 s, so that
     loopback on a busy machine is not expected to read as slow; with
-    `fast`, the fast limit lets loopback read as fast unless a link is slow."""
+    `fast`, the fast limit lets loopback read as fast unless a link is slow;
+    without `one_host`, each worker tells a host id of its own."""
     import time as clock
 
     from pyg_adaqp.assign import cost_model as cm
@@ -829,6 +830,8 @@ def _owner_round_sizes(rank: int, world_size: int, slow_rank: int,
     cm.FAST_WITHIN_S = 0.9 if fast else 0.0
     cm.all_links_bytes = lambda largest, slow, fits: (
         2 * largest if slow and rank in doubling else largest)
+    if not one_host:
+        cm.host_id = lambda: f"host {rank}"
     together = []
     start_together = cm.start_together
     cm.start_together = lambda *args: together.append(1) or start_together(*args)
@@ -871,6 +874,20 @@ def test_one_slow_link_sets_every_workers_round_sizes(slow_rank, doubling, fast,
     # warm-up, each owner's rounds (2 workers: each peer gets the whole size), all links
     assert sizes == [WARM_UP_BYTES, *owner, *owner, all_links]
     assert together == len(sizes) - 1
+
+
+@pytest.mark.parametrize("fast", [False, True])
+def test_link_rounds_leave_a_barrier_where_workers_are_on_different_hosts(fast):
+    """Workers on different hosts share no clock to start at: every round
+    starts as each worker leaves a barrier (the sizes as on one host)."""
+    from pyg_adaqp.train.workers import run_workers
+
+    seen = run_workers(_owner_round_sizes, 2, None, set(), fast, False, timeout_s=60)
+    assert seen[0] == seen[1]
+    sizes, together = seen[0]
+    owner = (4 * PROFILE_BYTES[0], *PROFILE_BYTES) if fast else PROFILE_BYTES
+    assert sizes == [WARM_UP_BYTES, *owner, *owner, owner[0]]
+    assert together == 0
 
 
 def _start_together(rank: int, world_size: int, readings: list) -> tuple[tuple, list]:

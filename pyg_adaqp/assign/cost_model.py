@@ -507,9 +507,8 @@ def start_together(group: object, device: torch.device, margin_s: float = START_
 def all_links_bytes(largest: int, slow: bool, fits: dict[int, list[float]]) -> int:
     """Bytes every link carries each way in the all-links round: `largest`,
     or :data:`EVEN_ALL_LINKS` times as much where the links are `slow` and
-    even: every rate of
-    `fits` (``(up s/B, down s/B, ...)`` per worker) within
-    :data:`EVEN_WITHIN` of every other, rates the fit left at 0 (no
+    even: every rate of `fits` (``(up s/B, down s/B, ...)`` per worker)
+    within :data:`EVEN_WITHIN` of every other, rates the fit left at 0 (no
     measurable time per byte) aside; with none left, the links count as
     uneven."""
     rates = [a for f in fits.values() for a in f[:2] if a > 0]
