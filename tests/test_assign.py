@@ -783,7 +783,8 @@ def test_profile_sizes_halve_the_largest_transfer_on_slow_links_and_add_4x_on_fa
     assert not slow_links(sizes[0], edge) and slow_links(sizes[0], 1.01 * edge)
     assert fast_links(sizes[0], 0.99 * fast) and not fast_links(sizes[0], fast)
     assert profile_sizes(sizes, 0.0) == profile_sizes(sizes, 0.99 * fast) == (2 << 20, *sizes)
-    assert profile_sizes(sizes, fast) == sizes
+    # One limit parts slow links from fast ones: at it, neither rule applies.
+    assert LARGEST_WITHIN_S == FAST_WITHIN_S and edge == fast
     assert profile_sizes(sizes, edge) == sizes
     assert profile_sizes(sizes, 1.01 * edge) == (256 << 10, 128 << 10, 32 << 10, 8 << 10)
     # Never below the next size, and one size has nothing to halve toward.
@@ -812,8 +813,9 @@ def _owner_round_sizes(rank: int, world_size: int, slow_rank: int, doubling: set
                        fast: bool, one_host: bool = True) -> tuple[list[int], int]:
     """The per-peer bytes of every link-profile exchange this worker posts,
     with `slow_rank`'s warm-up sent 0.5 s late (a slow link), and
-    :func:`all_links_bytes` doubling on slow links for the ranks in
-    `doubling` (what the fits say is tested on its own), and how many
+    :func:`all_links_bytes` replaced by a stand-in that doubles the round
+    on slow links for the ranks in `doubling` (what the fits say, and the
+    real factor, are tested on their own), and how many
     rounds started together.  The slow limit is raised to 0.5 s, so that
     loopback on a busy machine is not expected to read as slow; with
     `fast`, the fast limit lets loopback read as fast unless a link is slow;
@@ -856,8 +858,9 @@ def test_one_slow_link_sets_every_workers_round_sizes(slow_rank, doubling, fast,
     """Every worker learns the slowest warm-up alike, and the largest
     all-links size any worker chose, so all post the same sizes (a worker
     posting a size its peers do not would hang the profile): the owner
-    rounds' largest halved on a slow link, the all-links round doubled
-    where a worker's :func:`all_links_bytes` says so, and on fast links
+    rounds' largest halved on a slow link, the all-links round grown
+    where a worker's :func:`all_links_bytes` (a stand-in here that
+    doubles it) says so, and on fast links
     a transfer 4x the largest added, which the all-links round carries;
     every round after the warm-up started together (the workers share a
     host)."""
@@ -888,6 +891,25 @@ def test_link_rounds_leave_a_barrier_where_workers_are_on_different_hosts(fast):
     owner = (4 * PROFILE_BYTES[0], *PROFILE_BYTES) if fast else PROFILE_BYTES
     assert sizes == [WARM_UP_BYTES, *owner, *owner, owner[0]]
     assert together == 0
+
+
+def test_clock_domain_tells_time_namespaces_on_one_host_apart(monkeypatch):
+    """Containers on one machine share its boot id but may shift their
+    monotonic clock (a time namespace): they must not start rounds at one
+    reading of it."""
+    from pyg_adaqp.assign import cost_model as cm
+
+    monkeypatch.setattr(cm, "host_id", lambda: "boot")
+    monkeypatch.setattr(cm.os, "readlink", lambda path: "time:[1]")
+    first = cm.clock_domain()
+    monkeypatch.setattr(cm.os, "readlink", lambda path: "time:[2]")
+    assert cm.clock_domain() != first and first == "boot time:[1]"
+
+    def no_namespace(path):
+        raise OSError("no time namespaces")
+
+    monkeypatch.setattr(cm.os, "readlink", no_namespace)
+    assert cm.clock_domain() == "boot "
 
 
 def _start_together(rank: int, world_size: int, readings: list) -> tuple[tuple, list]:

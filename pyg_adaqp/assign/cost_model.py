@@ -110,8 +110,9 @@ EVEN_WITHIN = 2.0
 #: exchanges themselves, and the exchange, which waits for the slowest
 #: worker, was predicted from the lowest: the widest check at 250 ms by
 #: median against 223-232 measured.  What a round costs beyond its bytes
-#: (likely its slowest pair's ramp-up) weighs half as much in 2 MiB, for
-#: ~0.1 s more set-up (docs/benchmarks.md, twenty-sixth pass).
+#: (likely its slowest pair's ramp-up) weighs half as much in 2 MiB; with
+#: it and the common starts (:func:`start_together`) the set-up there
+#: took ~0.1 s longer (docs/benchmarks.md, twenty-sixth pass).
 EVEN_ALL_LINKS = 4
 #: A link is fast where the slowest would carry the largest size within this.
 #: There the owner rounds add a transfer four times the largest, which also
@@ -120,11 +121,11 @@ EVEN_ALL_LINKS = 4
 #: search stops at their second largest size, so the fit read the rate
 #: high; docs/benchmarks.md, twenty-fifth pass).  At 16 ms a 1 Gbit/s
 #: set-up on 4 workers sharing 2 cores could miss the rule (its warm-up
-#: slowed by the workers' scheduling): one of eight did at 196e864 (a
-#: set-up of 0.35 s against 0.46-0.49 where it fired); at 28 ms all
-#: eight fired (0.41-0.47 s, 802a283), while where the slowest link is
-#: 100 Mbit/s the warm-up alone takes longer than half of it
-#: (docs/benchmarks.md, twenty-sixth pass).
+#: slowed by the workers' scheduling): one of eight did at 196e864,
+#: judging by the set-ups (0.35 s against 0.46-0.49 where it fired); at
+#: 28 ms none of eight did (0.41-0.47 s, 802a283), while where the
+#: slowest link is 100 Mbit/s the warm-up alone takes longer than half of
+#: it (docs/benchmarks.md, twenty-sixth pass).
 FAST_WITHIN_S = 0.028
 #: How long after the last worker reached it a common start lies: more than
 #: the workers' usual spread leaving a collective (0.3 ms median on 4 workers
@@ -384,6 +385,17 @@ def host_id() -> str:
         return socket.gethostname()
 
 
+def clock_domain() -> str:
+    """What workers must share to read one monotonic clock: the host
+    (:func:`host_id`) and the time namespace (containers on one machine may
+    shift their monotonic clock; "" where the kernel has none)."""
+    try:
+        namespace = os.readlink("/proc/self/ns/time")
+    except OSError:
+        namespace = ""
+    return f"{host_id()} {namespace}"
+
+
 def usable_cores() -> tuple[int, ...]:
     """The CPUs this process may run on."""
     if hasattr(os, "sched_getaffinity"):
@@ -524,9 +536,9 @@ def profile_links(transport: Transport, device: torch.device,
 
     A warm-up loads every link at once with :data:`WARM_UP_BYTES` each
     way; how long the slowest link took sets the sizes of the owner rounds
-    (:func:`profile_sizes`).  Where every worker is on one host, every
-    later round starts at one time (:func:`start_together`), else out of a
-    barrier: workers leave a barrier up to several ms apart (4 workers on
+    (:func:`profile_sizes`).  Where every worker reads one clock (one host,
+    one time namespace: :func:`clock_domain`), every later round starts at
+    one time (:func:`start_together`), else out of a barrier: workers leave a barrier up to several ms apart (4 workers on
     2 cores), which a round would time as link time.  Then one round
     per worker ``i``: ``i`` sends
     ``size / (k - 1)`` bytes to
@@ -575,10 +587,10 @@ def profile_links(transport: Transport, device: torch.device,
 
     # Opens every connection; the slowest link's time, which every worker
     # learns alike, sizes the owner rounds.
-    seen = _gather((exchange(peers, per_peer_of(WARM_UP_BYTES)), host_id()))
+    seen = _gather((exchange(peers, per_peer_of(WARM_UP_BYTES)), clock_domain()))
     warm = max(took for took, _ in seen)
     owner_sizes = profile_sizes(sizes, warm)
-    together = len({host for _, host in seen}) == 1
+    together = len({domain for _, domain in seen}) == 1
     for owner in range(k):
         for size in owner_sizes:
             per_peer = per_peer_of(size)
