@@ -22,13 +22,11 @@ from pyg_adaqp.assign import (
 from pyg_adaqp.assign import cost_model
 from pyg_adaqp.assign.cost_model import (BUCKET_REPEATS, CODEC_ELEMENTS, CODEC_WIDTHS,
                                          EVEN_ALL_LINKS, EVEN_WITHIN, FAST_WITHIN_S,
-                                         LARGEST_WITHIN_S,
-                                         LATENCY_REPEATS,
-                                         PROFILE_BYTES, SOURCE_ROWS_PER_ROW, WARM_UP_BYTES,
-                                         all_links_bytes, codec_costs, excess_latency, fast_links,
-                                         fit_link,
-                                         latency_plan, profile_codec, profile_sizes,
-                                         coding_slowdown, slow_links, usable_cores)
+                                         LARGEST_WITHIN_S, LATENCY_REPEATS, PROFILE_BYTES,
+                                         SOURCE_ROWS_PER_ROW, WARM_UP_BYTES, all_links_bytes,
+                                         codec_costs, coding_slowdown, excess_latency,
+                                         fast_links, fit_link, latency_plan, profile_codec,
+                                         profile_sizes, slow_links, usable_cores)
 from pyg_adaqp.assign.milp import TIE_BREAK, WIDTHS
 from pyg_adaqp.comm import message_nbytes
 from test_train import SMALL, launch, make_config, read_run

@@ -83,7 +83,7 @@ WARM_UP_BYTES = 256 << 10
 #: at 100 Mbit/s the full 512 KiB (~42 ms, 680 KiB per owner round in all)
 #: made the set-up ~0.2 s longer and its checks no closer; at 1 Gbit/s
 #: (~4 ms) half of it fitted some links far off (docs/benchmarks.md,
-#: twenty-first pass).  The same limit as :data:`FAST_WITHIN_S`: the two
+#: twenty-first pass).  :data:`FAST_WITHIN_S` is the same limit: the two
 #: rules part the links at one warm-up time (0.025 before the twenty-sixth
 #: pass).
 LARGEST_WITHIN_S = 0.028
@@ -126,7 +126,7 @@ EVEN_ALL_LINKS = 4
 #: 28 ms none of eight did (0.41-0.47 s, 802a283), while where the
 #: slowest link is 100 Mbit/s the warm-up alone takes longer than half of
 #: it (docs/benchmarks.md, twenty-sixth pass).
-FAST_WITHIN_S = 0.028
+FAST_WITHIN_S = LARGEST_WITHIN_S
 #: How long after the last worker reached it a common start lies: more than
 #: the workers' usual spread leaving a collective (0.3 ms median on 4 workers
 #: sharing 2 cores; a worker later than this starts late).
@@ -468,17 +468,22 @@ def _gather(value: object) -> list:
     return out
 
 
+def largest_seconds(largest: int, warm_up_s: float, warm_up_bytes: int = WARM_UP_BYTES) -> float:
+    """Seconds the slowest link, which carried `warm_up_bytes` each way in
+    `warm_up_s` seconds, would take to carry `largest` bytes."""
+    return warm_up_s * largest / warm_up_bytes
+
+
 def slow_links(largest: int, warm_up_s: float, warm_up_bytes: int = WARM_UP_BYTES) -> bool:
-    """Whether the slowest link, which carried `warm_up_bytes` each way in
-    `warm_up_s` seconds, would take longer than :data:`LARGEST_WITHIN_S` to
-    carry `largest` bytes."""
-    return warm_up_s * largest / warm_up_bytes > LARGEST_WITHIN_S
+    """Whether the slowest link would take longer than
+    :data:`LARGEST_WITHIN_S` to carry `largest` bytes (:func:`largest_seconds`)."""
+    return largest_seconds(largest, warm_up_s, warm_up_bytes) > LARGEST_WITHIN_S
 
 
 def fast_links(largest: int, warm_up_s: float, warm_up_bytes: int = WARM_UP_BYTES) -> bool:
-    """Whether the slowest link, which carried `warm_up_bytes` each way in
-    `warm_up_s` seconds, would carry `largest` bytes within :data:`FAST_WITHIN_S`."""
-    return warm_up_s * largest / warm_up_bytes < FAST_WITHIN_S
+    """Whether the slowest link would carry `largest` bytes within
+    :data:`FAST_WITHIN_S` (:func:`largest_seconds`)."""
+    return largest_seconds(largest, warm_up_s, warm_up_bytes) < FAST_WITHIN_S
 
 
 def profile_sizes(sizes: tuple[int, ...], warm_up_s: float,
@@ -538,11 +543,11 @@ def profile_links(transport: Transport, device: torch.device,
     way; how long the slowest link took sets the sizes of the owner rounds
     (:func:`profile_sizes`).  Where every worker reads one clock (one host,
     one time namespace: :func:`clock_domain`), every later round starts at
-    one time (:func:`start_together`), else out of a barrier: workers leave a barrier up to several ms apart (4 workers on
-    2 cores), which a round would time as link time.  Then one round
-    per worker ``i``: ``i`` sends
-    ``size / (k - 1)`` bytes to
-    every peer and every peer sends it as much, all at once, so ``i``'s link
+    one time (:func:`start_together`), else out of a barrier: workers leave
+    a barrier up to several ms apart (4 workers on 2 cores), which a round
+    would time as link time.  Then one round per worker ``i``: ``i`` sends
+    ``size / (k - 1)`` bytes to every peer and every peer sends it as much,
+    all at once, so ``i``'s link
     carries ``size`` bytes in each direction while every other link carries
     a ``k - 1``-th of that.  Each peer times the arrival of ``i``'s bytes
     (``i``'s egress) and ``i`` the arrival of all of theirs (its ingress).
@@ -587,10 +592,10 @@ def profile_links(transport: Transport, device: torch.device,
 
     # Opens every connection; the slowest link's time, which every worker
     # learns alike, sizes the owner rounds.
-    seen = _gather((exchange(peers, per_peer_of(WARM_UP_BYTES)), clock_domain()))
-    warm = max(took for took, _ in seen)
+    warm_ups = _gather((exchange(peers, per_peer_of(WARM_UP_BYTES)), clock_domain()))
+    warm = max(took for took, _ in warm_ups)
     owner_sizes = profile_sizes(sizes, warm)
-    together = len({domain for _, domain in seen}) == 1
+    together = len({domain for _, domain in warm_ups}) == 1
     for owner in range(k):
         for size in owner_sizes:
             per_peer = per_peer_of(size)
