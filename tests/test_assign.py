@@ -508,9 +508,32 @@ def test_ranges_are_traced_only_in_the_epoch_before_a_reassignment(monkeypatch, 
         if exchange.tracer is not None:
             traced.append(epoch)
             assert exchange.tracer is allocator._tracer
-    assert reassigned == [1, 4, 8, 12]
-    assert traced == [0, 3, 7, 11]
+    # Epochs 1 and 2 (from epoch 0's and epoch 1's traces), then every cycle.
+    assert reassigned == [1, 2, 4, 8, 12]
+    assert traced == [0, 1, 3, 7, 11]
     assert exchange.default_bits == first_bits
+
+
+def test_each_solve_runs_no_longer_than_its_widths_serve(monkeypatch):
+    """The MILP's `uses` is the epochs until the next re-assignment: one for
+    epoch 1's widths, which epoch 2 replaces, then up to a cycle."""
+    import pyg_adaqp.assign.adaptive as adaptive
+
+    allocator = AdaptiveBits(cycle=4, group_size=10)
+    allocator.cost = CostModel({i: 8e-8 for i in range(2)}, {i: 8e-8 for i in range(2)})
+    assert [allocator.epochs_served(e) for e in (0, 1, 2, 3, 4, 8)] == [1, 1, 2, 1, 4, 4]
+    assert [AdaptiveBits(cycle=c).epochs_served(2) for c in (1, 2, 3)] == [1, 2, 1]
+    coef, rows, _ = group_messages(np.random.default_rng(0).lognormal(0, 1, 95), 10)
+    uses = []
+    solve_key = adaptive.solve_key
+    monkeypatch.setattr(adaptive, "solve_key",
+                        lambda *a, **kw: uses.append(kw["uses"]) or solve_key(*a, **kw))
+    for epoch in (1, 2, 4):
+        allocator._epoch = epoch
+        allocator._solve([{"groups": {"forward 1": {1 - i: (coef, rows)}},
+                           "signal": {"forward 1": 50.0}, "widths": {"forward 1": 32},
+                           "observed": {}, "arrivals": [], "overlap": True} for i in range(2)])
+    assert uses == [1, 2, 4]
 
 
 def test_epoch_zero_runs_at_assign_bits(tmp_path):

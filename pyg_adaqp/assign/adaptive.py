@@ -4,10 +4,16 @@ Schedule: :meth:`AdaptiveBits.setup` measures the cost model once, before
 epoch 0 and outside every epoch's time.  Epoch 0 exchanges at ``first_bits``
 (8 by default) while a
 :class:`RangeTracer` records every row's range statistic and each key's signal; the
-first assignment is made from those traces at the start of epoch 1, and
-then re-made every ``cycle`` epochs from the traces of the epoch before it
-(only that epoch is traced: the statistic costs a pass over every message
-and output, and the ranges move slowly).  At each,
+first assignment is made from those traces at the start of epoch 1, made
+again at the start of epoch 2 from epoch 1's, and then every ``cycle``
+epochs from the traces of the epoch before it (only that epoch is traced:
+the statistic costs a pass over every message and output, and the ranges
+move slowly, except in the first update: widths chosen from the initial
+weights' ranges are stale after it. SAGE on the benchmarks' graph had 12%
+of its first layer's rows at 4 or 8 bits from epoch 0's traces and every
+row at 2 bits from epoch 1's, as at every later re-assignment: until
+epoch 10 it sent rows at widths the budget no longer asked for;
+docs/benchmarks.md, twenty-seventh pass).  At each,
 every sender groups its rows, rank 0 gathers the groups' sums, solves one
 MILP per exchange key (:func:`~pyg_adaqp.assign.milp.solve_key`) and returns
 each sender its groups' widths, the senders tell their receivers, and every
@@ -103,8 +109,9 @@ class AdaptiveBits:
     r"""Chooses every message row's width from {2, 4, 8} by a MILP per exchange key.
 
     Args:
-        cycle (int, optional): Epochs between re-assignments; the first is
-            made at the start of epoch 1 from epoch 0's traces. (default: :obj:`10`)
+        cycle (int, optional): Epochs between re-assignments; the first two
+            are made at the start of epochs 1 and 2, from epoch 0's and epoch
+            1's traces. (default: :obj:`10`)
         group_size (int, optional): Messages of one channel sharing a width;
             more where a channel would have more than
             :data:`MAX_GROUPS_PER_CHANNEL` groups. (default: :obj:`100`)
@@ -119,8 +126,9 @@ class AdaptiveBits:
         time_limit (float, optional): Seconds the MILPs of one
             re-assignment may take together; past it the greedy answer
             stands.  Under a budget a key's MILP also runs no longer than
-            it could save over the `cycle` epochs its widths serve
-            (:func:`~pyg_adaqp.assign.milp.solve_key`'s `uses`).
+            it could save over the epochs its widths serve
+            (:meth:`epochs_served`; :func:`~pyg_adaqp.assign.milp.solve_key`'s
+            `uses`).
             (default: :obj:`0.3`)
         profile_repeats (int, optional): Timed exchanges per size when
             profiling the links (their median counts). (default: :obj:`1`)
@@ -238,8 +246,17 @@ class AdaptiveBits:
         return self.gradient_budget
 
     def reassigns_at(self, epoch: int) -> bool:
-        """Whether the widths are re-assigned at the start of `epoch`."""
-        return epoch == 1 or (epoch > 1 and epoch % self.cycle == 0)
+        """Whether the widths are re-assigned at the start of `epoch`: 1, 2,
+        then every multiple of `cycle`."""
+        return epoch in (1, 2) or (epoch > 2 and epoch % self.cycle == 0)
+
+    def epochs_served(self, epoch: int) -> int:
+        """Epochs that the widths assigned at the start of `epoch` serve:
+        until the next re-assignment (at most `cycle`)."""
+        served = 1
+        while not self.reassigns_at(epoch + served):
+            served += 1
+        return served
 
     def on_epoch_start(self, epoch: int, graph: DistGraph) -> None:
         self._attach(graph)
@@ -366,7 +383,7 @@ class AdaptiveBits:
             problem, channels = self._problem(key, gathered)
             # The widths serve one exchange of the key per epoch until the next re-assignment.
             sol = solve_key(problem, cost, self.coe_lambda, self.time_limit / len(keys),
-                            budget=self.budget(key), uses=self.cycle)
+                            budget=self.budget(key), uses=self.epochs_served(self._epoch))
             by_channel, at = {}, 0
             for i, j, ng in channels:
                 widths = sol.bits[at:at + ng].astype(np.uint8)
