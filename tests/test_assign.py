@@ -508,10 +508,54 @@ def test_ranges_are_traced_only_in_the_epoch_before_a_reassignment(monkeypatch, 
         if exchange.tracer is not None:
             traced.append(epoch)
             assert exchange.tracer is allocator._tracer
-    # Epochs 1 and 2 (from epoch 0's and epoch 1's traces), then every cycle.
-    assert reassigned == [1, 2, 4, 8, 12]
-    assert traced == [0, 1, 3, 7, 11]
+    assert reassigned == [1, 4, 8, 12]
+    assert traced == [0, 3, 7, 11]
     assert exchange.default_bits == first_bits
+
+
+@pytest.mark.parametrize("first_narrowest", [True, False])
+def test_epoch_two_reassigns_where_the_first_assignment_bought_wider_rows(
+        monkeypatch, first_narrowest):
+    """The first assignment comes from the initial weights' ranges: where it
+    put any row above 2 bits, epoch 1 is traced and epoch 2 re-assigns;
+    where every row is at 2 bits, the schedule is every cycle's."""
+    from types import SimpleNamespace
+
+    allocator = AdaptiveBits(cycle=4)
+    allocator.cost = CostModel({0: 1e-9, 1: 1e-9}, {0: 1e-9, 1: 1e-9})
+    reassigned, traced = [], []
+
+    def reassign(graph):  # what reassign learns from rank 0's reply at epoch 1
+        reassigned.append(allocator._epoch)
+        if allocator._epoch == 1:
+            allocator._revisit = not first_narrowest
+
+    monkeypatch.setattr(allocator, "reassign", reassign)
+    exchange = SimpleNamespace(transport=object(), tracer=None, default_bits=None)
+    graph = SimpleNamespace(exchange=exchange)
+    for epoch in range(9):
+        allocator.on_epoch_start(epoch, graph)
+        if exchange.tracer is not None:
+            traced.append(epoch)
+    assert reassigned == ([1, 4, 8] if first_narrowest else [1, 2, 4, 8])
+    assert traced == ([0, 3, 7] if first_narrowest else [0, 1, 3, 7])
+
+
+@pytest.mark.parametrize("budget", [1e-3, 1e6])
+def test_training_reassigns_at_epoch_two_only_after_wider_first_widths(tmp_path, budget):
+    """Spawned workers: a tight budget puts rows above 2 bits at epoch 1, and
+    epoch 2 re-assigns from epoch 1's traces; a loose one puts every row at
+    2 bits, and nothing re-assigns before the cycle (10)."""
+    cfg = make_config(*SMALL, "assign=adaptive", "assign.group_size=20",
+                      f"assign.variance_budget={budget}", f"assign.gradient_budget={budget}",
+                      "trainer.epochs=3")
+    launch(cfg, tmp_path)
+    _, summary = read_run(tmp_path)
+    history = summary["assign"]["history"]
+    first = history[0]["rows_by_bits"]
+    wider = any(h["4"] + h["8"] for h in first.values())
+    assert wider == (budget < 1)
+    assert [h["epoch"] for h in history] == ([1, 2] if wider else [1])
 
 
 def test_each_solve_runs_no_longer_than_its_widths_serve(monkeypatch):
@@ -521,6 +565,8 @@ def test_each_solve_runs_no_longer_than_its_widths_serve(monkeypatch):
 
     allocator = AdaptiveBits(cycle=4, group_size=10)
     allocator.cost = CostModel({i: 8e-8 for i in range(2)}, {i: 8e-8 for i in range(2)})
+    # Epoch 1's widths count as serving one epoch (epoch 2 replaces them
+    # unless every row is at 2 bits, which leaves the MILP nothing to improve).
     assert [allocator.epochs_served(e) for e in (0, 1, 2, 3, 4, 8)] == [1, 1, 2, 1, 4, 4]
     assert [AdaptiveBits(cycle=c).epochs_served(2) for c in (1, 2, 3)] == [1, 2, 1]
     coef, rows, _ = group_messages(np.random.default_rng(0).lognormal(0, 1, 95), 10)
@@ -1020,7 +1066,10 @@ def test_a_reassignment_that_keeps_every_channels_one_width_is_not_told():
         gathered = [{"groups": {"forward 1": {1 - i: (coef, rows)}},
                      "signal": {"forward 1": 50.0}, "widths": {"forward 1": 32},
                      "observed": {}, "arrivals": [], "overlap": True} for i in range(2)]
-        return [unchanged for _, _, unchanged in allocator._solve(gathered)]
+        parts = allocator._solve(gathered)
+        # Every row at 2 bits (the least budget-bound width) or not, alike for all ranks.
+        assert {p[3] for p in parts} == {allocator.histogram["forward 1"][2] == 190}
+        return [unchanged for _, _, unchanged, _ in parts]
 
     assert solve(1e6) == [False, False]      # the first: every row at 2 bits, told
     assert solve(1e6) == [True, True]        # the same one width on every channel
@@ -1070,9 +1119,12 @@ def test_reassignment_sends_each_sender_one_uint8_per_group_of_its_own():
                          "arrivals": [], "overlap": True})
     parts = allocator._solve(gathered)
     assert len(parts) == 3
-    for i, (keys, mine, unchanged) in enumerate(parts):
+    assert len({part[3] for part in parts}) == 1              # every rank learns alike
+    for i, (keys, mine, unchanged, narrowest) in enumerate(parts):
         assert keys == ["backward 1", "forward 1"]
         assert not unchanged                                  # the first assignment
+        assert narrowest == all(allocator.histogram[k][4] + allocator.histogram[k][8] == 0
+                                for k in keys)
         for key in keys:
             assert sorted(mine[key]) == [j for j in range(3) if j != i]   # its own channels
             for widths in mine[key].values():

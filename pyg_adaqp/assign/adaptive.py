@@ -4,16 +4,18 @@ Schedule: :meth:`AdaptiveBits.setup` measures the cost model once, before
 epoch 0 and outside every epoch's time.  Epoch 0 exchanges at ``first_bits``
 (8 by default) while a
 :class:`RangeTracer` records every row's range statistic and each key's signal; the
-first assignment is made from those traces at the start of epoch 1, made
-again at the start of epoch 2 from epoch 1's, and then every ``cycle``
-epochs from the traces of the epoch before it (only that epoch is traced:
-the statistic costs a pass over every message and output, and the ranges
-move slowly, except in the first update: widths chosen from the initial
-weights' ranges are stale after it. SAGE on the benchmarks' graph had 12%
-of its first layer's rows at 4 or 8 bits from epoch 0's traces and every
-row at 2 bits from epoch 1's, as at every later re-assignment: until
-epoch 10 it sent rows at widths the budget no longer asked for;
-docs/benchmarks.md, twenty-seventh pass).  At each,
+first assignment is made from those traces at the start of epoch 1, and
+then re-made every ``cycle`` epochs from the traces of the epoch before it
+(only that epoch is traced: the statistic costs a pass over every message
+and output, and the ranges move slowly).  The first update moves them
+most: where the first assignment put any row above 2 bits, it is made
+again at the start of epoch 2 from epoch 1's traces.  SAGE on the
+benchmarks' graph had 12% of its first layer's rows at 4 or 8 bits from
+epoch 0's traces and every row at 2 bits from epoch 1's, as at every
+later re-assignment: until epoch 10 it sent rows at widths the budget
+no longer asked for (docs/benchmarks.md, twenty-seventh pass).  A first
+assignment of every row at 2 bits (GCN there) has nothing to narrow and
+waits for the cycle.  At each,
 every sender groups its rows, rank 0 gathers the groups' sums, solves one
 MILP per exchange key (:func:`~pyg_adaqp.assign.milp.solve_key`) and returns
 each sender its groups' widths, the senders tell their receivers, and every
@@ -109,9 +111,9 @@ class AdaptiveBits:
     r"""Chooses every message row's width from {2, 4, 8} by a MILP per exchange key.
 
     Args:
-        cycle (int, optional): Epochs between re-assignments; the first two
-            are made at the start of epochs 1 and 2, from epoch 0's and epoch
-            1's traces. (default: :obj:`10`)
+        cycle (int, optional): Epochs between re-assignments; the first is
+            made at the start of epoch 1 from epoch 0's traces, and made
+            again at epoch 2 where it put any row above 2 bits. (default: :obj:`10`)
         group_size (int, optional): Messages of one channel sharing a width;
             more where a channel would have more than
             :data:`MAX_GROUPS_PER_CHANNEL` groups. (default: :obj:`100`)
@@ -201,6 +203,8 @@ class AdaptiveBits:
         #: empty before the first, after a resume and on a new exchange).
         self._installed: dict[tuple[str, int, int], int | None] = {}
         self._epoch = 0
+        #: Whether epoch 2 re-assigns: the first assignment put a row above 2 bits.
+        self._revisit = False
 
     # --- set-up, before epoch 0 -----------------------------------------------------------------
 
@@ -246,15 +250,19 @@ class AdaptiveBits:
         return self.gradient_budget
 
     def reassigns_at(self, epoch: int) -> bool:
-        """Whether the widths are re-assigned at the start of `epoch`: 1, 2,
-        then every multiple of `cycle`."""
-        return epoch in (1, 2) or (epoch > 2 and epoch % self.cycle == 0)
+        """Whether the widths are re-assigned at the start of `epoch`: 1,
+        every multiple of `cycle` after it, and 2 where the first assignment
+        put any row above 2 bits."""
+        return (epoch == 1 or (epoch > 1 and epoch % self.cycle == 0)
+                or (epoch == 2 and self._revisit))
 
     def epochs_served(self, epoch: int) -> int:
         """Epochs that the widths assigned at the start of `epoch` serve:
-        until the next re-assignment (at most `cycle`)."""
+        until the next re-assignment (at most `cycle`).  Epoch 1's count as
+        one: epoch 2 replaces them unless every row is at 2 bits, which
+        leaves the MILP nothing to improve."""
         served = 1
-        while not self.reassigns_at(epoch + served):
+        while not (self.reassigns_at(epoch + served) or epoch + served == 2):
             served += 1
         return served
 
@@ -327,9 +335,11 @@ class AdaptiveBits:
         parts = self._solve(gathered) if rank == 0 else [None] * world
         box = [None]
         dist.scatter_object_list(box, parts, src=0)
-        keys, group_bits, unchanged = box[0]
+        keys, group_bits, unchanged, narrowest = box[0]
         if not keys:
             return  # nothing was traced (e.g. no quantized exchange): keep the assignment
+        if self._epoch == 1:
+            self._revisit = not narrowest
         if rank == 0:
             log.info("adaptive bits: solved %d keys in %.3f s%s; %s", len(keys),
                      self.last_solve_time, " (unchanged)" if unchanged else "",
@@ -362,8 +372,9 @@ class AdaptiveBits:
 
     def _solve(self, gathered: list[dict]) -> list[tuple]:
         """Rank 0: solves every key; returns what each rank gets: the keys,
-        its groups' widths, and whether every channel keeps the one width it
-        was installed with (the same for every rank)."""
+        its groups' widths, whether every channel keeps the one width it
+        was installed with, and whether every row is at 2 bits (the last two
+        the same for every rank)."""
         t0 = time.perf_counter()
         # The previous solve's predictions against the epoch just measured.
         for key, predicted in self._predicted.items():
@@ -416,7 +427,8 @@ class AdaptiveBits:
                 "mean_bits": {c: round(sum(b * n for b, n in h.items()) / sum(h.values()), 3)
                               for c, h in sorted(channel_rows.items()) if sum(h.values())}})
         self.last_solve_time = time.perf_counter() - t0
-        return [(keys, mine, unchanged) for mine in out]
+        narrowest = all(h[int(WIDTHS[0])] == sum(h.values()) for h in hist.values())
+        return [(keys, mine, unchanged, narrowest) for mine in out]
 
     def _link_drift(self, gathered: list[dict]) -> dict[int, float]:
         """Per worker, the slow-down of its link from the arrivals of the epochs
