@@ -154,6 +154,24 @@ print(freed_mib_returned(64))             # 32 x 4 MiB freed between kept ones
 """
 
 
+def test_kept_memory_is_never_trimmed(monkeypatch):
+    """From the first epoch's end glibc keeps the heap's top: trimmed past 32
+    MiB, most workers gave it back between epochs and faulted its pages in
+    again in every epoch."""
+    calls = []
+
+    class Libc:
+        def mallopt(self, param, value):
+            calls.append((param, value))
+            return 1
+
+    monkeypatch.delenv("MALLOC_MMAP_THRESHOLD_", raising=False)
+    monkeypatch.setattr(launcher, "_libc", lambda: Libc())
+    assert launcher.keep_freed_memory()
+    assert calls == [(launcher._M_MMAP_THRESHOLD, 32 << 20),
+                     (launcher._M_TRIM_THRESHOLD, 2**31 - 1)]
+
+
 def test_workers_give_freed_tensors_back():
     """What a worker frees goes back to the system, not only into glibc's heap."""
     env = {k: v for k, v in os.environ.items() if k != "MALLOC_MMAP_THRESHOLD_"}

@@ -181,6 +181,9 @@ MMAP_THRESHOLD_BYTES = 1 << 20
 #: From the first epoch's end, freed tensors up to this size stay for the next epoch
 #: (see :func:`keep_freed_memory`); glibc's own threshold rises no higher.
 KEEP_FREED_BYTES = 32 << 20
+#: glibc's trim threshold from the first epoch's end: the largest it takes (a C int),
+#: so the heap's top is never given back (see :func:`keep_freed_memory`).
+NEVER_TRIM_BYTES = 2**31 - 1
 
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
 
@@ -232,14 +235,18 @@ def keep_freed_memory(limit: int = KEEP_FREED_BYTES) -> bool:
     of 10,000 rows each (uniform 2 bits, loopback, one thread each) ran
     their SAGE epochs in 546-560 ms with this, 869-872 ms without (GCN:
     397-399 against 659-678 ms; docs/benchmarks.md).  Below `limit`, tensors
-    come from the heap, whose top is no longer trimmed, so each epoch
-    reuses what the one before freed.  Larger ones keep pages of their own:
+    come from the heap, whose top is no longer trimmed
+    (:data:`NEVER_TRIM_BYTES`), so each epoch reuses what the one before
+    freed.  Trimmed past `limit` (until the twenty-seventh pass), the top
+    was given back between epochs in most workers and faulted in again,
+    page by page, in every epoch (docs/benchmarks.md, twenty-seventh
+    pass).  Larger ones keep pages of their own:
     kept up to 1 GiB, Reddit-sized workers peaked at 2.58-2.80 GiB with no
     faster epoch; up to 32 MiB, at 2.08-2.15 (against 1.93-1.99 giving
     everything back).  Returns whether the setting took; a
     ``MALLOC_MMAP_THRESHOLD_`` in the environment is left to rule.
     """
-    return _mallopt((_M_MMAP_THRESHOLD, limit), (_M_TRIM_THRESHOLD, limit))
+    return _mallopt((_M_MMAP_THRESHOLD, limit), (_M_TRIM_THRESHOLD, NEVER_TRIM_BYTES))
 
 
 def default_threads(local_workers: int) -> int:
