@@ -10,12 +10,13 @@ then re-made every ``cycle`` epochs from the traces of the epoch before it
 and output, and the ranges move slowly).  The first update moves them
 most: where the first assignment put any row above 2 bits, it is made
 again at the start of epoch 2 from epoch 1's traces.  SAGE on the
-benchmarks' graph had 12% of its first layer's rows at 4 or 8 bits from
+benchmarks' graph had 8-9% of its first layer's rows at 4 bits from
 epoch 0's traces and every row at 2 bits from epoch 1's, as at every
 later re-assignment: until epoch 10 it sent rows at widths the budget
 no longer asked for (docs/benchmarks.md, twenty-seventh pass).  A first
 assignment of every row at 2 bits (GCN there) has nothing to narrow and
-waits for the cycle.  At each,
+waits for the cycle, as does a run resumed at epoch 2 (epoch 1's traces
+are not checkpointed).  At each,
 every sender groups its rows, rank 0 gathers the groups' sums, solves one
 MILP per exchange key (:func:`~pyg_adaqp.assign.milp.solve_key`) and returns
 each sender its groups' widths, the senders tell their receivers, and every

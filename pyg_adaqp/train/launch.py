@@ -181,8 +181,8 @@ MMAP_THRESHOLD_BYTES = 1 << 20
 #: From the first epoch's end, freed tensors up to this size stay for the next epoch
 #: (see :func:`keep_freed_memory`); glibc's own threshold rises no higher.
 KEEP_FREED_BYTES = 32 << 20
-#: glibc's trim threshold from the first epoch's end: the largest it takes (a C int),
-#: so the heap's top is never given back (see :func:`keep_freed_memory`).
+#: glibc's trim threshold from the first epoch's end: the largest positive C int,
+#: so a free heap top is given back only past 2 GiB (see :func:`keep_freed_memory`).
 NEVER_TRIM_BYTES = 2**31 - 1
 
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
