@@ -491,23 +491,37 @@ def test_adaptive_training_end_to_end(tmp_path, budget):
         assert all(f == 1.0 or f >= 2.0 for fs in h["link_slowdown"].values() for f in fs)
 
 
+def _schedule(monkeypatch, allocator: AdaptiveBits, epochs: int, revisit: bool = False
+              ) -> tuple[list[int], list[int], object]:
+    """Runs `allocator`'s epoch starts with `reassign` recorded (and, at epoch 1,
+    learning `revisit` as rank 0's reply would tell it); returns the epochs
+    that re-assigned, those traced, and the exchange."""
+    from types import SimpleNamespace
+
+    allocator.cost = CostModel({0: 1e-9, 1: 1e-9}, {0: 1e-9, 1: 1e-9})
+    reassigned, traced = [], []
+
+    def reassign(graph):
+        reassigned.append(allocator._epoch)
+        if allocator._epoch == 1:
+            allocator._revisit = revisit
+
+    monkeypatch.setattr(allocator, "reassign", reassign)
+    exchange = SimpleNamespace(transport=object(), tracer=None, default_bits=None)
+    for epoch in range(epochs):
+        allocator.on_epoch_start(epoch, SimpleNamespace(exchange=exchange))
+        if exchange.tracer is not None:
+            traced.append(epoch)
+            assert exchange.tracer is allocator._tracer
+    return reassigned, traced, exchange
+
+
 @pytest.mark.parametrize("first_bits", [8, 4])
 def test_ranges_are_traced_only_in_the_epoch_before_a_reassignment(monkeypatch, first_bits):
     """Epoch 0 and the epoch before every re-assignment carry the tracer; no
     other. Epoch 0 runs at `first_bits`."""
-    from types import SimpleNamespace
-
     allocator = AdaptiveBits(cycle=4, first_bits=first_bits)
-    allocator.cost = CostModel({0: 1e-9, 1: 1e-9}, {0: 1e-9, 1: 1e-9})
-    reassigned, traced = [], []
-    monkeypatch.setattr(allocator, "reassign", lambda graph: reassigned.append(allocator._epoch))
-    exchange = SimpleNamespace(transport=object(), tracer=None, default_bits=None)
-    graph = SimpleNamespace(exchange=exchange)
-    for epoch in range(13):
-        allocator.on_epoch_start(epoch, graph)
-        if exchange.tracer is not None:
-            traced.append(epoch)
-            assert exchange.tracer is allocator._tracer
+    reassigned, traced, exchange = _schedule(monkeypatch, allocator, 13)
     assert reassigned == [1, 4, 8, 12]
     assert traced == [0, 3, 7, 11]
     assert exchange.default_bits == first_bits
@@ -519,24 +533,8 @@ def test_epoch_two_reassigns_where_the_first_assignment_bought_wider_rows(
     """The first assignment comes from the initial weights' ranges: where it
     put any row above 2 bits, epoch 1 is traced and epoch 2 re-assigns;
     where every row is at 2 bits, the schedule is every cycle's."""
-    from types import SimpleNamespace
-
-    allocator = AdaptiveBits(cycle=4)
-    allocator.cost = CostModel({0: 1e-9, 1: 1e-9}, {0: 1e-9, 1: 1e-9})
-    reassigned, traced = [], []
-
-    def reassign(graph):  # what reassign learns from rank 0's reply at epoch 1
-        reassigned.append(allocator._epoch)
-        if allocator._epoch == 1:
-            allocator._revisit = not first_narrowest
-
-    monkeypatch.setattr(allocator, "reassign", reassign)
-    exchange = SimpleNamespace(transport=object(), tracer=None, default_bits=None)
-    graph = SimpleNamespace(exchange=exchange)
-    for epoch in range(9):
-        allocator.on_epoch_start(epoch, graph)
-        if exchange.tracer is not None:
-            traced.append(epoch)
+    reassigned, traced, _ = _schedule(monkeypatch, AdaptiveBits(cycle=4), 9,
+                                      revisit=not first_narrowest)
     assert reassigned == ([1, 4, 8] if first_narrowest else [1, 2, 4, 8])
     assert traced == ([0, 3, 7] if first_narrowest else [0, 1, 3, 7])
 
