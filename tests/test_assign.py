@@ -574,10 +574,16 @@ def test_each_solve_runs_no_longer_than_its_widths_serve(monkeypatch):
                         lambda *a, **kw: uses.append(kw["uses"]) or solve_key(*a, **kw))
     for epoch in (1, 2, 4):
         allocator._epoch = epoch
-        allocator._solve([{"groups": {"forward 1": {1 - i: (coef, rows)}},
-                           "signal": {"forward 1": 50.0}, "widths": {"forward 1": 32},
-                           "observed": {}, "arrivals": [], "overlap": True} for i in range(2)])
+        allocator._solve(_forward_parts(coef, rows))
     assert uses == [1, 2, 4]
+
+
+def _forward_parts(coef: np.ndarray, rows: np.ndarray) -> list[dict]:
+    """What two workers give rank 0 at a re-assignment: one `forward 1`
+    channel each way with the groups `coef` / `rows`, nothing observed."""
+    return [{"groups": {"forward 1": {1 - i: (coef, rows)}},
+             "signal": {"forward 1": 50.0}, "widths": {"forward 1": 32},
+             "observed": {}, "arrivals": [], "overlap": True} for i in range(2)]
 
 
 def test_epoch_zero_runs_at_assign_bits(tmp_path):
@@ -1061,10 +1067,7 @@ def test_a_reassignment_that_keeps_every_channels_one_width_is_not_told():
 
     def solve(budget: float) -> list[bool]:
         allocator.variance_budget = allocator.gradient_budget = budget
-        gathered = [{"groups": {"forward 1": {1 - i: (coef, rows)}},
-                     "signal": {"forward 1": 50.0}, "widths": {"forward 1": 32},
-                     "observed": {}, "arrivals": [], "overlap": True} for i in range(2)]
-        parts = allocator._solve(gathered)
+        parts = allocator._solve(_forward_parts(coef, rows))
         # Every row at 2 bits (the least budget-bound width) or not, alike for all ranks.
         assert {p[3] for p in parts} == {allocator.histogram["forward 1"][2] == 190}
         return [unchanged for _, _, unchanged, _ in parts]

@@ -183,7 +183,7 @@ MMAP_THRESHOLD_BYTES = 1 << 20
 KEEP_FREED_BYTES = 32 << 20
 #: glibc's trim threshold from the first epoch's end: the largest positive C int,
 #: so a free heap top is given back only past 2 GiB (see :func:`keep_freed_memory`).
-NEVER_TRIM_BYTES = 2**31 - 1
+TRIM_PAST_BYTES = 2**31 - 1
 
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
 
@@ -235,8 +235,8 @@ def keep_freed_memory(limit: int = KEEP_FREED_BYTES) -> bool:
     of 10,000 rows each (uniform 2 bits, loopback, one thread each) ran
     their SAGE epochs in 546-560 ms with this, 869-872 ms without (GCN:
     397-399 against 659-678 ms; docs/benchmarks.md).  Below `limit`, tensors
-    come from the heap, whose top is no longer trimmed
-    (:data:`NEVER_TRIM_BYTES`), so each epoch reuses what the one before
+    come from the heap, whose top is kept (given back only past
+    :data:`TRIM_PAST_BYTES`, 2 GiB), so each epoch reuses what the one before
     freed.  Trimmed past `limit` (until the twenty-seventh pass), the top
     was given back between epochs in most workers and faulted in again,
     page by page, in every epoch (docs/benchmarks.md, twenty-seventh
@@ -246,7 +246,7 @@ def keep_freed_memory(limit: int = KEEP_FREED_BYTES) -> bool:
     everything back).  Returns whether the setting took; a
     ``MALLOC_MMAP_THRESHOLD_`` in the environment is left to rule.
     """
-    return _mallopt((_M_MMAP_THRESHOLD, limit), (_M_TRIM_THRESHOLD, NEVER_TRIM_BYTES))
+    return _mallopt((_M_MMAP_THRESHOLD, limit), (_M_TRIM_THRESHOLD, TRIM_PAST_BYTES))
 
 
 def default_threads(local_workers: int) -> int:
