@@ -3,6 +3,7 @@
     python benchmarks/cost_model.py --hosts 4 --rate 100mbit --widths 16 64 256 --trials 3
     python benchmarks/cost_model.py --hosts 4 --rates 1gbit 1gbit 1gbit 100mbit
     python benchmarks/cost_model.py --hosts 4 --rate 100mbit --trials 2 --runs 5
+    python benchmarks/cost_model.py --hosts 4 --rate 1gbit --runs 8 --raw runs.jsonl
 
 Builds the cluster of ``benchmarks/cluster.py`` (even links, or one rate per
 host with ``--rates``) and runs one ``torchrun`` node per host.  Every worker
@@ -33,6 +34,16 @@ table shows how each exchange's measured time and its prediction spread
 over the runs, and in how many runs the model was within 15% on every
 exchange against a model that knew each exchange's median measured time:
 the closest the measurements' own spread lets a prediction come.
+
+With ``--raw FILE`` every run appends one JSON line to FILE, with what
+the tables are made of, so that other estimators can be replayed on the
+same runs offline: ``setup`` (seconds), ``model`` (the cost model's
+``state_dict``), ``profile`` (every measurement of the set-up:
+``profile_cost_model``'s `record`) and ``checks``, one per check:
+``width``, ``rows`` (``{"i,j": {bits: rows}}`` per channel),
+``encode_share`` (per worker, as ``assignment_seconds`` takes it) and
+``workers`` (per worker, the median exchange's seconds: total, encode,
+link, decode, and the encode's CPU time).
 """
 from __future__ import annotations
 
@@ -201,12 +212,13 @@ def worker(args: argparse.Namespace) -> None:
     lg = load_partition(args.part_dir, rank)
     transport = Transport(dist.new_group(backend="gloo"))
     t0 = time.perf_counter()
-    model = profile_cost_model(transport, "cpu", args.profile_repeats)
+    record: dict = {}
+    model = profile_cost_model(transport, "cpu", args.profile_repeats, record)
     setup = time.perf_counter() - t0
     keep_freed_memory()     # as training's epochs
     sizes = [None] * k
     dist.all_gather_object(sizes, {p: int(i.numel()) for p, i in lg.send_index.items()})
-    checks, apart, missed = [], [], 0.0
+    checks, raw, apart, missed = [], [], [], 0.0
     for width in args.widths:
         for trial in range(args.trials):
             bits = {(i, j): random_bits(width, trial, i, j, n)
@@ -245,6 +257,8 @@ def worker(args: argparse.Namespace) -> None:
                       for ch, c in rows.items()}
             out_in = (sum(n for (i, _), n in nbytes.items() if i == w),
                       sum(n for (_, j), n in nbytes.items() if j == w))
+            raw.append({"width": width, "encode_share": share, "workers": everyone,
+                        "rows": {f"{i},{j}": c for (i, j), c in rows.items()}})
             checks.append(Check(width, predicted, everyone[slowest][0], (enc, dec),
                                 everyone[slowest][1:], (w, slowest), out_in, unloaded))
     setups = [None] * k
@@ -288,6 +302,10 @@ def worker(args: argparse.Namespace) -> None:
             print(f"\nexchanges of {MIN_TIMED_S * 1e3:.0f} ms or more: largest error "
                   f"{errors.max():.0%}, mean {errors.mean():.0%} (without the loaded latency: "
                   f"{unloaded.max():.0%}, {unloaded.mean():.0%})", flush=True)
+        if args.raw:
+            with open(args.raw, "a") as f:
+                f.write(json.dumps({"setup": max(setups), "model": model.state_dict(),
+                                    "profile": record, "checks": raw}) + "\n")
         # For --runs: every check of this run, read back by the launcher.
         print(CHECKS + json.dumps({"setup": max(setups), "checks": [
             [c.width, c.predicted, c.measured] for c in checks],
@@ -374,6 +392,7 @@ def launch(args: argparse.Namespace) -> None:
                      "--repeats", str(args.repeats), "--trials", str(args.trials),
                      "--profile-repeats", str(args.profile_repeats),
                      "--exchange-start", args.exchange_start,
+                     *(["--raw", os.path.abspath(args.raw)] if args.raw else []),
                      "--widths", *map(str, args.widths)], timeout=600)
                 lines = results[0].output.splitlines()
                 runs += [json.loads(line[len(CHECKS):]) for line in lines
@@ -407,6 +426,9 @@ def main() -> int:
                     help="how the workers start each timed exchange: at one common time "
                          "after a barrier, or each as it leaves the barrier (before "
                          "commit 6e68ab3)")
+    ap.add_argument("--raw", metavar="FILE",
+                    help="append each run's set-up measurements, model and checks to FILE "
+                         "as one JSON line (see above)")
     ap.add_argument("--part-dir", help=argparse.SUPPRESS)   # set for the workers
     args = ap.parse_args()
     for name in ("trials", "repeats", "profile_repeats", "runs"):

@@ -768,11 +768,12 @@ def test_forward_scores_are_sums_of_squared_gcn_weights():
             np.testing.assert_allclose(scores[sender.rank], expect.numpy(), rtol=1e-5)
 
 
-def _profile(rank: int, world_size: int) -> dict:
+def _profile(rank: int, world_size: int) -> tuple[dict, dict]:
     from pyg_adaqp.assign import profile_cost_model
     from pyg_adaqp.comm.transport import Transport
 
-    return profile_cost_model(Transport(), "cpu").state_dict()
+    record = {}
+    return profile_cost_model(Transport(), "cpu", record=record).state_dict(), record
 
 
 def _profile_of_known_parts(rank: int, world_size: int) -> dict:
@@ -782,7 +783,7 @@ def _profile_of_known_parts(rank: int, world_size: int) -> dict:
 
     cm.profile_codec = lambda device, barrier, contention: (
         {2: (1e-6, 1e-8)}, {2: (1e-7, 1e-9)}, (1e-4, 5e-5))
-    cm.profile_links = lambda transport, device, repeats: {
+    cm.profile_links = lambda transport, device, repeats, record: {
         i: (1e-8 * (i + 1), 2e-8, 1e-3, 0.0) for i in range(world_size)}
     cm.time_loaded_exchange = lambda transport, device, plan: 0.25 + 0.01 * rank
     return cm.profile_cost_model(Transport(), "cpu").state_dict()
@@ -802,11 +803,26 @@ def test_profile_keeps_beta_and_adds_the_slowest_workers_excess_as_the_loaded_la
 
 
 def test_profile_measures_every_worker_both_ways():
+    from pyg_adaqp.assign.cost_model import link_scales
     from pyg_adaqp.train.workers import run_workers
 
-    models = run_workers(_profile, 2, timeout_s=60)
-    assert models[0] == models[1]             # every worker holds the whole model
-    cost = CostModel.from_state_dict(models[0])
+    profiles = run_workers(_profile, 2, timeout_s=60)
+    assert profiles[0] == profiles[1]         # every worker holds the whole model and record
+    state, record = profiles[0]
+    cost = CostModel.from_state_dict(state)
+    # The record holds every link measurement the model is made of: replayed, it gives the model.
+    for i, points in record["points"].items():
+        up, down = (fit_link(*map(np.array, zip(*points[d]))) for d in ("up", "down"))
+        assert record["fits"][i] == [up[0], down[0], min(up[1], down[1]), min(up[2], down[2])]
+    arrived = {tuple(map(int, pair.split(","))): t for pair, t in record["arrived"].items()}
+    assert set(arrived) == {(0, 1), (1, 0)} and record["warm_up_s"] > 0
+    scales = link_scales(record["fits"], arrived, record["all_links_bytes"])
+    for i, (up, down, beta, free) in record["fits"].items():
+        assert (cost.up[i], cost.down[i]) == pytest.approx((up * scales[i], down * scales[i]))
+        assert (cost.beta[i], cost.free[i]) == (beta, free)
+    unloaded = CostModel.from_state_dict({**state, "loaded_latency": 0.0})
+    assert cost.loaded_latency == pytest.approx(
+        excess_latency(unloaded, latency_plan(2), record["loaded_exchange_s"]))
     # Loopback moves bytes as memory copies, so a rate may come out as
     # unmeasurably fast (0 s/B); what matters is that every piece is there.
     for i in (0, 1):

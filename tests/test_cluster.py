@@ -116,6 +116,38 @@ def test_sigterm_tears_the_cost_model_checks_cluster_down():
 
 
 @pytest.mark.timeout(180)
+def test_the_cost_model_checks_raw_runs_replay_to_its_table(tmp_path):
+    """`benchmarks/cost_model.py --raw`: each run's line holds what its table
+    is made of; its model and checks give back the table's predicted and
+    measured milliseconds."""
+    from pyg_adaqp.assign import CostModel, assignment_seconds
+
+    raw = tmp_path / "raw.jsonl"
+    out = subprocess.run([sys.executable, str(BENCHMARKS / "cost_model.py"), "--hosts", "2",
+                          "--rate", "1gbit", "--nodes", "2000", "--trials", "1",
+                          "--repeats", "1", "--widths", "16", "64", "--runs", "2",
+                          "--raw", str(raw)],
+                         capture_output=True, text=True, timeout=170)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+    runs = [json.loads(line) for line in raw.read_text().splitlines()]
+    table = [line.split("|")[1:4] for line in out.stdout.splitlines()
+             if line.startswith(("| 16 |", "| 64 |"))]
+    assert len(runs) == 2 and len(table) == 4 and [len(r["checks"]) for r in runs] == [2, 2]
+    for (width, predicted, measured), check, run in zip(
+            table, [c for r in runs for c in r["checks"]], [r for r in runs for _ in (0, 1)]):
+        rows = {tuple(map(int, ch.split(","))): {int(b): n for b, n in by_bits.items()}
+                for ch, by_bits in check["rows"].items()}
+        share = {int(i): s for i, s in check["encode_share"].items()}
+        seconds, _ = assignment_seconds(CostModel.from_state_dict(run["model"]),
+                                        check["width"], rows, encode_share=share)
+        assert int(width) == check["width"]
+        assert float(predicted) == pytest.approx(seconds * 1e3, abs=0.006)
+        assert float(measured) == pytest.approx(max(w[0] for w in check["workers"]) * 1e3,
+                                                abs=0.006)
+        assert run["profile"]["loaded_exchange_s"] and run["profile"]["arrived"]
+
+
+@pytest.mark.timeout(180)
 def test_training_across_two_hosts(tmp_path):
     """A real two-node torchrun job over the namespaces' network."""
     repo = Path(__file__).resolve().parents[1]

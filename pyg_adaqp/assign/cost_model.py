@@ -534,7 +534,8 @@ def all_links_bytes(largest: int, slow: bool, fits: dict[int, list[float]]) -> i
 
 
 def profile_links(transport: Transport, device: torch.device,
-                  sizes: tuple[int, ...] = PROFILE_BYTES, repeats: int = 1
+                  sizes: tuple[int, ...] = PROFILE_BYTES, repeats: int = 1,
+                  record: dict | None = None
                   ) -> dict[int, tuple[float, float, float, float]]:
     """Up and down rate, beta (the latency, with the other workers idle) and
     free bytes of every worker's link (collective).
@@ -556,6 +557,16 @@ def profile_links(transport: Transport, device: torch.device,
     times it where the owner rounds' fits say so: :func:`all_links_bytes`);
     where a link is slower then than its fit predicts, its rates are
     scaled by the ratio (:func:`link_scales`).
+
+    `record`, where given, receives every measurement the result is made
+    of, the same on every worker, so that other estimators can be
+    replayed on them offline (``benchmarks/cost_model.py --raw``):
+    ``warm_up_s`` (the slowest link's warm-up), ``points`` (per worker,
+    ``[bytes, seconds]`` of its egress and its ingress in the owner
+    rounds), ``fits`` (:func:`fit_link` of those points, ``(up, down,
+    beta, free)`` before the scale), ``all_links_bytes`` (what every link
+    carried each way in the all-links round) and ``arrived`` (``{"i,j":
+    seconds}``: when ``j``'s bytes reached ``i`` in it).
 
     Returns:
         dict[int, tuple]: ``(up s/B, down s/B, beta s, free B)`` per worker.
@@ -607,12 +618,13 @@ def profile_links(transport: Transport, device: torch.device,
                 up_t[owner].append((per_peer * (k - 1), took))
     # The owner's egress is timed by all its peers: the slowest arrival counts.
     gathered = _gather((up_t, down_t))
-    fits = {}
+    fits, points = {}, {}
     for i in range(k):
         ups = [ts[i] for ts, _ in gathered if ts[i]]
         up_pts = [(b, max(run[j][1] for run in ups)) for j, (b, _) in enumerate(ups[0])] \
             if ups else []
         down_pts = gathered[i][1][i]
+        points[i] = {"up": up_pts, "down": down_pts}
         a_up, b_up, f_up = fit_link(*map(np.array, zip(*up_pts))) if up_pts else (0, 0, 0)
         a_dn, b_dn, f_dn = fit_link(*map(np.array, zip(*down_pts))) if down_pts else (0, 0, 0)
         fits[i] = [float(a_up), float(a_dn), float(min(b_up, b_dn)), float(min(f_up, f_dn))]
@@ -627,6 +639,10 @@ def profile_links(transport: Transport, device: torch.device,
     rounds = [arrivals(peers, per_peer) for _ in range(repeats)]
     all_seen = {p: float(np.median([r[p] for r in rounds])) for p in peers}
     seen = {(i, j): t for i, by_peer in enumerate(_gather(all_seen)) for j, t in by_peer.items()}
+    if record is not None:
+        record.update(warm_up_s=warm, points=points, fits={i: list(f) for i, f in fits.items()},
+                      all_links_bytes=per_peer * (k - 1),
+                      arrived={f"{i},{j}": t for (i, j), t in seen.items()})
     for i, scale in link_scales(fits, seen, per_peer * (k - 1)).items():
         fits[i][0] *= scale
         fits[i][1] *= scale
@@ -665,17 +681,18 @@ def link_scales(fits: dict[int, list[float]], seen: dict[tuple[int, int], float]
 
 
 def profile_cost_model(transport: Transport, device: torch.device | str = "cpu",
-                       repeats: int = 1) -> CostModel:
+                       repeats: int = 1, record: dict | None = None) -> CostModel:
     """Measures the whole cost model (collective: every worker calls it), on
     the exchange's own `transport` and `device`: the codec
     (:func:`profile_codec`), the links (:func:`profile_links`, each size
-    timed `repeats` times), then the loaded latency
+    timed `repeats` times; `record` as there), then the loaded latency
     (:func:`time_loaded_exchange` of :func:`latency_plan`,
-    :func:`excess_latency`)."""
+    :func:`excess_latency`; into `record` too, where given, every
+    worker's time as ``loaded_exchange_s``)."""
     device = torch.device(device)
     codec = profile_codec(device, barrier=lambda: dist.barrier(group=transport.group),
                           contention=core_contention())
-    links = profile_links(transport, device, repeats=repeats)
+    links = profile_links(transport, device, repeats=repeats, record=record)
     plan = latency_plan(transport.world_size)
     # Every worker's codec profile and loaded-exchange time, in one collective.
     mine = _gather((codec, time_loaded_exchange(transport, device, plan)))
@@ -686,6 +703,8 @@ def profile_cost_model(transport: Transport, device: torch.device | str = "cpu",
                       {i: c[1] for i, c in enumerate(codecs)},
                       {i: c[2] for i, c in enumerate(codecs)})
     model.loaded_latency = excess_latency(model, plan, [took for _, took in mine])
+    if record is not None:
+        record["loaded_exchange_s"] = [took for _, took in mine]
     return model
 
 
