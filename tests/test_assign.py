@@ -23,7 +23,8 @@ from pyg_adaqp.assign import cost_model
 from pyg_adaqp.assign.cost_model import (BUCKET_REPEATS, CODEC_ELEMENTS, CODEC_WIDTHS,
                                          EVEN_ALL_LINKS, EVEN_WITHIN, FAST_WITHIN_S,
                                          LARGEST_WITHIN_S, LATENCY_REPEATS, PROFILE_BYTES,
-                                         SOURCE_ROWS_PER_ROW, WARM_UP_BYTES, all_links_bytes,
+                                         SOURCE_ROWS_PER_ROW, WARM_UP_BYTES, WARM_UP_ROUNDS,
+                                         all_links_bytes,
                                          codec_costs, coding_slowdown, excess_latency,
                                          fast_links, fit_link, latency_plan, profile_codec,
                                          profile_sizes, slow_links, usable_cores)
@@ -815,7 +816,8 @@ def test_profile_measures_every_worker_both_ways():
         up, down = (fit_link(*map(np.array, zip(*points[d]))) for d in ("up", "down"))
         assert record["fits"][i] == [up[0], down[0], min(up[1], down[1]), min(up[2], down[2])]
     arrived = {tuple(map(int, pair.split(","))): t for pair, t in record["arrived"].items()}
-    assert set(arrived) == {(0, 1), (1, 0)} and record["warm_up_s"] > 0
+    assert set(arrived) == {(0, 1), (1, 0)} and len(record["warm_up_rounds_s"]) == WARM_UP_ROUNDS
+    assert 0 < record["warm_up_s"] <= max(record["warm_up_rounds_s"])
     scales = link_scales(record["fits"], arrived, record["all_links_bytes"])
     for i, (up, down, beta, free) in record["fits"].items():
         assert (cost.up[i], cost.down[i]) == pytest.approx((up * scales[i], down * scales[i]))
@@ -899,7 +901,7 @@ def test_all_links_round_grows_only_on_slow_even_links():
 def _owner_round_sizes(rank: int, world_size: int, slow_rank: int, doubling: set[int],
                        fast: bool, one_host: bool = True) -> tuple[list[int], int]:
     """The per-peer bytes of every link-profile exchange this worker posts,
-    with `slow_rank`'s warm-up sent 0.5 s late (a slow link), and
+    with `slow_rank`'s warm-ups sent 0.5 s late (a slow link), and
     :func:`all_links_bytes` replaced by a stand-in that doubles the round
     on slow links for the ranks in `doubling` (what the fits say, and the
     real factor, are tested on their own), and how many
@@ -929,8 +931,8 @@ def _owner_round_sizes(rank: int, world_size: int, slow_rank: int, doubling: set
 
     def record(transport, send, device):
         sizes.append(max(b.numel() for b in send.values()))
-        if rank == slow_rank and len(sizes) == 1:
-            clock.sleep(0.5)     # its bytes reach the peer 0.5 s late
+        if rank == slow_rank and len(sizes) <= WARM_UP_ROUNDS:
+            clock.sleep(0.5)     # its bytes reach the peer 0.5 s late in every warm-up
 
     _record_starts(record)
     profile_links(Transport(), torch.device("cpu"))
@@ -949,7 +951,7 @@ def test_one_slow_link_sets_every_workers_round_sizes(slow_rank, doubling, fast,
     where a worker's :func:`all_links_bytes` (a stand-in here that
     doubles it) says so, and on fast links
     a transfer 4x the largest added, which the all-links round carries;
-    every round after the warm-up started together (the workers share a
+    every round after the warm-ups started together (the workers share a
     host)."""
     from pyg_adaqp.train.workers import run_workers
 
@@ -961,9 +963,9 @@ def test_one_slow_link_sets_every_workers_round_sizes(slow_rank, doubling, fast,
              (PROFILE_BYTES[0] // 2 if slow_rank is not None else PROFILE_BYTES[0],
               *PROFILE_BYTES[1:]))
     all_links = 2 * PROFILE_BYTES[0] if doubled else owner[0] if fast else PROFILE_BYTES[0]
-    # warm-up, each owner's rounds (2 workers: each peer gets the whole size), all links
-    assert sizes == [WARM_UP_BYTES, *owner, *owner, all_links]
-    assert together == len(sizes) - 1
+    # warm-ups, each owner's rounds (2 workers: each peer gets the whole size), all links
+    assert sizes == [*[WARM_UP_BYTES] * WARM_UP_ROUNDS, *owner, *owner, all_links]
+    assert together == len(sizes) - WARM_UP_ROUNDS
 
 
 @pytest.mark.parametrize("fast", [False, True])
@@ -976,7 +978,7 @@ def test_link_rounds_leave_a_barrier_where_workers_are_on_different_hosts(fast):
     assert seen[0] == seen[1]
     sizes, together = seen[0]
     owner = (4 * PROFILE_BYTES[0], *PROFILE_BYTES) if fast else PROFILE_BYTES
-    assert sizes == [WARM_UP_BYTES, *owner, *owner, owner[0]]
+    assert sizes == [*[WARM_UP_BYTES] * WARM_UP_ROUNDS, *owner, *owner, owner[0]]
     assert together == 0
 
 
@@ -1032,11 +1034,12 @@ def test_profile_goes_through_the_exchanges_own_transport_and_device():
 
     parts = partition_graph(synthetic_graph(num_nodes=300, avg_degree=6, num_features=8), 2)
     for seen in run_workers(_profile_through_the_exchange, 2, parts, timeout_s=60):
-        # every link round went through it: a warm-up, each worker's round at
+        # every link round went through it: the warm-ups, each worker's round at
         # each size (fast links: one more), the all-links round (one timed
         # exchange each by default), then the loaded-latency exchange (a
         # warm-up and its repetitions)
-        assert len(seen) == 1 + 2 * (len(PROFILE_BYTES) + 1) + 1 + 1 + LATENCY_REPEATS
+        assert len(seen) == (WARM_UP_ROUNDS + 2 * (len(PROFILE_BYTES) + 1) + 1 + 1
+                             + LATENCY_REPEATS)
         assert all(same and device == torch.device("cpu") and buffers in ([], ["cpu"])
                    for same, device, buffers in seen)
 

@@ -33,7 +33,7 @@ counts only senders.)
 
 :func:`profile_cost_model` measures all of it once, before training, in
 bounded time: the codec on synthetic rows, and the links: a warm-up of
-every link at once, whose slowest link sizes the rest (:func:`profile_sizes`),
+every link at once (twice), whose slowest link sizes the rest (:func:`profile_sizes`),
 then one round per worker in which that worker sends to and receives from
 every peer at once, at a few sizes, so each end of every link is timed in
 both directions, and one round of every link at once.
@@ -78,6 +78,12 @@ PROFILE_BYTES = (512 << 10, 128 << 10, 32 << 10, 8 << 10)
 #: bytes free) and a busy 1 Gbit/s one (4 workers sharing 2 cores) took
 #: about as long (docs/benchmarks.md, twenty-first pass).
 WARM_UP_BYTES = 256 << 10
+#: Warm-up rounds; each worker's fastest counts.  The first also pays for a
+#: first transfer (every connection's congestion window opening, fresh
+#: buffers): at 1 Gbit/s on 4 workers sharing 2 cores one round alone could
+#: read past the limit that parts slow links from fast ones, and that set-up
+#: was then profiled as a slow link's (docs/benchmarks.md, twenty-eighth pass).
+WARM_UP_ROUNDS = 2
 #: A link is slow where the slowest would take longer than this to carry
 #: the largest size.  There the owner rounds' largest transfer is halved:
 #: at 100 Mbit/s the full 512 KiB (~42 ms, 680 KiB per owner round in all)
@@ -541,7 +547,8 @@ def profile_links(transport: Transport, device: torch.device,
     free bytes of every worker's link (collective).
 
     A warm-up loads every link at once with :data:`WARM_UP_BYTES` each
-    way; how long the slowest link took sets the sizes of the owner rounds
+    way, :data:`WARM_UP_ROUNDS` times; how long the slowest link took (in
+    each worker's fastest round) sets the sizes of the owner rounds
     (:func:`profile_sizes`).  Where every worker reads one clock (one host,
     one time namespace: :func:`clock_domain`), every later round starts at
     one time (:func:`start_together`), else out of a barrier: workers leave
@@ -561,7 +568,8 @@ def profile_links(transport: Transport, device: torch.device,
     `record`, where given, receives every measurement the result is made
     of, the same on every worker, so that other estimators can be
     replayed on them offline (``benchmarks/cost_model.py --raw``):
-    ``warm_up_s`` (the slowest link's warm-up), ``points`` (per worker,
+    ``warm_up_s`` (the slowest link's warm-up), ``warm_up_rounds_s`` (the
+    slowest worker's time in each warm-up round), ``points`` (per worker,
     ``[bytes, seconds]`` of its egress and its ingress in the owner
     rounds), ``fits`` (:func:`fit_link` of those points, ``(up, down,
     beta, free)`` before the scale), ``all_links_bytes`` (what every link
@@ -603,8 +611,9 @@ def profile_links(transport: Transport, device: torch.device,
 
     # Opens every connection; the slowest link's time, which every worker
     # learns alike, sizes the owner rounds.
-    warm_ups = _gather((exchange(peers, per_peer_of(WARM_UP_BYTES)), clock_domain()))
-    warm = max(took for took, _ in warm_ups)
+    warm_ups = _gather(([exchange(peers, per_peer_of(WARM_UP_BYTES))
+                         for _ in range(WARM_UP_ROUNDS)], clock_domain()))
+    warm = max(min(took) for took, _ in warm_ups)
     owner_sizes = profile_sizes(sizes, warm)
     together = len({domain for _, domain in warm_ups}) == 1
     for owner in range(k):
@@ -640,7 +649,9 @@ def profile_links(transport: Transport, device: torch.device,
     all_seen = {p: float(np.median([r[p] for r in rounds])) for p in peers}
     seen = {(i, j): t for i, by_peer in enumerate(_gather(all_seen)) for j, t in by_peer.items()}
     if record is not None:
-        record.update(warm_up_s=warm, points=points, fits={i: list(f) for i, f in fits.items()},
+        record.update(warm_up_s=warm, warm_up_rounds_s=[max(took[r] for took, _ in warm_ups)
+                                                        for r in range(WARM_UP_ROUNDS)],
+                      points=points, fits={i: list(f) for i, f in fits.items()},
                       all_links_bytes=per_peer * (k - 1),
                       arrived={f"{i},{j}": t for (i, j), t in seen.items()})
     for i, scale in link_scales(fits, seen, per_peer * (k - 1)).items():
