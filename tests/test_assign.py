@@ -820,7 +820,8 @@ def test_profile_measures_every_worker_both_ways():
     assert 0 < record["warm_up_s"] <= max(record["warm_up_rounds_s"])
     scales = link_scales(record["fits"], arrived, record["all_links_bytes"])
     for i, (up, down, beta, free) in record["fits"].items():
-        assert (cost.up[i], cost.down[i]) == pytest.approx((up * scales[i], down * scales[i]))
+        assert (cost.up[i], cost.down[i]) == pytest.approx((up * scales[i][0],
+                                                            down * scales[i][1]))
         assert (cost.beta[i], cost.free[i]) == (beta, free)
     unloaded = CostModel.from_state_dict({**state, "loaded_latency": 0.0})
     assert cost.loaded_latency == pytest.approx(
@@ -1277,10 +1278,11 @@ def test_a_resumed_allocator_keeps_its_configured_knobs_and_names_those_that_cha
         AdaptiveBits().load_state_dict({"bits": 4})  # a uniform scheme's
 
 
-def test_link_scales_judge_each_link_by_the_pairs_it_bounds():
+def test_link_scales_judge_each_direction_by_the_pairs_it_bounds():
     """All links busy: the fast links ran 1.25x slower than fitted, the slow
-    host's link as fitted. Each link keeps its own factor (one factor for all
-    would have slowed the fast links by the slow host's ratio)."""
+    host's link as fitted. Each direction of each link keeps its own factor
+    (one factor for all would have slowed the fast links by the slow host's
+    ratio)."""
     from pyg_adaqp.assign.cost_model import link_scales
 
     fast, slow, total = 8e-9, 8e-8, 1e6                      # 1 Gbit/s, 100 Mbit/s, bytes
@@ -1289,14 +1291,32 @@ def test_link_scales_judge_each_link_by_the_pairs_it_bounds():
     seen = {(i, j): (slow if 3 in (i, j) else 1.25 * fast) * total
             for i in range(4) for j in range(4) if i != j}
     scales = link_scales(fits, seen, total)
-    assert scales == pytest.approx({0: 1.25, 1: 1.25, 2: 1.25, 3: 1.0})
-    # A pair bounded by both ends counts for both; the slowest pair sets the factor.
+    assert scales == {i: pytest.approx((1.25, 1.25)) for i in range(3)} | {3: (1.0, 1.0)}
+    # A pair bounded by both ends counts for both.
     two = {0: [fast] * 2 + [0.0, 0.0], 1: [fast] * 2 + [0.0, 0.0]}
     seen = {(0, 1): 0.5 * fast * total, (1, 0): 2.0 * fast * total}
-    assert link_scales(two, seen, total) == pytest.approx({0: 2.0, 1: 2.0})
-    # Faster than fitted never speeds a link up.
-    seen = {(0, 1): 0.5 * fast * total, (1, 0): 0.8 * fast * total}
-    assert link_scales(two, seen, total) == pytest.approx({0: 1.0, 1: 1.0})
+    # (0, 1) counts for 1's uplink and 0's downlink, (1, 0) for 0's uplink and 1's downlink
+    assert link_scales(two, seen, total) == {0: pytest.approx((2.0, 0.5)),
+                                             1: pytest.approx((0.5, 2.0))}
+    # Worker 0's downlink read 1.5x slow: it bounds the pairs into 0, which
+    # ran at the rate the others' uplinks were fitted at, so it comes back to
+    # it (factor 1 / 1.5); its uplink keeps its own factor (1.25, from the
+    # pairs out of 0), not the downlink's.
+    fits = {i: [fast, fast, 0.0, 0.0] for i in range(3)}
+    fits[0] = [fast, 1.5 * fast, 0.0, 0.0]
+    seen = {(i, j): (1.0 if i == 0 else 1.25) * fast * total
+            for i in range(3) for j in range(3) if i != j}
+    scales = link_scales(fits, seen, total)
+    assert scales[0] == pytest.approx((1.25, 1 / 1.5))
+    assert scales[1] == scales[2] == pytest.approx((1.25, 1.25))
+    # The slowest pair a direction bounds sets its factor: 2's bytes reached 1 late.
+    scales = link_scales(fits, {**seen, (1, 2): 2.0 * fast * total}, total)
+    assert (scales[2][0], scales[1][1]) == pytest.approx((2.0, 2.0))
+    assert (scales[2][1], scales[1][0]) == pytest.approx((1.25, 1.25))
+    # A direction no pair is bounded by keeps its fit.
+    one_way = {0: [fast, fast, 0.0, 0.0], 1: [slow, slow, 0.0, 0.0]}
+    seen = {(0, 1): slow * total, (1, 0): slow * total}
+    assert link_scales(one_way, seen, total) == {0: (1.0, 1.0), 1: pytest.approx((1.0, 1.0))}
 
 
 def _tell(rank: int, world_size: int) -> tuple[list, dict, dict]:

@@ -562,8 +562,8 @@ def profile_links(transport: Transport, device: torch.device,
     A last round loads every link at once, as training does (the largest
     of `sizes` and of the owner rounds' sizes, or :data:`EVEN_ALL_LINKS`
     times it where the owner rounds' fits say so: :func:`all_links_bytes`);
-    where a link is slower then than its fit predicts, its rates are
-    scaled by the ratio (:func:`link_scales`).
+    each direction of each link is scaled to what the pairs it bounds took
+    then (:func:`link_scales`).
 
     `record`, where given, receives every measurement the result is made
     of, the same on every worker, so that other estimators can be
@@ -654,41 +654,47 @@ def profile_links(transport: Transport, device: torch.device,
                       points=points, fits={i: list(f) for i, f in fits.items()},
                       all_links_bytes=per_peer * (k - 1),
                       arrived={f"{i},{j}": t for (i, j), t in seen.items()})
-    for i, scale in link_scales(fits, seen, per_peer * (k - 1)).items():
-        fits[i][0] *= scale
-        fits[i][1] *= scale
+    for i, (up, down) in link_scales(fits, seen, per_peer * (k - 1)).items():
+        fits[i][0] *= up
+        fits[i][1] *= down
     return {i: tuple(f) for i, f in fits.items()}
 
 
 def link_scales(fits: dict[int, list[float]], seen: dict[tuple[int, int], float],
-                total: float) -> dict[int, float]:
-    """Per worker, how much slower its link ran with every link busy than its fit says.
+                total: float) -> dict[int, tuple[float, float]]:
+    """Per worker, how much slower (or faster) each direction of its link ran
+    with every link busy than its fit says: ``(up, down)`` factors.
 
     `seen[(i, j)]` is when ``j``'s bytes reached ``i`` in the all-links
     round, where every link carries `total` bytes each way; its prediction is
     the slower of ``j``'s uplink and ``i``'s downlink (``(up, down, beta,
     free)`` in `fits`).  A pair's ratio of seen to predicted counts only for
-    the end (or both ends, within 10%) whose link bounds it, and a worker's
-    factor is the largest ratio counted for it (its link is done when its
-    last pair is), never below 1: a fast link beside a slow one is judged by
-    its pairs with fast peers (one factor for all links read a 1 Gbit/s link
-    beside a 100 Mbit/s one at ~270 Mbit/s).
+    the direction (or both, within 10%) that bounds it, and a direction's
+    factor is the largest ratio counted for it (it is done when its last
+    pair is); 1 where no pair counts for it.  A fast link beside a slow one
+    is judged by its pairs with fast peers (one factor for all links read a
+    1 Gbit/s link beside a 100 Mbit/s one at ~270 Mbit/s).  Each direction
+    apart, and below 1 too: one factor per worker, at least 1, compounded a
+    direction that the owner rounds read slow with its other direction's
+    factor (a 100 Mbit/s downlink fitted at 74 Mbit/s came out at 51), and a
+    direction read slow stayed slow though its pairs ran faster
+    (docs/benchmarks.md, twenty-eighth pass).
     """
     def link(worker: int, direction: int) -> float:
         u_d, beta, free = fits[worker][direction], fits[worker][2], fits[worker][3]
         return beta + u_d * max(0.0, total - free)
 
-    ratios: dict[int, list[float]] = {i: [] for i in fits}
+    ratios: dict[tuple[int, int], list[float]] = {(i, d): [] for i in fits for d in (0, 1)}
     for (i, j), took in seen.items():
         up, down = link(j, 0), link(i, 1)
         predicted = max(up, down)
         if predicted <= 0:
             continue
         if up >= 0.9 * predicted:
-            ratios[j].append(took / predicted)
+            ratios[(j, 0)].append(took / predicted)
         if down >= 0.9 * predicted:
-            ratios[i].append(took / predicted)
-    return {i: max([1.0, *r]) for i, r in ratios.items()}
+            ratios[(i, 1)].append(took / predicted)
+    return {i: tuple(max(ratios[(i, d)], default=1.0) for d in (0, 1)) for i in fits}
 
 
 def profile_cost_model(transport: Transport, device: torch.device | str = "cpu",
