@@ -786,8 +786,40 @@ def _profile_of_known_parts(rank: int, world_size: int) -> dict:
         {2: (1e-6, 1e-8)}, {2: (1e-7, 1e-9)}, (1e-4, 5e-5))
     cm.profile_links = lambda transport, device, repeats, record: {
         i: (1e-8 * (i + 1), 2e-8, 1e-3, 0.0) for i in range(world_size)}
-    cm.time_loaded_exchange = lambda transport, device, plan: 0.25 + 0.01 * rank
+    cm.time_loaded_exchange = lambda transport, device, plan, together: 0.25 + 0.01 * rank
     return cm.profile_cost_model(Transport(), "cpu").state_dict()
+
+
+def _loaded_exchange_starts(rank: int, world_size: int, one_host: bool) -> tuple[int, int]:
+    """How many of the loaded exchange's starts (its warm-up and repetitions)
+    were common starts, and how many exchanges it posted, in a profile whose
+    codec and link parts are stand-ins; without `one_host`, each worker tells
+    a host id of its own."""
+    from pyg_adaqp.assign import cost_model as cm
+    from pyg_adaqp.comm.transport import Transport
+
+    cm.profile_codec = lambda device, barrier, contention: (
+        {2: (1e-6, 1e-8)}, {2: (1e-7, 1e-9)}, (1e-4, 5e-5))
+    cm.profile_links = lambda transport, device, repeats, record: {
+        i: (1e-8, 1e-8, 1e-3, 0.0) for i in range(world_size)}
+    if not one_host:
+        cm.host_id = lambda: f"host {rank}"
+    together, posted = [], []
+    start_together = cm.start_together
+    cm.start_together = lambda *args: together.append(1) or start_together(*args)
+    _record_starts(lambda transport, send, device: posted.append(1))
+    cm.profile_cost_model(Transport(), "cpu")
+    return len(together), len(posted)
+
+
+@pytest.mark.parametrize("one_host", [True, False])
+def test_the_loaded_exchange_starts_together_where_the_workers_share_a_clock(one_host):
+    """As the link rounds: at one common time on one host, else out of a barrier."""
+    from pyg_adaqp.train.workers import run_workers
+
+    for together, posted in run_workers(_loaded_exchange_starts, 2, one_host, timeout_s=60):
+        assert posted == LATENCY_REPEATS + 1
+        assert together == (posted if one_host else 0)
 
 
 def test_profile_keeps_beta_and_adds_the_slowest_workers_excess_as_the_loaded_latency():

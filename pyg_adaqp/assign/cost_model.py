@@ -711,8 +711,9 @@ def profile_cost_model(transport: Transport, device: torch.device | str = "cpu",
                           contention=core_contention())
     links = profile_links(transport, device, repeats=repeats, record=record)
     plan = latency_plan(transport.world_size)
+    together = len(set(_gather(clock_domain()))) == 1
     # Every worker's codec profile and loaded-exchange time, in one collective.
-    mine = _gather((codec, time_loaded_exchange(transport, device, plan)))
+    mine = _gather((codec, time_loaded_exchange(transport, device, plan, together=together)))
     codecs = [c for c, _ in mine]
     model = CostModel({i: f[0] for i, f in links.items()}, {i: f[1] for i, f in links.items()},
                       {i: f[2] for i, f in links.items()}, {i: f[3] for i, f in links.items()},
@@ -736,12 +737,18 @@ def latency_plan(world_size: int, rows: int = LATENCY_ROWS
 
 def time_loaded_exchange(transport: Transport, device: torch.device,
                          plan: dict[tuple[int, int], dict[int, int]],
-                         repeats: int = LATENCY_REPEATS) -> float:
+                         repeats: int = LATENCY_REPEATS, together: bool = False) -> float:
     """Times the exchange `plan` (:func:`latency_plan`) as training runs one
-    (collective): every worker leaves a barrier, encodes its rows (gathered
-    from a source twice as tall), posts every channel, waits and decodes;
-    returns this worker's median seconds over `repeats` such exchanges
-    (after one untimed warm-up)."""
+    (collective): every worker starts, encodes its rows (gathered from a
+    source twice as tall), posts every channel, waits and decodes; returns
+    this worker's median seconds over `repeats` such exchanges (after one
+    untimed warm-up).  With `together` (every worker reads one clock:
+    :func:`clock_domain`), every exchange starts at one time
+    (:func:`start_together`), as the link rounds do; else each worker
+    starts as it leaves a barrier, and one that leaves it first times its
+    peers' late start as exchange time (4 workers sharing 2 cores leave a
+    barrier up to several ms apart), which the loaded latency then adds
+    to every exchange."""
     rank, width = transport.rank, CODEC_WIDTHS[0]
     gen = torch.Generator(device).manual_seed(rank)
     mine = {j: n[LATENCY_BITS] for (i, j), n in plan.items() if i == rank}
@@ -760,8 +767,11 @@ def time_loaded_exchange(transport: Transport, device: torch.device,
     clock = device_clock(device)
     took = []
     for _ in range(repeats + 1):              # the first one warms up
-        dist.barrier(group=transport.group)
-        t0 = clock()
+        if together:
+            t0, _, _ = start_together(transport.group, device)
+        else:
+            dist.barrier(group=transport.group)
+            t0 = clock()
         raw = transport.start(message.pack(x, generator=gen),
                               {i: layout.nbytes for i, layout in recv.items()}, device).wait()
         for i, layout in recv.items():
