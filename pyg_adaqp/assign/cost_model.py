@@ -609,8 +609,8 @@ def profile_links(transport: Transport, device: torch.device,
         """Bytes to each peer so that a worker talking to all moves `size` each way."""
         return max(1, size // max(1, k - 1))
 
-    # Opens every connection; the slowest link's time, which every worker
-    # learns alike, sizes the owner rounds.
+    # Opens every connection; the slowest link's time (each worker's faster
+    # round), which every worker learns alike, sizes the owner rounds.
     warm_ups = _gather(([exchange(peers, per_peer_of(WARM_UP_BYTES))
                          for _ in range(WARM_UP_ROUNDS)], clock_domain()))
     warm = max(min(took) for took, _ in warm_ups)
