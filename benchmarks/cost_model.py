@@ -38,12 +38,14 @@ the closest the measurements' own spread lets a prediction come.
 With ``--raw FILE`` every run appends one JSON line to FILE, with what
 the tables are made of, so that other estimators can be replayed on the
 same runs offline: ``setup`` (seconds), ``model`` (the cost model's
-``state_dict``), ``profile`` (every measurement of the set-up:
-``profile_cost_model``'s `record`) and ``checks``, one per check:
-``width``, ``rows`` (``{"i,j": {bits: rows}}`` per channel),
-``encode_share`` (per worker, as ``assignment_seconds`` takes it) and
-``workers`` (per worker, the median exchange's seconds: total, encode,
-link, decode, and the encode's CPU time).
+``state_dict``), ``profile`` (the set-up's link measurements and
+loaded-exchange times, not the codec's: ``profile_cost_model``'s
+`record`) and ``checks``, one per check: ``width``, ``rows``
+(``{"i,j": {bits: rows}}`` per channel), ``encode_share`` (per worker,
+as ``assignment_seconds`` takes it) and ``workers`` (per worker, the
+median exchange's seconds: total, encode, link, decode, and the encode's
+CPU time).  JSON turns every integer key (ranks, bit widths) into a
+string.  Lines are appended: give each batch a file of its own.
 """
 from __future__ import annotations
 

@@ -80,9 +80,11 @@ PROFILE_BYTES = (512 << 10, 128 << 10, 32 << 10, 8 << 10)
 WARM_UP_BYTES = 256 << 10
 #: Warm-up rounds; each worker's fastest counts.  The first also pays for a
 #: first transfer (every connection's congestion window opening, fresh
-#: buffers): at 1 Gbit/s on 4 workers sharing 2 cores one round alone could
-#: read past the limit that parts slow links from fast ones, and that set-up
-#: was then profiled as a slow link's (docs/benchmarks.md, twenty-eighth pass).
+#: buffers).  A margin against misreading fast links as slow: at 1 Gbit/s on
+#: 4 workers sharing 2 cores the first round read up to 11.8 ms against the
+#: 14 ms limit, the faster of two up to 7.3 (docs/benchmarks.md,
+#: twenty-eighth pass; the twenty-fifth pass saw set-ups miss the fast-links
+#: rule under the limit of then).
 WARM_UP_ROUNDS = 2
 #: A link is slow where the slowest would take longer than this to carry
 #: the largest size.  There the owner rounds' largest transfer is halved:
@@ -565,11 +567,11 @@ def profile_links(transport: Transport, device: torch.device,
     each direction of each link is scaled to what the pairs it bounds took
     then (:func:`link_scales`).
 
-    `record`, where given, receives every measurement the result is made
-    of, the same on every worker, so that other estimators can be
+    `record`, where given, receives every link measurement the result is
+    made of, the same on every worker, so that other estimators can be
     replayed on them offline (``benchmarks/cost_model.py --raw``):
-    ``warm_up_s`` (the slowest link's warm-up), ``warm_up_rounds_s`` (the
-    slowest worker's time in each warm-up round), ``points`` (per worker,
+    ``warm_up_s`` (the slowest link's warm-up), ``warm_ups_s`` (each
+    worker's time in each warm-up round, by rank), ``points`` (per worker,
     ``[bytes, seconds]`` of its egress and its ingress in the owner
     rounds), ``fits`` (:func:`fit_link` of those points, ``(up, down,
     beta, free)`` before the scale), ``all_links_bytes`` (what every link
@@ -583,7 +585,7 @@ def profile_links(transport: Transport, device: torch.device,
     peers = [p for p in range(k) if p != rank]
     up_t: dict[int, list] = {i: [] for i in range(k)}     # (bytes, seconds) per round owner
     down_t: dict[int, list] = {i: [] for i in range(k)}
-    together = False        # the warm-up out of a barrier
+    together = False        # the warm-ups out of a barrier
 
     def arrivals(talk: list[int], per_peer: int) -> dict[int, float]:
         """Seconds until each of `talk`'s `per_peer` bytes arrived, while this
@@ -649,8 +651,7 @@ def profile_links(transport: Transport, device: torch.device,
     all_seen = {p: float(np.median([r[p] for r in rounds])) for p in peers}
     seen = {(i, j): t for i, by_peer in enumerate(_gather(all_seen)) for j, t in by_peer.items()}
     if record is not None:
-        record.update(warm_up_s=warm, warm_up_rounds_s=[max(took[r] for took, _ in warm_ups)
-                                                        for r in range(WARM_UP_ROUNDS)],
+        record.update(warm_up_s=warm, warm_ups_s=[took for took, _ in warm_ups],
                       points=points, fits={i: list(f) for i, f in fits.items()},
                       all_links_bytes=per_peer * (k - 1),
                       arrived={f"{i},{j}": t for (i, j), t in seen.items()})
@@ -662,8 +663,8 @@ def profile_links(transport: Transport, device: torch.device,
 
 def link_scales(fits: dict[int, list[float]], seen: dict[tuple[int, int], float],
                 total: float) -> dict[int, tuple[float, float]]:
-    """Per worker, how much slower (or faster) each direction of its link ran
-    with every link busy than its fit says: ``(up, down)`` factors.
+    """Per worker, how much slower each direction of its link ran with every
+    link busy than its fit says: ``(up, down)`` factors.
 
     `seen[(i, j)]` is when ``j``'s bytes reached ``i`` in the all-links
     round, where every link carries `total` bytes each way; its prediction is
@@ -671,14 +672,15 @@ def link_scales(fits: dict[int, list[float]], seen: dict[tuple[int, int], float]
     free)`` in `fits`).  A pair's ratio of seen to predicted counts only for
     the direction (or both, within 10%) that bounds it, and a direction's
     factor is the largest ratio counted for it (it is done when its last
-    pair is); 1 where no pair counts for it.  A fast link beside a slow one
-    is judged by its pairs with fast peers (one factor for all links read a
-    1 Gbit/s link beside a 100 Mbit/s one at ~270 Mbit/s).  Each direction
-    apart, and below 1 too: one factor per worker, at least 1, compounded a
-    direction that the owner rounds read slow with its other direction's
-    factor (a 100 Mbit/s downlink fitted at 74 Mbit/s came out at 51), and a
-    direction read slow stayed slow though its pairs ran faster
-    (docs/benchmarks.md, twenty-eighth pass).
+    pair is), never below 1: a fast link beside a slow one is judged by its
+    pairs with fast peers (one factor for all links read a 1 Gbit/s link
+    beside a 100 Mbit/s one at ~270 Mbit/s), and those pairs, which carry
+    part of the link's bytes, finish before the link's last byte (the slow
+    peer's) does, so a factor below 1 would read the fast link faster than
+    it is (up to ~3 Gbit/s for a 1 Gbit/s link).  Each direction apart: one
+    factor per worker compounded a direction that the owner rounds read slow
+    with its other direction's factor (a 100 Mbit/s downlink fitted at
+    74 Mbit/s came out at 51; docs/benchmarks.md, twenty-eighth pass).
     """
     def link(worker: int, direction: int) -> float:
         u_d, beta, free = fits[worker][direction], fits[worker][2], fits[worker][3]
@@ -694,7 +696,7 @@ def link_scales(fits: dict[int, list[float]], seen: dict[tuple[int, int], float]
             ratios[(j, 0)].append(took / predicted)
         if down >= 0.9 * predicted:
             ratios[(i, 1)].append(took / predicted)
-    return {i: tuple(max(ratios[(i, d)], default=1.0) for d in (0, 1)) for i in fits}
+    return {i: tuple(max([1.0, *ratios[(i, d)]]) for d in (0, 1)) for i in fits}
 
 
 def profile_cost_model(transport: Transport, device: torch.device | str = "cpu",
@@ -702,7 +704,8 @@ def profile_cost_model(transport: Transport, device: torch.device | str = "cpu",
     """Measures the whole cost model (collective: every worker calls it), on
     the exchange's own `transport` and `device`: the codec
     (:func:`profile_codec`), the links (:func:`profile_links`, each size
-    timed `repeats` times; `record` as there), then the loaded latency
+    timed `repeats` times; its link measurements into `record`, as there),
+    then the loaded latency
     (:func:`time_loaded_exchange` of :func:`latency_plan`,
     :func:`excess_latency`; into `record` too, where given, every
     worker's time as ``loaded_exchange_s``)."""
