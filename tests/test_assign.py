@@ -782,7 +782,7 @@ def _known_codec_and_links(cm, world_size: int) -> None:
     known figures (worker i's uplink ``1e-8 * (i + 1)`` s/B)."""
     cm.profile_codec = lambda device, barrier, contention: (
         {2: (1e-6, 1e-8)}, {2: (1e-7, 1e-9)}, (1e-4, 5e-5))
-    cm.profile_links = lambda transport, device, repeats, record: {
+    cm.profile_links = lambda transport, device, one_clock, repeats, record: {
         i: (1e-8 * (i + 1), 2e-8, 1e-3, 0.0) for i in range(world_size)}
 
 
@@ -973,7 +973,7 @@ def _owner_round_sizes(rank: int, world_size: int, slow_rank: int, doubling: set
             clock.sleep(0.5)     # its bytes reach the peer 0.5 s late in every warm-up
 
     _record_starts(record)
-    profile_links(Transport(), torch.device("cpu"))
+    profile_links(Transport(), torch.device("cpu"), cm.shares_one_clock())
     return sizes, len(together)
 
 

@@ -154,10 +154,10 @@ print(freed_mib_returned(64))             # 32 x 4 MiB freed between kept ones
 """
 
 
-def test_kept_memory_is_never_trimmed(monkeypatch):
-    """From the first epoch's end glibc keeps the heap's top: trimmed past 32
-    MiB, most workers gave it back between epochs and faulted its pages in
-    again in every epoch."""
+def test_the_heaps_top_is_kept_up_to_2_gib(monkeypatch):
+    """From the first epoch's end glibc keeps the heap's top (trim threshold
+    at its maximum): trimmed past 32 MiB, most workers gave it back between
+    epochs and faulted its pages in again in every epoch."""
     calls = []
 
     class Libc:

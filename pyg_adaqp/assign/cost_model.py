@@ -404,6 +404,12 @@ def clock_domain() -> str:
     return f"{host_id()} {namespace}"
 
 
+def shares_one_clock() -> bool:
+    """Whether every worker reads one monotonic clock, one
+    :func:`clock_domain` for all (collective)."""
+    return len(set(_gather(clock_domain()))) == 1
+
+
 def usable_cores() -> tuple[int, ...]:
     """The CPUs this process may run on."""
     if hasattr(os, "sched_getaffinity"):
@@ -541,7 +547,7 @@ def all_links_bytes(largest: int, slow: bool, fits: dict[int, list[float]]) -> i
     return EVEN_ALL_LINKS * largest if slow and even else largest
 
 
-def profile_links(transport: Transport, device: torch.device,
+def profile_links(transport: Transport, device: torch.device, one_clock: bool,
                   sizes: tuple[int, ...] = PROFILE_BYTES, repeats: int = 1,
                   record: dict | None = None
                   ) -> dict[int, tuple[float, float, float, float]]:
@@ -551,8 +557,9 @@ def profile_links(transport: Transport, device: torch.device,
     A warm-up loads every link at once with :data:`WARM_UP_BYTES` each
     way, :data:`WARM_UP_ROUNDS` times; how long the slowest link took (in
     each worker's fastest round) sets the sizes of the owner rounds
-    (:func:`profile_sizes`).  Where every worker reads one clock (one host,
-    one time namespace: :func:`clock_domain`), every later round starts at
+    (:func:`profile_sizes`).  Where every worker reads one clock
+    (`one_clock`: one host, one time namespace, :func:`shares_one_clock`),
+    every later round starts at
     one time (:func:`start_together`), else out of a barrier: workers leave
     a barrier up to several ms apart (4 workers on 2 cores), which a round
     would time as link time.  Then one round per worker ``i``: ``i`` sends
@@ -613,11 +620,11 @@ def profile_links(transport: Transport, device: torch.device,
 
     # Opens every connection; the slowest link's time (each worker's faster
     # round), which every worker learns alike, sizes the owner rounds.
-    warm_ups = _gather(([exchange(peers, per_peer_of(WARM_UP_BYTES))
-                         for _ in range(WARM_UP_ROUNDS)], clock_domain()))
-    warm = max(min(took) for took, _ in warm_ups)
+    warm_ups = _gather([exchange(peers, per_peer_of(WARM_UP_BYTES))
+                        for _ in range(WARM_UP_ROUNDS)])
+    warm = max(min(took) for took in warm_ups)
     owner_sizes = profile_sizes(sizes, warm)
-    together = len({domain for _, domain in warm_ups}) == 1
+    together = one_clock
     for owner in range(k):
         for size in owner_sizes:
             per_peer = per_peer_of(size)
@@ -651,7 +658,7 @@ def profile_links(transport: Transport, device: torch.device,
     all_seen = {p: float(np.median([r[p] for r in rounds])) for p in peers}
     seen = {(i, j): t for i, by_peer in enumerate(_gather(all_seen)) for j, t in by_peer.items()}
     if record is not None:
-        record.update(warm_up_s=warm, warm_ups_s=[took for took, _ in warm_ups],
+        record.update(warm_up_s=warm, warm_ups_s=warm_ups,
                       points=points, fits={i: list(f) for i, f in fits.items()},
                       all_links_bytes=per_peer * (k - 1),
                       arrived={f"{i},{j}": t for (i, j), t in seen.items()})
@@ -712,11 +719,11 @@ def profile_cost_model(transport: Transport, device: torch.device | str = "cpu",
     device = torch.device(device)
     codec = profile_codec(device, barrier=lambda: dist.barrier(group=transport.group),
                           contention=core_contention())
-    links = profile_links(transport, device, repeats=repeats, record=record)
+    one_clock = shares_one_clock()
+    links = profile_links(transport, device, one_clock, repeats=repeats, record=record)
     plan = latency_plan(transport.world_size)
-    together = len(set(_gather(clock_domain()))) == 1
     # Every worker's codec profile and loaded-exchange time, in one collective.
-    mine = _gather((codec, time_loaded_exchange(transport, device, plan, together=together)))
+    mine = _gather((codec, time_loaded_exchange(transport, device, plan, together=one_clock)))
     codecs = [c for c, _ in mine]
     model = CostModel({i: f[0] for i, f in links.items()}, {i: f[1] for i, f in links.items()},
                       {i: f[2] for i, f in links.items()}, {i: f[3] for i, f in links.items()},
@@ -746,7 +753,7 @@ def time_loaded_exchange(transport: Transport, device: torch.device,
     source twice as tall), posts every channel, waits and decodes; returns
     this worker's median seconds over `repeats` such exchanges (after one
     untimed warm-up).  With `together` (every worker reads one clock:
-    :func:`clock_domain`), every exchange starts at one time
+    :func:`shares_one_clock`), every exchange starts at one time
     (:func:`start_together`), as the link rounds do; else each worker
     starts as it leaves a barrier, and one that leaves it first times its
     peers' late start as exchange time (4 workers sharing 2 cores leave a

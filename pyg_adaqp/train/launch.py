@@ -237,10 +237,10 @@ def keep_freed_memory(limit: int = KEEP_FREED_BYTES) -> bool:
     397-399 against 659-678 ms; docs/benchmarks.md).  Below `limit`, tensors
     come from the heap, whose top is kept (given back only past
     :data:`TRIM_PAST_BYTES`, 2 GiB), so each epoch reuses what the one before
-    freed.  Trimmed past `limit` (until the twenty-seventh pass), the top
+    freed (trimmed past `limit`, as until the twenty-seventh pass, the top
     was given back between epochs in most workers and faulted in again,
-    page by page, in every epoch (docs/benchmarks.md, twenty-seventh
-    pass).  Larger ones keep pages of their own:
+    page by page, in every epoch: docs/benchmarks.md, twenty-seventh
+    pass).  Tensors of `limit` or more keep pages of their own:
     kept up to 1 GiB, Reddit-sized workers peaked at 2.58-2.80 GiB with no
     faster epoch; up to 32 MiB, at 2.08-2.15 (against 1.93-1.99 giving
     everything back).  Returns whether the setting took; a
