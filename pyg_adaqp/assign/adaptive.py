@@ -172,6 +172,9 @@ class AdaptiveBits:
         #: Seconds :meth:`setup` took on this worker, and when (``time.time()``).
         self.setup_time = 0.0
         self.setup_window: tuple[float, float] | None = None
+        #: Seconds of each part of the set-up on this worker (``took_s`` of
+        #: :func:`~pyg_adaqp.assign.cost_model.profile_cost_model`'s record).
+        self.setup_parts: dict[str, float] = {}
         #: ``(key, predicted, measured)`` seconds of real exchanges: the
         #: solver's prediction of a key and the slowest worker's encode +
         #: decode + wait in the epoch after it.
@@ -227,7 +230,10 @@ class AdaptiveBits:
         self._attach(graph)
         ex = graph.exchange
         if ex.transport is not None and graph.quantize and self.cost is None:
-            self.cost = profile_cost_model(ex.transport, ex.device, self.profile_repeats)
+            record: dict = {}
+            self.cost = profile_cost_model(ex.transport, ex.device, self.profile_repeats,
+                                           record=record)
+            self.setup_parts = record["took_s"]
             if dist.get_rank() == 0:
                 log.info("cost model: %s", _describe(self.cost))
         self.setup_time = time.perf_counter() - t0
@@ -510,6 +516,7 @@ class AdaptiveBits:
         """What the run's summary records: the cost model, its check, the last solve."""
         return {"cost_model": self.cost.state_dict() if self.cost is not None else None,
                 "setup_time": self.setup_time, "setup_window": self.setup_window,
+                "setup_parts": self.setup_parts,
                 "variance_budget": self.variance_budget, "gradient_budget": self.gradient_budget,
                 "cost_check": [list(c) for c in self.cost_check],
                 "last_solve_time": self.last_solve_time, "solve": self.solve_info,

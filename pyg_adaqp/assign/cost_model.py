@@ -620,11 +620,13 @@ def profile_links(transport: Transport, device: torch.device, one_clock: bool,
 
     # Opens every connection; the slowest link's time (each worker's faster
     # round), which every worker learns alike, sizes the owner rounds.
+    marks = [time.perf_counter()]
     warm_ups = _gather([exchange(peers, per_peer_of(WARM_UP_BYTES))
                         for _ in range(WARM_UP_ROUNDS)])
     warm = max(min(took) for took in warm_ups)
     owner_sizes = profile_sizes(sizes, warm)
     together = one_clock
+    marks.append(time.perf_counter())
     for owner in range(k):
         for size in owner_sizes:
             per_peer = per_peer_of(size)
@@ -634,6 +636,7 @@ def profile_links(transport: Transport, device: torch.device, one_clock: bool,
                 down_t[owner].append((per_peer * (k - 1), took))
             else:
                 up_t[owner].append((per_peer * (k - 1), took))
+    marks.append(time.perf_counter())
     # The owner's egress is timed by all its peers: the slowest arrival counts.
     gathered = _gather((up_t, down_t))
     fits, points = {}, {}
@@ -657,7 +660,10 @@ def profile_links(transport: Transport, device: torch.device, one_clock: bool,
     rounds = [arrivals(peers, per_peer) for _ in range(repeats)]
     all_seen = {p: float(np.median([r[p] for r in rounds])) for p in peers}
     seen = {(i, j): t for i, by_peer in enumerate(_gather(all_seen)) for j, t in by_peer.items()}
+    marks.append(time.perf_counter())
     if record is not None:
+        record.setdefault("took_s", {}).update(
+            zip(("warm_up", "owner_rounds", "all_links"), np.diff(marks).tolist()))
         record.update(warm_up_s=warm, warm_ups_s=warm_ups,
                       points=points, fits={i: list(f) for i, f in fits.items()},
                       all_links_bytes=per_peer * (k - 1),
@@ -715,12 +721,19 @@ def profile_cost_model(transport: Transport, device: torch.device | str = "cpu",
     then the loaded latency
     (:func:`time_loaded_exchange` of :func:`latency_plan`,
     :func:`excess_latency`; into `record` too, where given, every
-    worker's time as ``loaded_exchange_s``)."""
+    worker's time as ``loaded_exchange_s``).  `record`'s ``took_s`` holds
+    the seconds this worker spent in each part: ``codec`` (the cores'
+    contention and the codec), ``warm_up``, ``owner_rounds`` and
+    ``all_links`` (:func:`profile_links`; the clocks' check before them
+    in ``codec``) and ``loaded_exchange``."""
     device = torch.device(device)
+    began = time.perf_counter()
     codec = profile_codec(device, barrier=lambda: dist.barrier(group=transport.group),
                           contention=core_contention())
     one_clock = shares_one_clock()
+    coded = time.perf_counter()
     links = profile_links(transport, device, one_clock, repeats=repeats, record=record)
+    linked = time.perf_counter()
     plan = latency_plan(transport.world_size)
     # Every worker's codec profile and loaded-exchange time, in one collective.
     mine = _gather((codec, time_loaded_exchange(transport, device, plan, together=one_clock)))
@@ -733,6 +746,8 @@ def profile_cost_model(transport: Transport, device: torch.device | str = "cpu",
     model.loaded_latency = excess_latency(model, plan, [took for _, took in mine])
     if record is not None:
         record["loaded_exchange_s"] = [took for _, took in mine]
+        record.setdefault("took_s", {}).update(codec=coded - began,
+                                               loaded_exchange=time.perf_counter() - linked)
     return model
 
 
