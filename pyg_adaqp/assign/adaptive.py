@@ -216,15 +216,16 @@ class AdaptiveBits:
         """Measures the cost model (collective; before the first epoch).
 
         Bounded: the codec is timed on ~0.13M synthetic elements per width,
-        the links in a warm-up, one round per worker at four sizes up to
+        the links in two warm-ups, one round per worker at four sizes up to
         512 KiB (256 KiB where a link is slow, one more of 2 MiB where the
         links are fast) and one round of all links (2 MiB where the links
         are slow and even or fast, else 512 KiB), then one small exchange
-        of every worker at once (its loaded latency; 0.62-0.67 s in all
-        for 4 hosts at 100 Mbit/s, 0.38-0.45 s at 1 Gbit/s in
-        ``benchmarks/cost_model.py``, docs/benchmarks.md's twenty-sixth
-        pass).  One slow link halves every worker's owner rounds.  Skipped
-        when the model came from a checkpoint or nothing is exchanged.
+        of every worker at once (its loaded latency; 0.76-0.78 s in all
+        for 4 hosts at 100 Mbit/s in ``benchmarks/cost_model.py``, 0.50-0.56
+        s at 1 Gbit/s in training; each part in :attr:`setup_parts`;
+        docs/benchmarks.md, twenty-ninth pass).  One slow link halves every
+        worker's owner rounds.  Skipped when the model came from a
+        checkpoint or nothing is exchanged.
         """
         t0, started = time.perf_counter(), time.time()
         self._attach(graph)
