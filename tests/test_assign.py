@@ -848,7 +848,11 @@ def test_profile_measures_every_worker_both_ways():
     from pyg_adaqp.train.workers import run_workers
 
     profiles = run_workers(_profile, 2, timeout_s=60)
-    assert profiles[0] == profiles[1]         # every worker holds the whole model and record
+    # Every worker holds the whole model and record, and the seconds of its own parts.
+    took = [record.pop("took_s") for _, record in profiles]
+    assert all(set(t) == {"codec", "warm_up", "owner_rounds", "all_links", "loaded_exchange"}
+               and min(t.values()) > 0 for t in took)
+    assert profiles[0] == profiles[1]
     state, record = profiles[0]
     cost = CostModel.from_state_dict(state)
     # The record holds every link measurement the model is made of: replayed, it gives the model.

@@ -583,7 +583,9 @@ def profile_links(transport: Transport, device: torch.device, one_clock: bool,
     rounds), ``fits`` (:func:`fit_link` of those points, ``(up, down,
     beta, free)`` before the scale), ``all_links_bytes`` (what every link
     carried each way in the all-links round) and ``arrived`` (``{"i,j":
-    seconds}``: when ``j``'s bytes reached ``i`` in it).
+    seconds}``: when ``j``'s bytes reached ``i`` in it); and, this
+    worker's own, the seconds of each part in ``took_s`` (``warm_up``,
+    ``owner_rounds``, ``all_links``).
 
     Returns:
         dict[int, tuple]: ``(up s/B, down s/B, beta s, free B)`` per worker.
