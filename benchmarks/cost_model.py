@@ -40,8 +40,9 @@ the tables are made of, so that other estimators can be replayed on the
 same runs offline: ``setup`` (seconds), ``model`` (the cost model's
 ``state_dict``), ``profile`` (the set-up's link measurements,
 loaded-exchange times and the seconds of each part, ``took_s``; not the
-codec's measurements: ``profile_cost_model``'s `record`) and ``checks``, one per check: ``width``, ``rows``
-(``{"i,j": {bits: rows}}`` per channel), ``encode_share`` (per worker,
+codec's measurements: ``profile_cost_model``'s `record`) and
+``checks``, one per check: ``width``, ``rows`` (``{"i,j": {bits:
+rows}}`` per channel), ``encode_share`` (per worker,
 as ``assignment_seconds`` takes it) and ``workers`` (per worker, the
 median exchange's seconds: total, encode, link, decode, and the encode's
 CPU time).  JSON turns every integer key (ranks, bit widths) into a

@@ -457,11 +457,12 @@ def test_adaptive_training_end_to_end(tmp_path, budget):
     assign = summary["assign"]
     assert summary["setup_time"] > 0 and assign["cost_model"] is not None
     assert assign["setup_window"][1] <= rows[0]["started_at"]
-    # Its parts, each timed on rank 0, add up to no more than the whole.
+    # Its parts, each timed on rank 0, add up to no more than rank 0's whole,
+    # which is at most the slowest worker's (all-reduced as float32: 1 us slack).
     parts = assign["setup_parts"]
     assert set(parts) == {"codec", "warm_up", "owner_rounds", "all_links", "loaded_exchange"}
     assert all(t > 0 for t in parts.values())
-    assert sum(parts.values()) <= assign["setup_time"] <= summary["setup_time"]
+    assert sum(parts.values()) <= assign["setup_time"] <= summary["setup_time"] + 1e-6
     total = sum(r["epoch_time"] for r in rows)
     assert summary["throughput_with_setup_epochs_per_s"] == pytest.approx(
         len(rows) / (total + summary["setup_time"]))

@@ -220,12 +220,13 @@ class AdaptiveBits:
         512 KiB (256 KiB where a link is slow, one more of 2 MiB where the
         links are fast) and one round of all links (2 MiB where the links
         are slow and even or fast, else 512 KiB), then one small exchange
-        of every worker at once (its loaded latency; 0.76-0.78 s in all
-        for 4 hosts at 100 Mbit/s in ``benchmarks/cost_model.py``, 0.50-0.56
-        s at 1 Gbit/s in training; each part in :attr:`setup_parts`;
-        docs/benchmarks.md, twenty-ninth pass).  One slow link halves every
-        worker's owner rounds.  Skipped when the model came from a
-        checkpoint or nothing is exchanged.
+        of every worker at once (its loaded latency).  In all 0.76-0.78 s
+        on rank 0 for 4 hosts at 100 Mbit/s in ``benchmarks/cost_model.py``,
+        and 0.50-0.56 s at 1 Gbit/s by the slowest worker in training
+        (docs/benchmarks.md, twenty-ninth pass); each part in
+        :attr:`setup_parts`.  One slow link halves every worker's owner
+        rounds.  Skipped when the model came from a checkpoint or nothing
+        is exchanged.
         """
         t0, started = time.perf_counter(), time.time()
         self._attach(graph)

@@ -584,8 +584,10 @@ def profile_links(transport: Transport, device: torch.device, one_clock: bool,
     beta, free)`` before the scale), ``all_links_bytes`` (what every link
     carried each way in the all-links round) and ``arrived`` (``{"i,j":
     seconds}``: when ``j``'s bytes reached ``i`` in it); and, this
-    worker's own, the seconds of each part in ``took_s`` (``warm_up``,
-    ``owner_rounds``, ``all_links``).
+    worker's own, the seconds of each part in ``took_s``: ``warm_up``
+    (with its gather), ``owner_rounds`` (the rounds alone) and
+    ``all_links`` (the owner rounds' gather and fits, the gather that
+    agrees on the round's size, the round and its gather).
 
     Returns:
         dict[int, tuple]: ``(up s/B, down s/B, beta s, free B)`` per worker.
@@ -725,9 +727,10 @@ def profile_cost_model(transport: Transport, device: torch.device | str = "cpu",
     :func:`excess_latency`; into `record` too, where given, every
     worker's time as ``loaded_exchange_s``).  `record`'s ``took_s`` holds
     the seconds this worker spent in each part: ``codec`` (the cores'
-    contention and the codec), ``warm_up``, ``owner_rounds`` and
-    ``all_links`` (:func:`profile_links`; the clocks' check before them
-    in ``codec``) and ``loaded_exchange``."""
+    contention, the codec and the clocks' check), ``warm_up``,
+    ``owner_rounds`` and ``all_links`` (as :func:`profile_links` says)
+    and ``loaded_exchange`` (with the gather of every worker's codec
+    profile, which shares its collective, and building the model)."""
     device = torch.device(device)
     began = time.perf_counter()
     codec = profile_codec(device, barrier=lambda: dist.barrier(group=transport.group),
