@@ -535,6 +535,17 @@ def start_together(group: object, device: torch.device, margin_s: float = START_
     return start, arrived, max(0.0, -early)
 
 
+def start_round(group: object, device: torch.device, together: bool,
+                clock: Callable[[], float] = time.perf_counter) -> float:
+    """When a timed round starts on this worker (collective): at one common
+    time where the workers share a clock (`together`: :func:`start_together`),
+    else as it leaves a barrier (`clock` read then)."""
+    if together:
+        return start_together(group, device)[0]
+    dist.barrier(group=group)
+    return clock()
+
+
 def all_links_bytes(largest: int, slow: bool, fits: dict[int, list[float]]) -> int:
     """Bytes every link carries each way in the all-links round: `largest`,
     or :data:`EVEN_ALL_LINKS` times as much where the links are `slow` and
@@ -602,11 +613,7 @@ def profile_links(transport: Transport, device: torch.device, one_clock: bool,
         """Seconds until each of `talk`'s `per_peer` bytes arrived, while this
         worker sends each of them as much."""
         send = {p: torch.empty(per_peer, dtype=torch.uint8, device=device) for p in talk}
-        if together:
-            t0, _, _ = start_together(transport.group, device)
-        else:
-            dist.barrier(group=transport.group)
-            t0 = time.perf_counter()
+        t0 = start_round(transport.group, device, together)
         pending = transport.start(send, {p: per_peer for p in talk}, device)
         pending.wait()
         return {p: at - t0 for p, at in pending.arrived.items()}
@@ -797,11 +804,7 @@ def time_loaded_exchange(transport: Transport, device: torch.device,
     clock = device_clock(device)
     took = []
     for _ in range(repeats + 1):              # the first one warms up
-        if together:
-            t0, _, _ = start_together(transport.group, device)
-        else:
-            dist.barrier(group=transport.group)
-            t0 = clock()
+        t0 = start_round(transport.group, device, together, clock)
         raw = transport.start(message.pack(x, generator=gen),
                               {i: layout.nbytes for i, layout in recv.items()}, device).wait()
         for i, layout in recv.items():
