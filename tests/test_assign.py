@@ -5,10 +5,12 @@ import itertools
 import json
 import math
 import warnings
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
+import torch.distributed as dist
 
 from pyg_adaqp.assign import (
     AdaptiveBits,
@@ -882,6 +884,110 @@ def test_profile_measures_every_worker_both_ways():
             assert all(row >= 0 and element >= 0 for row, element in table[i].values())
             assert all(cost.codec_seconds(i, 1000, 256, b, encoding) > 0 for b in (2, 4, 8))
         assert len(cost.bucket[i]) == 2 and min(cost.bucket[i]) > 0   # encode, decode
+
+
+def _fair_share_finish(flows: dict[tuple[int, int], float], up: list[float],
+                       down: list[float]) -> dict[tuple[int, int], float]:
+    """Seconds until each flow ``(src, dst): bytes`` is done when every flow
+    starts at once and each host's uplink and downlink (bytes per second)
+    share max-min fairly (water filling, re-shared as flows finish)."""
+    left, done, now = dict(flows), {}, 0.0
+    while left:
+        rate, free = {}, [*(("up", h, c) for h, c in enumerate(up)),
+                          *(("down", h, c) for h, c in enumerate(down))]
+        cap = {(d, h): c for d, h, c in free}
+        while len(rate) < len(left):
+            def users(d, h):
+                return [f for f in left if f not in rate and f[0 if d == "up" else 1] == h]
+            share = {key: cap[key] / len(users(*key)) for key in cap if users(*key)}
+            key = min(share, key=share.get)
+            for f in users(*key):
+                rate[f] = share[key]
+                cap[("up", f[0])] -= rate[f]
+                cap[("down", f[1])] -= rate[f]
+        step = min(left[f] / rate[f] for f in left)
+        now += step
+        for f in list(left):
+            left[f] -= rate[f] * step
+            if left[f] <= 1e-6 * flows[f]:
+                done[f] = now
+                del left[f]
+    return done
+
+
+class _FluidLinks:
+    """A transport whose exchanges take what :func:`_fair_share_finish` says
+    for the flows every worker posts at once (collective), plus `latency_s`,
+    on a clock of their own: every round starts at 0 (``start_round``
+    replaced by :meth:`start_round`); nothing is sent."""
+
+    def __init__(self, up: list[float], down: list[float], latency_s: float):
+        self.rank, self.world_size, self.group = dist.get_rank(), dist.get_world_size(), None
+        self.up, self.down, self.latency_s = up, down, latency_s
+
+    @staticmethod
+    def start_round(group, device, together) -> float:
+        return 0.0
+
+    def start(self, send, recv_bytes, device):
+        posted = [None] * self.world_size
+        dist.all_gather_object(posted, {p: b.numel() for p, b in send.items()})
+        finish = _fair_share_finish({(i, p): float(n) for i, out in enumerate(posted)
+                                     for p, n in out.items()}, self.up, self.down)
+        arrived = {p: self.latency_s + finish[(p, self.rank)] for p in recv_bytes}
+        return SimpleNamespace(wait=lambda: None, arrived=arrived)
+
+
+def _links_beside_a_slow_host(rank: int, world_size: int, rates: list[float]) -> tuple:
+    from pyg_adaqp.assign import cost_model as cm
+
+    cm.start_round = _FluidLinks.start_round
+    record = {}
+    links = cm.profile_links(_FluidLinks(rates, rates, 1e-4), torch.device("cpu"), True,
+                             record=record)
+    return links, record
+
+
+def test_owner_rounds_read_fast_links_at_their_rate_beside_a_slow_host():
+    """Three 1 Gbit/s hosts and one 100 Mbit/s host on fair-shared links: a
+    fast owner's third for the slow host crosses the slow link alone (4.5
+    times the fast peers' time), so it is left out of the owner's point and
+    every link is fitted at its own rate (timed by its last arrival, the fast
+    links read ~3x too slow)."""
+    from pyg_adaqp.assign.cost_model import owner_point
+    from pyg_adaqp.train.workers import run_workers
+
+    rates = [1e9 / 8, 1e9 / 8, 1e9 / 8, 1e8 / 8]
+    (links, record), *_ = run_workers(_links_beside_a_slow_host, 4, rates, timeout_s=60)
+    model = CostModel(*({i: link[f] for i, link in links.items()} for f in range(4)))
+    for i, rate in enumerate(rates):
+        assert links[i][:2] == pytest.approx((1 / rate, 1 / rate), rel=0.02)
+        for size in (64 << 10, 512 << 10):      # the link's time, latency included
+            assert model.link_seconds(i, size, size) == pytest.approx(1e-4 + size / rate,
+                                                                      rel=0.05)
+        for d in ("up", "down"):
+            assert record["points"][i][d] == [owner_point(*t)
+                                              for t in record["peer_times"][i][d]]
+    # Fast owners' rounds left the slow peer out, the slow owner's none.
+    per_peer, took = record["peer_times"][0]["up"][0]
+    assert max(took) == took[-1] > 2 * min(took)
+    assert record["points"][0]["up"][0][0] < 3 * per_peer
+    per_peer, took = record["peer_times"][3]["up"][0]
+    assert record["points"][3]["up"][0] == pytest.approx((3 * per_peer, max(took)))
+
+
+def test_owner_point_leaves_out_the_peers_held_by_their_own_link():
+    from pyg_adaqp.assign.cost_model import PEER_BOUND, owner_point
+
+    # Even: every byte at the last arrival.
+    assert owner_point(1000, [0.010, 0.012, 0.011]) == (3000.0, 0.012)
+    # One peer held: at the others' last arrival, it had carried its steady share.
+    assert owner_point(1000, [0.010, 0.012, 0.050]) == pytest.approx((2000 + 1000 * 0.012 / 0.050,
+                                                                      0.012))
+    # Just within the bound: still the owner's.
+    assert owner_point(1000, [0.010, PEER_BOUND * 0.010]) == pytest.approx(
+        (2000.0, PEER_BOUND * 0.010))
+    assert owner_point(1000, [0.010]) == (1000.0, 0.010)
 
 
 def _record_starts(record) -> None:

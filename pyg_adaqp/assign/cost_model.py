@@ -139,6 +139,13 @@ FAST_WITHIN_S = LARGEST_WITHIN_S
 #: the workers' usual spread leaving a collective (0.3 ms median on 4 workers
 #: sharing 2 cores; a worker later than this starts late).
 START_MARGIN_S = 0.002
+#: In an owner round, a peer whose bytes arrived more than this many times
+#: later than the fastest peer's is held by its own link (:func:`owner_point`).
+#: Where one 100 Mbit/s host sits among 1 Gbit/s ones, its bytes take about
+#: 4.5 times the others' (its tenth of the owner's rate against their
+#: shares of the rest); peers of even links finish within about 1.5 of
+#: each other when the owner's link shares fairly.
+PEER_BOUND = 2.0
 #: Feature widths of the codec profile (per-row and per-element costs).
 CODEC_WIDTHS = (16, 256)
 #: Elements encoded per codec measurement (a fraction of a millisecond on one
@@ -546,6 +553,25 @@ def start_round(group: object, device: torch.device, together: bool,
     return clock()
 
 
+def owner_point(per_peer: int, took: list[float]) -> tuple[float, float]:
+    """One point ``(bytes, seconds)`` of an owner round's link from when
+    each peer's `per_peer` bytes arrived (`took`, seconds from the round's
+    start): the owner's link carried every peer's bytes at once.
+
+    A peer whose bytes took more than :data:`PEER_BOUND` times the fastest
+    peer's was held by its own link, not the owner's (a slow host among
+    fast ones: a 1 Gbit/s owner's third for a 100 Mbit/s host crosses that
+    host's link alone, and timing the owner's link by it read it at
+    152-1363 Mbit/s).  The point is taken when the last of the other peers'
+    bytes arrived: by then the owner's link had carried theirs, and of each
+    held peer's the part that its steady rate had carried.  Where no peer
+    is held, the point is every byte at the last arrival.
+    """
+    fastest = min(took)
+    at = max(t for t in took if t <= PEER_BOUND * fastest)
+    return float(sum(per_peer * min(1.0, at / t) for t in took)), float(at)
+
+
 def all_links_bytes(largest: int, slow: bool, fits: dict[int, list[float]]) -> int:
     """Bytes every link carries each way in the all-links round: `largest`,
     or :data:`EVEN_ALL_LINKS` times as much where the links are `slow` and
@@ -578,8 +604,9 @@ def profile_links(transport: Transport, device: torch.device, one_clock: bool,
     all at once, so ``i``'s link
     carries ``size`` bytes in each direction while every other link carries
     a ``k - 1``-th of that.  Each peer times the arrival of ``i``'s bytes
-    (``i``'s egress) and ``i`` the arrival of all of theirs (its ingress).
-    A last round loads every link at once, as training does (the largest
+    (``i``'s egress) and ``i`` the arrival of all of theirs (its ingress);
+    a round's point of each direction leaves out the peers that their own
+    link held (:func:`owner_point`).  A last round loads every link at once, as training does (the largest
     of `sizes` and of the owner rounds' sizes, or :data:`EVEN_ALL_LINKS`
     times it where the owner rounds' fits say so: :func:`all_links_bytes`);
     each direction of each link is scaled to what the pairs it bounds took
@@ -589,9 +616,10 @@ def profile_links(transport: Transport, device: torch.device, one_clock: bool,
     made of, the same on every worker, so that other estimators can be
     replayed on them offline (``benchmarks/cost_model.py --raw``):
     ``warm_up_s`` (the slowest link's warm-up), ``warm_ups_s`` (each
-    worker's time in each warm-up round, by rank), ``points`` (per worker,
-    ``[bytes, seconds]`` of its egress and its ingress in the owner
-    rounds), ``fits`` (:func:`fit_link` of those points, ``(up, down,
+    worker's time in each warm-up round, by rank), ``peer_times`` (per
+    worker, ``"up"`` (its egress) and ``"down"`` (its ingress), per owner
+    round's size, ``[bytes to each peer, [seconds of each peer]]``),
+    ``points`` (:func:`owner_point` of each), ``fits`` (:func:`fit_link` of those points, ``(up, down,
     beta, free)`` before the scale), ``all_links_bytes`` (what every link
     carried each way in the all-links round) and ``arrived`` (``{"i,j":
     seconds}``: when ``j``'s bytes reached ``i`` in it); and, this
@@ -605,8 +633,9 @@ def profile_links(transport: Transport, device: torch.device, one_clock: bool,
     """
     k, rank = transport.world_size, transport.rank
     peers = [p for p in range(k) if p != rank]
-    up_t: dict[int, list] = {i: [] for i in range(k)}     # (bytes, seconds) per round owner
-    down_t: dict[int, list] = {i: [] for i in range(k)}
+    # Per round owner, per size: (bytes to each peer, {peer: seconds}); on
+    # the owner the arrival of each peer's bytes, on a peer the owner's.
+    timed: dict[int, list] = {i: [] for i in range(k)}
     together = False        # the warm-ups out of a barrier
 
     def arrivals(talk: list[int], per_peer: int) -> dict[int, float]:
@@ -641,24 +670,23 @@ def profile_links(transport: Transport, device: torch.device, one_clock: bool,
     for owner in range(k):
         for size in owner_sizes:
             per_peer = per_peer_of(size)
-            took = float(np.median([exchange(round_of(owner), per_peer)
-                                    for _ in range(repeats)]))
-            if rank == owner:
-                down_t[owner].append((per_peer * (k - 1), took))
-            else:
-                up_t[owner].append((per_peer * (k - 1), took))
+            rounds = [arrivals(round_of(owner), per_peer) for _ in range(repeats)]
+            timed[owner].append((per_peer, {p: float(np.median([r[p] for r in rounds]))
+                                            for p in round_of(owner)}))
     marks.append(time.perf_counter())
-    # The owner's egress is timed by all its peers: the slowest arrival counts.
-    gathered = _gather((up_t, down_t))
-    fits, points = {}, {}
+    # The owner's egress is timed by all its peers, its ingress by itself.
+    gathered = _gather(timed)
+    fits, points, peer_times = {}, {}, {}
     for i in range(k):
-        ups = [ts[i] for ts, _ in gathered if ts[i]]
-        up_pts = [(b, max(run[j][1] for run in ups)) for j, (b, _) in enumerate(ups[0])] \
-            if ups else []
-        down_pts = gathered[i][1][i]
-        points[i] = {"up": up_pts, "down": down_pts}
-        a_up, b_up, f_up = fit_link(*map(np.array, zip(*up_pts))) if up_pts else (0, 0, 0)
-        a_dn, b_dn, f_dn = fit_link(*map(np.array, zip(*down_pts))) if down_pts else (0, 0, 0)
+        ups = [(per_peer, [gathered[j][i][s][1][i] for j in range(k) if j != i])
+               for s, (per_peer, _) in enumerate(gathered[i][i])]
+        downs = [(per_peer, list(took.values())) for per_peer, took in gathered[i][i]]
+        peer_times[i] = {"up": ups, "down": downs}
+        points[i] = {d: [owner_point(*t) for t in peer_times[i][d]] for d in ("up", "down")}
+        a_up, b_up, f_up = fit_link(*map(np.array, zip(*points[i]["up"]))) \
+            if points[i]["up"] else (0, 0, 0)
+        a_dn, b_dn, f_dn = fit_link(*map(np.array, zip(*points[i]["down"]))) \
+            if points[i]["down"] else (0, 0, 0)
         fits[i] = [float(a_up), float(a_dn), float(min(b_up, b_dn)), float(min(f_up, f_dn))]
     # Every link busy at once, both ways, as in training: TCP shares each
     # link with the acknowledgements of the other direction, which the
@@ -676,7 +704,8 @@ def profile_links(transport: Transport, device: torch.device, one_clock: bool,
         record.setdefault("took_s", {}).update(
             zip(("warm_up", "owner_rounds", "all_links"), np.diff(marks).tolist()))
         record.update(warm_up_s=warm, warm_ups_s=warm_ups,
-                      points=points, fits={i: list(f) for i, f in fits.items()},
+                      peer_times=peer_times, points=points,
+                      fits={i: list(f) for i, f in fits.items()},
                       all_links_bytes=per_peer * (k - 1),
                       arrived={f"{i},{j}": t for (i, j), t in seen.items()})
     for i, (up, down) in link_scales(fits, seen, per_peer * (k - 1)).items():
