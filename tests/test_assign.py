@@ -949,45 +949,48 @@ def _links_beside_a_slow_host(rank: int, world_size: int, rates: list[float]) ->
 
 
 def test_owner_rounds_read_fast_links_at_their_rate_beside_a_slow_host():
-    """Three 1 Gbit/s hosts and one 100 Mbit/s host on fair-shared links: a
-    fast owner's third for the slow host crosses the slow link alone (4.5
-    times the fast peers' time), so it is left out of the owner's point and
-    every link is fitted at its own rate (timed by its last arrival, the fast
-    links read ~3x too slow)."""
-    from pyg_adaqp.assign.cost_model import owner_point
+    """Three 1 Gbit/s hosts and one 100 Mbit/s host on fair-shared links: the
+    slow host sits out the fast hosts' rounds (its third of a fast owner's
+    bytes would cross its link alone, and time it: the fast links read ~3x
+    too slow), and every link is fitted at its own rate."""
+    from pyg_adaqp.assign.cost_model import PROFILE_BYTES
     from pyg_adaqp.train.workers import run_workers
 
     rates = [1e9 / 8, 1e9 / 8, 1e9 / 8, 1e8 / 8]
     (links, record), *_ = run_workers(_links_beside_a_slow_host, 4, rates, timeout_s=60)
+    assert record["held"] == {0: [3], 1: [3], 2: [3], 3: []}
     model = CostModel(*({i: link[f] for i, link in links.items()} for f in range(4)))
     for i, rate in enumerate(rates):
         assert links[i][:2] == pytest.approx((1 / rate, 1 / rate), rel=0.02)
         for size in (64 << 10, 512 << 10):      # the link's time, latency included
             assert model.link_seconds(i, size, size) == pytest.approx(1e-4 + size / rate,
                                                                       rel=0.05)
-        for d in ("up", "down"):
-            assert record["points"][i][d] == [owner_point(*t)
-                                              for t in record["peer_times"][i][d]]
-    # Fast owners' rounds left the slow peer out, the slow owner's none.
-    per_peer, took = record["peer_times"][0]["up"][0]
-    assert max(took) == took[-1] > 2 * min(took)
-    assert record["points"][0]["up"][0][0] < 3 * per_peer
-    per_peer, took = record["peer_times"][3]["up"][0]
-    assert record["points"][3]["up"][0] == pytest.approx((3 * per_peer, max(took)))
+    # The fast hosts' rounds, among fast links, carry four times the largest
+    # size; the slow host's half of it.
+    assert [b for b, _ in record["points"][0]["down"]][0] == pytest.approx(
+        4 * PROFILE_BYTES[0], abs=2)
+    assert [b for b, _ in record["points"][3]["down"]][0] == pytest.approx(
+        PROFILE_BYTES[0] // 2, abs=3)
 
 
-def test_owner_point_leaves_out_the_peers_held_by_their_own_link():
-    from pyg_adaqp.assign.cost_model import PEER_BOUND, owner_point
+def test_peers_whose_link_is_much_slower_sit_out_an_owners_rounds():
+    from pyg_adaqp.assign.cost_model import (PEER_BOUND, group_warm_up, held_peers,
+                                             warm_up_link_times)
 
-    # Even: every byte at the last arrival.
-    assert owner_point(1000, [0.010, 0.012, 0.011]) == (3000.0, 0.012)
-    # One peer held: at the others' last arrival, it had carried its steady share.
-    assert owner_point(1000, [0.010, 0.012, 0.050]) == pytest.approx((2000 + 1000 * 0.012 / 0.050,
-                                                                      0.012))
-    # Just within the bound: still the owner's.
-    assert owner_point(1000, [0.010, PEER_BOUND * 0.010]) == pytest.approx(
-        (2000.0, PEER_BOUND * 0.010))
-    assert owner_point(1000, [0.010]) == (1000.0, 0.010)
+    # Worker 3's link is slow: every pair with it takes 20 ms, the others 2.
+    pairs = {(i, j): 0.020 if 3 in (i, j) else 0.002 for i in range(4) for j in range(4) if i != j}
+    times = warm_up_link_times(pairs, 4)
+    assert times == [0.002, 0.002, 0.002, 0.020]             # medians of 6 pairs each
+    assert held_peers(times) == {0: [3], 1: [3], 2: [3], 3: []}
+    # Within the bound (even links with noise): nobody sits out.
+    assert held_peers([0.002, 0.003, PEER_BOUND * 0.002, 0.004]) == {i: [] for i in range(4)}
+    # Every peer slower: the owner keeps them all, or its link is timed with no one.
+    assert held_peers([0.001, 0.020, 0.020]) == {0: [], 1: [], 2: []}
+    # The slowest worker's time to hear from the rest of the group, in its fastest round.
+    rounds = [dict(pairs), {pair: 2 * t for pair, t in pairs.items()}]
+    rounds[1][(1, 0)] = 0.001
+    assert group_warm_up(rounds, 2, [0, 1, 2]) == 0.002
+    assert group_warm_up(rounds, 2, [0, 1, 2, 3]) == 0.020
 
 
 def _record_starts(record) -> None:

@@ -139,13 +139,13 @@ FAST_WITHIN_S = LARGEST_WITHIN_S
 #: the workers' usual spread leaving a collective (0.3 ms median on 4 workers
 #: sharing 2 cores; a worker later than this starts late).
 START_MARGIN_S = 0.002
-#: In an owner round, a peer whose bytes arrived more than this many times
-#: later than the fastest peer's is held by its own link (:func:`owner_point`).
-#: Where one 100 Mbit/s host sits among 1 Gbit/s ones, its bytes take about
-#: 4.5 times the others' (its tenth of the owner's rate against their
-#: shares of the rest); peers of even links finish within about 1.5 of
-#: each other when the owner's link shares fairly.
-PEER_BOUND = 2.0
+#: A peer whose link took more than this many times as long as an owner's
+#: in the warm-up sits out that owner's rounds (:func:`held_peers`): its
+#: share of the owner's bytes would cross its own link alone.  Where one
+#: 100 Mbit/s host sits among 1 Gbit/s ones, the fast hosts' rounds timed
+#: by their last arrival, the slow host's, read their links at
+#: 152-1363 Mbit/s (docs/benchmarks.md, twenty-ninth pass).
+PEER_BOUND = 3.0
 #: Feature widths of the codec profile (per-row and per-element costs).
 CODEC_WIDTHS = (16, 256)
 #: Elements encoded per codec measurement (a fraction of a millisecond on one
@@ -553,23 +553,31 @@ def start_round(group: object, device: torch.device, together: bool,
     return clock()
 
 
-def owner_point(per_peer: int, took: list[float]) -> tuple[float, float]:
-    """One point ``(bytes, seconds)`` of an owner round's link from when
-    each peer's `per_peer` bytes arrived (`took`, seconds from the round's
-    start): the owner's link carried every peer's bytes at once.
+def warm_up_link_times(pairs: dict[tuple[int, int], float], world_size: int) -> list[float]:
+    """Per worker, the median over its pairs, both ways, of when their bytes
+    arrived in the warm-up (`pairs[(i, j)]`: ``j``'s bytes at ``i``, each
+    pair's fastest round): a slow link is slow in all of its pairs, a fast
+    one in only those with a slow peer."""
+    return [float(np.median([t for (i, j), t in pairs.items() if h in (i, j)]))
+            for h in range(world_size)]
 
-    A peer whose bytes took more than :data:`PEER_BOUND` times the fastest
-    peer's was held by its own link, not the owner's (a slow host among
-    fast ones: a 1 Gbit/s owner's third for a 100 Mbit/s host crosses that
-    host's link alone, and timing the owner's link by it read it at
-    152-1363 Mbit/s).  The point is taken when the last of the other peers'
-    bytes arrived: by then the owner's link had carried theirs, and of each
-    held peer's the part that its steady rate had carried.  Where no peer
-    is held, the point is every byte at the last arrival.
-    """
-    fastest = min(took)
-    at = max(t for t in took if t <= PEER_BOUND * fastest)
-    return float(sum(per_peer * min(1.0, at / t) for t in took)), float(at)
+
+def held_peers(link_times: list[float]) -> dict[int, list[int]]:
+    """Per owner, the peers whose link took more than :data:`PEER_BOUND`
+    times as long as the owner's (:func:`warm_up_link_times`), unless that
+    is every peer: the owner's link would have no one to be timed with."""
+    held = {i: [j for j, t in enumerate(link_times) if j != i and t > PEER_BOUND * link_times[i]]
+            for i in range(len(link_times))}
+    return {i: h if len(h) < len(link_times) - 1 else [] for i, h in held.items()}
+
+
+def group_warm_up(pairs: dict[tuple[int, int], float], rounds: int, group: list[int]) -> float:
+    """What the warm-up says of `group`'s slowest link: the slowest worker's
+    time to hear from the rest of `group`, in its fastest round (`pairs`
+    per round: ``{(i, j): seconds}``, one dict per round in a list of
+    `rounds`)."""
+    return max(min(max(pairs[r][(i, j)] for j in group if j != i) for r in range(rounds))
+               for i in group)
 
 
 def all_links_bytes(largest: int, slow: bool, fits: dict[int, list[float]]) -> int:
@@ -604,9 +612,12 @@ def profile_links(transport: Transport, device: torch.device, one_clock: bool,
     all at once, so ``i``'s link
     carries ``size`` bytes in each direction while every other link carries
     a ``k - 1``-th of that.  Each peer times the arrival of ``i``'s bytes
-    (``i``'s egress) and ``i`` the arrival of all of theirs (its ingress);
-    a round's point of each direction leaves out the peers that their own
-    link held (:func:`owner_point`).  A last round loads every link at once, as training does (the largest
+    (``i``'s egress) and ``i`` the arrival of all of theirs (its ingress).
+    Peers whose link was much slower than ``i``'s in the warm-up
+    (:func:`held_peers`) sit out ``i``'s rounds, which its other peers then
+    share, sized by their links' warm-up (:func:`group_warm_up`): their
+    bytes would cross their own link alone, and time it, not ``i``'s (their
+    link is timed in their own rounds).  A last round loads every link at once, as training does (the largest
     of `sizes` and of the owner rounds' sizes, or :data:`EVEN_ALL_LINKS`
     times it where the owner rounds' fits say so: :func:`all_links_bytes`);
     each direction of each link is scaled to what the pairs it bounds took
@@ -616,10 +627,11 @@ def profile_links(transport: Transport, device: torch.device, one_clock: bool,
     made of, the same on every worker, so that other estimators can be
     replayed on them offline (``benchmarks/cost_model.py --raw``):
     ``warm_up_s`` (the slowest link's warm-up), ``warm_ups_s`` (each
-    worker's time in each warm-up round, by rank), ``peer_times`` (per
-    worker, ``"up"`` (its egress) and ``"down"`` (its ingress), per owner
-    round's size, ``[bytes to each peer, [seconds of each peer]]``),
-    ``points`` (:func:`owner_point` of each), ``fits`` (:func:`fit_link` of those points, ``(up, down,
+    worker's time in each warm-up round, by rank), ``warm_up_pairs`` (per
+    warm-up round, ``{"i,j": seconds}``: when ``j``'s bytes reached ``i``),
+    ``held`` (:func:`held_peers`, by owner), ``points`` (per worker,
+    ``[bytes, seconds]`` of its egress and its ingress in the owner
+    rounds), ``fits`` (:func:`fit_link` of those points, ``(up, down,
     beta, free)`` before the scale), ``all_links_bytes`` (what every link
     carried each way in the all-links round) and ``arrived`` (``{"i,j":
     seconds}``: when ``j``'s bytes reached ``i`` in it); and, this
@@ -633,14 +645,14 @@ def profile_links(transport: Transport, device: torch.device, one_clock: bool,
     """
     k, rank = transport.world_size, transport.rank
     peers = [p for p in range(k) if p != rank]
-    # Per round owner, per size: (bytes to each peer, {peer: seconds}); on
-    # the owner the arrival of each peer's bytes, on a peer the owner's.
-    timed: dict[int, list] = {i: [] for i in range(k)}
+    up_t: dict[int, list] = {i: [] for i in range(k)}     # (bytes, seconds) per round owner
+    down_t: dict[int, list] = {i: [] for i in range(k)}
     together = False        # the warm-ups out of a barrier
 
     def arrivals(talk: list[int], per_peer: int) -> dict[int, float]:
         """Seconds until each of `talk`'s `per_peer` bytes arrived, while this
-        worker sends each of them as much."""
+        worker sends each of them as much (none where `talk` is empty: the
+        round's start and the transport's call are collective all the same)."""
         send = {p: torch.empty(per_peer, dtype=torch.uint8, device=device) for p in talk}
         t0 = start_round(transport.group, device, together)
         pending = transport.start(send, {p: per_peer for p in talk}, device)
@@ -651,42 +663,46 @@ def profile_links(transport: Transport, device: torch.device, one_clock: bool,
         """This worker's time to send and receive `per_peer` bytes with `talk`."""
         return max(arrivals(talk, per_peer).values(), default=0.0)
 
-    def round_of(owner: int) -> list[int]:
-        return peers if rank == owner else [owner]
-
-    def per_peer_of(size: int) -> int:
-        """Bytes to each peer so that a worker talking to all moves `size` each way."""
-        return max(1, size // max(1, k - 1))
+    def per_peer_of(size: int, fan_out: int = k - 1) -> int:
+        """Bytes to each of `fan_out` peers so that a worker moves `size` each way."""
+        return max(1, size // max(1, fan_out))
 
     # Opens every connection; the slowest link's time (each worker's faster
     # round), which every worker learns alike, sizes the owner rounds.
     marks = [time.perf_counter()]
-    warm_ups = _gather([exchange(peers, per_peer_of(WARM_UP_BYTES))
-                        for _ in range(WARM_UP_ROUNDS)])
-    warm = max(min(took) for took in warm_ups)
-    owner_sizes = profile_sizes(sizes, warm)
+    heard = _gather([arrivals(peers, per_peer_of(WARM_UP_BYTES)) for _ in range(WARM_UP_ROUNDS)])
+    pairs = [{(i, j): t for i, by_round in enumerate(heard) for j, t in by_round[r].items()}
+             for r in range(WARM_UP_ROUNDS)]
+    warm = group_warm_up(pairs, WARM_UP_ROUNDS, list(range(k)))
+    held = held_peers(warm_up_link_times(
+        {pair: min(p[pair] for p in pairs) for pair in pairs[0]}, k))
+    talks = {i: [j for j in range(k) if j != i and j not in held[i]] for i in range(k)}
+    # Each owner's rounds sized by its own and its talking peers' links.
+    owner_sizes = {i: profile_sizes(sizes, group_warm_up(pairs, WARM_UP_ROUNDS, [i, *talks[i]])
+                                    if held[i] else warm) for i in range(k)}
     together = one_clock
     marks.append(time.perf_counter())
     for owner in range(k):
-        for size in owner_sizes:
-            per_peer = per_peer_of(size)
-            rounds = [arrivals(round_of(owner), per_peer) for _ in range(repeats)]
-            timed[owner].append((per_peer, {p: float(np.median([r[p] for r in rounds]))
-                                            for p in round_of(owner)}))
+        talk = talks[owner] if rank == owner else [owner] if rank in talks[owner] else []
+        for size in owner_sizes[owner]:
+            per_peer = per_peer_of(size, len(talks[owner]))
+            took = float(np.median([exchange(talk, per_peer) for _ in range(repeats)]))
+            if rank == owner:
+                down_t[owner].append((per_peer * len(talk), took))
+            elif talk:
+                up_t[owner].append((per_peer * len(talks[owner]), took))
     marks.append(time.perf_counter())
-    # The owner's egress is timed by all its peers, its ingress by itself.
-    gathered = _gather(timed)
-    fits, points, peer_times = {}, {}, {}
+    # The owner's egress is timed by all its peers: the slowest arrival counts.
+    gathered = _gather((up_t, down_t))
+    fits, points = {}, {}
     for i in range(k):
-        ups = [(per_peer, [gathered[j][i][s][1][i] for j in range(k) if j != i])
-               for s, (per_peer, _) in enumerate(gathered[i][i])]
-        downs = [(per_peer, list(took.values())) for per_peer, took in gathered[i][i]]
-        peer_times[i] = {"up": ups, "down": downs}
-        points[i] = {d: [owner_point(*t) for t in peer_times[i][d]] for d in ("up", "down")}
-        a_up, b_up, f_up = fit_link(*map(np.array, zip(*points[i]["up"]))) \
-            if points[i]["up"] else (0, 0, 0)
-        a_dn, b_dn, f_dn = fit_link(*map(np.array, zip(*points[i]["down"]))) \
-            if points[i]["down"] else (0, 0, 0)
+        ups = [ts[i] for ts, _ in gathered if ts[i]]
+        up_pts = [(b, max(run[j][1] for run in ups)) for j, (b, _) in enumerate(ups[0])] \
+            if ups else []
+        down_pts = gathered[i][1][i]
+        points[i] = {"up": up_pts, "down": down_pts}
+        a_up, b_up, f_up = fit_link(*map(np.array, zip(*up_pts))) if up_pts else (0, 0, 0)
+        a_dn, b_dn, f_dn = fit_link(*map(np.array, zip(*down_pts))) if down_pts else (0, 0, 0)
         fits[i] = [float(a_up), float(a_dn), float(min(b_up, b_dn)), float(min(f_up, f_dn))]
     # Every link busy at once, both ways, as in training: TCP shares each
     # link with the acknowledgements of the other direction, which the
@@ -694,8 +710,9 @@ def profile_links(transport: Transport, device: torch.device, one_clock: bool,
     # least-squares solve on another CPU or BLAS could land on the other
     # side of EVEN_WITHIN: all take the largest size any worker chose, so
     # none posts a size its peers do not expect.
-    per_peer = per_peer_of(max(_gather(all_links_bytes(max(sizes[0], owner_sizes[0]),
-                                                       slow_links(sizes[0], warm), fits))))
+    largest = max(sizes[0], profile_sizes(sizes, warm)[0])
+    per_peer = per_peer_of(max(_gather(all_links_bytes(largest, slow_links(sizes[0], warm),
+                                                       fits))))
     rounds = [arrivals(peers, per_peer) for _ in range(repeats)]
     all_seen = {p: float(np.median([r[p] for r in rounds])) for p in peers}
     seen = {(i, j): t for i, by_peer in enumerate(_gather(all_seen)) for j, t in by_peer.items()}
@@ -703,9 +720,11 @@ def profile_links(transport: Transport, device: torch.device, one_clock: bool,
     if record is not None:
         record.setdefault("took_s", {}).update(
             zip(("warm_up", "owner_rounds", "all_links"), np.diff(marks).tolist()))
-        record.update(warm_up_s=warm, warm_ups_s=warm_ups,
-                      peer_times=peer_times, points=points,
-                      fits={i: list(f) for i, f in fits.items()},
+        record.update(warm_up_s=warm,
+                      warm_ups_s=[[max(r.values(), default=0.0) for r in by_round]
+                                  for by_round in heard],
+                      warm_up_pairs=[{f"{i},{j}": t for (i, j), t in p.items()} for p in pairs],
+                      held={i: list(h) for i, h in held.items()}, points=points, fits={i: list(f) for i, f in fits.items()},
                       all_links_bytes=per_peer * (k - 1),
                       arrived={f"{i},{j}": t for (i, j), t in seen.items()})
     for i, (up, down) in link_scales(fits, seen, per_peer * (k - 1)).items():
