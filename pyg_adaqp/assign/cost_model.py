@@ -139,13 +139,14 @@ FAST_WITHIN_S = LARGEST_WITHIN_S
 #: the workers' usual spread leaving a collective (0.3 ms median on 4 workers
 #: sharing 2 cores; a worker later than this starts late).
 START_MARGIN_S = 0.002
-#: A peer whose link took more than this many times as long as an owner's
-#: in the warm-up sits out that owner's rounds (:func:`held_peers`): its
-#: share of the owner's bytes would cross its own link alone.  Where one
-#: 100 Mbit/s host sits among 1 Gbit/s ones, the fast hosts' rounds timed
-#: by their last arrival, the slow host's, read their links at
-#: 152-1363 Mbit/s (docs/benchmarks.md, twenty-ninth pass).
-PEER_BOUND = 3.0
+#: A peer whose own round took more than this many times as long as an
+#: owner's held the owner's round (:func:`held_peers`); the owner's rounds
+#: run again without it.  Where one 100 Mbit/s host sits among 1 Gbit/s
+#: ones, a fast owner's round takes about a third of the slow host's (4.4-5.4
+#: times less measured), and timed so, the fast links read at
+#: 152-1363 Mbit/s (docs/benchmarks.md, twenty-ninth and thirtieth passes);
+#: on even links the owners' rounds lie within ~1.5 of each other.
+PEER_BOUND = 2.0
 #: Feature widths of the codec profile (per-row and per-element costs).
 CODEC_WIDTHS = (16, 256)
 #: Elements encoded per codec measurement (a fraction of a millisecond on one
@@ -553,22 +554,16 @@ def start_round(group: object, device: torch.device, together: bool,
     return clock()
 
 
-def warm_up_link_times(pairs: dict[tuple[int, int], float], world_size: int) -> list[float]:
-    """Per worker, the median over its pairs, both ways, of when their bytes
-    arrived in the warm-up (`pairs[(i, j)]`: ``j``'s bytes at ``i``, each
-    pair's fastest round): a slow link is slow in all of its pairs, a fast
-    one in only those with a slow peer."""
-    return [float(np.median([t for (i, j), t in pairs.items() if h in (i, j)]))
-            for h in range(world_size)]
-
-
-def held_peers(link_times: list[float]) -> dict[int, list[int]]:
-    """Per owner, the peers whose link took more than :data:`PEER_BOUND`
-    times as long as the owner's (:func:`warm_up_link_times`), unless that
-    is every peer: the owner's link would have no one to be timed with."""
-    held = {i: [j for j, t in enumerate(link_times) if j != i and t > PEER_BOUND * link_times[i]]
-            for i in range(len(link_times))}
-    return {i: h if len(h) < len(link_times) - 1 else [] for i, h in held.items()}
+def held_peers(round_times: list[float]) -> dict[int, list[int]]:
+    """Per owner, the peers that held its round: those whose own round
+    took more than :data:`PEER_BOUND` times as long (`round_times`, each
+    owner's round's slowest worker), unless that is every peer (the owner's
+    link would have no one to be timed with).  An owner whose round a slow
+    peer held took about a ``k - 1``-th of that peer's own round: the
+    peer's link carried its share alone, and all of it in its own round."""
+    held = {i: [j for j, t in enumerate(round_times) if j != i and t > PEER_BOUND * round_times[i]]
+            for i in range(len(round_times))}
+    return {i: h if len(h) < len(round_times) - 1 else [] for i, h in held.items()}
 
 
 def group_warm_up(pairs: dict[tuple[int, int], float], rounds: int, group: list[int]) -> float:
@@ -613,11 +608,12 @@ def profile_links(transport: Transport, device: torch.device, one_clock: bool,
     carries ``size`` bytes in each direction while every other link carries
     a ``k - 1``-th of that.  Each peer times the arrival of ``i``'s bytes
     (``i``'s egress) and ``i`` the arrival of all of theirs (its ingress).
-    Peers whose link was much slower than ``i``'s in the warm-up
-    (:func:`held_peers`) sit out ``i``'s rounds, which its other peers then
-    share, sized by their links' warm-up (:func:`group_warm_up`): their
-    bytes would cross their own link alone, and time it, not ``i``'s (their
-    link is timed in their own rounds).  A last round loads every link at once, as training does (the largest
+    Every owner's round at the largest size comes first: where a peer's
+    own round took much longer (:func:`held_peers`), that peer's share of
+    ``i``'s bytes crossed its own link alone and timed it, not ``i``'s, so
+    ``i``'s rounds run again without it (its link is timed in its own
+    rounds), sized by the warm-up of the links that take part
+    (:func:`group_warm_up`).  A last round loads every link at once, as training does (the largest
     of `sizes` and of the owner rounds' sizes, or :data:`EVEN_ALL_LINKS`
     times it where the owner rounds' fits say so: :func:`all_links_bytes`);
     each direction of each link is scaled to what the pairs it bounds took
@@ -629,7 +625,8 @@ def profile_links(transport: Transport, device: torch.device, one_clock: bool,
     ``warm_up_s`` (the slowest link's warm-up), ``warm_ups_s`` (each
     worker's time in each warm-up round, by rank), ``warm_up_pairs`` (per
     warm-up round, ``{"i,j": seconds}``: when ``j``'s bytes reached ``i``),
-    ``held`` (:func:`held_peers`, by owner), ``points`` (per worker,
+    ``round_times_s`` (each owner's first round's slowest worker),
+    ``held`` (:func:`held_peers` of them, by owner), ``points`` (per worker,
     ``[bytes, seconds]`` of its egress and its ingress in the owner
     rounds), ``fits`` (:func:`fit_link` of those points, ``(up, down,
     beta, free)`` before the scale), ``all_links_bytes`` (what every link
@@ -674,23 +671,38 @@ def profile_links(transport: Transport, device: torch.device, one_clock: bool,
     pairs = [{(i, j): t for i, by_round in enumerate(heard) for j, t in by_round[r].items()}
              for r in range(WARM_UP_ROUNDS)]
     warm = group_warm_up(pairs, WARM_UP_ROUNDS, list(range(k)))
-    held = held_peers(warm_up_link_times(
-        {pair: min(p[pair] for p in pairs) for pair in pairs[0]}, k))
-    talks = {i: [j for j in range(k) if j != i and j not in held[i]] for i in range(k)}
-    # Each owner's rounds sized by its own and its talking peers' links.
-    owner_sizes = {i: profile_sizes(sizes, group_warm_up(pairs, WARM_UP_ROUNDS, [i, *talks[i]])
-                                    if held[i] else warm) for i in range(k)}
+    owner_sizes = profile_sizes(sizes, warm)
     together = one_clock
     marks.append(time.perf_counter())
+
+    def owner_round(owner: int, talks: list[int], size: int) -> float:
+        """One round of `owner` with `talks`, its link carrying `size` each
+        way: this worker's time, kept as a point of `owner`'s link."""
+        per_peer = per_peer_of(size, len(talks))
+        talk = talks if rank == owner else [owner] if rank in talks else []
+        took = float(np.median([exchange(talk, per_peer) for _ in range(repeats)]))
+        if rank == owner:
+            down_t[owner].append((per_peer * len(talks), took))
+        elif talk:
+            up_t[owner].append((per_peer * len(talks), took))
+        return took
+
+    everyone = {i: [j for j in range(k) if j != i] for i in range(k)}
+    first = [owner_round(owner, everyone[owner], owner_sizes[0]) for owner in range(k)]
+    round_times = np.max(_gather(first), axis=0).tolist()
+    held = held_peers(round_times)
     for owner in range(k):
-        talk = talks[owner] if rank == owner else [owner] if rank in talks[owner] else []
-        for size in owner_sizes[owner]:
-            per_peer = per_peer_of(size, len(talks[owner]))
-            took = float(np.median([exchange(talk, per_peer) for _ in range(repeats)]))
-            if rank == owner:
-                down_t[owner].append((per_peer * len(talk), took))
-            elif talk:
-                up_t[owner].append((per_peer * len(talks[owner]), took))
+        if not held[owner]:
+            for size in owner_sizes[1:]:
+                owner_round(owner, everyone[owner], size)
+            continue
+        # Timed by its held peers' links: the rounds again without them,
+        # sized by the links that take part.
+        up_t[owner].clear()
+        down_t[owner].clear()
+        talks = [j for j in everyone[owner] if j not in held[owner]]
+        for size in profile_sizes(sizes, group_warm_up(pairs, WARM_UP_ROUNDS, [owner, *talks])):
+            owner_round(owner, talks, size)
     marks.append(time.perf_counter())
     # The owner's egress is timed by all its peers: the slowest arrival counts.
     gathered = _gather((up_t, down_t))
@@ -710,9 +722,8 @@ def profile_links(transport: Transport, device: torch.device, one_clock: bool,
     # least-squares solve on another CPU or BLAS could land on the other
     # side of EVEN_WITHIN: all take the largest size any worker chose, so
     # none posts a size its peers do not expect.
-    largest = max(sizes[0], profile_sizes(sizes, warm)[0])
-    per_peer = per_peer_of(max(_gather(all_links_bytes(largest, slow_links(sizes[0], warm),
-                                                       fits))))
+    per_peer = per_peer_of(max(_gather(all_links_bytes(max(sizes[0], owner_sizes[0]),
+                                                       slow_links(sizes[0], warm), fits))))
     rounds = [arrivals(peers, per_peer) for _ in range(repeats)]
     all_seen = {p: float(np.median([r[p] for r in rounds])) for p in peers}
     seen = {(i, j): t for i, by_peer in enumerate(_gather(all_seen)) for j, t in by_peer.items()}
@@ -724,7 +735,7 @@ def profile_links(transport: Transport, device: torch.device, one_clock: bool,
                       warm_ups_s=[[max(r.values(), default=0.0) for r in by_round]
                                   for by_round in heard],
                       warm_up_pairs=[{f"{i},{j}": t for (i, j), t in p.items()} for p in pairs],
-                      held={i: list(h) for i, h in held.items()}, points=points, fits={i: list(f) for i, f in fits.items()},
+                      round_times_s=round_times, held=held, points=points, fits={i: list(f) for i, f in fits.items()},
                       all_links_bytes=per_peer * (k - 1),
                       arrived={f"{i},{j}": t for (i, j), t in seen.items()})
     for i, (up, down) in link_scales(fits, seen, per_peer * (k - 1)).items():
