@@ -688,8 +688,14 @@ def profile_links(transport: Transport, device: torch.device, one_clock: bool,
         return took
 
     everyone = {i: [j for j in range(k) if j != i] for i in range(k)}
-    first = [owner_round(owner, everyone[owner], owner_sizes[0]) for owner in range(k)]
-    round_times = np.max(_gather(first), axis=0).tolist()
+    # Each owner's first round's slowest worker, by one all-reduce: a slow
+    # link idle between rounds refills its token bucket (each millisecond at
+    # 100 Mbit/s is 12.5 KB read free), and an object gather here left the
+    # slow host's next size reading 6.3-7.0 ms against 8.4-8.6 without it.
+    slowest = torch.tensor([owner_round(owner, everyone[owner], owner_sizes[0])
+                            for owner in range(k)], dtype=torch.float64, device=device)
+    dist.all_reduce(slowest, op=dist.ReduceOp.MAX, group=transport.group)
+    round_times = slowest.tolist()
     held = held_peers(round_times)
     # The owners that no peer held first, as their first round left the
     # links: a slow link left idle while others' rounds run refills its
