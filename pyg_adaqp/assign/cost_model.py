@@ -608,14 +608,15 @@ def profile_links(transport: Transport, device: torch.device, one_clock: bool,
     carries ``size`` bytes in each direction while every other link carries
     a ``k - 1``-th of that.  Each peer times the arrival of ``i``'s bytes
     (``i``'s egress) and ``i`` the arrival of all of theirs (its ingress).
-    Every owner's round at the largest size comes first: where a peer's
-    own round took much longer (:func:`held_peers`), that peer's share of
-    ``i``'s bytes crossed its own link alone and timed it, not ``i``'s, so
-    ``i``'s rounds run again without it (its link is timed in its own
-    rounds), sized by the warm-up of the links that take part
-    (:func:`group_warm_up`).  A last round loads every link at once, as training does (the largest
-    of `sizes` and of the owner rounds' sizes, or :data:`EVEN_ALL_LINKS`
-    times it where the owner rounds' fits say so: :func:`all_links_bytes`);
+    Where a peer's own round at the largest size took much longer than
+    ``i``'s (:func:`held_peers`), that peer's share of ``i``'s bytes
+    crossed its own link alone and timed it, not ``i``'s, so ``i``'s rounds
+    run again without it once every owner's have run (its link is timed
+    in its own rounds), sized by the warm-up of the links that take part
+    (:func:`group_warm_up`).  A last round loads every link at once, as
+    training does (the largest of `sizes` and of the owner rounds' sizes,
+    or :data:`EVEN_ALL_LINKS` times it where the owner rounds' fits say so:
+    :func:`all_links_bytes`);
     each direction of each link is scaled to what the pairs it bounds took
     then (:func:`link_scales`).
 
@@ -688,27 +689,22 @@ def profile_links(transport: Transport, device: torch.device, one_clock: bool,
         return took
 
     everyone = {i: [j for j in range(k) if j != i] for i in range(k)}
-    # Each owner's first round's slowest worker, by one all-reduce: a slow
-    # link idle between rounds refills its token bucket (each millisecond at
-    # 100 Mbit/s is 12.5 KB read free), and an object gather here left the
-    # slow host's next size reading 6.3-7.0 ms against 8.4-8.6 without it.
-    slowest = torch.tensor([owner_round(owner, everyone[owner], owner_sizes[0])
-                            for owner in range(k)], dtype=torch.float64, device=device)
+    # Each owner's largest round's slowest worker says which peers held it.
+    slowest = torch.tensor([[owner_round(owner, everyone[owner], size)
+                             for size in owner_sizes][0] for owner in range(k)],
+                           dtype=torch.float64, device=device)
     dist.all_reduce(slowest, op=dist.ReduceOp.MAX, group=transport.group)
     round_times = slowest.tolist()
     held = held_peers(round_times)
-    # The owners that no peer held first, as their first round left the
-    # links: a slow link left idle while others' rounds run refills its
-    # token bucket, and its next sizes read fast (the 100 Mbit/s host's
-    # link fitted at 79-101 Mbit/s behind the fast owners' rounds).
-    for owner in range(k):
-        for size in owner_sizes[1:] if not held[owner] else ():
-            owner_round(owner, everyone[owner], size)
     for owner in range(k):
         if not held[owner]:
             continue
         # Timed by its held peers' links: the rounds again without them,
-        # sized by the links that take part.
+        # sized by the links that take part, after every owner's first
+        # rounds so that those run as they did before peers were held: a
+        # slow link's token bucket refills while it idles, and other orders
+        # moved the slow host's fit (79-132 Mbit/s against 73-118) and the
+        # check (docs/benchmarks.md, thirtieth pass).
         up_t[owner].clear()
         down_t[owner].clear()
         talks = [j for j in everyone[owner] if j not in held[owner]]
