@@ -142,10 +142,13 @@ START_MARGIN_S = 0.002
 #: A peer whose own round took more than this many times as long as an
 #: owner's held the owner's round (:func:`held_peers`); the owner's rounds
 #: run again without it.  Where one 100 Mbit/s host sits among 1 Gbit/s
-#: ones, a fast owner's round takes about a third of the slow host's (4.4-5.4
-#: times less measured), and timed so, the fast links read at
-#: 152-1363 Mbit/s (docs/benchmarks.md, twenty-ninth and thirtieth passes);
-#: on even links the owners' rounds lie within ~1.5 of each other.
+#: ones, a fast owner's round takes about a third of the slow host's
+#: (2.3-6.9 times less in sixteen set-ups), and timed so, the fast links
+#: read at 152-1363 Mbit/s.  The fast owners' rounds lay up to 2.3x apart,
+#: so a fast peer may be held too: its owner's re-run then leaves it out,
+#: and its link is timed in its own rounds.  On even links the owners'
+#: rounds lay within 1.26x of each other in eight set-ups
+#: (docs/benchmarks.md, twenty-ninth and thirtieth passes).
 PEER_BOUND = 2.0
 #: Feature widths of the codec profile (per-row and per-element costs).
 CODEC_WIDTHS = (16, 256)
@@ -700,11 +703,10 @@ def profile_links(transport: Transport, device: torch.device, one_clock: bool,
         if not held[owner]:
             continue
         # Timed by its held peers' links: the rounds again without them,
-        # sized by the links that take part, after every owner's first
-        # rounds so that those run as they did before peers were held: a
-        # slow link's token bucket refills while it idles, and other orders
-        # moved the slow host's fit (79-132 Mbit/s against 73-118) and the
-        # check (docs/benchmarks.md, thirtieth pass).
+        # sized by the links that take part, after every owner's rounds,
+        # which so run as they did before any peer was held (orders that
+        # moved them checked worse, within the batches' spread:
+        # docs/benchmarks.md, thirtieth pass).
         up_t[owner].clear()
         down_t[owner].clear()
         talks = [j for j in everyone[owner] if j not in held[owner]]
