@@ -966,7 +966,7 @@ def test_owner_rounds_read_fast_links_at_their_rate_beside_a_slow_host():
             assert model.link_seconds(i, size, size) == pytest.approx(1e-4 + size / rate,
                                                                       rel=0.05)
     # The fast hosts' rounds, among fast links, carry four times the largest
-    # size; the slow host's half of it.
+    # size; the slow host's half the largest size.
     assert [b for b, _ in record["points"][0]["down"]][0] == pytest.approx(
         4 * PROFILE_BYTES[0], abs=2)
     assert [b for b, _ in record["points"][3]["down"]][0] == pytest.approx(
@@ -985,12 +985,14 @@ def test_peers_whose_own_round_took_much_longer_held_an_owners_round():
     assert held_peers([0.007, 0.021, 0.007, 0.021]) == {0: [1, 3], 1: [], 2: [1, 3], 3: []}
     # Every peer slower: the owner keeps them all, or its link is timed with no one.
     assert held_peers([0.001, 0.020, 0.020]) == {0: [], 1: [], 2: []}
-    # The slowest worker's time to hear from the rest of a group, in its fastest round.
+    # The slowest worker's time to hear from the rest of a group, in its
+    # fastest round (not each pair's fastest: worker 0 heard 1 early in one
+    # round and 2 early in the other, but each round's last at 10 ms).
     pairs = {(i, j): 0.020 if 3 in (i, j) else 0.002 for i in range(4) for j in range(4) if i != j}
-    rounds = [dict(pairs), {pair: 2 * t for pair, t in pairs.items()}]
-    rounds[1][(1, 0)] = 0.001
-    assert group_warm_up(rounds, 2, [0, 1, 2]) == 0.002
-    assert group_warm_up(rounds, 2, [0, 1, 2, 3]) == 0.020
+    rounds = [{**pairs, (0, 2): 0.010}, {**pairs, (0, 1): 0.010}]
+    assert group_warm_up(rounds, [0, 1, 2]) == 0.010
+    assert group_warm_up(rounds, [1, 2]) == 0.002
+    assert group_warm_up(rounds, [0, 1, 2, 3]) == 0.020
 
 
 def _record_starts(record) -> None:

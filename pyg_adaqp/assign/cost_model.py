@@ -36,7 +36,8 @@ bounded time: the codec on synthetic rows, and the links: a warm-up of
 every link at once (twice), whose slowest link sizes the rest (:func:`profile_sizes`),
 then one round per worker in which that worker sends to and receives from
 every peer at once, at a few sizes, so each end of every link is timed in
-both directions, and one round of every link at once.
+both directions (again without the peers whose own, slower link held the
+round: :func:`held_peers`), and one round of every link at once.
 Last, one small exchange that every worker codes and sends at once, as
 training does, against the model's prediction for it: what its slowest
 worker took beyond the slowest prediction is the loaded latency
@@ -143,12 +144,14 @@ START_MARGIN_S = 0.002
 #: owner's held the owner's round (:func:`held_peers`); the owner's rounds
 #: run again without it.  Where one 100 Mbit/s host sits among 1 Gbit/s
 #: ones, a fast owner's round takes about a third of the slow host's
-#: (2.3-6.9 times less in sixteen set-ups), and timed so, the fast links
-#: read at 152-1363 Mbit/s.  The fast owners' rounds lay up to 2.3x apart,
-#: so a fast peer may be held too: its owner's re-run then leaves it out,
-#: and its link is timed in its own rounds.  On even links the owners'
-#: rounds lay within 1.26x of each other in eight set-ups
-#: (docs/benchmarks.md, twenty-ninth and thirtieth passes).
+#: (2.3-6.9 times less in 24 set-ups), and timed so, the fast links read
+#: at 152-1363 Mbit/s.  The fast owners' rounds lay up to 2.4x apart, so
+#: no bound parts them all: a fast peer may be held too (2 of the 24), and
+#: its owner's re-run then leaves it out while its own rounds time its
+#: link.  On even links the owners' rounds lay within 1.26x of each other
+#: in eight set-ups (docs/benchmarks.md, twenty-ninth and thirtieth
+#: passes).  With 3 workers a fast owner's round is half the slow host's,
+#: at the bound itself: there the re-runs are not to be counted on.
 PEER_BOUND = 2.0
 #: Feature widths of the codec profile (per-row and per-element costs).
 CODEC_WIDTHS = (16, 256)
@@ -569,12 +572,11 @@ def held_peers(round_times: list[float]) -> dict[int, list[int]]:
     return {i: h if len(h) < len(round_times) - 1 else [] for i, h in held.items()}
 
 
-def group_warm_up(pairs: dict[tuple[int, int], float], rounds: int, group: list[int]) -> float:
+def group_warm_up(pairs: list[dict[tuple[int, int], float]], group: list[int]) -> float:
     """What the warm-up says of `group`'s slowest link: the slowest worker's
-    time to hear from the rest of `group`, in its fastest round (`pairs`
-    per round: ``{(i, j): seconds}``, one dict per round in a list of
-    `rounds`)."""
-    return max(min(max(pairs[r][(i, j)] for j in group if j != i) for r in range(rounds))
+    time to hear from the rest of `group`, in its fastest round (`pairs`:
+    per round, ``{(i, j): seconds}``, when ``j``'s bytes reached ``i``)."""
+    return max(min(max(by_pair[(i, j)] for j in group if j != i) for by_pair in pairs)
                for i in group)
 
 
@@ -617,9 +619,9 @@ def profile_links(transport: Transport, device: torch.device, one_clock: bool,
     run again without it once every owner's have run (its link is timed
     in its own rounds), sized by the warm-up of the links that take part
     (:func:`group_warm_up`).  A last round loads every link at once, as
-    training does (the largest of `sizes` and of the owner rounds' sizes,
-    or :data:`EVEN_ALL_LINKS` times it where the owner rounds' fits say so:
-    :func:`all_links_bytes`);
+    training does (the largest of `sizes` and of the sizes every owner's
+    rounds took with every peer, or :data:`EVEN_ALL_LINKS` times it where
+    the owner rounds' fits say so: :func:`all_links_bytes`);
     each direction of each link is scaled to what the pairs it bounds took
     then (:func:`link_scales`).
 
@@ -637,7 +639,8 @@ def profile_links(transport: Transport, device: torch.device, one_clock: bool,
     carried each way in the all-links round) and ``arrived`` (``{"i,j":
     seconds}``: when ``j``'s bytes reached ``i`` in it); and, this
     worker's own, the seconds of each part in ``took_s``: ``warm_up``
-    (with its gather), ``owner_rounds`` (the rounds alone) and
+    (with its gather), ``owner_rounds`` (the rounds, the all-reduce of
+    their first times and the held owners' rounds again) and
     ``all_links`` (the owner rounds' gather and fits, the gather that
     agrees on the round's size, the round and its gather).
 
@@ -674,7 +677,7 @@ def profile_links(transport: Transport, device: torch.device, one_clock: bool,
     heard = _gather([arrivals(peers, per_peer_of(WARM_UP_BYTES)) for _ in range(WARM_UP_ROUNDS)])
     pairs = [{(i, j): t for i, by_round in enumerate(heard) for j, t in by_round[r].items()}
              for r in range(WARM_UP_ROUNDS)]
-    warm = group_warm_up(pairs, WARM_UP_ROUNDS, list(range(k)))
+    warm = group_warm_up(pairs, list(range(k)))
     owner_sizes = profile_sizes(sizes, warm)
     together = one_clock
     marks.append(time.perf_counter())
@@ -704,13 +707,15 @@ def profile_links(transport: Transport, device: torch.device, one_clock: bool,
             continue
         # Timed by its held peers' links: the rounds again without them,
         # sized by the links that take part, after every owner's rounds,
-        # which so run as they did before any peer was held (orders that
-        # moved them checked worse, within the batches' spread:
-        # docs/benchmarks.md, thirtieth pass).
+        # which so run as they did before any peer was held.  Orders that
+        # moved them moved the slow host's points (its 128 KiB round's
+        # median 6.6-7.2 ms against 8.5-8.9), its fit and the check's
+        # errors with them; why was not found (docs/benchmarks.md,
+        # thirtieth pass).
         up_t[owner].clear()
         down_t[owner].clear()
         talks = [j for j in everyone[owner] if j not in held[owner]]
-        for size in profile_sizes(sizes, group_warm_up(pairs, WARM_UP_ROUNDS, [owner, *talks])):
+        for size in profile_sizes(sizes, group_warm_up(pairs, [owner, *talks])):
             owner_round(owner, talks, size)
     marks.append(time.perf_counter())
     # The owner's egress is timed by all its peers: the slowest arrival counts.
@@ -744,7 +749,8 @@ def profile_links(transport: Transport, device: torch.device, one_clock: bool,
                       warm_ups_s=[[max(r.values(), default=0.0) for r in by_round]
                                   for by_round in heard],
                       warm_up_pairs=[{f"{i},{j}": t for (i, j), t in p.items()} for p in pairs],
-                      round_times_s=round_times, held=held, points=points, fits={i: list(f) for i, f in fits.items()},
+                      round_times_s=round_times, held=held, points=points,
+                      fits={i: list(f) for i, f in fits.items()},
                       all_links_bytes=per_peer * (k - 1),
                       arrived={f"{i},{j}": t for (i, j), t in seen.items()})
     for i, (up, down) in link_scales(fits, seen, per_peer * (k - 1)).items():
