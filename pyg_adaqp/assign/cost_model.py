@@ -695,10 +695,11 @@ def profile_links(transport: Transport, device: torch.device, one_clock: bool,
         return took
 
     everyone = {i: [j for j in range(k) if j != i] for i in range(k)}
+    largest = []            # this worker's time in each owner's largest round
+    for owner in range(k):
+        largest.append([owner_round(owner, everyone[owner], size) for size in owner_sizes][0])
     # Each owner's largest round's slowest worker says which peers held it.
-    slowest = torch.tensor([[owner_round(owner, everyone[owner], size)
-                             for size in owner_sizes][0] for owner in range(k)],
-                           dtype=torch.float64, device=device)
+    slowest = torch.tensor(largest, dtype=torch.float64, device=device)
     dist.all_reduce(slowest, op=dist.ReduceOp.MAX, group=transport.group)
     round_times = slowest.tolist()
     held = held_peers(round_times)
