@@ -893,18 +893,19 @@ def _fair_share_finish(flows: dict[tuple[int, int], float], up: list[float],
     share max-min fairly (water filling, re-shared as flows finish)."""
     left, done, now = dict(flows), {}, 0.0
     while left:
-        rate, free = {}, [*(("up", h, c) for h, c in enumerate(up)),
-                          *(("down", h, c) for h, c in enumerate(down))]
-        cap = {(d, h): c for d, h, c in free}
+        # A link is (0, host) up or (1, host) down; a flow (src, dst) uses (0, src) and (1, dst).
+        cap = {**{(0, h): c for h, c in enumerate(up)}, **{(1, h): c for h, c in enumerate(down)}}
+        rate: dict[tuple[int, int], float] = {}
         while len(rate) < len(left):
-            def users(d, h):
-                return [f for f in left if f not in rate and f[0 if d == "up" else 1] == h]
-            share = {key: cap[key] / len(users(*key)) for key in cap if users(*key)}
-            key = min(share, key=share.get)
-            for f in users(*key):
-                rate[f] = share[key]
-                cap[("up", f[0])] -= rate[f]
-                cap[("down", f[1])] -= rate[f]
+            users = {link: [f for f in left if f not in rate and f[link[0]] == link[1]]
+                     for link in cap}
+            link = min((link for link in cap if users[link]),
+                       key=lambda link: cap[link] / len(users[link]))
+            share = cap[link] / len(users[link])
+            for f in users[link]:
+                rate[f] = share
+                cap[(0, f[0])] -= share
+                cap[(1, f[1])] -= share
         step = min(left[f] / rate[f] for f in left)
         now += step
         for f in list(left):
@@ -918,16 +919,12 @@ def _fair_share_finish(flows: dict[tuple[int, int], float], up: list[float],
 class _FluidLinks:
     """A transport whose exchanges take what :func:`_fair_share_finish` says
     for the flows every worker posts at once (collective), plus `latency_s`,
-    on a clock of their own: every round starts at 0 (``start_round``
-    replaced by :meth:`start_round`); nothing is sent."""
+    on a clock of their own on which every round starts at 0 (the profile's
+    ``start_round`` replaced); nothing is sent."""
 
     def __init__(self, up: list[float], down: list[float], latency_s: float):
         self.rank, self.world_size, self.group = dist.get_rank(), dist.get_world_size(), None
         self.up, self.down, self.latency_s = up, down, latency_s
-
-    @staticmethod
-    def start_round(group, device, together) -> float:
-        return 0.0
 
     def start(self, send, recv_bytes, device):
         posted = [None] * self.world_size
@@ -941,7 +938,7 @@ class _FluidLinks:
 def _links_beside_a_slow_host(rank: int, world_size: int, rates: list[float]) -> tuple:
     from pyg_adaqp.assign import cost_model as cm
 
-    cm.start_round = _FluidLinks.start_round
+    cm.start_round = lambda group, device, together: 0.0     # _FluidLinks' clock
     record = {}
     links = cm.profile_links(_FluidLinks(rates, rates, 1e-4), torch.device("cpu"), True,
                              record=record)
