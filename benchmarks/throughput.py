@@ -16,7 +16,9 @@ seed use the same partitions, made once before the first run.
 Configurations (``--configs``): ``vanilla`` (fp32, no overlap), ``adaqp_p``
 (fp32, overlap), ``adaqp_q`` (adaptive bits, no overlap), ``adaqp``
 (adaptive bits, overlap), ``adaqp-u4`` / ``adaqp-u2`` (uniform 4 / 2 bits,
-overlap) and ``adaqp-random`` (random widths, overlap).  ``NAME:LABEL``
+overlap), ``adaqp-e2`` (``adaqp`` with its epoch 0 at 2 bits instead of 8:
+what the first epoch's width costs) and ``adaqp-random`` (random widths,
+overlap).  ``NAME:LABEL``
 runs configuration ``NAME`` once more under another label, e.g.
 ``--configs vanilla adaqp adaqp-u2 adaqp-u2:again``: two identical
 configurations in the same rounds show how far this machine alone moves a
@@ -69,6 +71,7 @@ CONFIGS = {
     "adaqp-u8": ["mode=adaqp", "assign=uniform", "assign.bits=8"],
     "adaqp-u4": ["mode=adaqp", "assign=uniform", "assign.bits=4"],
     "adaqp-u2": ["mode=adaqp", "assign=uniform", "assign.bits=2"],
+    "adaqp-e2": ["mode=adaqp", "assign=adaptive", "assign.bits=2"],
     "adaqp-random": ["mode=adaqp", "assign=random"],
 }
 DATA = Path(__file__).resolve().parents[1] / ".." / "shared" / "data"
