@@ -12,13 +12,12 @@ import time
 
 import torch
 
+from pyg_adaqp import host
+
 
 def usable_cores() -> int:
     """Cores this process may run on."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        return os.cpu_count() or 1
+    return len(host.usable_cores())
 
 
 def print_header() -> int:
@@ -41,7 +40,9 @@ def machine_line() -> str:
                     break
     except OSError:
         pass
-    return (f"{cpu}; {usable} usable cores ({cores} logical); torch {torch.__version__}; "
+    quota = host.cpu_quota()
+    limit = f", a CPU limit of {quota:g}" if quota is not None else ""
+    return (f"{cpu}; {usable} usable cores ({cores} logical{limit}); torch {torch.__version__}; "
             f"Python {platform.python_version()}; {platform.system()} {platform.release()}")
 
 

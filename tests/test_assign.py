@@ -27,9 +27,11 @@ from pyg_adaqp.assign.cost_model import (BUCKET_REPEATS, CODEC_ELEMENTS, CODEC_W
                                          LARGEST_WITHIN_S, LATENCY_REPEATS, PROFILE_BYTES,
                                          SOURCE_ROWS_PER_ROW, WARM_UP_BYTES, WARM_UP_ROUNDS,
                                          all_links_bytes,
-                                         codec_costs, coding_slowdown, excess_latency,
+                                         WorkerCpus, codec_costs, coding_slowdown,
+                                         excess_latency,
                                          fast_links, fit_link, latency_plan, profile_codec,
-                                         profile_sizes, slow_links, usable_cores)
+                                         profile_sizes, slow_links)
+from pyg_adaqp.host import usable_cores
 from pyg_adaqp.assign.milp import TIE_BREAK, WIDTHS
 from pyg_adaqp.comm import message_nbytes
 from test_train import SMALL, launch, make_config, read_run
@@ -689,8 +691,19 @@ def test_the_encode_is_slowed_by_the_cores_contention_and_the_decode_is_not(monk
     ([("a", (0, 1), 3)], (0.5, 0.5, 1.0)),
     # pinned to cores of their own
     ([("a", (0,), 1), ("a", (1,), 1)], (1.0, 1.0, 1.0)),
+    # 4 workers of 1 thread in one container limited to 2 CPUs on 8 cores: as on 2 cores
+    ([("a", tuple(range(8)), 1, "pod", 2.0)] * 4, (2.0, 1.0, 2.0)),
+    # two containers of 2 CPUs each on 64 cores, one worker of 2 threads in each:
+    # 4 CPUs for 4 threads
+    ([("a", tuple(range(64)), 2, "pod1", 2.0), ("a", tuple(range(64)), 2, "pod2", 2.0)],
+     (0.5, 0.5, 1.0)),
+    # one thread limited to half a CPU: twice the wall time, even alone
+    ([("a", (0, 1), 1, "pod", 0.5)], (2.0, 2.0, 2.0)),
+    # a neighbour without a limit can take every core: the cores count
+    ([("a", (0, 1), 1, "pod", 1.0), ("a", (0, 1), 1, "other", None)], (1.0, 1.0, 1.0)),
 ])
-def test_coding_slowdown_shares_the_hosts_cores_among_its_workers_threads(everyone, slowdown):
+def test_coding_slowdown_shares_the_hosts_cpus_among_its_workers_threads(everyone, slowdown):
+    everyone = [WorkerCpus(*e) for e in everyone]
     assert coding_slowdown(everyone[0], everyone) == pytest.approx(slowdown, rel=1e-12)
 
 

@@ -15,6 +15,7 @@ import pytest
 from test_train import SMALL, make_config
 
 from pyg_adaqp.data import dataset_key, load_dataset
+from pyg_adaqp.host import usable_cpus
 from pyg_adaqp.partition import PartitionError, load_partition, partition_graph, read_manifest
 from pyg_adaqp.partition.peak_memory import status_gib
 
@@ -120,7 +121,7 @@ def test_partition_command_line(cache, tmp_path):
 
 
 def test_default_threads_share_the_cores():
-    cores = len(os.sched_getaffinity(0))
+    cores = int(usable_cpus())   # the cores, at most a container's CPU limit
     assert launcher.default_threads(1) == cores
     assert launcher.default_threads(cores) == 1
     assert launcher.default_threads(4 * cores) == 1

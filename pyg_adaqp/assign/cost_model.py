@@ -54,7 +54,7 @@ import os
 import socket
 import time
 from dataclasses import dataclass, field, replace
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import numpy as np
 import torch
@@ -64,6 +64,7 @@ from pyg_adaqp.comm.clock import device_clock
 from pyg_adaqp.comm.codec import MessageLayout, SharedRows, message_nbytes
 from pyg_adaqp.comm.packing import SUPPORTED_BITS
 from pyg_adaqp.comm.transport import Transport
+from pyg_adaqp.host import cpu_group, cpu_quota, usable_cores
 
 #: Bytes every profiled round moves through the timed link, largest first:
 #: TCP's congestion window opens on the big transfer, as it has in training.
@@ -424,45 +425,53 @@ def shares_one_clock() -> bool:
     return len(set(_gather(clock_domain()))) == 1
 
 
-def usable_cores() -> tuple[int, ...]:
-    """The CPUs this process may run on."""
-    if hasattr(os, "sched_getaffinity"):
-        return tuple(sorted(os.sched_getaffinity(0)))
-    return tuple(range(os.cpu_count() or 1))
+class WorkerCpus(NamedTuple):
+    """What a worker's coding runs on: its host (:func:`host_id`), the cores it
+    may run on, its intra-op threads, its CPU cgroup
+    (:func:`~pyg_adaqp.host.cpu_group`) and that cgroup's CPU limit
+    (:func:`~pyg_adaqp.host.cpu_quota`; None: none)."""
+    host: str
+    cores: tuple[int, ...]
+    threads: int
+    group: str = ""
+    limit: float | None = None
 
 
-def coding_slowdown(mine: tuple[str, tuple[int, ...], int],
-                    everyone: list[tuple[str, tuple[int, ...], int]]
-                    ) -> tuple[float, float, float]:
+def coding_slowdown(mine: WorkerCpus, everyone: list[WorkerCpus]) -> tuple[float, float, float]:
     """What a worker's coding takes in an exchange, from what it measures alone.
 
-    Each entry is a worker's ``(host id, usable cores, intra-op threads)``;
     `everyone` includes `mine`.  The workers on `mine`'s host whose cores
-    overlap its own share the cores of all of them.  When all of them
-    encode at once, this worker's threads get at most their own number of
-    cores, its own cores, and its threads' share of the shared cores; it
-    decodes alone (its peers' bytes arrive at different times).
+    overlap its own share the cores of all of them, or as many CPUs as
+    their cgroups' limits add up to where every one of those cgroups has
+    one (a container's ``--cpus``).  When all of them encode at once, this
+    worker's threads get at most their own number of cores, its own cores
+    (its own limit), and its threads' share of the shared CPUs; it decodes
+    alone (its peers' bytes arrive at different times).
 
     Returns:
         (float, float, float): Wall seconds per CPU second of the encode and
         of the decode, and how much slower one of its single-threaded
         kernels runs while every other worker encodes (that thread and
-        theirs over the shared cores, at least 1): a bucket's fixed cost,
+        theirs over the shared CPUs, at least 1): a bucket's fixed cost,
         timed alone, scaled to the exchange.
     """
-    host, cores, threads = mine
-    near = [e for e in everyone if e[0] == host and set(e[1]) & set(cores)]   # mine too
-    shared = len(set().union(*(set(e[1]) for e in near)))
-    demand = sum(e[2] for e in near)
-    alone = max(1, min(threads, len(cores)))
-    encoding = min(alone, max(1, shared) * threads / max(1, demand))
-    return 1.0 / encoding, 1.0 / alone, max(1.0, (demand - threads + 1) / max(1, shared))
+    near = [e for e in everyone if e.host == mine.host and set(e.cores) & set(mine.cores)]
+    shared = float(len(set().union(*(set(e.cores) for e in near))))   # mine among them
+    limits = {e.group: e.limit for e in near}
+    if None not in limits.values():
+        shared = min(shared, sum(limits.values()))
+    demand = sum(e.threads for e in near)
+    own = float(len(mine.cores)) if mine.limit is None else min(len(mine.cores), mine.limit)
+    alone = min(float(mine.threads), own)
+    encoding = min(alone, shared * mine.threads / demand)
+    return 1.0 / encoding, 1.0 / alone, max(1.0, (demand - mine.threads + 1) / shared)
 
 
 def core_contention() -> tuple[float, float, float]:
     """This worker's :func:`coding_slowdown` among all workers (collective)."""
-    mine = (host_id(), usable_cores(), torch.get_num_threads())
-    return coding_slowdown(mine, [tuple(e) for e in _gather(mine)])
+    mine = WorkerCpus(host_id(), usable_cores(), torch.get_num_threads(), cpu_group(),
+                      cpu_quota())
+    return coding_slowdown(mine, _gather(mine))
 
 
 def codec_rows(width: int) -> int:

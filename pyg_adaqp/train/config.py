@@ -114,7 +114,7 @@ class TrainerConfig:
     resume: Optional[str] = None       #: checkpoint file, or directory (newest valid one), to resume
     timeout_s: float = 120.0           #: bound on every collective and on joining the job
     startup_timeout_s: float = 3600.0  #: torchrun: how long ranks wait for rank 0's partition
-    num_threads: Optional[int] = None  #: torch threads per worker (null: cores / local workers)
+    num_threads: Optional[int] = None  #: torch threads per worker (null: usable CPUs / local workers)
     progress: bool = True              #: progress bar on rank 0
     plots: bool = True                 #: write PNG plots at the end
 

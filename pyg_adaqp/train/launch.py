@@ -36,6 +36,7 @@ from torch_geometric.data import Data
 
 from pyg_adaqp.data import check_dataset, dataset_key, load_dataset
 from pyg_adaqp.data.datasets import cache_dir
+from pyg_adaqp.host import usable_cpus
 from pyg_adaqp.partition import (
     PartitionError,
     graph_fingerprint,
@@ -250,9 +251,10 @@ def keep_freed_memory(limit: int = KEEP_FREED_BYTES) -> bool:
 
 
 def default_threads(local_workers: int) -> int:
-    """Torch threads per worker by default: this machine's usable cores shared by its workers."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    return max(1, (cores or 1) // max(1, local_workers))
+    """Torch threads per worker by default: the CPUs this machine lets its
+    workers keep busy (:func:`~pyg_adaqp.host.usable_cpus`: their cores, at
+    most their container's CPU limit), shared by them."""
+    return max(1, int(usable_cpus()) // max(1, local_workers))
 
 
 def _devices(cfg: Config, local_rank: int, local_world: int) -> tuple[torch.device, str]:
