@@ -7,9 +7,9 @@ quota, set on its cgroup, stops it for the rest of each period once it has
 used its share.  A pod limited to 4 CPUs on a 64-core node sees 64 cores;
 64 torch threads there would spend most of each period stopped.  So the
 worker's default thread count (:func:`~pyg_adaqp.train.launch.default_threads`)
-and the cost model's core contention
-(:func:`~pyg_adaqp.assign.cost_model.coding_slowdown`) count
-:func:`usable_cpus`, not the cores alone.
+counts :func:`usable_cpus`, and the cost model's core contention
+(:func:`~pyg_adaqp.assign.cost_model.coding_slowdown`) counts each worker's
+limit (:func:`cpu_limit`) beside its cores.
 """
 from __future__ import annotations
 
@@ -70,43 +70,63 @@ def _cpu_cgroup(membership: Path) -> tuple[str, str] | None:
     return v2
 
 
-def cpu_quota(root: Path = CGROUP_ROOT, membership: Path = CGROUP_MEMBERSHIP) -> float | None:
-    """CPUs per scheduling period that this process's cgroup may use: the
-    smallest CPU limit set on its cgroup or any ancestor; None where none is
-    set or none can be read.
+def cpu_limit(root: Path = CGROUP_ROOT, membership: Path = CGROUP_MEMBERSHIP
+              ) -> tuple[str, float] | None:
+    """The cgroup whose CPU limit binds this process and that limit, in CPUs
+    per scheduling period: the smallest limit set on its cgroup or an
+    ancestor under `root`; None where none is set or none can be read.
 
     cgroup v2: ``cpu.max`` (``"max 100000"``, or ``"QUOTA PERIOD"`` in
-    microseconds); v1: the ``cpu`` controller's ``cpu.cfs_quota_us`` (-1:
-    none) over ``cpu.cfs_period_us``.  The cgroup's path comes from
-    `membership`; a container often sees its own cgroup mounted at `root`
-    (a cgroup namespace), so every ancestor of that path under `root` is
-    read, down to `root` itself.
+    microseconds), under `root` or, on a hybrid system, ``root/unified``;
+    v1: the ``cpu`` controller's ``cpu.cfs_quota_us`` (-1: none) over
+    ``cpu.cfs_period_us``.  The cgroup's path comes from `membership`.  A
+    container may see its own cgroup bind-mounted at the hierarchy's root
+    while `membership` gives its path on the host, so every ancestor of
+    that path is read, down to the hierarchy's root itself (in a cgroup
+    namespace of its own the path is ``/``: the root).  Returns the binding
+    cgroup's directory relative to `root`.
     """
     found = _cpu_cgroup(membership)
     if found is None:
         return None
     hierarchy, path = found
-    bases = [root] if not hierarchy else list(dict.fromkeys([root / hierarchy, root / "cpu"]))
-    limits = [limit for base in bases for rel in _ancestors(path)
-              if (limit := _read_limit(base / rel if rel else base)) is not None]
-    return min(limits) if limits else None
+    bases = [hierarchy, "cpu"] if hierarchy else ["", "unified"]
+    best = None
+    for base in dict.fromkeys(bases):
+        for rel in _ancestors(path):
+            where = "/".join(p for p in (base, rel) if p)
+            limit = _read_limit(root / where if where else root)
+            if limit is not None and (best is None or limit < best[1]):
+                best = (where, limit)
+    return best
 
 
-def cpu_group(membership: Path = CGROUP_MEMBERSHIP) -> str:
-    """What tells this process's CPU cgroup from another's on the same machine:
-    its cgroup namespace and path (containers in cgroup namespaces of their
-    own all read their path as ``/``).  Processes in one group share its
-    :func:`cpu_quota`."""
+def cpu_quota(root: Path = CGROUP_ROOT, membership: Path = CGROUP_MEMBERSHIP) -> float | None:
+    """This process's CPU limit in CPUs (:func:`cpu_limit`); None where none is set."""
+    found = cpu_limit(root, membership)
+    return None if found is None else found[1]
+
+
+def cpu_group(root: Path = CGROUP_ROOT, membership: Path = CGROUP_MEMBERSHIP) -> str:
+    """What tells the cgroup whose CPU limit binds this process from another's
+    on the same machine: the cgroup namespace and the binding cgroup
+    (:func:`cpu_limit`), else this process's own cgroup.  Processes of one
+    group share its limit: sibling cgroups under one limited parent are one
+    group (containers in cgroup namespaces of their own all read their path
+    as ``/``: the namespace tells them apart)."""
     try:
         namespace = os.readlink("/proc/self/ns/cgroup")
     except OSError:
         namespace = ""
+    limit = cpu_limit(root, membership)
+    if limit is not None:
+        return f"{namespace} {limit[0]}"
     found = _cpu_cgroup(membership)
     return f"{namespace} {found[1] if found else ''}"
 
 
 def usable_cpus() -> float:
     """How many CPUs this process can keep busy: its :func:`usable_cores`, at
-    most its cgroup's :func:`cpu_quota`."""
+    most its cgroup's :func:`cpu_quota` (a fraction where the limit is one)."""
     quota, cores = cpu_quota(), float(len(usable_cores()))
     return cores if quota is None else min(cores, quota)

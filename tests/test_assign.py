@@ -31,9 +31,9 @@ from pyg_adaqp.assign.cost_model import (BUCKET_REPEATS, CODEC_ELEMENTS, CODEC_W
                                          excess_latency,
                                          fast_links, fit_link, latency_plan, profile_codec,
                                          profile_sizes, slow_links)
-from pyg_adaqp.host import usable_cores
 from pyg_adaqp.assign.milp import TIE_BREAK, WIDTHS
 from pyg_adaqp.comm import message_nbytes
+from pyg_adaqp.host import usable_cpus
 from test_train import SMALL, launch, make_config, read_run
 
 
@@ -701,6 +701,11 @@ def test_the_encode_is_slowed_by_the_cores_contention_and_the_decode_is_not(monk
     ([("a", (0, 1), 1, "pod", 0.5)], (2.0, 2.0, 2.0)),
     # a neighbour without a limit can take every core: the cores count
     ([("a", (0, 1), 1, "pod", 1.0), ("a", (0, 1), 1, "other", None)], (1.0, 1.0, 1.0)),
+    # ... but a worker's own limit still holds it back, its kernels too
+    ([("a", (0, 1), 1, "pod", 0.5), ("a", (0, 1), 1, "other", None)], (2.0, 2.0, 2.0)),
+    # a worker of the group that could not read the limit shares its group's
+    ([("a", tuple(range(8)), 1, "pod", 2.0)] * 3 + [("a", tuple(range(8)), 1, "pod", None)],
+     (2.0, 1.0, 2.0)),
 ])
 def test_coding_slowdown_shares_the_hosts_cpus_among_its_workers_threads(everyone, slowdown):
     everyone = [WorkerCpus(*e) for e in everyone]
@@ -715,10 +720,11 @@ def _core_contention(rank: int, world_size: int) -> tuple[float, float, float]:
 def test_core_contention_of_workers_on_this_machine():
     from pyg_adaqp.train.workers import run_workers
 
-    cores = len(usable_cores())
+    cpus = usable_cpus()       # the cores, at most a CPU limit (both workers share it)
     factors = run_workers(_core_contention, 2, timeout_s=60)
     # 2 workers of 3 threads on this machine's cores
-    expect = (1 / min(3, cores, cores * 3 / 6), 1 / min(3, cores), max(1.0, 4 / cores))
+    expect = (1 / min(3, cpus, cpus * 3 / 6), 1 / min(3, cpus),
+              max(1.0, 1 / min(1.0, cpus), 4 / cpus))
     for factor in factors:
         assert factor == pytest.approx(expect, rel=1e-12)
 

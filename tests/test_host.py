@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from pyg_adaqp import host
-from pyg_adaqp.host import cpu_group, cpu_quota, usable_cores, usable_cpus
+from pyg_adaqp.host import cpu_group, cpu_limit, cpu_quota, usable_cores, usable_cpus
 
 launcher = importlib.import_module("pyg_adaqp.train.launch")  # `launch` is also a function
 
@@ -21,8 +21,8 @@ def _tree(root: Path, files: dict[str, str]) -> Path:
     return root
 
 
-def _membership(tmp_path: Path, text: str) -> Path:
-    path = tmp_path / "self_cgroup"
+def _membership(tmp_path: Path, text: str, name: str = "self_cgroup") -> Path:
+    path = tmp_path / name
     path.write_text(text)
     return path
 
@@ -34,15 +34,30 @@ def test_cgroup_v2_limit_is_the_smallest_over_the_cgroup_and_its_ancestors(tmp_p
                                    "kubepods/pod1/c1/cpu.max": "max 100000\n"})
     member = _membership(tmp_path, "0::/kubepods/pod1/c1\n")
     assert cpu_quota(root, member) == 4.0
+    assert cpu_limit(root, member) == ("kubepods/pod1", 4.0)
+    # two containers of one pod share the pod's limit: one group
+    sibling = _membership(tmp_path, "0::/kubepods/pod1/c2\n", "sibling_cgroup")
+    assert cpu_group(root, sibling) == cpu_group(root, member)
+    assert cpu_group(root, member).endswith(" kubepods/pod1")
     # a tighter limit lower down rules
     (root / "kubepods/pod1/c1/cpu.max").write_text("150000 100000\n")
     assert cpu_quota(root, member) == 1.5
+    assert cpu_limit(root, member) == ("kubepods/pod1/c1", 1.5)
+    assert cpu_group(root, sibling) != cpu_group(root, member)
 
 
 def test_cgroup_v2_in_a_namespace_of_its_own_reads_the_root(tmp_path):
     # docker run --cpus=2.5 with a cgroup namespace: the process's path is "/"
     root = _tree(tmp_path / "fs", {"cpu.max": "250000 100000\n"})
     assert cpu_quota(root, _membership(tmp_path, "0::/\n")) == 2.5
+    assert cpu_limit(root, _membership(tmp_path, "0::/\n")) == ("", 2.5)
+
+
+def test_cgroup_v2_on_a_hybrid_system_reads_the_unified_tree(tmp_path):
+    # v1 hierarchies for other controllers, v2 (with cpu) mounted at <root>/unified
+    member = _membership(tmp_path, "5:memory:/user.slice\n0::/user.slice/job\n")
+    root = _tree(tmp_path / "fs", {"unified/user.slice/cpu.max": "300000 100000\n"})
+    assert cpu_limit(root, member) == ("unified/user.slice", 3.0)
 
 
 def test_cgroup_v1_quota_over_period(tmp_path):
@@ -51,6 +66,7 @@ def test_cgroup_v1_quota_over_period(tmp_path):
     root = _tree(tmp_path / "fs", {"cpu,cpuacct/docker/abc/cpu.cfs_quota_us": "200000\n",
                                    "cpu,cpuacct/docker/abc/cpu.cfs_period_us": "100000\n"})
     assert cpu_quota(root, member) == 2.0
+    assert cpu_limit(root, member) == ("cpu,cpuacct/docker/abc", 2.0)
     # the container's own cgroup mounted at the hierarchy's root (its path not under it)
     mounted = _tree(tmp_path / "mounted", {"cpu/cpu.cfs_quota_us": "50000\n",
                                            "cpu/cpu.cfs_period_us": "100000\n"})
@@ -73,8 +89,8 @@ def test_no_limit_where_none_is_set_or_none_can_be_read(tmp_path, membership, fi
 
 
 def test_usable_cpus_are_the_cores_at_most_the_limit(monkeypatch):
-    cores = len(os.sched_getaffinity(0))
-    assert usable_cores() == tuple(sorted(os.sched_getaffinity(0)))
+    cores = len(usable_cores())
+    assert cores >= 1 and set(usable_cores()) <= set(range(os.cpu_count() or 1))
     monkeypatch.setattr(host, "cpu_quota", lambda: None)
     assert usable_cpus() == cores
     assert launcher.default_threads(1) == cores
@@ -87,7 +103,9 @@ def test_usable_cpus_are_the_cores_at_most_the_limit(monkeypatch):
     assert launcher.default_threads(1) == max(1, cores - 1)
 
 
-def test_cpu_group_names_the_namespace_and_path(tmp_path):
-    assert cpu_group(_membership(tmp_path, "0::/kubepods/pod1\n")).endswith(" /kubepods/pod1")
-    assert cpu_group(_membership(tmp_path, "4:cpu,cpuacct:/docker/abc\n0::/\n")).endswith(
+def test_cpu_group_without_a_limit_names_the_namespace_and_own_path(tmp_path):
+    root = tmp_path / "empty"
+    assert cpu_group(root, _membership(tmp_path, "0::/kubepods/pod1\n")).endswith(
+        " /kubepods/pod1")
+    assert cpu_group(root, _membership(tmp_path, "4:cpu,cpuacct:/docker/abc\n0::/\n")).endswith(
         " /docker/abc")

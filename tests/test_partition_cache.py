@@ -121,7 +121,7 @@ def test_partition_command_line(cache, tmp_path):
 
 
 def test_default_threads_share_the_cores():
-    cores = int(usable_cpus())   # the cores, at most a container's CPU limit
+    cores = max(1, int(usable_cpus()))   # the cores, at most a container's CPU limit
     assert launcher.default_threads(1) == cores
     assert launcher.default_threads(cores) == 1
     assert launcher.default_threads(4 * cores) == 1

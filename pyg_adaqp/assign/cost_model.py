@@ -20,7 +20,8 @@ receives at their widths (measured per row and per element on that worker's
 device, plus a fixed cost per non-empty width bucket of every message: a
 bucket's few kernels cost ~0.1-0.6 ms on one CPU thread whatever its rows;
 on the CPU the encode is slowed by the workers that share the host's cores
-and encode at the same time, :func:`core_contention`),
+and encode at the same time, and all of it by a container's CPU limit,
+:func:`core_contention`),
 and :math:`h_i` the aggregation time that overlaps the exchange.  Every
 piece is linear in the widths' indicator variables (and in one variable per
 channel and width that says whether the bucket is used), so the MILP keeps
@@ -446,7 +447,9 @@ def coding_slowdown(mine: WorkerCpus, everyone: list[WorkerCpus]) -> tuple[float
     one (a container's ``--cpus``).  When all of them encode at once, this
     worker's threads get at most their own number of cores, its own cores
     (its own limit), and its threads' share of the shared CPUs; it decodes
-    alone (its peers' bytes arrive at different times).
+    alone (its peers' bytes arrive at different times), within its limit.
+    The share is by threads: a neighbour held below its share by its own
+    limit is not counted as leaving the rest to the others.
 
     Returns:
         (float, float, float): Wall seconds per CPU second of the encode and
@@ -457,14 +460,17 @@ def coding_slowdown(mine: WorkerCpus, everyone: list[WorkerCpus]) -> tuple[float
     """
     near = [e for e in everyone if e.host == mine.host and set(e.cores) & set(mine.cores)]
     shared = float(len(set().union(*(set(e.cores) for e in near))))   # mine among them
-    limits = {e.group: e.limit for e in near}
-    if None not in limits.values():
-        shared = min(shared, sum(limits.values()))
+    limits: dict[str, list[float]] = {}
+    for e in near:                       # a group's workers read one limit (or failed to)
+        limits.setdefault(e.group, []).extend([] if e.limit is None else [e.limit])
+    if all(limits.values()):
+        shared = min(shared, sum(min(group) for group in limits.values()))
     demand = sum(e.threads for e in near)
     own = float(len(mine.cores)) if mine.limit is None else min(len(mine.cores), mine.limit)
     alone = min(float(mine.threads), own)
     encoding = min(alone, shared * mine.threads / demand)
-    return 1.0 / encoding, 1.0 / alone, max(1.0, (demand - mine.threads + 1) / shared)
+    kernel = max(1.0, 1.0 / min(1.0, own), (demand - mine.threads + 1) / shared)
+    return 1.0 / encoding, 1.0 / alone, kernel
 
 
 def core_contention() -> tuple[float, float, float]:

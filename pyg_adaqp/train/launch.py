@@ -253,7 +253,8 @@ def keep_freed_memory(limit: int = KEEP_FREED_BYTES) -> bool:
 def default_threads(local_workers: int) -> int:
     """Torch threads per worker by default: the CPUs this machine lets its
     workers keep busy (:func:`~pyg_adaqp.host.usable_cpus`: their cores, at
-    most their container's CPU limit), shared by them."""
+    most their container's CPU limit, rounded down: a limit of 1.5 CPUs
+    gives 1 thread), shared by them, at least 1."""
     return max(1, int(usable_cpus()) // max(1, local_workers))
 
 
