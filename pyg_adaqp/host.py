@@ -9,7 +9,7 @@ used its share.  A pod limited to 4 CPUs on a 64-core node sees 64 cores;
 worker's default thread count (:func:`~pyg_adaqp.train.launch.default_threads`)
 counts :func:`usable_cpus`, and the cost model's core contention
 (:func:`~pyg_adaqp.assign.cost_model.coding_slowdown`) counts each worker's
-limit (:func:`cpu_limit`) beside its cores.
+limit and the cgroup that sets it (:func:`cpu_group`) beside its cores.
 """
 from __future__ import annotations
 
@@ -107,22 +107,23 @@ def cpu_quota(root: Path = CGROUP_ROOT, membership: Path = CGROUP_MEMBERSHIP) ->
     return None if found is None else found[1]
 
 
-def cpu_group(root: Path = CGROUP_ROOT, membership: Path = CGROUP_MEMBERSHIP) -> str:
+def cpu_group(root: Path = CGROUP_ROOT, membership: Path = CGROUP_MEMBERSHIP
+              ) -> tuple[str, float | None]:
     """What tells the cgroup whose CPU limit binds this process from another's
-    on the same machine: the cgroup namespace and the binding cgroup
-    (:func:`cpu_limit`), else this process's own cgroup.  Processes of one
-    group share its limit: sibling cgroups under one limited parent are one
-    group (containers in cgroup namespaces of their own all read their path
-    as ``/``: the namespace tells them apart)."""
+    on the same machine, and that limit (None: none): the cgroup namespace
+    and the binding cgroup (:func:`cpu_limit`), else this process's own
+    cgroup.  Processes of one group share its limit: sibling cgroups under
+    one limited parent are one group (containers in cgroup namespaces of
+    their own all read their path as ``/``: the namespace tells them apart)."""
     try:
         namespace = os.readlink("/proc/self/ns/cgroup")
     except OSError:
         namespace = ""
     limit = cpu_limit(root, membership)
     if limit is not None:
-        return f"{namespace} {limit[0]}"
+        return f"{namespace} {limit[0]}", limit[1]
     found = _cpu_cgroup(membership)
-    return f"{namespace} {found[1] if found else ''}"
+    return f"{namespace} {found[1] if found else ''}", None
 
 
 def usable_cpus() -> float:

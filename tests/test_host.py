@@ -38,7 +38,8 @@ def test_cgroup_v2_limit_is_the_smallest_over_the_cgroup_and_its_ancestors(tmp_p
     # two containers of one pod share the pod's limit: one group
     sibling = _membership(tmp_path, "0::/kubepods/pod1/c2\n", "sibling_cgroup")
     assert cpu_group(root, sibling) == cpu_group(root, member)
-    assert cpu_group(root, member).endswith(" kubepods/pod1")
+    assert cpu_group(root, member)[1] == 4.0
+    assert cpu_group(root, member)[0].endswith(" kubepods/pod1")
     # a tighter limit lower down rules
     (root / "kubepods/pod1/c1/cpu.max").write_text("150000 100000\n")
     assert cpu_quota(root, member) == 1.5
@@ -105,7 +106,7 @@ def test_usable_cpus_are_the_cores_at_most_the_limit(monkeypatch):
 
 def test_cpu_group_without_a_limit_names_the_namespace_and_own_path(tmp_path):
     root = tmp_path / "empty"
-    assert cpu_group(root, _membership(tmp_path, "0::/kubepods/pod1\n")).endswith(
-        " /kubepods/pod1")
-    assert cpu_group(root, _membership(tmp_path, "4:cpu,cpuacct:/docker/abc\n0::/\n")).endswith(
-        " /docker/abc")
+    name, limit = cpu_group(root, _membership(tmp_path, "0::/kubepods/pod1\n"))
+    assert name.endswith(" /kubepods/pod1") and limit is None
+    name, limit = cpu_group(root, _membership(tmp_path, "4:cpu,cpuacct:/docker/abc\n0::/\n"))
+    assert name.endswith(" /docker/abc") and limit is None

@@ -65,7 +65,7 @@ from pyg_adaqp.comm.clock import device_clock
 from pyg_adaqp.comm.codec import MessageLayout, SharedRows, message_nbytes
 from pyg_adaqp.comm.packing import SUPPORTED_BITS
 from pyg_adaqp.comm.transport import Transport
-from pyg_adaqp.host import cpu_group, cpu_quota, usable_cores
+from pyg_adaqp.host import cpu_group, usable_cores
 
 #: Bytes every profiled round moves through the timed link, largest first:
 #: TCP's congestion window opens on the big transfer, as it has in training.
@@ -428,9 +428,8 @@ def shares_one_clock() -> bool:
 
 class WorkerCpus(NamedTuple):
     """What a worker's coding runs on: its host (:func:`host_id`), the cores it
-    may run on, its intra-op threads, its CPU cgroup
-    (:func:`~pyg_adaqp.host.cpu_group`) and that cgroup's CPU limit
-    (:func:`~pyg_adaqp.host.cpu_quota`; None: none)."""
+    may run on, its intra-op threads, and its CPU cgroup and that cgroup's
+    CPU limit (:func:`~pyg_adaqp.host.cpu_group`; None: none)."""
     host: str
     cores: tuple[int, ...]
     threads: int
@@ -475,8 +474,7 @@ def coding_slowdown(mine: WorkerCpus, everyone: list[WorkerCpus]) -> tuple[float
 
 def core_contention() -> tuple[float, float, float]:
     """This worker's :func:`coding_slowdown` among all workers (collective)."""
-    mine = WorkerCpus(host_id(), usable_cores(), torch.get_num_threads(), cpu_group(),
-                      cpu_quota())
+    mine = WorkerCpus(host_id(), usable_cores(), torch.get_num_threads(), *cpu_group())
     return coding_slowdown(mine, _gather(mine))
 
 
@@ -712,7 +710,8 @@ def profile_links(transport: Transport, device: torch.device, one_clock: bool,
     everyone = {i: [j for j in range(k) if j != i] for i in range(k)}
     largest = []            # this worker's time in each owner's largest round
     for owner in range(k):
-        largest.append([owner_round(owner, everyone[owner], size) for size in owner_sizes][0])
+        times = [owner_round(owner, everyone[owner], size) for size in owner_sizes]
+        largest.append(times[0])
     # Each owner's largest round's slowest worker says which peers held it.
     slowest = torch.tensor(largest, dtype=torch.float64, device=device)
     dist.all_reduce(slowest, op=dist.ReduceOp.MAX, group=transport.group)
