@@ -45,7 +45,9 @@ validation and the test metric at it with the difference to ``vanilla``, and
 the training time until validation first reaches 98% of ``vanilla``'s best.
 Also reported: each adaptive run's cost-model check (predicted vs measured
 exchange time).  Writes ``results.md``, ``results.json`` and
-``throughput.png`` into ``--out``.
+``throughput.png`` into ``--out``; ``benchmarks/time_split.py OUT`` splits
+each run's extra seconds over its round's uniform 2-bit run into set-up,
+epoch 0, re-assigning epochs and the rest.
 """
 from __future__ import annotations
 
