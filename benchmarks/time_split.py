@@ -12,16 +12,18 @@ cache, seed and repeat).  A run's seconds are its set-up plus its epochs
 - ``epoch 0``: the first epoch (``adaqp`` runs it at 8 bits, before the
   first assignment);
 - ``re-assigning``: the epochs at whose start the run's allocator
-  re-assigned (its ``assign.history`` in ``summary.json``), against the
-  same epochs of the other run;
+  assigned widths (its ``assign.history`` in ``summary.json``: epoch 1's
+  first assignment, then every re-assignment), against the same epochs
+  of the other run;
 - ``other epochs``: every other epoch.
 
 The first three are what an adaptive run pays that a uniform one does not.
 Where both send every row at one width in the other epochs, those run the
 same code, and their difference is how far this machine moves whole runs
-apart.  ``fixed only`` is the ratio of epochs/s the run would have had if
-its other epochs had taken exactly the other run's: the other run's seconds
-over those plus the first three parts.
+apart.  ``epochs/s ratio`` is the other run's seconds over the run's;
+``fixed only`` the ratio the run would have had if its other epochs had
+taken exactly the other run's: the other run's seconds over those plus the
+first three parts.  The mean rows average the rounds' figures.
 """
 from __future__ import annotations
 
@@ -40,9 +42,9 @@ def split(run: dict, against: dict) -> dict[str, float]:
     """`run`'s seconds less `against`'s, by part (the module's four), and how many
     epochs re-assigned; both runs ran the same epochs."""
     mine, theirs = run["rows"], against["rows"]
-    if len(mine) != len(theirs):
+    if len(mine) != len(theirs) or not mine:
         raise ValueError(f"{run['config']} ran {len(mine)} epochs and {against['config']} "
-                         f"{len(theirs)} in round {run['repeat']}: not comparable")
+                         f"{len(theirs)} ({_round(run)}): not comparable")
     reassigning = sorted({h["epoch"] for h in run["summary"].get("assign", {}).get("history", [])
                           if 0 < h["epoch"] < len(mine)})
     diff = [a["epoch_time"] - b["epoch_time"] for a, b in zip(mine, theirs)]
@@ -56,42 +58,55 @@ def split(run: dict, against: dict) -> dict[str, float]:
 
 def table(results: list[dict], against: str, configs: list[str] | None = None) -> str:
     """The markdown table: one row per run of `configs` (default: every one
-    but `against` and ``vanilla``) and its round's `against` run, and one of
-    the means per model, cache and configuration."""
+    but `against` and ``vanilla``) against its round's `against` run, and
+    one of the means over the rounds per model, cache and configuration
+    (the ratios' means are the means of the rounds' ratios)."""
     key = lambda r: (r["model"], r["cache"], r["seed"], r["repeat"])  # noqa: E731
+    present = sorted({r["config"] for r in results})
     base = {key(r): r for r in results if r["config"] == against}
     if not base:
         raise ValueError(f"no run of {against!r} in these results (configurations: "
-                         f"{', '.join(sorted({r['config'] for r in results}))})")
-    configs = configs or sorted({r["config"] for r in results} - {against, "vanilla"})
+                         f"{', '.join(present)})")
+    configs = configs or sorted(set(present) - {against, "vanilla"})
+    unknown = [c for c in configs if c not in present or c == against]
+    if unknown or not configs:
+        raise ValueError(f"nothing to split against {against!r}: "
+                         f"{', '.join(unknown) or 'no other configuration'} (configurations: "
+                         f"{', '.join(present)})")
     out = [f"Seconds of set-up and epochs against `{against}` in the same round "
            f"(positive: slower).", "",
-           "| model | cache | config | seed | round | its s | extra s | set-up | epoch 0 "
+           f"| model | cache | config | seed | round | {against} s | extra s | set-up | epoch 0 "
            "| re-assigning (epochs) | other epochs | epochs/s ratio | fixed only |",
            "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     groups: dict[tuple, list[dict]] = {}
     for run in results:
-        if run["config"] not in configs or key(run) not in base:
+        if run["config"] not in configs:
             continue
+        if key(run) not in base:
+            raise ValueError(f"no run of {against!r} in the round of {run['config']} "
+                             f"({_round(run)})")
         other = base[key(run)]
         parts = split(run, other)
         theirs = seconds(other)
         fixed = parts["set-up"] + parts["epoch 0"] + parts["re-assigning"]
-        row = {**parts, "its": theirs, "extra": seconds(run) - theirs,
+        row = {**parts, "baseline": theirs, "extra": seconds(run) - theirs,
                "ratio": theirs / seconds(run), "fixed only": theirs / (theirs + fixed)}
         groups.setdefault((run["model"], run["cache"], run["config"]), []).append(row)
         out.append(f"| {run['model']} | {run['cache']} | {run['config']} | {run['seed']} | "
-                   f"{run['repeat']} | {theirs:.2f} | {_cells(row)} |")
+                   f"{run['repeat']} | {_cells(row)} |")
     for (model, cache, config), rows in groups.items():
         means = {k: statistics.mean(r[k] for r in rows) for k in rows[0]}
-        out.append(f"| {model} | {cache} | {config} | | mean of {len(rows)} | "
-                   f"{means['its']:.2f} | {_cells(means)} |")
+        out.append(f"| {model} | {cache} | {config} | | mean of {len(rows)} | {_cells(means)} |")
     return "\n".join(out) + "\n"
 
 
+def _round(run: dict) -> str:
+    return f"model {run['model']}, cache {run['cache']}, seed {run['seed']}, round {run['repeat']}"
+
+
 def _cells(row: dict) -> str:
-    return (f"{row['extra']:+.2f} | {row['set-up']:+.2f} | {row['epoch 0']:+.2f} | "
-            f"{row['re-assigning']:+.2f} ({row['reassignments']:g}) | "
+    return (f"{row['baseline']:.2f} | {row['extra']:+.2f} | {row['set-up']:+.2f} | "
+            f"{row['epoch 0']:+.2f} | {row['re-assigning']:+.2f} ({row['reassignments']:g}) | "
             f"{row['other epochs']:+.2f} | {row['ratio']:.3f} | {row['fixed only']:.3f}")
 
 
@@ -108,8 +123,11 @@ def main() -> int:
         ap.error(f"{path} not found: give a benchmarks/throughput.py --out folder")
     try:
         print(table(json.loads(path.read_text()), args.against, args.configs), end="")
-    except ValueError as err:
-        ap.error(str(err))
+    except ValueError as err:  # bad JSON too
+        ap.error(f"{path}: {err}")
+    except (KeyError, TypeError, AttributeError) as err:
+        ap.error(f"{path}: not a benchmarks/throughput.py results file ({type(err).__name__}: "
+                 f"{err})")
     return 0
 
 
