@@ -48,11 +48,12 @@ def split(run: dict, against: dict) -> dict[str, float]:
     reassigning = sorted({h["epoch"] for h in run["summary"].get("assign", {}).get("history", [])
                           if 0 < h["epoch"] < len(mine)})
     diff = [a["epoch_time"] - b["epoch_time"] for a, b in zip(mine, theirs)]
+    assigning = sum(diff[e] for e in reassigning)
     return {"set-up": (run["summary"].get("setup_time", 0.0)
                        - against["summary"].get("setup_time", 0.0)),
             "epoch 0": diff[0],
-            "re-assigning": sum(diff[e] for e in reassigning),
-            "other epochs": sum(diff[1:]) - sum(diff[e] for e in reassigning),
+            "re-assigning": assigning,
+            "other epochs": sum(diff[1:]) - assigning,
             "reassignments": len(reassigning)}
 
 
@@ -87,10 +88,10 @@ def table(results: list[dict], against: str, configs: list[str] | None = None) -
                              f"({_round(run)})")
         other = base[key(run)]
         parts = split(run, other)
-        theirs = seconds(other)
+        theirs, its = seconds(other), seconds(run)
         fixed = parts["set-up"] + parts["epoch 0"] + parts["re-assigning"]
-        row = {**parts, "baseline": theirs, "extra": seconds(run) - theirs,
-               "ratio": theirs / seconds(run), "fixed only": theirs / (theirs + fixed)}
+        row = {**parts, "baseline": theirs, "extra": its - theirs,
+               "ratio": theirs / its, "fixed only": theirs / (theirs + fixed)}
         groups.setdefault((run["model"], run["cache"], run["config"]), []).append(row)
         out.append(f"| {run['model']} | {run['cache']} | {run['config']} | {run['seed']} | "
                    f"{run['repeat']} | {_cells(row)} |")

@@ -86,7 +86,11 @@ def cpu_limit(root: Path = CGROUP_ROOT, membership: Path = CGROUP_MEMBERSHIP
     namespace of its own the path is ``/``: the root).  Returns the binding
     cgroup's directory relative to `root`.
     """
-    found = _cpu_cgroup(membership)
+    return _smallest_limit(root, _cpu_cgroup(membership))
+
+
+def _smallest_limit(root: Path, found: tuple[str, str] | None) -> tuple[str, float] | None:
+    """:func:`cpu_limit` of the CPU cgroup `found` (:func:`_cpu_cgroup`)."""
     if found is None:
         return None
     hierarchy, path = found
@@ -119,10 +123,10 @@ def cpu_group(root: Path = CGROUP_ROOT, membership: Path = CGROUP_MEMBERSHIP
         namespace = os.readlink("/proc/self/ns/cgroup")
     except OSError:
         namespace = ""
-    limit = cpu_limit(root, membership)
+    found = _cpu_cgroup(membership)          # read once, for the limit and the fallback
+    limit = _smallest_limit(root, found)
     if limit is not None:
         return f"{namespace} {limit[0]}", limit[1]
-    found = _cpu_cgroup(membership)
     return f"{namespace} {found[1] if found else ''}", None
 
 
