@@ -520,3 +520,103 @@ def test_mixed_widths_travel_in_contiguous_buckets_and_land_exactly(seed):
             holders[i] += 1
         own = lg.node_ids[:lg.num_owned].float()
         assert torch.equal(grad, (holders * own).unsqueeze(1).expand(-1, 5))
+
+
+def test_travel_order_sorts_by_width_and_moves_only_the_rows_outside_their_slice():
+    """Brute force over random widths: a permutation, every width's rows one
+    slice in ascending width, the rows inside their own width's slice where
+    they were, the others in row order within their width."""
+    from pyg_adaqp.comm.exchange import travel_order
+
+    gen = torch.Generator().manual_seed(0)
+    for trial in range(300):
+        n = int(torch.randint(0, 60, (1,), generator=gen))
+        if trial % 2:   # mostly one width with a few wider rows
+            bits = torch.full((n,), 2)
+            bits[torch.randint(0, max(n, 1), (min(n, 5),), generator=gen)] = 4
+        else:
+            bits = torch.tensor([2, 4, 8, 32])[torch.randint(4, (n,), generator=gen)]
+        perm = travel_order(bits)
+        assert sorted(perm.tolist()) == list(range(n))
+        slice_width = sorted(bits.tolist())
+        assert bits[perm].tolist() == slice_width
+        moved = [j for j in range(n) if perm[j] != j]
+        assert moved == [j for j in range(n) if slice_width[j] != bits[j]]
+        for b in set(bits.tolist()):
+            rows = [int(perm[j]) for j in moved if slice_width[j] == b]
+            assert rows == sorted(rows)
+    # One group of 100 rows at 4 bits among 12,000: at most 200 rows move
+    # (a stable sort by width would move every row after the first wider one).
+    bits = torch.full((12_000,), 2)
+    bits[torch.randperm(12_000, generator=gen)[:100]] = 4
+    assert int((travel_order(bits) != torch.arange(12_000)).sum()) <= 200
+
+
+def one_mixed_channel_worker(rank, world_size, parts):
+    """Every row at 2 bits but for one channel (0 -> 1), where every fifth
+    row travels at 4 bits.  Records every decode's `out`: a peer whose halo
+    slots are one slice is decoded straight into it."""
+    from pyg_adaqp.comm import HaloExchange
+    from pyg_adaqp.comm.codec import MessageLayout
+
+    lg = parts[rank]
+    ex = HaloExchange(lg)
+    decoded_into = []
+    unpack = MessageLayout.unpack
+
+    def recording_unpack(layout, buffer, dtype=torch.float32, out=None):
+        decoded_into.append(out is not None)
+        return unpack(layout, buffer, dtype, out)
+
+    MessageLayout.unpack = recording_unpack
+
+    def widths(sender, receiver, n, key):
+        bits = torch.full((n,), 2)
+        if (sender, receiver) == ((0, 1) if key == 0 else (1, 0)):
+            bits[::5] = 4
+        return bits
+
+    install(ex.set_bits, lg, widths, rank)
+    ids = lg.node_ids.double().unsqueeze(1).expand(-1, 5).float()
+    x = ids[:lg.num_owned].clone().requires_grad_()
+    handle = ex.begin(0, x, quantize=True, overlap=True)
+    halo = handle.halo()
+    forward_decodes = list(decoded_into)
+    (halo * ids[lg.num_owned:]).sum().backward()
+    MessageLayout.unpack = unpack
+    # The peers whose rows travel re-ordered, by key: (sent to, received from).
+    order = {key: (sorted(send), sorted(recv)) for key, (send, recv) in ex._order.items()}
+    settle = {p: at.numel() for p, (at, to) in ex._settle("forward 0", True).items()}
+    wide = {p: int((widths(p, rank, i.numel(), 0) != 2).sum()) for p, i in lg.recv_index.items()}
+    return halo.detach(), x.grad, order, settle, wide, forward_decodes
+
+
+def test_one_mixed_channel_reorders_its_own_rows_only():
+    data = random_directed_graph(num_nodes=300, num_edges=2400, seed=3)
+    parts = partition_graph(data, 3)
+    assert all(s is not None for lg in parts for s in map(_slice_of, lg.recv_index.values()))
+    results = run_workers(one_mixed_channel_worker, 3, parts)
+    for rank, (lg, (halo, grad, order, settle, wide, into)) in enumerate(zip(parts, results)):
+        # Exact: constant rows decode exactly at any width.
+        assert torch.equal(halo, lg.node_ids[lg.num_owned:].float().unsqueeze(1).expand(-1, 5))
+        holders = torch.zeros(lg.num_owned)
+        for p, i in lg.send_index.items():
+            holders[i] += 1
+        assert torch.equal(grad, (holders * lg.node_ids[:lg.num_owned].float())
+                           .unsqueeze(1).expand(-1, 5))
+        # Only the mixed channel's two ends re-order, and only for that peer.
+        expect = {0: {"forward 0": ([1], []), "backward 0": ([], [1])},
+                  1: {"forward 0": ([], [0]), "backward 0": ([0], [])},
+                  2: {}}[rank]
+        assert order == expect
+        # Every forward message is decoded straight into the halo block; the
+        # receiver of the mixed channel then moves at most twice its wide rows.
+        assert into == [True] * len(lg.recv_index)
+        assert settle.keys() == ({0} if rank == 1 else set())
+        if rank == 1:
+            assert 0 < settle[0] <= 2 * wide[0]
+
+
+def _slice_of(index):
+    from pyg_adaqp.comm.exchange import _as_slice
+    return _as_slice(index)

@@ -73,9 +73,13 @@ class _Flight:
     stats: ExchangeStats
     dtype: torch.dtype
     started: float  #: when the exchange was posted, by the exchange's clock
-    #: Where each peer's received rows go when they travel sorted by width
-    #: (halo slots, or owned rows to add into); None: the plan's own order.
-    into: dict[int, Tensor] | None = None
+    #: Where the received rows go of each peer whose rows travel re-ordered
+    #: by width (halo slots, or owned rows to add into), but for the peers in
+    #: `settle`; every other peer's rows travel in the plan's own order.
+    into: dict[int, Tensor] = field(default_factory=dict)
+    #: Per peer decoded into its halo slice in the order its rows travel:
+    #: the slice's rows to move after decoding, and where they go.
+    settle: dict[int, tuple[Tensor, Tensor]] = field(default_factory=dict)
 
 
 class HaloExchange:
@@ -116,8 +120,9 @@ class HaloExchange:
         #: messages are added into (a forward layer's output, the gradient of the
         #: rows sent).
         self.tracer = None
-        # Per key: the widths (sorted) and the order rows travel in, by peer,
-        # for what this worker sends and receives.
+        # Per key: the widths (sorted) by peer, and the order rows travel in
+        # for each peer whose rows a mixed assignment re-orders, for what this
+        # worker sends and receives.
         self._bits: dict[str, tuple[dict[int, Tensor], dict[int, Tensor]]] = {}
         self._order: dict[str, tuple[dict[int, Tensor], dict[int, Tensor]]] = {}
         self._rows: dict[tuple, dict[int, Tensor]] = {}
@@ -141,17 +146,19 @@ class HaloExchange:
         Widths equal to the installed ones keep the key's message layouts and
         shared-row plans (an allocator re-assigning to the same widths).
         """
-        # Each peer's rows travel sorted by width (a stable sort, which both
-        # ends compute alike from the same widths), so every width's rows are
-        # one slice of the message: no per-width gather or scatter.
-        order = tuple({p: torch.sort(b.cpu().long(), stable=True)[1] for p, b in bits.items()}
+        # Each peer's rows travel sorted by width (both ends compute the order
+        # alike from the same widths), so every width's rows are one slice of
+        # the message: no per-width gather or scatter.  The order moves only
+        # the rows outside their width's slice (:func:`travel_order`): a peer
+        # whose rows share one width keeps the plan's order, and a row that
+        # is not moved is decoded straight into its halo slot.
+        order = tuple({p: o for p, o in ((p, travel_order(b.cpu())) for p, b in bits.items())
+                       if not torch.equal(o, torch.arange(o.numel()))}
                       for bits in (send_bits, recv_bits))
-        bits = tuple({p: bits[p].cpu()[o[p]] for p in o}
+        bits = tuple({p: b.cpu()[o[p]] if p in o else b.cpu() for p, b in bits.items()}
                      for bits, o in zip((send_bits, recv_bits), order))
-        if all(torch.equal(o, torch.arange(o.numel())) for side in order for o in side.values()):
-            # Already sorted (one width everywhere): the rows travel in plan
-            # order, decoded straight into their slots as without an assignment.
-            order = None
+        if not any(order):
+            order = None  # one width on every channel: rows travel in plan order
         if (key in self._bits and _same_per_peer(self._bits[key], bits)
                 and _same_per_peer(self._order.get(key), order)):
             return  # the installed widths: the key's layouts and shared-row plans stay
@@ -165,17 +172,35 @@ class HaloExchange:
         self._shared_rows = {k: v for k, v in self._shared_rows.items() if k[0] != key}
         self._rows = {k: v for k, v in self._rows.items() if k[0] != key}
 
-    def _rows_of(self, key: str, sending: bool, base: dict[int, Tensor],
-                 quantize: bool) -> dict[int, Tensor] | None:
+    def _moved(self, key: str, sending: bool, base: dict[int, Tensor],
+               quantize: bool) -> dict[int, Tensor]:
         """`base` (rows of each peer's message in plan order) in the order they
-        travel under `key`'s assignment; None when they travel in plan order."""
+        travel under `key`'s assignment, for the peers whose rows it re-orders
+        (empty: every peer's rows travel in plan order)."""
         order = self._order.get(key) if quantize else None
         if order is None:
-            return None
+            return {}
         cache_key = (key, sending)
         if cache_key not in self._rows:
             perm = order[0 if sending else 1]
-            self._rows[cache_key] = {p: i[perm[p]] for p, i in base.items()}
+            self._rows[cache_key] = {p: base[p][o] for p, o in perm.items()}
+        return self._rows[cache_key]
+
+    def _settle(self, key: str, quantize: bool) -> dict[int, tuple[Tensor, Tensor]]:
+        """For each peer whose rows `key` re-orders and whose halo slots are
+        one slice: the positions of its message whose rows belong in other
+        slots of the slice, and those slots (see :func:`travel_order`)."""
+        order = self._order.get(key) if quantize else None
+        if order is None:
+            return {}
+        cache_key = (key, "settle")
+        if cache_key not in self._rows:
+            settle = {}
+            for p, o in order[1].items():
+                if self._recv_slice[p] is not None:
+                    at = torch.nonzero(o != torch.arange(o.numel(), device=o.device)).flatten()
+                    settle[p] = (at, o[at])
+            self._rows[cache_key] = settle
         return self._rows[cache_key]
 
     def _widths(self, key: str, quantize: bool) -> int | str:
@@ -246,10 +271,10 @@ class HaloExchange:
             packed = self._shared(key, index, layouts, width).pack(
                 x, generator=self.generator, name=f"exchange {key!r}", return_range=tracing)
             send, ranges = packed if tracing else (packed, {})
-            order = self._order.get(key)
+            moved = self._order.get(key, ({}, {}))[0]
             for p, r in ranges.items():
-                if order is not None:  # back to plan order, the allocator's row identity
-                    r = torch.empty_like(r).index_copy_(0, order[0][p], r)
+                if p in moved:  # back to plan order, the allocator's row identity
+                    r = torch.empty_like(r).index_copy_(0, moved[p], r)
                 self.tracer.record(key, p, r, width)
         else:
             slices = slices or {}
@@ -287,24 +312,29 @@ class HaloExchange:
         out = out or {}
         decoded = {p: layout.unpack(raw[p], dtype=flight.dtype, out=out.get(p))
                    for p, layout in flight.layouts.items() if layout.num_rows}
+        for p, (at, to) in flight.settle.items():  # the moved rows to their own slots
+            if p in decoded:
+                decoded[p].index_copy_(0, to, decoded[p][at])
         flight.stats.quant_time += self.clock() - t1
         return decoded
 
     def start_forward(self, key: str, x: Tensor, quantize: bool) -> _Flight:
         """Posts the rows of `x` (owned rows) that peers hold as halo rows."""
-        index = self._rows_of(key, True, self.send_index, quantize) or self.send_index
+        index = {**self.send_index, **self._moved(key, True, self.send_index, quantize)}
         counts = {p: i.numel() for p, i in self.recv_index.items()}
         flight = self._start(key, x, index, counts, quantize)
-        flight.into = self._rows_of(key, False, self.recv_index, quantize)
+        flight.settle = self._settle(key, quantize)
+        flight.into = {p: i for p, i in self._moved(key, False, self.recv_index, quantize).items()
+                       if p not in flight.settle}
         return flight
 
     def finish_forward(self, flight: _Flight, width: int) -> Tensor:
         """The halo block, ``[num_halo, width]``."""
         # Every halo slot is filled by exactly one peer: no need to zero it.
         halo = torch.empty(self.graph.num_halo, width, dtype=flight.dtype, device=self.device)
-        into = {} if flight.into is not None else \
-            {p: halo[s] for p, s in self._recv_slice.items() if s is not None}
-        slots = flight.into or self.recv_index
+        into = {p: halo[s] for p, s in self._recv_slice.items()
+                if s is not None and p not in flight.into}
+        slots = {**self.recv_index, **flight.into}
         for p, rows in self._finish(flight, into).items():
             if p not in into:
                 halo.index_copy_(0, slots[p], rows)
@@ -312,11 +342,11 @@ class HaloExchange:
 
     def start_backward(self, key: str, grad_halo: Tensor, quantize: bool) -> _Flight:
         """Posts the gradient of every halo row back to its owner."""
-        index = self._rows_of(key, True, self.recv_index, quantize)
+        moved = self._moved(key, True, self.recv_index, quantize)
         counts = {p: i.numel() for p, i in self.send_index.items()}
-        flight = self._start(key, grad_halo, index or self.recv_index, counts, quantize,
-                             slices=None if index is not None else self._recv_slice)
-        flight.into = self._rows_of(key, False, self.send_index, quantize)
+        flight = self._start(key, grad_halo, {**self.recv_index, **moved}, counts, quantize,
+                             slices={p: s for p, s in self._recv_slice.items() if p not in moved})
+        flight.into = self._moved(key, False, self.send_index, quantize)
         return flight
 
     def finish_backward(self, flight: _Flight, grad_x: Tensor | None) -> Tensor | None:
@@ -331,7 +361,7 @@ class HaloExchange:
         # the sequential path then round identically.
         some = next(iter(received.values()))
         total = some.new_zeros(self.graph.num_owned, some.size(1))
-        into = flight.into or self.send_index
+        into = {**self.send_index, **flight.into}
         for p, rows in received.items():
             total.index_add_(0, into[p], rows)
         return total if grad_x is None else grad_x + total
@@ -465,6 +495,27 @@ class _CollectHalo(Function):
 class _Done:
     """A finished exchange's result, for the sequential path."""
     value: Tensor | None
+
+
+def travel_order(bits: Tensor) -> Tensor:
+    """The order rows with widths `bits` travel in: a permutation ``perm``
+    (message position -> row) with ``bits[perm]`` sorted, so every width's
+    rows are one contiguous slice of the message, that leaves every row
+    whose position lies in its own width's slice where it is.  The others
+    fill the free positions of their width's slice in row order.  A
+    receiver that decodes the message straight into the rows' slots then
+    moves only those rows: with one group of 100 rows at 4 bits among
+    12,000 at 2, at most 200 rows instead of all 12,000 (a stable sort by
+    width moves every row after the first wider one)."""
+    bits = bits.long()
+    positions = torch.arange(bits.numel())
+    at = torch.sort(bits).values               # the width of each message position
+    free = positions[at != bits]
+    perm = positions.clone()
+    # Both sides hold the same widths: match them width by width, each in order.
+    perm[free[torch.sort(at[free], stable=True).indices]] = \
+        free[torch.sort(bits[free], stable=True).indices]
+    return perm
 
 
 def _same_per_peer(a: tuple[dict[int, Tensor], dict[int, Tensor]] | None,
