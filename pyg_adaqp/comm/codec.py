@@ -355,6 +355,13 @@ class MessageLayout:
         return buf[at:at + self.counts[bits] * per_row].view(-1, per_row)
 
 
+#: The share of a source's rows that :class:`SharedRows` quantizes without
+#: sending at a width rather than gather the rows it sends: on CPU
+#: quantizing a row at 2 bits costs about 12 times copying it
+#: (``benchmarks/codec_speed.py``), so the two break even near 1/13.
+WHOLE_SOURCE_SLACK = 1 / 16
+
+
 class SharedRows:
     r"""Messages to several peers built from one quantization of each row.
 
@@ -374,8 +381,14 @@ class SharedRows:
             tensor that its message carries, in layout order.
         layouts (dict[int, MessageLayout]): Per peer, its message's layout;
             every width's rows must be consecutive (:attr:`MessageLayout.contiguous`).
+        whole_source_slack (float, optional): Where every row of the source
+            is quantized at some width, a width whose rows leave out at most
+            this share of the source's rows is quantized over the whole
+            source instead of gathering its rows first.
+            (default: :data:`WHOLE_SOURCE_SLACK`)
     """
-    def __init__(self, rows: dict[int, Tensor], layouts: dict[int, MessageLayout]):
+    def __init__(self, rows: dict[int, Tensor], layouts: dict[int, MessageLayout],
+                 whole_source_slack: float = WHOLE_SOURCE_SLACK):
         if rows.keys() != layouts.keys():
             raise ValueError(f"rows are given for peers {sorted(rows)}, layouts for "
                              f"{sorted(layouts)}")
@@ -400,13 +413,40 @@ class SharedRows:
             unique, inverse = torch.unique(torch.cat(list(parts.values())), return_inverse=True)
             self._unique[bits] = unique
             self._at[bits] = dict(zip(parts, inverse.split([t.numel() for t in parts.values()])))
-        width = widths.pop() if widths else 1
-        self._coders = {bits: MessageLayout(torch.full((ids.numel(),), bits), width)
+        self._width = widths.pop() if widths else 1
+        self._coders = {bits: MessageLayout(torch.full((ids.numel(),), bits), self._width)
                         for bits, ids in self._unique.items()}
+        #: Every row the messages quantize, at any width (sorted).
+        self._quantized = torch.unique(torch.cat(list(self._unique.values()))) \
+            if self._unique else torch.empty(0, dtype=torch.long)
+        #: Per source size, the widths quantized over the whole source: their
+        #: coder and, per peer, where its bucket's rows are in the source.
+        self._whole: dict[int, dict[int, tuple[MessageLayout, dict[int, Tensor]]]] = {}
+        self._slack = whole_source_slack
+
+    def _plan(self, num_rows: int) -> dict[int, tuple[MessageLayout, dict[int, Tensor]]]:
+        """The widths best quantized over the whole source of `num_rows` rows
+        instead of gathering their rows first: those that leave out at most
+        `whole_source_slack` of its rows, where every row of the source
+        is quantized at some width (so no row is checked that is not sent).
+        A gradient's halo rows all travel back; with one group of them at 4
+        bits, gathering the others to quantize them at 2 copied nearly the
+        whole block."""
+        if num_rows not in self._whole:
+            plan = {}
+            if not self._raw and self._quantized.numel() == num_rows:
+                for bits, ids in self._unique.items():
+                    if 0 < num_rows - ids.numel() <= self._slack * num_rows:
+                        coder = MessageLayout(torch.full((num_rows,), bits), self._width)
+                        plan[bits] = (coder, {p: ids[at] for p, at in self._at[bits].items()})
+            self._whole[num_rows] = plan
+        return self._whole[num_rows]
 
     @property
     def encoded_rows(self) -> dict[int, int]:
-        """Rows quantized per pack, by bit width."""
+        """Distinct rows the messages carry, by bit width: each is quantized
+        once per pack (with at most `whole_source_slack` more of the
+        source's rows where that spares a gather)."""
         return {bits: ids.numel() for bits, ids in self._unique.items()}
 
     @torch.no_grad()
@@ -432,11 +472,17 @@ class SharedRows:
                 ``return_range``) holds NaN or infinity.
         """
         _check_message(x, generator)
-        packed, ranges = {}, {}
+        whole = self._plan(x.size(0))
+        packed, ranges, coders, places = {}, {}, {}, {}
         for bits, ids in self._unique.items():
-            source = x if ids.numel() == x.size(0) else x.index_select(0, ids)
-            packed[bits] = self._coders[bits].pack(source, generator=generator, name=name,
-                                                   return_range=return_range)
+            if bits in whole:
+                coders[bits], places[bits] = whole[bits]
+                source = x
+            else:
+                coders[bits], places[bits] = self._coders[bits], self._at[bits]
+                source = x if ids.numel() == x.size(0) else x.index_select(0, ids)
+            packed[bits] = coders[bits].pack(source, generator=generator, name=name,
+                                             return_range=return_range)
             if return_range:
                 packed[bits], ranges[bits] = packed[bits]
         out, out_ranges = {}, {}
@@ -450,9 +496,9 @@ class SharedRows:
                     _check_finite(lo, hi, name)
                     rng[layout.bucket(FULL_PRECISION)] = hi - lo
                 _write(layout._segment(buf, 0, FULL_PRECISION), raw)
-            for bits, at in self._at.items():
+            for bits, at in places.items():
                 if p in at:
-                    layout._copy_bucket(buf, bits, self._coders[bits], packed[bits], at[p])
+                    layout._copy_bucket(buf, bits, coders[bits], packed[bits], at[p])
                     if return_range:
                         rng[layout.bucket(bits)] = ranges[bits][at[p]]
             out[p], out_ranges[p] = buf, rng
