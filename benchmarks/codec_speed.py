@@ -3,7 +3,9 @@
 Prints markdown tables: quantize+pack and unpack+dequantize time at 2, 4 and
 8 bits (median of several repeats after warm-up), their GB/s of float32
 input and their ratio to ``x.clone()`` timed in the same run; a mixed
-assignment against uniform messages of the same bytes; one worker's forward
+assignment against uniform messages of the same bytes; one peer's message
+decoded into its halo slots with one group of wider rows; a gradient's
+halo rows quantized with one group of wider rows; one worker's forward
 messages encoded per peer against each row encoded once (``SharedRows``);
 then the bytes on the wire relative to float32.
 
@@ -88,6 +90,8 @@ def main() -> None:
             print(f"| {bits} | {label} | {t * 1e3:.1f} | {gigabytes / t:.2f} | {t / clone:.2f} |")
 
     mixed(x, device, args)
+    landing(device, args)
+    whole_source(device, args)
     shared_rows(device, args)
 
     widths = (100, 256, 602)
@@ -135,6 +139,92 @@ def mixed(x: torch.Tensor, device: torch.device, args: argparse.Namespace) -> No
           f"{t_sorted / equiv:.2f} |")
     print(f"| one message, rows in random order | {t_shuffled * 1e3:.1f} | "
           f"{t_shuffled / equiv:.2f} |")
+
+
+def landing(device: torch.device, args: argparse.Namespace) -> None:
+    """A peer's forward message decoded into its halo slots (one slice, in
+    plan order), 12,000 rows: uniform 2 bits straight into the slice,
+    against one group of 100 rows (``assign.group_size``) at 4 bits, its rows
+    in a stable sort by width (decoded apart, then scattered into their slots)
+    or in :func:`~pyg_adaqp.comm.exchange.travel_order` (straight into the
+    slice, then the rows outside their width's slice moved)."""
+    from pyg_adaqp.comm.exchange import travel_order
+
+    rows = 12_000
+    x = torch.randn(rows, args.width, device=device)
+    gen = worker_generator(0, 0, device)
+    halo = torch.empty(3 * rows, args.width, device=device)
+    block, slots = halo[rows:2 * rows], torch.arange(rows, 2 * rows, device=device)
+    bits = torch.full((rows,), 2)
+    bits[torch.randperm(rows, generator=torch.Generator().manual_seed(0))[:100]] = 4
+    uniform = MessageLayout(torch.full((rows,), 2), args.width)
+    buf = uniform.pack(x, gen)
+    sort = torch.sort(bits, stable=True)[1]
+    by_sort = MessageLayout(bits[sort], args.width)
+    sort_buf, sort_slots = by_sort.pack(x[sort.to(device)], gen), slots[sort.to(device)]
+    travel = travel_order(bits)
+    by_travel = MessageLayout(bits[travel], args.width)
+    travel_buf = by_travel.pack(x[travel.to(device)], gen)
+    moved = torch.nonzero(travel != torch.arange(rows)).flatten()
+    at, to = moved.to(device), travel[moved].to(device)
+
+    def settled() -> None:
+        by_travel.unpack(travel_buf, out=block)
+        block.index_copy_(0, to, block[at])
+
+    cases = [("uniform 2 bits, straight into the slice", lambda: uniform.unpack(buf, out=block)),
+             ("100 rows at 4 bits, stable sort: decoded apart, scattered",
+              lambda: halo.index_copy_(0, sort_slots, by_sort.unpack(sort_buf))),
+             (f"100 rows at 4 bits, travel order: into the slice, {moved.numel()} rows moved",
+              settled)]
+    times = [timeit(fn, device, args.repeats, args.warmup) for _, fn in cases]
+    print(f"\nOne peer's message of {rows} rows decoded into its halo slots\n")
+    print("| rows | ms | x uniform |")
+    print("|---|---:|---:|")
+    for (label, _), t in zip(cases, times):
+        print(f"| {label} | {t * 1e3:.1f} | {t / times[0]:.2f} |")
+
+
+def whole_source(device: torch.device, args: argparse.Namespace) -> None:
+    """A gradient's halo rows, 9,000, all sent back to their owners
+    (:class:`~pyg_adaqp.comm.SharedRows`): uniform 2 bits, against one group
+    of 100 rows at 4 bits, its 2-bit rows gathered before quantizing, or
+    quantized over the whole source (``WHOLE_SOURCE_SLACK``); and the gather
+    alone, against quantizing the same rows: what the slack trades."""
+    from pyg_adaqp.comm import SharedRows
+    from pyg_adaqp.comm.codec import WHOLE_SOURCE_SLACK
+
+    rows = 9_000
+    x = torch.randn(rows, args.width, device=device)
+    gen = worker_generator(0, 0, device)
+    index = {p: torch.arange(p * rows // 3, (p + 1) * rows // 3, device=device)
+             for p in range(3)}
+    bits = {p: torch.full((i.numel(),), 2) for p, i in index.items()}
+    bits[2][torch.randperm(rows // 3, generator=torch.Generator().manual_seed(0))[:100]] = 4
+
+    def shared(widths: dict[int, torch.Tensor], slack: float) -> SharedRows:
+        order = {p: torch.sort(b, stable=True)[1] for p, b in widths.items()}
+        return SharedRows({p: index[p][order[p].to(device)] for p in index},
+                          {p: MessageLayout(widths[p][order[p]], args.width) for p in index},
+                          whole_source_slack=slack)
+
+    uniform = shared({p: torch.full((i.numel(),), 2) for p, i in index.items()}, 0.0)
+    whole, gathered = shared(bits, WHOLE_SOURCE_SLACK), shared(bits, 0.0)
+    some = torch.arange(0, rows, 2, device=device)
+    layout = MessageLayout(torch.full((some.numel(),), 2), args.width)
+    cases = [("uniform 2 bits", lambda: uniform.pack(x, gen)),
+             ("100 rows at 4 bits, the 2-bit rows gathered", lambda: gathered.pack(x, gen)),
+             ("100 rows at 4 bits, the whole source quantized at 2 bits",
+              lambda: whole.pack(x, gen)),
+             (f"gather of {some.numel()} rows alone", lambda: x.index_select(0, some)),
+             (f"quantize+pack of the same {some.numel()} rows at 2 bits alone",
+              lambda: layout.pack(x[some], gen))]
+    times = [timeit(fn, device, args.repeats, args.warmup) for _, fn in cases]
+    print(f"\nA gradient's {rows} halo rows sent back to 3 owners, quantized\n")
+    print("| rows | ms | x uniform |")
+    print("|---|---:|---:|")
+    for (label, _), t in zip(cases, times):
+        print(f"| {label} | {t * 1e3:.1f} | {t / times[0]:.2f} |")
 
 
 def shared_rows(device: torch.device, args: argparse.Namespace) -> None:
