@@ -108,6 +108,8 @@ def mixed(x: torch.Tensor, device: torch.device, args: argparse.Namespace) -> No
     against the same rows sent as three uniform messages, one per width: the
     same bytes.  Rows in random order gather and scatter per width; sorted by
     width (as the halo exchange sends them) every width is one slice."""
+    from pyg_adaqp.comm.exchange import travel_order
+
     gen = worker_generator(0, 0, device)
     rows = x.size(0)
     bits = torch.tensor([2, 4, 8])[torch.randint(3, (rows,), generator=torch.Generator()
@@ -119,7 +121,7 @@ def mixed(x: torch.Tensor, device: torch.device, args: argparse.Namespace) -> No
         layout.unpack(buf, out=into)
 
     shuffled = MessageLayout(bits, args.width)
-    order = torch.sort(bits, stable=True)[1]
+    order = travel_order(bits)
     ordered = MessageLayout(bits[order], args.width)
     x_sorted = x[order]
     parts = [(MessageLayout(torch.full((int((bits == b).sum()),), b), args.width),
