@@ -356,9 +356,9 @@ class MessageLayout:
 
 
 #: The share of a source's rows that :class:`SharedRows` quantizes without
-#: sending at a width rather than gather the rows it sends: on CPU
-#: quantizing a row at 2 bits costs about 12 times copying it
-#: (``benchmarks/codec_speed.py``), so the two break even near 1/13.
+#: sending at a width rather than gather the rows it sends: on this 2-core
+#: CPU quantizing a row at 2 bits cost 12-17 times gathering it
+#: (``benchmarks/codec_speed.py``), so the two break even near 1/13-1/18.
 WHOLE_SOURCE_SLACK = 1 / 16
 
 
