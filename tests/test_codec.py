@@ -408,22 +408,22 @@ def test_shared_rows_quantize_each_row_once_per_width():
 
 
 def test_shared_rows_quantize_a_whole_source_rather_than_gather_most_of_it():
-    """Every row of the source travels (a gradient's halo rows): 2 of 40 at
+    """Every row of the source travels (a gradient's halo rows): 2 of 80 at
     4 bits, the rest at 2.  The 2-bit rows are quantized over the whole
-    source, without a gather (38 of 40 rows: within the slack); each peer's
+    source, without a gather (78 of 80 rows: within the slack); each peer's
     buffer holds exactly the bytes of the whole source quantized at 2 bits
     then the 2 rows at 4, drawn from the generator in that order."""
     gen = torch.Generator().manual_seed(5)
-    x = torch.randn(40, 9, generator=gen) * 3
-    wide = [4, 30]
+    x = torch.randn(80, 9, generator=gen) * 3
+    wide = [4, 70]
     rows, layouts = {}, {}
-    for p, ids in ((0, torch.arange(0, 20)), (1, torch.arange(20, 40))):
+    for p, ids in ((0, torch.arange(0, 40)), (1, torch.arange(40, 80))):
         bits = torch.tensor([4 if int(r) in wide else 2 for r in ids])
         order = torch.sort(bits, stable=True)[1]
         rows[p], layouts[p] = ids[order], MessageLayout(bits[order], 9)
     shared = SharedRows(rows, layouts)
-    assert sorted(shared._plan(40)) == [2] and shared._plan(41) == {}
-    assert shared.encoded_rows == {2: 38, 4: 2}
+    assert sorted(shared._plan(80)) == [2] and shared._plan(81) == {}
+    assert shared.encoded_rows == {2: 78, 4: 2}
     buffers, ranges = shared.pack(x, worker_generator(6, 0), return_range=True)
     ref_gen = worker_generator(6, 0)
     whole = dequantize(quantize(x, 2, ref_gen))
@@ -433,14 +433,14 @@ def test_shared_rows_quantize_a_whole_source_rather_than_gather_most_of_it():
         for k, (r, b) in enumerate(zip(rows[p].tolist(), layout.bits_per_row.tolist())):
             assert torch.equal(out[k], whole[r] if b == 2 else four[wide.index(r)])
         assert torch.equal(ranges[p], (x.amax(1) - x.amin(1))[rows[p]])
-    # Past the slack (3 of 40 rows at 4 bits, or a slack of 0), the 2-bit
+    # Past the slack (3 of 80 rows at 4 bits, or a slack of 0), the 2-bit
     # rows are gathered.
-    assert SharedRows(rows, layouts, whole_source_slack=0)._plan(40) == {}
-    rows = {0: torch.arange(40)}
-    bits = torch.tensor([2] * 37 + [4] * 3)
-    assert SharedRows(rows, {0: MessageLayout(bits, 9)})._plan(40) == {}
+    assert SharedRows(rows, layouts, whole_source_slack=0)._plan(80) == {}
+    rows = {0: torch.arange(80)}
+    bits = torch.tensor([2] * 77 + [4] * 3)
+    assert SharedRows(rows, {0: MessageLayout(bits, 9)})._plan(80) == {}
     # A source row that no message quantizes is never read: no whole plan.
-    assert SharedRows({0: torch.arange(39)}, {0: MessageLayout(bits[:39], 9)})._plan(40) == {}
+    assert SharedRows({0: torch.arange(79)}, {0: MessageLayout(bits[:79], 9)})._plan(80) == {}
 
 
 def test_layout_rows_scattered_across_chunks(monkeypatch):

@@ -357,9 +357,11 @@ class MessageLayout:
 
 #: The share of a source's rows that :class:`SharedRows` quantizes without
 #: sending at a width rather than gather the rows it sends: on this 2-core
-#: CPU quantizing a row at 2 bits cost 12-17 times gathering it
-#: (``benchmarks/codec_speed.py``), so the two break even near 1/13-1/18.
-WHOLE_SOURCE_SLACK = 1 / 16
+#: CPU quantizing a row at 2 bits cost 6-16 times gathering it in two runs
+#: of ``benchmarks/codec_speed.py``, so the two break even between 1/7 and
+#: 1/17 of the rows; at 1/32 the extra quantizing costs at most about half
+#: the gather it saves.
+WHOLE_SOURCE_SLACK = 1 / 32
 
 
 class SharedRows:

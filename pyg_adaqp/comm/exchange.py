@@ -125,7 +125,10 @@ class HaloExchange:
         # worker sends and receives.
         self._bits: dict[str, tuple[dict[int, Tensor], dict[int, Tensor]]] = {}
         self._order: dict[str, tuple[dict[int, Tensor], dict[int, Tensor]]] = {}
-        self._rows: dict[tuple, dict[int, Tensor]] = {}
+        # Built from the order, per key: ``(key, sending)`` the re-ordered
+        # rows of each re-ordered peer (:meth:`_moved`), ``(key, "settle")``
+        # the moves after decoding (:meth:`_settle`).
+        self._rows: dict[tuple, dict[int, Tensor] | dict[int, tuple[Tensor, Tensor]]] = {}
         self._layouts: dict[tuple, MessageLayout] = {}
         self._shared_rows: dict[tuple, SharedRows] = {}
         self._encode_share: dict[bool, float] = {}  # by direction (forward?)
@@ -271,10 +274,10 @@ class HaloExchange:
             packed = self._shared(key, index, layouts, width).pack(
                 x, generator=self.generator, name=f"exchange {key!r}", return_range=tracing)
             send, ranges = packed if tracing else (packed, {})
-            moved = self._order.get(key, ({}, {}))[0]
+            perms = self._order.get(key, ({}, {}))[0]
             for p, r in ranges.items():
-                if p in moved:  # back to plan order, the allocator's row identity
-                    r = torch.empty_like(r).index_copy_(0, moved[p], r)
+                if p in perms:  # back to plan order, the allocator's row identity
+                    r = torch.empty_like(r).index_copy_(0, perms[p], r)
                 self.tracer.record(key, p, r, width)
         else:
             slices = slices or {}
@@ -332,11 +335,10 @@ class HaloExchange:
         """The halo block, ``[num_halo, width]``."""
         # Every halo slot is filled by exactly one peer: no need to zero it.
         halo = torch.empty(self.graph.num_halo, width, dtype=flight.dtype, device=self.device)
-        into = {p: halo[s] for p, s in self._recv_slice.items()
-                if s is not None and p not in flight.into}
+        views = {p: halo[s] for p, s in self._recv_slice.items() if s is not None}
         slots = {**self.recv_index, **flight.into}
-        for p, rows in self._finish(flight, into).items():
-            if p not in into:
+        for p, rows in self._finish(flight, views).items():
+            if p not in views:
                 halo.index_copy_(0, slots[p], rows)
         return halo
 
@@ -505,16 +507,16 @@ def travel_order(bits: Tensor) -> Tensor:
     fill the free positions of their width's slice in row order.  A
     receiver that decodes the message straight into the rows' slots then
     moves only those rows: with one group of 100 rows at 4 bits among
-    12,000 at 2, at most 200 rows instead of all 12,000 (a stable sort by
-    width moves every row after the first wider one)."""
+    3,000 at 2, at most 200 rows (a stable sort by width moves every row
+    after the first wider one)."""
     bits = bits.long()
     positions = torch.arange(bits.numel())
     at = torch.sort(bits).values               # the width of each message position
     free = positions[at != bits]
     perm = positions.clone()
-    # Both sides hold the same widths: match them width by width, each in order.
-    perm[free[torch.sort(at[free], stable=True).indices]] = \
-        free[torch.sort(bits[free], stable=True).indices]
+    # The free positions hold the free rows' widths, already sorted: the
+    # rows sorted by width (stably, so in row order within a width) fill them.
+    perm[free] = free[torch.sort(bits[free], stable=True).indices]
     return perm
 
 
