@@ -180,12 +180,8 @@ def landing(device: torch.device, args: argparse.Namespace) -> None:
               lambda: halo.index_copy_(0, sort_slots, by_sort.unpack(sort_buf))),
              (f"100 rows at 4 bits, travel order: into the slice, {moved.numel()} rows moved",
               settled)]
-    times = [timeit(fn, device, args.repeats, args.warmup) for _, fn in cases]
-    print(f"\nOne peer's message of {rows} rows decoded into its halo slots\n")
-    print("| rows | ms | x uniform |")
-    print("|---|---:|---:|")
-    for (label, _), t in zip(cases, times):
-        print(f"| {label} | {t * 1e3:.1f} | {t / times[0]:.2f} |")
+    against_first(f"One peer's message of {rows} rows decoded into its halo slots", cases,
+                  device, args)
 
 
 def whole_source(device: torch.device, args: argparse.Namespace) -> None:
@@ -223,8 +219,16 @@ def whole_source(device: torch.device, args: argparse.Namespace) -> None:
              (f"gather of {some.numel()} rows alone", lambda: x.index_select(0, some)),
              (f"quantize+pack of the same {some.numel()} rows at 2 bits alone",
               lambda: layout.pack(gathered_rows, gen))]
+    against_first(f"A gradient's {rows} halo rows sent back to 3 owners, quantized", cases,
+                  device, args)
+
+
+def against_first(title: str, cases: list[tuple[str, Callable[[], object]]],
+                  device: torch.device, args: argparse.Namespace) -> None:
+    """Times every case and prints a table of their times and their ratio
+    to the first (the uniform message)."""
     times = [timeit(fn, device, args.repeats, args.warmup) for _, fn in cases]
-    print(f"\nA gradient's {rows} halo rows sent back to 3 owners, quantized\n")
+    print(f"\n{title}\n")
     print("| rows | ms | x uniform |")
     print("|---|---:|---:|")
     for (label, _), t in zip(cases, times):
