@@ -418,9 +418,6 @@ class SharedRows:
         self._width = widths.pop() if widths else 1
         self._coders = {bits: MessageLayout(torch.full((ids.numel(),), bits), self._width)
                         for bits, ids in self._unique.items()}
-        #: Every row the messages quantize, at any width (sorted).
-        self._quantized = torch.unique(torch.cat(list(self._unique.values()))) \
-            if self._unique else torch.empty(0, dtype=torch.long)
         #: Per source size, the widths quantized over the whole source: their
         #: coder and, per peer, where its bucket's rows are in the source.
         self._whole: dict[int, dict[int, tuple[MessageLayout, dict[int, Tensor]]]] = {}
@@ -436,7 +433,9 @@ class SharedRows:
         whole block."""
         if num_rows not in self._whole:
             plan = {}
-            if not self._raw and self._quantized.numel() == num_rows:
+            quantized = torch.unique(torch.cat(list(self._unique.values()))).numel() \
+                if self._unique else 0  # every row quantized at some width
+            if not self._raw and quantized == num_rows:
                 for bits, ids in self._unique.items():
                     if 0 < num_rows - ids.numel() <= self._slack * num_rows:
                         coder = MessageLayout(torch.full((num_rows,), bits), self._width)
