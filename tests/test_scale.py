@@ -22,13 +22,16 @@ def test_scale_small_form(tmp_path):
     out, tmp = tmp_path / "scale.json", tmp_path / "tmp"
     tmp.mkdir()
     proc = subprocess.run([sys.executable, str(BENCH / "scale.py"), "--scale", "0.004",
-                           "--epochs", "2", "--today", "HEAD", "--json", str(out)],
+                           "--sizes", "reddit,amazon", "--epochs", "2", "--today", "HEAD",
+                           "--json", str(out)],
                           capture_output=True, text=True, timeout=540,
                           env={**os.environ, "TMPDIR": str(tmp)})
     assert proc.returncode == 0, proc.stderr[-3000:]
     # Its work folder (partitions, runs) and the launcher's report folders are gone.
     assert not [p.name for p in tmp.iterdir() if p.name.startswith(("pyg_adaqp_", "adaqp-"))]
     result = json.loads(out.read_text())
+    # (products is partitioned as amazon is, into 8 parts, and only by the full benchmark)
+    assert sorted(result["partition"]) == ["amazon", "reddit"]
     for name, stats in result["partition"].items():
         data = synthetic_graph(**synthetic_options(name, 0.004))
         assert (stats["nodes"], stats["edges"]) == (data.num_nodes, data.edge_index.size(1))
