@@ -616,3 +616,57 @@ def test_one_mixed_channel_reorders_its_own_rows_only():
         assert settle.keys() == ({0} if rank == 1 else set())
         if rank == 1:
             assert 0 < settle[0] <= 2 * wide[0]
+
+
+def one_wide_gradient_worker(rank, world_size, parts):
+    """Every row at 2 bits but one halo gradient of rank 1's (to rank 0) at 4
+    bits.  Records which widths each backward pack quantized over its whole
+    source (:meth:`SharedRows._plan`, by the source's rows)."""
+    from pyg_adaqp.comm import HaloExchange, SharedRows
+
+    lg = parts[rank]
+    ex = HaloExchange(lg)
+    plans = []
+    plan = SharedRows._plan
+
+    def recording_plan(shared, num_rows):
+        whole = plan(shared, num_rows)
+        plans.append((num_rows, sorted(whole)))
+        return whole
+
+    SharedRows._plan = recording_plan
+
+    def widths(sender, receiver, n, key):
+        bits = torch.full((n,), 2)
+        if key == 1 and (sender, receiver) == (1, 0):
+            bits[0] = 4
+        return bits
+
+    install(ex.set_bits, lg, widths, rank)
+    ids = lg.node_ids.double().unsqueeze(1).expand(-1, 5).float()
+    x = ids[:lg.num_owned].clone().requires_grad_()
+    halo = ex.begin(0, x, quantize=True, overlap=True).halo()
+    forward_plans = len(plans)
+    (halo * ids[lg.num_owned:]).sum().backward()
+    SharedRows._plan = plan
+    return halo.detach(), x.grad, plans[forward_plans:]
+
+
+def test_a_gradient_with_one_wider_row_is_quantized_over_its_whole_block():
+    """Through the exchange: rank 1 sends every halo gradient back, one of
+    them at 4 bits; its 2-bit rows are quantized over the whole halo block
+    (no gather), and every gradient still lands exactly."""
+    data = random_directed_graph(num_nodes=300, num_edges=2400, seed=3)
+    parts = partition_graph(data, 3)
+    results = run_workers(one_wide_gradient_worker, 3, parts)
+    for rank, (lg, (halo, grad, plans)) in enumerate(zip(parts, results)):
+        assert torch.equal(halo, lg.node_ids[lg.num_owned:].float().unsqueeze(1).expand(-1, 5))
+        holders = torch.zeros(lg.num_owned)
+        for p, i in lg.send_index.items():
+            holders[i] += 1
+        assert torch.equal(grad, (holders * lg.node_ids[:lg.num_owned].float())
+                           .unsqueeze(1).expand(-1, 5))
+        halo_rows = lg.node_ids.numel() - lg.num_owned
+        assert halo_rows > 32  # one row of them is within WHOLE_SOURCE_SLACK
+        # One backward pack, of the whole halo block; only rank 1's is mixed.
+        assert plans == [(halo_rows, [2] if rank == 1 else [])], plans
