@@ -588,7 +588,14 @@ def one_mixed_channel_worker(rank, world_size, parts):
     order = {key: (sorted(send), sorted(recv)) for key, (send, recv) in ex._order.items()}
     settle = {p: at.numel() for p, (at, to) in ex._settle("forward 0", True).items()}
     wide = {p: int((widths(p, rank, i.numel(), 0) != 2).sum()) for p, i in lg.recv_index.items()}
-    return halo.detach(), x.grad, order, settle, wide, forward_decodes
+    # The tracer reads each row's range in plan order, re-ordered channel or
+    # not: node v's row spans [0, v].
+    ex.tracer = RangeTracer()
+    spans = (lg.node_ids[:lg.num_owned].float().unsqueeze(1)
+             / torch.tensor([1., 2, 3, 4, float("inf")]))
+    ex.begin(0, spans, quantize=True, overlap=False).halo()
+    traces = {p: t.clone() for p, t in ex.tracer.traces["forward 0"].items()}
+    return halo.detach(), x.grad, order, settle, wide, forward_decodes, traces
 
 
 def test_one_mixed_channel_reorders_its_own_rows_only():
@@ -597,7 +604,8 @@ def test_one_mixed_channel_reorders_its_own_rows_only():
     from pyg_adaqp.comm.exchange import _as_slice
     assert all(_as_slice(i) is not None for lg in parts for i in lg.recv_index.values())
     results = run_workers(one_mixed_channel_worker, 3, parts)
-    for rank, (lg, (halo, grad, order, settle, wide, into)) in enumerate(zip(parts, results)):
+    for rank, (lg, (halo, grad, order, settle, wide, into, traces)) in enumerate(
+            zip(parts, results)):
         # Exact: constant rows decode exactly at any width.
         assert torch.equal(halo, lg.node_ids[lg.num_owned:].float().unsqueeze(1).expand(-1, 5))
         holders = torch.zeros(lg.num_owned)
@@ -616,6 +624,10 @@ def test_one_mixed_channel_reorders_its_own_rows_only():
         assert settle.keys() == ({0} if rank == 1 else set())
         if rank == 1:
             assert 0 < settle[0] <= 2 * wide[0]
+        # D/6 (hi - lo)^2 per row, in send_index order (rank 0's channel to 1 re-ordered).
+        assert traces.keys() == lg.send_index.keys()
+        for p, i in lg.send_index.items():
+            assert torch.equal(traces[p], lg.node_ids[i].double().square() * (5 / 6))
 
 
 def one_wide_gradient_worker(rank, world_size, parts):
