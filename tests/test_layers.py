@@ -682,3 +682,30 @@ def test_a_gradient_with_one_wider_row_is_quantized_over_its_whole_block():
         assert halo_rows > 32  # one row of them is within WHOLE_SOURCE_SLACK
         # One backward pack, of the whole halo block; only rank 1's is mixed.
         assert plans == [(halo_rows, [2] if rank == 1 else [])], plans
+
+
+def test_halo_slots_that_are_no_slice_take_the_mixed_rows_too():
+    """Every channel's rows travel in reverse order (the sender's list and the
+    receiver's slots reversed together), so no peer's halo slots are one
+    slice: the rows are scattered into them, the mixed channel's re-ordered
+    rows too, and halo rows, gradients and traces land as in plan order."""
+    from pyg_adaqp.comm.exchange import _as_slice
+
+    data = random_directed_graph(num_nodes=300, num_edges=2400, seed=3)
+    parts = partition_graph(data, 3)
+    for lg in parts:
+        lg.send_index = {p: i.flip(0) for p, i in lg.send_index.items()}
+        lg.recv_index = {p: i.flip(0) for p, i in lg.recv_index.items()}
+    assert all(_as_slice(i) is None for lg in parts for i in lg.recv_index.values())
+    results = run_workers(one_mixed_channel_worker, 3, parts)
+    for lg, (halo, grad, order, _, _, into, traces) in zip(parts, results):
+        assert torch.equal(halo, lg.node_ids[lg.num_owned:].float().unsqueeze(1).expand(-1, 5))
+        holders = torch.zeros(lg.num_owned)
+        for p, i in lg.send_index.items():
+            holders[i] += 1
+        assert torch.equal(grad, (holders * lg.node_ids[:lg.num_owned].float())
+                           .unsqueeze(1).expand(-1, 5))
+        assert not any(into)  # no message decoded straight into the halo block
+        for p, i in lg.send_index.items():
+            assert torch.equal(traces[p], lg.node_ids[i].double().square() * (5 / 6))
+    assert results[0][2] == {"forward 0": ([1], []), "backward 0": ([], [1])}
