@@ -591,7 +591,8 @@ def one_mixed_channel_worker(rank, world_size, parts):
     MessageLayout.unpack = unpack
     # The peers whose rows travel re-ordered, by key: (sent to, received from).
     order = {key: (sorted(send), sorted(recv)) for key, (send, recv) in ex._order.items()}
-    settle = {p: at.numel() for p, (at, to) in ex._settle("forward 0", True).items()}
+    settle = {p: at.numel()
+              for p, (at, to) in ex._travel("forward 0", True, True).settle.items()}
     wide = {p: int((widths(p, rank, i.numel(), 0) != 2).sum()) for p, i in lg.recv_index.items()}
     # The tracer reads each row's range in plan order, re-ordered channel or
     # not: node v's row spans [0, v].

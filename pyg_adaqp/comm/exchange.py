@@ -66,6 +66,23 @@ class ExchangeStats:
 
 
 @dataclass
+class _Travel:
+    """How one direction's rows travel, per peer: in the plan's order, or in
+    the order a key's mixed assignment sends them (built once per
+    assignment, by :meth:`HaloExchange._travel`)."""
+    #: The source rows each peer's message carries, in the order they travel.
+    send: dict[int, Tensor]
+    #: Where each peer's received rows go (halo slots, or owned rows to add into).
+    recv: dict[int, Tensor]
+    #: Per peer decoded into its halo slice in the order its rows travel:
+    #: the slice's rows to move after decoding, and where they go.
+    settle: dict[int, tuple[Tensor, Tensor]] = field(default_factory=dict)
+    #: Peers whose message is a slice of the source (a halo block's gradient
+    #: travelling in plan order), sent without a gather.
+    slices: dict[int, slice] = field(default_factory=dict)
+
+
+@dataclass
 class _Flight:
     """One exchange in flight and what is needed to finish it."""
     pending: PendingExchange | None
@@ -73,13 +90,7 @@ class _Flight:
     stats: ExchangeStats
     dtype: torch.dtype
     started: float  #: when the exchange was posted, by the exchange's clock
-    #: Where the received rows go of each peer whose rows travel re-ordered
-    #: by width (halo slots, or owned rows to add into), but for the peers in
-    #: `settle`; every other peer's rows travel in the plan's own order.
-    into: dict[int, Tensor] = field(default_factory=dict)
-    #: Per peer decoded into its halo slice in the order its rows travel:
-    #: the slice's rows to move after decoding, and where they go.
-    settle: dict[int, tuple[Tensor, Tensor]] = field(default_factory=dict)
+    travel: _Travel  #: how its rows travel
 
 
 class HaloExchange:
@@ -112,6 +123,11 @@ class HaloExchange:
         # Peers filling one contiguous run of halo slots (what partition_graph
         # makes) are decoded straight into the halo block, without a copy.
         self._recv_slice = {p: _as_slice(i) for p, i in graph.recv_index.items()}
+        slices = {p: s for p, s in self._recv_slice.items() if s is not None}
+        # Rows in the plan's order, by direction (forward?): owned rows out
+        # and halo slots in, or halo gradients out and owned rows in.
+        self._plain = {True: _Travel(self.send_index, self.recv_index),
+                       False: _Travel(self.recv_index, self.send_index, slices=slices)}
         #: Width of quantized rows of keys without an assignment (:meth:`set_bits`).
         self.default_bits = 8
         #: Optional observer of quantized exchanges: ``tracer.record(key, peer, ranges,
@@ -125,10 +141,9 @@ class HaloExchange:
         # worker sends and receives.
         self._bits: dict[str, tuple[dict[int, Tensor], dict[int, Tensor]]] = {}
         self._order: dict[str, tuple[dict[int, Tensor], dict[int, Tensor]]] = {}
-        # Built from the order, per key: ``(key, sending)`` the re-ordered
-        # rows of each re-ordered peer (:meth:`_moved`), ``(key, "settle")``
-        # the moves after decoding (:meth:`_settle`).
-        self._rows: dict[tuple, dict[int, Tensor] | dict[int, tuple[Tensor, Tensor]]] = {}
+        # Per key with an order and direction (forward?): how its rows
+        # travel (:meth:`_travel`), built from the order once per assignment.
+        self._travels: dict[tuple[str, bool], _Travel] = {}
         self._layouts: dict[tuple, MessageLayout] = {}
         self._shared_rows: dict[tuple, SharedRows] = {}
         self._encode_share: dict[bool, float] = {}  # by direction (forward?)
@@ -171,40 +186,37 @@ class HaloExchange:
         else:  # kept on the exchange's device: used at every exchange of the key
             self._order[key] = tuple({p: o.to(self.device) for p, o in side.items()}
                                      for side in order)
+        self._travels = {k: v for k, v in self._travels.items() if k[0] != key}
         self._layouts = {k: v for k, v in self._layouts.items() if k[0] != key}
         self._shared_rows = {k: v for k, v in self._shared_rows.items() if k[0] != key}
-        self._rows = {k: v for k, v in self._rows.items() if k[0] != key}
 
-    def _moved(self, key: str, sending: bool, base: dict[int, Tensor],
-               quantize: bool) -> dict[int, Tensor]:
-        """`base` (rows of each peer's message in plan order) in the order they
-        travel under `key`'s assignment, for the peers whose rows it re-orders
-        (empty: every peer's rows travel in plan order)."""
+    def _reordered(self, forward: bool, send_perm: dict[int, Tensor],
+                   recv_perm: dict[int, Tensor]) -> _Travel:
+        """The plan's rows of one direction with the re-ordered peers' in the
+        order they travel.  A forward peer whose halo slots are one slice is
+        decoded straight into it: its `settle` holds the positions of its
+        message whose rows belong in other slots of the slice, and those
+        slots (see :func:`travel_order`)."""
+        plain = self._plain[forward]
+        settle = {}
+        for p, o in recv_perm.items():
+            if forward and self._recv_slice[p] is not None:
+                at = torch.nonzero(o != torch.arange(o.numel(), device=o.device)).flatten()
+                settle[p] = (at, o[at])
+        return _Travel({**plain.send, **{p: plain.send[p][o] for p, o in send_perm.items()}},
+                       {**plain.recv, **{p: plain.recv[p][o] for p, o in recv_perm.items()}},
+                       settle, {p: s for p, s in plain.slices.items() if p not in send_perm})
+
+    def _travel(self, key: str, forward: bool, quantize: bool) -> _Travel:
+        """How `key`'s rows travel in one direction: re-ordered by its
+        assignment (quantized only), or in the plan's order."""
         order = self._order.get(key) if quantize else None
         if order is None:
-            return {}
-        cache_key = (key, sending)
-        if cache_key not in self._rows:
-            perm = order[0 if sending else 1]
-            self._rows[cache_key] = {p: base[p][o] for p, o in perm.items()}
-        return self._rows[cache_key]
-
-    def _settle(self, key: str, quantize: bool) -> dict[int, tuple[Tensor, Tensor]]:
-        """For each peer whose rows `key` re-orders and whose halo slots are
-        one slice: the positions of its message whose rows belong in other
-        slots of the slice, and those slots (see :func:`travel_order`)."""
-        order = self._order.get(key) if quantize else None
-        if order is None:
-            return {}
-        cache_key = (key, "settle")
-        if cache_key not in self._rows:
-            settle = {}
-            for p, o in order[1].items():
-                if self._recv_slice[p] is not None:
-                    at = torch.nonzero(o != torch.arange(o.numel(), device=o.device)).flatten()
-                    settle[p] = (at, o[at])
-            self._rows[cache_key] = settle
-        return self._rows[cache_key]
+            return self._plain[forward]
+        travel = self._travels.get((key, forward))
+        if travel is None:
+            travel = self._travels[(key, forward)] = self._reordered(forward, *order)
+        return travel
 
     def _widths(self, key: str, quantize: bool) -> int | str:
         """What `key`'s messages are built for: ``"assigned"`` (its
@@ -255,10 +267,10 @@ class HaloExchange:
             shared = self._shared_rows[cache_key] = SharedRows(index, layouts)
         return shared
 
-    def _start(self, key: str, x: Tensor, index: dict[int, Tensor], recv_rows: dict[int, int],
-               quantize: bool, slices: dict[int, slice | None] | None = None) -> _Flight:
-        """Encodes rows `index[p]` of `x` (or the slice `slices[p]`) for every
-        peer `p` and posts the exchange.
+    def _start(self, key: str, x: Tensor, travel: _Travel, recv_rows: dict[int, int],
+               quantize: bool) -> _Flight:
+        """Encodes rows ``travel.send[p]`` of `x` (or the slice
+        ``travel.slices[p]``) for every peer `p` and posts the exchange.
 
         Quantized, every row is encoded once per width it travels at, however
         many peers it goes to (:class:`SharedRows`).
@@ -267,6 +279,7 @@ class HaloExchange:
         stats.calls += 1
         width = stats.width = x.size(1)
         t0 = self.clock()
+        index = travel.send
         layouts = {p: self._layout(key, p, True, i.numel(), width, quantize)
                    for p, i in index.items()}
         if quantize:
@@ -280,8 +293,7 @@ class HaloExchange:
                     r = torch.empty_like(r).index_copy_(0, perms[p], r)
                 self.tracer.record(key, p, r, width)
         else:
-            slices = slices or {}
-            send = {p: layouts[p].pack(x[slices[p]] if slices.get(p) is not None
+            send = {p: layouts[p].pack(x[travel.slices[p]] if p in travel.slices
                                        else x.index_select(0, i))
                     for p, i in index.items()}
         for p, layout in layouts.items():
@@ -298,7 +310,7 @@ class HaloExchange:
         pending = self.transport.start(send, recv_bytes, self.device) if self.transport else None
         # Posting counts as encoding: it includes staging CUDA buffers through host memory.
         stats.quant_time += self.clock() - t0
-        return _Flight(pending, recv_layouts, stats, x.dtype, started=t1)
+        return _Flight(pending, recv_layouts, stats, x.dtype, started=t1, travel=travel)
 
     def _finish(self, flight: _Flight, out: dict[int, Tensor] | None = None
                 ) -> dict[int, Tensor]:
@@ -315,7 +327,7 @@ class HaloExchange:
         out = out or {}
         decoded = {p: layout.unpack(raw[p], dtype=flight.dtype, out=out.get(p))
                    for p, layout in flight.layouts.items() if layout.num_rows}
-        for p, (at, to) in flight.settle.items():  # the moved rows to their own slots
+        for p, (at, to) in flight.travel.settle.items():  # the moved rows to their own slots
             if p in decoded:
                 decoded[p].index_copy_(0, to, decoded[p][at])
         flight.stats.quant_time += self.clock() - t1
@@ -323,33 +335,23 @@ class HaloExchange:
 
     def start_forward(self, key: str, x: Tensor, quantize: bool) -> _Flight:
         """Posts the rows of `x` (owned rows) that peers hold as halo rows."""
-        index = {**self.send_index, **self._moved(key, True, self.send_index, quantize)}
         counts = {p: i.numel() for p, i in self.recv_index.items()}
-        flight = self._start(key, x, index, counts, quantize)
-        flight.settle = self._settle(key, quantize)
-        flight.into = {p: i for p, i in self._moved(key, False, self.recv_index, quantize).items()
-                       if p not in flight.settle}
-        return flight
+        return self._start(key, x, self._travel(key, True, quantize), counts, quantize)
 
     def finish_forward(self, flight: _Flight, width: int) -> Tensor:
         """The halo block, ``[num_halo, width]``."""
         # Every halo slot is filled by exactly one peer: no need to zero it.
         halo = torch.empty(self.graph.num_halo, width, dtype=flight.dtype, device=self.device)
         views = {p: halo[s] for p, s in self._recv_slice.items() if s is not None}
-        slots = {**self.recv_index, **flight.into}
         for p, rows in self._finish(flight, views).items():
             if p not in views:
-                halo.index_copy_(0, slots[p], rows)
+                halo.index_copy_(0, flight.travel.recv[p], rows)
         return halo
 
     def start_backward(self, key: str, grad_halo: Tensor, quantize: bool) -> _Flight:
         """Posts the gradient of every halo row back to its owner."""
-        moved = self._moved(key, True, self.recv_index, quantize)
         counts = {p: i.numel() for p, i in self.send_index.items()}
-        flight = self._start(key, grad_halo, {**self.recv_index, **moved}, counts, quantize,
-                             slices={p: s for p, s in self._recv_slice.items() if p not in moved})
-        flight.into = self._moved(key, False, self.send_index, quantize)
-        return flight
+        return self._start(key, grad_halo, self._travel(key, False, quantize), counts, quantize)
 
     def finish_backward(self, flight: _Flight, grad_x: Tensor | None) -> Tensor | None:
         """`grad_x` plus the gradients the peers sent back for our rows.
@@ -363,9 +365,8 @@ class HaloExchange:
         # the sequential path then round identically.
         some = next(iter(received.values()))
         total = some.new_zeros(self.graph.num_owned, some.size(1))
-        into = {**self.send_index, **flight.into}
         for p, rows in received.items():
-            total.index_add_(0, into[p], rows)
+            total.index_add_(0, flight.travel.recv[p], rows)
         return total if grad_x is None else grad_x + total
 
     def exchange(self, key: str, x: Tensor, quantize: bool = False) -> Tensor:
