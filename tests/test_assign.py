@@ -27,10 +27,11 @@ from pyg_adaqp.assign.cost_model import (BUCKET_REPEATS, CODEC_ELEMENTS, CODEC_W
                                          LARGEST_WITHIN_S, LATENCY_REPEATS, PROFILE_BYTES,
                                          SOURCE_ROWS_PER_ROW, WARM_UP_BYTES, WARM_UP_ROUNDS,
                                          all_links_bytes,
-                                         WorkerCpus, codec_costs, coding_slowdown,
+                                         CodecItem, WorkerCpus, codec_costs, codec_from,
+                                         codec_items, codec_sharers, coding_slowdown,
                                          excess_latency,
-                                         fast_links, fit_link, latency_plan, profile_codec,
-                                         profile_sizes, slow_links)
+                                         fast_links, fit_link, latency_plan,
+                                         profile_sizes, slow_links, time_codec)
 from pyg_adaqp.assign.milp import TIE_BREAK, WIDTHS
 from pyg_adaqp.comm import message_nbytes
 from pyg_adaqp.host import usable_cpus
@@ -638,8 +639,11 @@ def test_a_buckets_fixed_cost_is_its_fastest_repetition(monkeypatch):
     ticks = iter(times)
     monkeypatch.setattr(cost_model, "device_clock",
                         lambda device: lambda: next(ticks, times[-1] + 1.0))
-    _, _, fixed = profile_codec(torch.device("cpu"), widths=(16, 64), repeats=1)
-    assert fixed == pytest.approx((encode, decode), rel=1e-9)
+    buckets = [CodecItem(bits, None) for bits in (2, 4, 8)]
+    measured = time_codec(torch.device("cpu"), buckets, repeats=1)
+    assert list(measured) == buckets
+    for fixed in measured.values():
+        assert fixed == pytest.approx((encode, decode), rel=1e-9)
 
 
 def test_the_encode_is_slowed_by_the_cores_contention_and_the_decode_is_not(monkeypatch):
@@ -661,8 +665,8 @@ def test_the_encode_is_slowed_by_the_cores_contention_and_the_decode_is_not(monk
         # reads alike, whatever the machine does meanwhile.
         monkeypatch.setattr(cost_model, "device_clock", lambda device: ticking(2e-4))
         monkeypatch.setattr(cost_model, "time", SimpleNamespace(process_time=ticking(1e-3)))
-        return profile_codec(torch.device("cpu"), widths=(16, 64), repeats=1,
-                             contention=contention)
+        cpu = torch.device("cpu")
+        return codec_from(time_codec(cpu, codec_items((16, 64)), repeats=1), cpu, contention)
 
     (enc1, dec1, fixed1) = profile((1.0, 1.0, 1.0))
     (enc3, dec3, fixed3) = profile((2.5, 0.5, 2.0))
@@ -714,7 +718,8 @@ def test_coding_slowdown_shares_the_hosts_cpus_among_its_workers_threads(everyon
 
 def _core_contention(rank: int, world_size: int) -> tuple[float, float, float]:
     torch.set_num_threads(3)
-    return cost_model.core_contention()
+    everyone = cost_model.gather_worker_cpus()
+    return coding_slowdown(everyone[rank], everyone)
 
 
 def test_core_contention_of_workers_on_this_machine():
@@ -727,6 +732,72 @@ def test_core_contention_of_workers_on_this_machine():
               max(1.0, 1 / min(1.0, cpus), 4 / cpus))
     for factor in factors:
         assert factor == pytest.approx(expect, rel=1e-12)
+
+
+def test_workers_on_the_same_cores_share_one_codec_profile():
+    """Same host, cores, threads and CPU limit: one group, in rank order."""
+    a = WorkerCpus("a", (0, 1), 1)
+    everyone = [a, WorkerCpus("b", (0, 1), 1), a, WorkerCpus("a", (0, 1), 2),
+                WorkerCpus("a", (0,), 1), WorkerCpus("a", (0, 1), 1, "pod", 1.0), a]
+    assert codec_sharers(everyone, 0) == codec_sharers(everyone, 6) == [0, 2, 6]
+    for rank in (1, 3, 4, 5):       # another host, threads, cores or CPU limit
+        assert codec_sharers(everyone, rank) == [rank]
+
+
+def _known_codec_times(item: CodecItem) -> np.ndarray:
+    """Stand-in measurements: an item's (encode, decode) seconds, distinct per item."""
+    if item.width is None:
+        return np.array([1e-4 + 1e-5 * item.bits, 5e-5])
+    return np.array([2e-3 + 1e-5 * item.bits + 1e-6 * item.width, 1e-3 + 1e-6 * item.width])
+
+
+def _split_codec_profile(rank: int, world_size: int, one_host: bool) -> tuple[list, dict]:
+    """The items this worker timed and the profile's model, with known codec
+    times, contention and links; without `one_host`, each worker tells a
+    host id of its own."""
+    from pyg_adaqp.assign import cost_model as cm
+    from pyg_adaqp.comm.transport import Transport
+
+    timed = []
+
+    def time_codec(device, items=None, repeats=3, barrier=None):
+        items = cm.codec_items() if items is None else items
+        timed.extend(items)
+        return {item: _known_codec_times(item) for item in items}
+
+    cm.time_codec = time_codec
+    cm.coding_slowdown = lambda mine, everyone: (1.5, 1.0, 1.25)
+    cm.profile_links = lambda transport, device, one_clock, repeats, record: {
+        i: (1e-8, 2e-8, 1e-3, 0.0) for i in range(world_size)}
+    cm.time_loaded_exchange = lambda transport, device, plan, together: 0.25
+    if not one_host:
+        cm.host_id = lambda: f"host {rank}"
+    return timed, cm.profile_cost_model(Transport(), "cpu").state_dict()
+
+
+@pytest.mark.parametrize("one_host", [True, False])
+def test_workers_on_the_same_cores_split_the_codec_profile(one_host):
+    """On one host's cores each worker times its turn of the items, and every
+    worker's codec costs come from all of them; on hosts of their own each
+    times every item."""
+    from pyg_adaqp.train.workers import run_workers
+
+    (timed0, state0), (timed1, state1) = run_workers(_split_codec_profile, 2, one_host,
+                                                     timeout_s=60)
+    items = codec_items()
+    if one_host:
+        assert (timed0, timed1) == (items[0::2], items[1::2])
+    else:
+        assert timed0 == timed1 == items
+    assert state0 == state1
+    cost = CostModel.from_state_dict(state0)
+    enc, dec, fixed = codec_from({item: _known_codec_times(item) for item in items},
+                                 torch.device("cpu"), (1.5, 1.0, 1.25))
+    for worker in (0, 1):
+        assert cost.bucket[worker] == pytest.approx(fixed, rel=1e-12)
+        for bits in (2, 4, 8):
+            assert cost.encode[worker][bits] == pytest.approx(enc[bits], rel=1e-12)
+            assert cost.decode[worker][bits] == pytest.approx(dec[bits], rel=1e-12)
 
 
 def test_codec_profile_encodes_as_the_exchange_does(monkeypatch):
@@ -746,9 +817,9 @@ def test_codec_profile_encodes_as_the_exchange_does(monkeypatch):
             return out
 
     monkeypatch.setattr(cost_model, "SharedRows", Recording)
-    profile_codec(torch.device("cpu"), widths=(16, 64), repeats=1)
-    # every measurement and its warm-up: a bucket's fixed cost at 3 bit widths
-    # (BUCKET_REPEATS each), then 3 bit widths x 2 feature widths (1 repeat each)
+    time_codec(torch.device("cpu"), codec_items((16, 64)), repeats=1)
+    # every measurement and its warm-up: 3 bit widths x 2 feature widths (1
+    # repeat each), then a bucket's fixed cost at 3 bit widths (BUCKET_REPEATS each)
     assert len(packed) == 3 * (BUCKET_REPEATS + 1) + 3 * 2 * 2
     assert SOURCE_ROWS_PER_ROW > 1                        # the rows are gathered
     for source_rows, rows, nbytes, expected in packed:
@@ -807,7 +878,8 @@ def _profile(rank: int, world_size: int) -> tuple[dict, dict]:
 def _known_codec_and_links(cm, world_size: int) -> None:
     """In a spawned worker: the profile's codec and link parts replaced by
     known figures (worker i's uplink ``1e-8 * (i + 1)`` s/B)."""
-    cm.profile_codec = lambda device, barrier, contention: (
+    cm.time_codec = lambda device, items=None, barrier=None: {}
+    cm.codec_from = lambda times, device, contention: (
         {2: (1e-6, 1e-8)}, {2: (1e-7, 1e-9)}, (1e-4, 5e-5))
     cm.profile_links = lambda transport, device, one_clock, repeats, record: {
         i: (1e-8 * (i + 1), 2e-8, 1e-3, 0.0) for i in range(world_size)}

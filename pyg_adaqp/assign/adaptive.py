@@ -215,7 +215,9 @@ class AdaptiveBits:
     def setup(self, graph: DistGraph) -> None:
         """Measures the cost model (collective; before the first epoch).
 
-        Bounded: the codec is timed on ~0.13M synthetic elements per width,
+        Bounded: the codec is timed on ~0.13M synthetic elements per width
+        (on the CPU the workers that share a host's cores split its
+        measurements),
         the links in two warm-ups, one round per worker at four sizes up to
         512 KiB (256 KiB where a link is slow, one more of 2 MiB where the
         links are fast) and one round of all links (2 MiB where the links
