@@ -27,8 +27,9 @@ from pyg_adaqp.assign.cost_model import (BUCKET_REPEATS, CODEC_ELEMENTS, CODEC_W
                                          LARGEST_WITHIN_S, LATENCY_REPEATS, PROFILE_BYTES,
                                          SOURCE_ROWS_PER_ROW, WARM_UP_BYTES, WARM_UP_ROUNDS,
                                          all_links_bytes,
-                                         CodecItem, WorkerCpus, codec_costs, codec_from,
-                                         codec_items, codec_sharers, coding_slowdown,
+                                         CodecItem, WorkerCpus, bucket_items, codec_costs,
+                                         codec_from, codec_items, codec_sharers,
+                                         coding_slowdown, element_items,
                                          excess_latency,
                                          fast_links, fit_link, latency_plan,
                                          profile_sizes, slow_links, time_codec)
@@ -646,6 +647,18 @@ def test_a_buckets_fixed_cost_is_its_fastest_repetition(monkeypatch):
         assert fixed == pytest.approx((encode, decode), rel=1e-9)
 
 
+def test_a_buckets_fixed_cost_is_the_largest_over_the_bit_widths():
+    """Per direction, the slowest bit width's bucket, scaled by the kernels'
+    slow-down on the CPU (the encode's only), as is on CUDA."""
+    times = {CodecItem(2, None): np.array([1e-4, 4e-5]), CodecItem(4, None): np.array([3e-4, 1e-5]),
+             CodecItem(8, None): np.array([2e-4, 2e-5]),
+             **{item: np.array([5e-3, 2e-3]) for item in element_items()}}
+    assert codec_from(times, torch.device("cpu"), (1.0, 1.0, 2.0))[2] == pytest.approx(
+        (6e-4, 4e-5), rel=1e-12)
+    assert codec_from(times, torch.device("meta"), (1.0, 1.0, 2.0))[2] == pytest.approx(
+        (3e-4, 4e-5), rel=1e-12)
+
+
 def test_the_encode_is_slowed_by_the_cores_contention_and_the_decode_is_not(monkeypatch):
     """On the CPU the profile reads CPU time and `contention` turns it into
     the exchange's wall time: the encode's and the decode's factors, and the
@@ -744,10 +757,11 @@ def test_workers_on_the_same_cores_share_one_codec_profile():
         assert codec_sharers(everyone, rank) == [rank]
 
 
-def _known_codec_times(item: CodecItem) -> np.ndarray:
-    """Stand-in measurements: an item's (encode, decode) seconds, distinct per item."""
+def _known_codec_times(item: CodecItem, rank: int = 0) -> np.ndarray:
+    """Stand-in measurements: an item's (encode, decode) seconds, distinct
+    per item; a bucket's also per worker (each sharer times the buckets)."""
     if item.width is None:
-        return np.array([1e-4 + 1e-5 * item.bits, 5e-5])
+        return np.array([1e-4 + 1e-5 * item.bits + 4e-5 * rank, 5e-5 + 2e-5 * rank])
     return np.array([2e-3 + 1e-5 * item.bits + 1e-6 * item.width, 1e-3 + 1e-6 * item.width])
 
 
@@ -763,7 +777,7 @@ def _split_codec_profile(rank: int, world_size: int, one_host: bool) -> tuple[li
     def time_codec(device, items=None, repeats=3, barrier=None):
         items = cm.codec_items() if items is None else items
         timed.extend(items)
-        return {item: _known_codec_times(item) for item in items}
+        return {item: _known_codec_times(item, rank) for item in items}
 
     cm.time_codec = time_codec
     cm.coding_slowdown = lambda mine, everyone: (1.5, 1.0, 1.25)
@@ -777,23 +791,33 @@ def _split_codec_profile(rank: int, world_size: int, one_host: bool) -> tuple[li
 
 @pytest.mark.parametrize("one_host", [True, False])
 def test_workers_on_the_same_cores_split_the_codec_profile(one_host):
-    """On one host's cores each worker times its turn of the items, and every
-    worker's codec costs come from all of them; on hosts of their own each
-    times every item."""
+    """On one host's cores each worker times the buckets, then its turn of
+    the long items, and every worker's codec costs come from all of them (a
+    bucket's, the median over the workers); on hosts of their own each
+    times every item and keeps its own."""
     from pyg_adaqp.train.workers import run_workers
 
     (timed0, state0), (timed1, state1) = run_workers(_split_codec_profile, 2, one_host,
                                                      timeout_s=60)
-    items = codec_items()
-    if one_host:
-        assert (timed0, timed1) == (items[0::2], items[1::2])
-    else:
-        assert timed0 == timed1 == items
-    assert state0 == state1
+    buckets, long = bucket_items(), element_items()
+    assert codec_items() == buckets + long
+    cpu, contention = torch.device("cpu"), (1.5, 1.0, 1.25)
     cost = CostModel.from_state_dict(state0)
-    enc, dec, fixed = codec_from({item: _known_codec_times(item) for item in items},
-                                 torch.device("cpu"), (1.5, 1.0, 1.25))
-    for worker in (0, 1):
+    if one_host:
+        assert (timed0, timed1) == (buckets + long[0::2], buckets + long[1::2])
+        assert state0 == state1
+        # of two workers' buckets, the median is their mean
+        shared = {**{item: (_known_codec_times(item, 0) + _known_codec_times(item, 1)) / 2
+                     for item in buckets},
+                  **{item: _known_codec_times(item) for item in long}}
+        expect = {worker: codec_from(shared, cpu, contention) for worker in (0, 1)}
+    else:
+        assert timed0 == timed1 == buckets + long
+        expect = {worker: codec_from({item: _known_codec_times(item, worker)
+                                      for item in buckets + long}, cpu, contention)
+                  for worker in (0, 1)}
+        assert expect[0][2] != expect[1][2]          # each keeps its own buckets
+    for worker, (enc, dec, fixed) in expect.items():
         assert cost.bucket[worker] == pytest.approx(fixed, rel=1e-12)
         for bits in (2, 4, 8):
             assert cost.encode[worker][bits] == pytest.approx(enc[bits], rel=1e-12)
@@ -818,8 +842,8 @@ def test_codec_profile_encodes_as_the_exchange_does(monkeypatch):
 
     monkeypatch.setattr(cost_model, "SharedRows", Recording)
     time_codec(torch.device("cpu"), codec_items((16, 64)), repeats=1)
-    # every measurement and its warm-up: 3 bit widths x 2 feature widths (1
-    # repeat each), then a bucket's fixed cost at 3 bit widths (BUCKET_REPEATS each)
+    # every measurement and its warm-up: a bucket's fixed cost at 3 bit widths
+    # (BUCKET_REPEATS each), then 3 bit widths x 2 feature widths (1 repeat each)
     assert len(packed) == 3 * (BUCKET_REPEATS + 1) + 3 * 2 * 2
     assert SOURCE_ROWS_PER_ROW > 1                        # the rows are gathered
     for source_rows, rows, nbytes, expected in packed:

@@ -216,7 +216,7 @@ class AdaptiveBits:
         """Measures the cost model (collective; before the first epoch).
 
         Bounded: the codec is timed on ~0.13M synthetic elements per width
-        (on the CPU the workers that share a host's cores split its
+        (on the CPU the workers that share a host's cores split its long
         measurements),
         the links in two warm-ups, one round per worker at four sizes up to
         512 KiB (256 KiB where a link is slow, one more of 2 MiB where the

@@ -323,11 +323,23 @@ class CodecItem(NamedTuple):
     width: int | None
 
 
+def bucket_items() -> list[CodecItem]:
+    """The codec profile's measurements of a bucket's fixed cost, one per bit width."""
+    return [CodecItem(int(bits), None) for bits in SUPPORTED_BITS]
+
+
+def element_items(widths: tuple[int, ...] = CODEC_WIDTHS) -> list[CodecItem]:
+    """The codec profile's measurements of :data:`CODEC_ELEMENTS` elements,
+    at every bit width and each of `widths`."""
+    return [CodecItem(int(bits), width) for bits in SUPPORTED_BITS for width in widths]
+
+
 def codec_items(widths: tuple[int, ...] = CODEC_WIDTHS) -> list[CodecItem]:
-    """Every measurement of the codec profile, the long ones first (workers
-    that split the profile take them in turn: :func:`profile_cost_model`)."""
-    return ([CodecItem(int(bits), width) for bits in SUPPORTED_BITS for width in widths]
-            + [CodecItem(int(bits), None) for bits in SUPPORTED_BITS])
+    """Every measurement of the codec profile: the buckets' first (their 30
+    short repetitions also warm the codec up for the long ones: where a
+    worker's first measurement was a long one, its per-element cost read
+    up to twice as high, docs/benchmarks.md, thirty-fifth pass)."""
+    return bucket_items() + element_items(widths)
 
 
 def time_codec(device: torch.device, items: list[CodecItem] | None = None, repeats: int = 3,
@@ -504,7 +516,7 @@ def gather_worker_cpus() -> list[WorkerCpus]:
 def codec_sharers(everyone: list[WorkerCpus], rank: int) -> list[int]:
     """The workers whose CPU codec costs are `rank`'s own, in rank order:
     those on its host with its cores, threads and CPU limit, which run the
-    same kernels on the same cores.  They split the codec profile's
+    same kernels on the same cores.  They split the codec profile's long
     measurements (:func:`profile_cost_model`): on 4 workers sharing 2 cores
     every one timing every measurement made the profile take 4 times the
     CPU time that one worker's needs, and the cores run it at most 2 at a
@@ -846,14 +858,26 @@ def link_scales(fits: dict[int, list[float]], seen: dict[tuple[int, int], float]
     return {i: tuple(max([1.0, *ratios[(i, d)]]) for d in (0, 1)) for i in fits}
 
 
+def _merge_codec_times(parts: list[dict[CodecItem, np.ndarray]]) -> dict[CodecItem, np.ndarray]:
+    """One codec profile from its sharers' :func:`time_codec` results: each
+    item's median over the workers that timed it (every sharer times the
+    buckets; each long item is timed by one)."""
+    by_item: dict[CodecItem, list[np.ndarray]] = {}
+    for part in parts:
+        for item, t in part.items():
+            by_item.setdefault(item, []).append(t)
+    return {item: np.median(ts, axis=0) for item, ts in by_item.items()}
+
+
 def profile_cost_model(transport: Transport, device: torch.device | str = "cpu",
                        repeats: int = 1, record: dict | None = None) -> CostModel:
     """Measures the whole cost model (collective: every worker calls it), on
     the exchange's own `transport` and `device`: the codec
-    (:func:`time_codec`, then :func:`codec_from`; on the CPU the workers
-    of :func:`codec_sharers` take its items in turn and each builds its
-    codec costs from all of theirs, on CUDA every worker times every item,
-    all of them starting each one together), the links (:func:`profile_links`, each size
+    (:func:`time_codec`, then :func:`codec_from`; on the CPU each worker
+    of :func:`codec_sharers` times the buckets and its turn of the long
+    items, without a common start, and the group's codec costs come from
+    all of them (:func:`_merge_codec_times`); on CUDA every worker times
+    every item, all of them starting each one together), the links (:func:`profile_links`, each size
     timed `repeats` times; its link measurements into `record`, as there),
     then the loaded latency
     (:func:`time_loaded_exchange` of :func:`latency_plan`,
@@ -869,9 +893,11 @@ def profile_cost_model(transport: Transport, device: torch.device | str = "cpu",
     rank, everyone = dist.get_rank(), gather_worker_cpus()
     contention = coding_slowdown(everyone[rank], everyone)
     if device.type == "cpu":
-        # CPU time, which needs no common start; workers on the same cores split the items.
+        # CPU time, which needs no common start.  Workers on the same cores
+        # each time the (short) buckets, then their turn of the long items.
         sharers = codec_sharers(everyone, rank)
-        times = time_codec(device, codec_items()[sharers.index(rank)::len(sharers)])
+        times = time_codec(device, bucket_items()
+                           + element_items()[sharers.index(rank)::len(sharers)])
     else:  # wall time: workers that share a device code at once, as in an exchange
         sharers = [rank]
         times = time_codec(device, barrier=lambda: dist.barrier(group=transport.group))
@@ -884,7 +910,7 @@ def profile_cost_model(transport: Transport, device: torch.device | str = "cpu",
     # loaded-exchange time, in one collective.
     mine = _gather((times, contention, sharers,
                     time_loaded_exchange(transport, device, plan, together=one_clock)))
-    codecs = [codec_from({item: t for r in their_sharers for item, t in mine[r][0].items()},
+    codecs = [codec_from(_merge_codec_times([mine[r][0] for r in their_sharers]),
                          device, their_contention)
               for _, their_contention, their_sharers, _ in mine]
     model = CostModel({i: f[0] for i, f in links.items()}, {i: f[1] for i, f in links.items()},
