@@ -22,7 +22,7 @@ measured time (median of ``--repeats``, :data:`REPEATS` by default).  Prints
 every worker's fitted link and the errors, with the worker the model
 predicts slowest, the one measured slowest (its parts, and its encode's
 CPU time: on workers that share cores, the encode's wall time over its CPU
-time is the contention that the profile's ``coding_slowdown`` stands for),
+time is the contention that the profile's ``core_contention`` stands for),
 and the bytes the first one's
 link carries each way, and the errors of the same model without its loaded
 latency (each run and, with ``--runs``, how many runs pass each way); the

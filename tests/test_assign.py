@@ -27,12 +27,10 @@ from pyg_adaqp.assign.cost_model import (BUCKET_REPEATS, CODEC_ELEMENTS, CODEC_W
                                          LARGEST_WITHIN_S, LATENCY_REPEATS, PROFILE_BYTES,
                                          SOURCE_ROWS_PER_ROW, WARM_UP_BYTES, WARM_UP_ROUNDS,
                                          all_links_bytes,
-                                         CodecItem, WorkerCpus, bucket_items, codec_costs,
-                                         codec_from, codec_items, codec_sharers,
-                                         coding_slowdown, element_items,
+                                         WorkerCpus, codec_costs, coding_slowdown,
                                          excess_latency,
-                                         fast_links, fit_link, latency_plan,
-                                         profile_sizes, slow_links, time_codec)
+                                         fast_links, fit_link, latency_plan, profile_codec,
+                                         profile_sizes, slow_links)
 from pyg_adaqp.assign.milp import TIE_BREAK, WIDTHS
 from pyg_adaqp.comm import message_nbytes
 from pyg_adaqp.host import usable_cpus
@@ -640,23 +638,8 @@ def test_a_buckets_fixed_cost_is_its_fastest_repetition(monkeypatch):
     ticks = iter(times)
     monkeypatch.setattr(cost_model, "device_clock",
                         lambda device: lambda: next(ticks, times[-1] + 1.0))
-    buckets = [CodecItem(bits, None) for bits in (2, 4, 8)]
-    measured = time_codec(torch.device("cpu"), buckets, repeats=1)
-    assert list(measured) == buckets
-    for fixed in measured.values():
-        assert fixed == pytest.approx((encode, decode), rel=1e-9)
-
-
-def test_a_buckets_fixed_cost_is_the_largest_over_the_bit_widths():
-    """Per direction, the slowest bit width's bucket, scaled by the kernels'
-    slow-down on the CPU (the encode's only), as is on CUDA."""
-    times = {CodecItem(2, None): np.array([1e-4, 4e-5]), CodecItem(4, None): np.array([3e-4, 1e-5]),
-             CodecItem(8, None): np.array([2e-4, 2e-5]),
-             **{item: np.array([5e-3, 2e-3]) for item in element_items()}}
-    assert codec_from(times, torch.device("cpu"), (1.0, 1.0, 2.0))[2] == pytest.approx(
-        (6e-4, 4e-5), rel=1e-12)
-    assert codec_from(times, torch.device("meta"), (1.0, 1.0, 2.0))[2] == pytest.approx(
-        (3e-4, 4e-5), rel=1e-12)
+    _, _, fixed = profile_codec(torch.device("cpu"), widths=(16, 64), repeats=1)
+    assert fixed == pytest.approx((encode, decode), rel=1e-9)
 
 
 def test_the_encode_is_slowed_by_the_cores_contention_and_the_decode_is_not(monkeypatch):
@@ -678,8 +661,8 @@ def test_the_encode_is_slowed_by_the_cores_contention_and_the_decode_is_not(monk
         # reads alike, whatever the machine does meanwhile.
         monkeypatch.setattr(cost_model, "device_clock", lambda device: ticking(2e-4))
         monkeypatch.setattr(cost_model, "time", SimpleNamespace(process_time=ticking(1e-3)))
-        cpu = torch.device("cpu")
-        return codec_from(time_codec(cpu, codec_items((16, 64)), repeats=1), cpu, contention)
+        return profile_codec(torch.device("cpu"), widths=(16, 64), repeats=1,
+                             contention=contention)
 
     (enc1, dec1, fixed1) = profile((1.0, 1.0, 1.0))
     (enc3, dec3, fixed3) = profile((2.5, 0.5, 2.0))
@@ -731,8 +714,7 @@ def test_coding_slowdown_shares_the_hosts_cpus_among_its_workers_threads(everyon
 
 def _core_contention(rank: int, world_size: int) -> tuple[float, float, float]:
     torch.set_num_threads(3)
-    everyone = cost_model.gather_worker_cpus()
-    return coding_slowdown(everyone[rank], everyone)
+    return cost_model.core_contention()
 
 
 def test_core_contention_of_workers_on_this_machine():
@@ -745,83 +727,6 @@ def test_core_contention_of_workers_on_this_machine():
               max(1.0, 1 / min(1.0, cpus), 4 / cpus))
     for factor in factors:
         assert factor == pytest.approx(expect, rel=1e-12)
-
-
-def test_workers_on_the_same_cores_share_one_codec_profile():
-    """Same host, cores, threads and CPU limit: one group, in rank order."""
-    a = WorkerCpus("a", (0, 1), 1)
-    everyone = [a, WorkerCpus("b", (0, 1), 1), a, WorkerCpus("a", (0, 1), 2),
-                WorkerCpus("a", (0,), 1), WorkerCpus("a", (0, 1), 1, "pod", 1.0), a]
-    assert codec_sharers(everyone, 0) == codec_sharers(everyone, 6) == [0, 2, 6]
-    for rank in (1, 3, 4, 5):       # another host, threads, cores or CPU limit
-        assert codec_sharers(everyone, rank) == [rank]
-
-
-def _known_codec_times(item: CodecItem, rank: int = 0) -> np.ndarray:
-    """Stand-in measurements: an item's (encode, decode) seconds, distinct
-    per item; a bucket's also per worker (each sharer times the buckets)."""
-    if item.width is None:
-        return np.array([1e-4 + 1e-5 * item.bits + 4e-5 * rank, 5e-5 + 2e-5 * rank])
-    return np.array([2e-3 + 1e-5 * item.bits + 1e-6 * item.width, 1e-3 + 1e-6 * item.width])
-
-
-def _split_codec_profile(rank: int, world_size: int, one_host: bool) -> tuple[list, dict]:
-    """The items this worker timed and the profile's model, with known codec
-    times, contention and links; without `one_host`, each worker tells a
-    host id of its own."""
-    from pyg_adaqp.assign import cost_model as cm
-    from pyg_adaqp.comm.transport import Transport
-
-    timed = []
-
-    def time_codec(device, items=None, repeats=3, barrier=None):
-        items = cm.codec_items() if items is None else items
-        timed.extend(items)
-        return {item: _known_codec_times(item, rank) for item in items}
-
-    cm.time_codec = time_codec
-    cm.coding_slowdown = lambda mine, everyone: (1.5, 1.0, 1.25)
-    cm.profile_links = lambda transport, device, one_clock, repeats, record: {
-        i: (1e-8, 2e-8, 1e-3, 0.0) for i in range(world_size)}
-    cm.time_loaded_exchange = lambda transport, device, plan, together: 0.25
-    if not one_host:
-        cm.host_id = lambda: f"host {rank}"
-    return timed, cm.profile_cost_model(Transport(), "cpu").state_dict()
-
-
-@pytest.mark.parametrize("one_host", [True, False])
-def test_workers_on_the_same_cores_split_the_codec_profile(one_host):
-    """On one host's cores each worker times the buckets, then its turn of
-    the long items, and every worker's codec costs come from all of them (a
-    bucket's, the median over the workers); on hosts of their own each
-    times every item and keeps its own."""
-    from pyg_adaqp.train.workers import run_workers
-
-    (timed0, state0), (timed1, state1) = run_workers(_split_codec_profile, 2, one_host,
-                                                     timeout_s=60)
-    buckets, long = bucket_items(), element_items()
-    assert codec_items() == buckets + long
-    cpu, contention = torch.device("cpu"), (1.5, 1.0, 1.25)
-    cost = CostModel.from_state_dict(state0)
-    if one_host:
-        assert (timed0, timed1) == (buckets + long[0::2], buckets + long[1::2])
-        assert state0 == state1
-        # of two workers' buckets, the median is their mean
-        shared = {**{item: (_known_codec_times(item, 0) + _known_codec_times(item, 1)) / 2
-                     for item in buckets},
-                  **{item: _known_codec_times(item) for item in long}}
-        expect = {worker: codec_from(shared, cpu, contention) for worker in (0, 1)}
-    else:
-        assert timed0 == timed1 == buckets + long
-        expect = {worker: codec_from({item: _known_codec_times(item, worker)
-                                      for item in buckets + long}, cpu, contention)
-                  for worker in (0, 1)}
-        assert expect[0][2] != expect[1][2]          # each keeps its own buckets
-    for worker, (enc, dec, fixed) in expect.items():
-        assert cost.bucket[worker] == pytest.approx(fixed, rel=1e-12)
-        for bits in (2, 4, 8):
-            assert cost.encode[worker][bits] == pytest.approx(enc[bits], rel=1e-12)
-            assert cost.decode[worker][bits] == pytest.approx(dec[bits], rel=1e-12)
 
 
 def test_codec_profile_encodes_as_the_exchange_does(monkeypatch):
@@ -841,7 +746,7 @@ def test_codec_profile_encodes_as_the_exchange_does(monkeypatch):
             return out
 
     monkeypatch.setattr(cost_model, "SharedRows", Recording)
-    time_codec(torch.device("cpu"), codec_items((16, 64)), repeats=1)
+    profile_codec(torch.device("cpu"), widths=(16, 64), repeats=1)
     # every measurement and its warm-up: a bucket's fixed cost at 3 bit widths
     # (BUCKET_REPEATS each), then 3 bit widths x 2 feature widths (1 repeat each)
     assert len(packed) == 3 * (BUCKET_REPEATS + 1) + 3 * 2 * 2
@@ -902,8 +807,7 @@ def _profile(rank: int, world_size: int) -> tuple[dict, dict]:
 def _known_codec_and_links(cm, world_size: int) -> None:
     """In a spawned worker: the profile's codec and link parts replaced by
     known figures (worker i's uplink ``1e-8 * (i + 1)`` s/B)."""
-    cm.time_codec = lambda device, items=None, barrier=None: {}
-    cm.codec_from = lambda times, device, contention: (
+    cm.profile_codec = lambda device, barrier, contention: (
         {2: (1e-6, 1e-8)}, {2: (1e-7, 1e-9)}, (1e-4, 5e-5))
     cm.profile_links = lambda transport, device, one_clock, repeats, record: {
         i: (1e-8 * (i + 1), 2e-8, 1e-3, 0.0) for i in range(world_size)}

@@ -215,18 +215,16 @@ class AdaptiveBits:
     def setup(self, graph: DistGraph) -> None:
         """Measures the cost model (collective; before the first epoch).
 
-        Bounded: the codec is timed on ~0.13M synthetic elements per width
-        (on the CPU the workers that share a host's cores split its long
-        measurements),
+        Bounded: the codec is timed on ~0.13M synthetic elements per width,
         the links in two warm-ups, one round per worker at four sizes up to
         512 KiB (256 KiB where a link is slow, one more of 2 MiB where the
         links are fast) and one round of all links (2 MiB where the links
         are slow and even or fast, else 512 KiB), then one small exchange
-        of every worker at once (its loaded latency).  In all, for 4 hosts
-        by the slowest worker, 0.61-0.90 s at 100 Mbit/s and 0.50-0.66 s
-        at 1 Gbit/s in ``benchmarks/cost_model.py``, 0.66-0.84 s at
-        100 Mbit/s in training (docs/benchmarks.md, thirty-fifth pass);
-        each part in :attr:`setup_parts`.  One slow link halves every worker's owner
+        of every worker at once (its loaded latency).  In all 0.76-0.78 s
+        on rank 0 for 4 hosts at 100 Mbit/s in ``benchmarks/cost_model.py``,
+        and 0.50-0.56 s at 1 Gbit/s by the slowest worker in training
+        (docs/benchmarks.md, twenty-ninth pass); each part in
+        :attr:`setup_parts`.  One slow link halves every worker's owner
         rounds; where it held a faster worker's round, that worker's
         rounds run again without it, among faster links (up to 2 MiB: on
         3 x 1 Gbit/s + 1 x 100 Mbit/s the owner rounds took 0.21-0.24 s

@@ -21,7 +21,7 @@ device, plus a fixed cost per non-empty width bucket of every message: a
 bucket's few kernels cost ~0.1-0.6 ms on one CPU thread whatever its rows;
 on the CPU the encode is slowed by the workers that share the host's cores
 and encode at the same time, and all of it by a container's CPU limit,
-:func:`coding_slowdown`),
+:func:`core_contention`),
 and :math:`h_i` the aggregation time that overlaps the exchange.  Every
 piece is linear in the widths' indicator variables (and in one variable per
 channel and width that says whether the bucket is used), so the MILP keeps
@@ -315,60 +315,51 @@ def fit_link(sent: np.ndarray, took: np.ndarray) -> tuple[float, float, float]:
     return best
 
 
-class CodecItem(NamedTuple):
-    """One measurement of the codec profile: a bucket's fixed cost at `bits`
-    (`width` None: :data:`BUCKET_ROWS` rows of ``CODEC_WIDTHS[0]``), or
-    :func:`codec_rows` rows of `width` at `bits`."""
-    bits: int
-    width: int | None
-
-
-def bucket_items() -> list[CodecItem]:
-    """The codec profile's measurements of a bucket's fixed cost, one per bit width."""
-    return [CodecItem(int(bits), None) for bits in SUPPORTED_BITS]
-
-
-def element_items(widths: tuple[int, ...] = CODEC_WIDTHS) -> list[CodecItem]:
-    """The codec profile's measurements of :data:`CODEC_ELEMENTS` elements,
-    at every bit width and each of `widths`."""
-    return [CodecItem(int(bits), width) for bits in SUPPORTED_BITS for width in widths]
-
-
-def codec_items(widths: tuple[int, ...] = CODEC_WIDTHS) -> list[CodecItem]:
-    """Every measurement of the codec profile: the buckets' first (their 30
-    short repetitions also warm the codec up for the long ones: where a
-    worker's first measurement was a long one, its per-element cost read
-    up to twice as high, docs/benchmarks.md, thirty-fifth pass)."""
-    return bucket_items() + element_items(widths)
-
-
-def time_codec(device: torch.device, items: list[CodecItem] | None = None, repeats: int = 3,
-               barrier: Callable[[], object] = lambda: None) -> dict[CodecItem, np.ndarray]:
-    """Times the codec on `device`: each of `items` (default: every one of
-    :func:`codec_items`), its ``(encode, decode)`` seconds, each
-    measurement starting after `barrier`.
+def profile_codec(device: torch.device, widths: tuple[int, ...] = CODEC_WIDTHS,
+                  repeats: int = 3, barrier: Callable[[], object] = lambda: None,
+                  contention: tuple[float, float, float] = (1.0, 1.0, 1.0)
+                  ) -> tuple[dict[int, tuple[float, float]], dict[int, tuple[float, float]],
+                             tuple[float, float]]:
+    """Encode and decode seconds ``(per row, per element)`` of each width on
+    `device`, and ``(encode, decode)`` seconds of one bucket whatever its rows.
 
     Times :class:`~pyg_adaqp.comm.SharedRows`' pack and
     :class:`~pyg_adaqp.comm.MessageLayout`'s unpack (what the exchange runs:
     a message's rows gathered from the layer's output, quantized and copied
-    into the peer's buffer; the buffer decoded into place).  A bucket's
-    fixed cost (:data:`BUCKET_ROWS` rows) is the fastest of
-    :data:`BUCKET_REPEATS` wall times: its few kernels take well under a
-    time slice, so a repetition is either not pre-empted or pre-empted for
-    a whole slice (a median of 3 read 2-5x the fastest on a worker
-    pre-empted twice, and over-predicted narrow messages by up to 67%).
-    A measurement of :data:`CODEC_ELEMENTS` elements is the median of
-    `repeats`: on CUDA its wall time on the exchange's own clock
-    (:func:`~pyg_adaqp.comm.clock.device_clock`); on the CPU its CPU time
-    (the process's, which counts torch's intra-op threads), which
-    :func:`codec_from` turns into the exchange's wall time.  One
-    measurement's wall time there depends on which workers held the cores
-    while it ran (4 workers on 2 cores), its CPU time much less.
+    into the peer's buffer; the buffer decoded into place), median of
+    `repeats`, every worker starting each
+    measurement after `barrier` (in an exchange every worker codes at once:
+    workers that share cores slow each other down, which timings taken one
+    worker at a time under-read by 2-3x on 4 workers sharing 2 cores; one
+    barrier per measurement, not per repetition: each costs a few ms on a
+    100 Mbit/s link, and the workers repeat the same work in step): of
+    :data:`BUCKET_ROWS` rows at each bit width (the bucket's fixed cost:
+    the fastest of :data:`BUCKET_REPEATS`, the largest over the bit
+    widths), and of :data:`CODEC_ELEMENTS` random
+    elements at two feature widths, whose times less the fixed cost give the
+    per-row and per-element costs.
+
+    On CUDA, timed with the exchange's own clock
+    (:func:`~pyg_adaqp.comm.clock.device_clock`).  On the CPU, one
+    measurement's wall time depends on which workers held the cores while it
+    ran (4 workers on 2 cores), its CPU time much less: so there each
+    measurement of :data:`CODEC_ELEMENTS` is its median CPU time (the
+    process's, which counts torch's intra-op threads), turned into the
+    exchange's wall time by `contention` (:func:`coding_slowdown`): the
+    encode, which every worker of a host runs at once when an exchange
+    starts, shares the cores with the others', its bucket's fixed cost
+    too; the decode does not (workers decode as their peers' bytes
+    arrive, at different times).  The wall time over the CPU time of these
+    measurements, the factor used before, read anywhere from 1 to 2 from
+    run to run on 4 workers sharing 2 cores: each lasts less than a time
+    slice, so it is either not pre-empted or pre-empted whole
+    (docs/benchmarks.md, twenty-fifth pass).  A bucket's fixed cost, well
+    under a time slice, is its fastest wall time.
     """
     gen = torch.Generator(device).manual_seed(0)
     clock = device_clock(device)
 
-    def timed(bits: int, rows: int, width: int, repeats: int) -> np.ndarray:
+    def timed(bits: int, rows: int, width: int, repeats: int = repeats) -> np.ndarray:
         """Every repetition's encode and decode seconds, wall then CPU: ``[repeats, 4]``.
 
         Encodes as the exchange does (:class:`~pyg_adaqp.comm.SharedRows`):
@@ -391,45 +382,18 @@ def time_codec(device: torch.device, items: list[CodecItem] | None = None, repea
         return np.array(took[1:])
 
     wall, cpu = slice(0, 2), slice(2, 4)
-    times = {}
-    for item in codec_items() if items is None else items:
-        if item.width is None:
-            times[item] = timed(item.bits, BUCKET_ROWS, CODEC_WIDTHS[0],
-                                BUCKET_REPEATS)[:, wall].min(axis=0)
-        else:
-            took = timed(item.bits, codec_rows(item.width), item.width, repeats)
-            times[item] = np.median(took[:, cpu if device.type == "cpu" else wall], axis=0)
-    return times
-
-
-def codec_from(times: dict[CodecItem, np.ndarray], device: torch.device,
-               contention: tuple[float, float, float] = (1.0, 1.0, 1.0)
-               ) -> tuple[dict[int, tuple[float, float]], dict[int, tuple[float, float]],
-                          tuple[float, float]]:
-    """Encode and decode seconds ``(per row, per element)`` of each width,
-    and ``(encode, decode)`` seconds of one bucket whatever its rows, in an
-    exchange, from :func:`time_codec`'s `times` of every bit width's bucket
-    and of each bit width at two feature widths or more: a bucket's fixed
-    cost is the largest over the bit widths.
-
-    On the CPU, `contention` (:func:`coding_slowdown`) turns CPU time into
-    the exchange's wall time: the encode, which every worker of a host runs
-    at once when an exchange starts, shares the cores with the others', its
-    bucket's fixed cost too; the decode does not (workers decode as their
-    peers' bytes arrive, at different times).  The wall time over the CPU
-    time of these measurements, the factor used before, read anywhere from
-    1 to 2 from run to run on 4 workers sharing 2 cores: each lasts less
-    than a time slice, so it is either not pre-empted or pre-empted whole
-    (docs/benchmarks.md, twenty-fifth pass).  On CUDA the times are the
-    exchange's already.
-    """
-    fixed = np.max([t for item, t in times.items() if item.width is None], axis=0)
-    per: dict[int, dict[int, np.ndarray]] = {}
-    for item, t in times.items():
-        if item.width is not None:
-            per.setdefault(item.bits, {})[item.width] = t
-    share, bucket = ((np.array(contention[:2]), np.array([contention[2], 1.0]))
-                     if device.type == "cpu" else (1.0, 1.0))
+    # A bucket's few kernels take well under a time slice, so a repetition
+    # is either not pre-empted or pre-empted for a whole slice: the fastest
+    # is their cost (a median of 3 read 2-5x that on a worker pre-empted
+    # twice, and over-predicted narrow messages by up to 67%).
+    fixed = np.max([timed(bits, BUCKET_ROWS, widths[0], BUCKET_REPEATS)[:, wall].min(axis=0)
+                    for bits in SUPPORTED_BITS], axis=0)
+    runs = {bits: {width: timed(bits, codec_rows(width), width) for width in widths}
+            for bits in SUPPORTED_BITS}
+    cols, share, bucket = ((cpu, np.array(contention[:2]), np.array([contention[2], 1.0]))
+                           if device.type == "cpu" else (wall, 1.0, 1.0))
+    per = {bits: {width: np.median(r[:, cols], axis=0) for width, r in by_width.items()}
+           for bits, by_width in runs.items()}
     fixed = fixed * bucket
     enc, dec = codec_costs(fixed, per, share)
     return enc, dec, (float(fixed[0]), float(fixed[1]))
@@ -508,20 +472,10 @@ def coding_slowdown(mine: WorkerCpus, everyone: list[WorkerCpus]) -> tuple[float
     return 1.0 / encoding, 1.0 / alone, kernel
 
 
-def gather_worker_cpus() -> list[WorkerCpus]:
-    """Every worker's :class:`WorkerCpus`, by rank (collective)."""
-    return _gather(WorkerCpus(host_id(), usable_cores(), torch.get_num_threads(), *cpu_group()))
-
-
-def codec_sharers(everyone: list[WorkerCpus], rank: int) -> list[int]:
-    """The workers whose CPU codec costs are `rank`'s own, in rank order:
-    those on its host with its cores, threads and CPU limit, which run the
-    same kernels on the same cores.  They split the codec profile's long
-    measurements (:func:`profile_cost_model`): on 4 workers sharing 2 cores
-    every one timing every measurement made the profile take 4 times the
-    CPU time that one worker's needs, and the cores run it at most 2 at a
-    time."""
-    return [r for r, e in enumerate(everyone) if e == everyone[rank]]
+def core_contention() -> tuple[float, float, float]:
+    """This worker's :func:`coding_slowdown` among all workers (collective)."""
+    mine = WorkerCpus(host_id(), usable_cores(), torch.get_num_threads(), *cpu_group())
+    return coding_slowdown(mine, _gather(mine))
 
 
 def codec_rows(width: int) -> int:
@@ -533,7 +487,7 @@ def codec_costs(fixed: np.ndarray, per: dict[int, dict[int, np.ndarray]],
                 share: float | np.ndarray = 1.0
                 ) -> tuple[dict[int, tuple[float, float]], dict[int, tuple[float, float]]]:
     """Encode and decode seconds ``(per row, per element)`` of each bit width
-    from :func:`time_codec`'s measurements: `fixed`, one bucket's
+    from :func:`profile_codec`'s measurements: `fixed`, one bucket's
     ``(encode, decode)`` seconds in the exchange, and ``per[bits][width]``,
     the ``(encode, decode)`` seconds of :func:`codec_rows` rows of `width`,
     which `share` (one factor, or one per direction) scales to the
@@ -858,26 +812,11 @@ def link_scales(fits: dict[int, list[float]], seen: dict[tuple[int, int], float]
     return {i: tuple(max([1.0, *ratios[(i, d)]]) for d in (0, 1)) for i in fits}
 
 
-def _merge_codec_times(parts: list[dict[CodecItem, np.ndarray]]) -> dict[CodecItem, np.ndarray]:
-    """One codec profile from its sharers' :func:`time_codec` results: each
-    item's median over the workers that timed it (every sharer times the
-    buckets; each long item is timed by one)."""
-    by_item: dict[CodecItem, list[np.ndarray]] = {}
-    for part in parts:
-        for item, t in part.items():
-            by_item.setdefault(item, []).append(t)
-    return {item: np.median(ts, axis=0) for item, ts in by_item.items()}
-
-
 def profile_cost_model(transport: Transport, device: torch.device | str = "cpu",
                        repeats: int = 1, record: dict | None = None) -> CostModel:
     """Measures the whole cost model (collective: every worker calls it), on
     the exchange's own `transport` and `device`: the codec
-    (:func:`time_codec`, then :func:`codec_from`; on the CPU each worker
-    of :func:`codec_sharers` times the buckets and its turn of the long
-    items, without a common start, and the group's codec costs come from
-    all of them (:func:`_merge_codec_times`); on CUDA every worker times
-    every item, all of them starting each one together), the links (:func:`profile_links`, each size
+    (:func:`profile_codec`), the links (:func:`profile_links`, each size
     timed `repeats` times; its link measurements into `record`, as there),
     then the loaded latency
     (:func:`time_loaded_exchange` of :func:`latency_plan`,
@@ -890,37 +829,24 @@ def profile_cost_model(transport: Transport, device: torch.device | str = "cpu",
     profile, which shares its collective, and building the model)."""
     device = torch.device(device)
     began = time.perf_counter()
-    rank, everyone = dist.get_rank(), gather_worker_cpus()
-    contention = coding_slowdown(everyone[rank], everyone)
-    if device.type == "cpu":
-        # CPU time, which needs no common start.  Workers on the same cores
-        # each time the (short) buckets, then their turn of the long items.
-        sharers = codec_sharers(everyone, rank)
-        times = time_codec(device, bucket_items()
-                           + element_items()[sharers.index(rank)::len(sharers)])
-    else:  # wall time: workers that share a device code at once, as in an exchange
-        sharers = [rank]
-        times = time_codec(device, barrier=lambda: dist.barrier(group=transport.group))
+    codec = profile_codec(device, barrier=lambda: dist.barrier(group=transport.group),
+                          contention=core_contention())
     one_clock = shares_one_clock()
     coded = time.perf_counter()
     links = profile_links(transport, device, one_clock, repeats=repeats, record=record)
     linked = time.perf_counter()
     plan = latency_plan(transport.world_size)
-    # Every worker's codec items, contention and sharers, and its
-    # loaded-exchange time, in one collective.
-    mine = _gather((times, contention, sharers,
-                    time_loaded_exchange(transport, device, plan, together=one_clock)))
-    codecs = [codec_from(_merge_codec_times([mine[r][0] for r in their_sharers]),
-                         device, their_contention)
-              for _, their_contention, their_sharers, _ in mine]
+    # Every worker's codec profile and loaded-exchange time, in one collective.
+    mine = _gather((codec, time_loaded_exchange(transport, device, plan, together=one_clock)))
+    codecs = [c for c, _ in mine]
     model = CostModel({i: f[0] for i, f in links.items()}, {i: f[1] for i, f in links.items()},
                       {i: f[2] for i, f in links.items()}, {i: f[3] for i, f in links.items()},
                       {i: c[0] for i, c in enumerate(codecs)},
                       {i: c[1] for i, c in enumerate(codecs)},
                       {i: c[2] for i, c in enumerate(codecs)})
-    model.loaded_latency = excess_latency(model, plan, [took for *_, took in mine])
+    model.loaded_latency = excess_latency(model, plan, [took for _, took in mine])
     if record is not None:
-        record["loaded_exchange_s"] = [took for *_, took in mine]
+        record["loaded_exchange_s"] = [took for _, took in mine]
         record.setdefault("took_s", {}).update(codec=coded - began,
                                                loaded_exchange=time.perf_counter() - linked)
     return model
