@@ -557,6 +557,14 @@ def test_travel_order_sorts_by_width_and_moves_only_the_rows_outside_their_slice
     assert int((travel_order(bits) != torch.arange(3_000)).sum()) <= 200
 
 
+#: Per rank of `one_mixed_channel_worker`, the keys whose rows travel
+#: re-ordered and their peers (sent to, received from): only the mixed
+#: channel 0 -> 1's two ends.
+MIXED_CHANNEL_ORDER = {0: {"forward 0": ([1], []), "backward 0": ([], [1])},
+                       1: {"forward 0": ([], [0]), "backward 0": ([0], [])},
+                       2: {}}
+
+
 def one_mixed_channel_worker(rank, world_size, parts):
     """Every row at 2 bits but for one channel (0 -> 1), where every fifth
     row travels at 4 bits.  Records every decode's `out`: a peer whose halo
@@ -614,10 +622,7 @@ def test_one_mixed_channel_reorders_its_own_rows_only():
             zip(parts, results)):
         assert_ids_land_exactly(lg, halo, grad)
         # Only the mixed channel's two ends re-order, and only for that peer.
-        expect = {0: {"forward 0": ([1], []), "backward 0": ([], [1])},
-                  1: {"forward 0": ([], [0]), "backward 0": ([0], [])},
-                  2: {}}[rank]
-        assert order == expect
+        assert order == MIXED_CHANNEL_ORDER[rank]
         # Every forward message is decoded straight into the halo block; the
         # receiver of the mixed channel then moves at most twice its wide rows.
         assert into == [True] * len(lg.recv_index)
@@ -698,9 +703,7 @@ def test_halo_slots_that_are_no_slice_take_the_mixed_rows_too():
     for rank, (lg, (halo, grad, order, settle, _, into, traces)) in enumerate(
             zip(parts, results)):
         assert_ids_land_exactly(lg, halo, grad)
-        assert order == {0: {"forward 0": ([1], []), "backward 0": ([], [1])},
-                         1: {"forward 0": ([], [0]), "backward 0": ([0], [])},
-                         2: {}}[rank]
+        assert order == MIXED_CHANNEL_ORDER[rank]
         # No message is decoded straight into the halo block, so none is settled after.
         assert not any(into) and settle == {}
         for p, i in lg.send_index.items():

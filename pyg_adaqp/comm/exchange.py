@@ -267,10 +267,10 @@ class HaloExchange:
             shared = self._shared_rows[cache_key] = SharedRows(index, layouts)
         return shared
 
-    def _start(self, key: str, x: Tensor, travel: _Travel, recv_rows: dict[int, int],
-               quantize: bool) -> _Flight:
+    def _start(self, key: str, x: Tensor, travel: _Travel, quantize: bool) -> _Flight:
         """Encodes rows ``travel.send[p]`` of `x` (or the slice
-        ``travel.slices[p]``) for every peer `p` and posts the exchange.
+        ``travel.slices[p]``) for every peer `p` and posts the exchange,
+        receiving ``travel.recv[p]``'s count of rows from each.
 
         Quantized, every row is encoded once per width it travels at, however
         many peers it goes to (:class:`SharedRows`).
@@ -302,8 +302,8 @@ class HaloExchange:
                 if count:
                     stats.rows_by_bits[bits] = stats.rows_by_bits.get(bits, 0) + count
         recv_layouts, recv_bytes = {}, {}
-        for p, n in recv_rows.items():
-            recv_layouts[p] = self._layout(key, p, False, n, width, quantize)
+        for p, into in travel.recv.items():
+            recv_layouts[p] = self._layout(key, p, False, into.numel(), width, quantize)
             recv_bytes[p] = recv_layouts[p].nbytes
             stats.peer_recv[p] = stats.peer_recv.get(p, 0) + recv_bytes[p]
         t1 = self.clock()
@@ -335,8 +335,7 @@ class HaloExchange:
 
     def start_forward(self, key: str, x: Tensor, quantize: bool) -> _Flight:
         """Posts the rows of `x` (owned rows) that peers hold as halo rows."""
-        counts = {p: i.numel() for p, i in self.recv_index.items()}
-        return self._start(key, x, self._travel(key, True, quantize), counts, quantize)
+        return self._start(key, x, self._travel(key, True, quantize), quantize)
 
     def finish_forward(self, flight: _Flight, width: int) -> Tensor:
         """The halo block, ``[num_halo, width]``."""
@@ -350,8 +349,7 @@ class HaloExchange:
 
     def start_backward(self, key: str, grad_halo: Tensor, quantize: bool) -> _Flight:
         """Posts the gradient of every halo row back to its owner."""
-        counts = {p: i.numel() for p, i in self.send_index.items()}
-        return self._start(key, grad_halo, self._travel(key, False, quantize), counts, quantize)
+        return self._start(key, grad_halo, self._travel(key, False, quantize), quantize)
 
     def finish_backward(self, flight: _Flight, grad_x: Tensor | None) -> Tensor | None:
         """`grad_x` plus the gradients the peers sent back for our rows.
