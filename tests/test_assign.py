@@ -807,7 +807,7 @@ def _profile(rank: int, world_size: int) -> tuple[dict, dict]:
 def _known_codec_and_links(cm, world_size: int) -> None:
     """In a spawned worker: the profile's codec and link parts replaced by
     known figures (worker i's uplink ``1e-8 * (i + 1)`` s/B)."""
-    cm.profile_codec = lambda device, **kwargs: (
+    cm.profile_codec = lambda device, barrier, contention: (
         {2: (1e-6, 1e-8)}, {2: (1e-7, 1e-9)}, (1e-4, 5e-5))
     cm.profile_links = lambda transport, device, one_clock, repeats, record: {
         i: (1e-8 * (i + 1), 2e-8, 1e-3, 0.0) for i in range(world_size)}

@@ -53,7 +53,6 @@ from __future__ import annotations
 
 import os
 import socket
-import threading
 import time
 from dataclasses import dataclass, field, replace
 from typing import Callable, NamedTuple
@@ -318,8 +317,7 @@ def fit_link(sent: np.ndarray, took: np.ndarray) -> tuple[float, float, float]:
 
 def profile_codec(device: torch.device, widths: tuple[int, ...] = CODEC_WIDTHS,
                   repeats: int = 3, barrier: Callable[[], object] = lambda: None,
-                  contention: tuple[float, float, float] = (1.0, 1.0, 1.0),
-                  cpu_clock: Callable[[], float] = time.process_time
+                  contention: tuple[float, float, float] = (1.0, 1.0, 1.0)
                   ) -> tuple[dict[int, tuple[float, float]], dict[int, tuple[float, float]],
                              tuple[float, float]]:
     """Encode and decode seconds ``(per row, per element)`` of each width on
@@ -375,11 +373,11 @@ def profile_codec(device: torch.device, widths: tuple[int, ...] = CODEC_WIDTHS,
         took = []
         barrier()
         for _ in range(repeats + 1):          # the first one warms up
-            t0, c0 = clock(), cpu_clock()
+            t0, c0 = clock(), time.process_time()
             buf = message.pack(x, generator=gen)[1]
-            t1, c1 = clock(), cpu_clock()
+            t1, c1 = clock(), time.process_time()
             layout.unpack(buf, out=out)
-            t2, c2 = clock(), cpu_clock()
+            t2, c2 = clock(), time.process_time()
             took.append((t1 - t0, t2 - t1, c1 - c0, c2 - c1))
         return np.array(took[1:])
 
@@ -831,21 +829,12 @@ def profile_cost_model(transport: Transport, device: torch.device | str = "cpu",
     profile, which shares its collective, and building the model)."""
     device = torch.device(device)
     began = time.perf_counter()
-    contention = core_contention()
-    if device.type == "cpu" and torch.get_num_threads() == 1:
-        codec_done = profile_codec_aside(device, contention)
-        one_clock = shares_one_clock()
-        links = profile_links(transport, device, one_clock, repeats=repeats, record=record)
-        codec, codec_s = codec_done()
-        coded = linked = time.perf_counter()
-    else:
-        codec = profile_codec(device, barrier=lambda: dist.barrier(group=transport.group),
-                              contention=contention)
-        one_clock = shares_one_clock()
-        coded = time.perf_counter()
-        codec_s = coded - began
-        links = profile_links(transport, device, one_clock, repeats=repeats, record=record)
-        linked = time.perf_counter()
+    codec = profile_codec(device, barrier=lambda: dist.barrier(group=transport.group),
+                          contention=core_contention())
+    one_clock = shares_one_clock()
+    coded = time.perf_counter()
+    links = profile_links(transport, device, one_clock, repeats=repeats, record=record)
+    linked = time.perf_counter()
     plan = latency_plan(transport.world_size)
     # Every worker's codec profile and loaded-exchange time, in one collective.
     mine = _gather((codec, time_loaded_exchange(transport, device, plan, together=one_clock)))
@@ -858,44 +847,9 @@ def profile_cost_model(transport: Transport, device: torch.device | str = "cpu",
     model.loaded_latency = excess_latency(model, plan, [took for _, took in mine])
     if record is not None:
         record["loaded_exchange_s"] = [took for _, took in mine]
-        record.setdefault("took_s", {}).update(codec=codec_s,
+        record.setdefault("took_s", {}).update(codec=coded - began,
                                                loaded_exchange=time.perf_counter() - linked)
     return model
-
-
-def profile_codec_aside(device: torch.device, contention: tuple[float, float, float]
-                        ) -> Callable[[], tuple[tuple, float]]:
-    """Starts :func:`profile_codec` in a thread of its own, at idle priority
-    where the OS has one, and returns a function that waits for it: its
-    result and the seconds it took.  CPU only, one intra-op thread: each
-    measurement's CPU time is the thread's own."""
-    done: dict = {}
-    threads = torch.get_num_threads()
-
-    def run() -> None:
-        t0 = time.perf_counter()
-        try:
-            torch.set_num_threads(threads)   # a new thread's intra-op pool is its own
-            try:
-                os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
-            except (AttributeError, OSError):
-                pass
-            done["codec"] = profile_codec(device, contention=contention,
-                                          cpu_clock=time.thread_time)
-        except BaseException as err:  # noqa: BLE001 - re-raised by the caller
-            done["error"] = err
-        done["took"] = time.perf_counter() - t0
-
-    thread = threading.Thread(target=run, name="adaqp-codec-profile", daemon=True)
-    thread.start()
-
-    def wait() -> tuple[tuple, float]:
-        thread.join()
-        if "error" in done:
-            raise done["error"]
-        return done["codec"], done["took"]
-
-    return wait
 
 
 def latency_plan(world_size: int, rows: int = LATENCY_ROWS
