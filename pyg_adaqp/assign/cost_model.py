@@ -160,7 +160,7 @@ CODEC_WIDTHS = (16, 256)
 #: Elements encoded per codec measurement (a fraction of a millisecond on one
 #: CPU thread; 4x as many bought no accuracy in ``benchmarks/cost_model.py``'s
 #: check and lengthened the set-up: docs/benchmarks.md, eleventh pass).
-CODEC_ELEMENTS = 1 << 16
+CODEC_ELEMENTS = 1 << 17
 #: The codec profile's source holds this many rows per row of its message:
 #: the exchange gathers a message's rows from the layer's whole output.
 SOURCE_ROWS_PER_ROW = 2
