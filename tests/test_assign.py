@@ -633,15 +633,18 @@ def test_codec_costs_recover_the_per_row_and_per_element_costs(share):
 ])
 def test_a_buckets_fixed_cost_is_its_fastest_repetition(monkeypatch, by_bits):
     """A repetition pre-empted for a time slice does not count, even when
-    most are (a median would read the slice); of the widths, the slowest
-    encode and the slowest decode count, each on its own."""
+    most are (a median would read the slice); of the bit widths, the
+    slowest encode and the slowest decode count, each on its own."""
     slice_s = 4e-3
     times = [0.0]
-    for bits in SUPPORTED_BITS:             # the bucket measurement at 2, 4 and 8 bits
+    # The bucket measurement at 2, 4 and 8 bits; at each, two of every three
+    # encodes and two of every three decodes pre-empted, on other repetitions
+    # at each width and for each direction.
+    for w, bits in enumerate(SUPPORTED_BITS):
         encode, decode = by_bits[bits]
         for rep in range(BUCKET_REPEATS + 1):   # the first warms up
-            stolen = slice_s if rep % 3 else 0.0    # two of every three pre-empted
-            times += [times[-1] + encode + stolen, times[-1] + encode + stolen + decode]
+            encoded = times[-1] + encode + (slice_s if (rep + w) % 3 else 0.0)
+            times += [encoded, encoded + decode + (slice_s if (rep + w + 1) % 3 else 0.0)]
             times.append(times[-1] + 1e-3)
     ticks = iter(times)
     monkeypatch.setattr(cost_model, "device_clock",
