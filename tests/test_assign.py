@@ -628,7 +628,7 @@ def test_codec_costs_recover_the_per_row_and_per_element_costs(share):
 
 @pytest.mark.parametrize("by_bits", [
     {2: (3e-4, 1e-4), 4: (3e-4, 1e-4), 8: (3e-4, 1e-4)},
-    # the slowest width sets each direction's cost, whichever width that is
+    # the slowest bit width sets each direction's cost, whichever that is
     {2: (3e-4, 1e-4), 4: (5e-4, 0.5e-4), 8: (2e-4, 2e-4)},
 ])
 def test_a_buckets_fixed_cost_is_its_fastest_repetition(monkeypatch, by_bits):
@@ -637,14 +637,14 @@ def test_a_buckets_fixed_cost_is_its_fastest_repetition(monkeypatch, by_bits):
     slowest encode and the slowest decode count, each on its own."""
     slice_s = 4e-3
     times = [0.0]
-    # The bucket measurement at 2, 4 and 8 bits; at each, two of every three
-    # encodes and two of every three decodes pre-empted, on other repetitions
-    # at each width and for each direction.
-    for w, bits in enumerate(SUPPORTED_BITS):
+    # The bucket measurement at 2, 4 and 8 bits; at each bit width two of every
+    # three encodes and two of every three decodes pre-empted, on repetitions
+    # that differ from bit width to bit width and between the two directions.
+    for shift, bits in enumerate(SUPPORTED_BITS):
         encode, decode = by_bits[bits]
         for rep in range(BUCKET_REPEATS + 1):   # the first warms up
-            encoded = times[-1] + encode + (slice_s if (rep + w) % 3 else 0.0)
-            times += [encoded, encoded + decode + (slice_s if (rep + w + 1) % 3 else 0.0)]
+            encoded = times[-1] + encode + (slice_s if (rep + shift) % 3 else 0.0)
+            times += [encoded, encoded + decode + (slice_s if (rep + shift + 1) % 3 else 0.0)]
             times.append(times[-1] + 1e-3)
     ticks = iter(times)
     monkeypatch.setattr(cost_model, "device_clock",

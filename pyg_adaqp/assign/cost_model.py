@@ -348,13 +348,14 @@ def profile_codec(device: torch.device, widths: tuple[int, ...] = CODEC_WIDTHS,
     exchange's wall time by `contention` (:func:`coding_slowdown`): the
     encode, which every worker of a host runs at once when an exchange
     starts, shares the cores with the others', its bucket's fixed cost
-    too; the decode does not (workers decode as their peers' bytes
-    arrive, at different times).  The wall time over the CPU time of these
+    too; the decode does not (a worker decodes once its last peer's
+    bytes are in, which in training comes at another time on each worker;
+    replayed on the check's runs, the decode at its CPU time passed more
+    of them).  The wall time over the CPU time of these
     measurements, the factor used before, read anywhere from 1 to 2 from
     run to run on 4 workers sharing 2 cores: each lasts less than a time
     slice, so it is either not pre-empted or pre-empted whole
-    (docs/benchmarks.md, twenty-fifth pass).  A bucket's fixed cost, well
-    under a time slice, is its fastest wall time.
+    (docs/benchmarks.md, twenty-fifth pass).
     """
     gen = torch.Generator(device).manual_seed(0)
     clock = device_clock(device)
@@ -446,7 +447,8 @@ def coding_slowdown(mine: WorkerCpus, everyone: list[WorkerCpus]) -> tuple[float
     one (a container's ``--cpus``).  When all of them encode at once, this
     worker's threads get at most their own number of cores, its own cores
     (its own limit), and its threads' share of the shared CPUs; it decodes
-    alone (its peers' bytes arrive at different times), within its limit.
+    alone (once its last peer's bytes are in, at another time on each
+    worker), within its limit.
     The share is by threads: a neighbour held below its share by its own
     limit is not counted as leaving the rest to the others.
 
