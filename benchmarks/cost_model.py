@@ -9,7 +9,9 @@ Builds the cluster of ``benchmarks/cluster.py`` (even links, or one rate per
 host with ``--rates``) and runs one ``torchrun`` node per host.  Every worker
 loads its part of a METIS-partitioned synthetic graph, so the exchange has
 the send plan of real training; it measures the cost model exactly as the
-adaptive allocator does before epoch 0 (``profile_cost_model``), then runs
+adaptive allocator does before epoch 0 (``profile_cost_model``, its round
+of every link at once the input features' first exchange, as with
+training's input cache; ``--all-links dummy``: dummy bytes), then runs
 ``--trials`` exchanges of random 2/4/8-bit assignments at each message width
 (each channel's rows in contiguous width buckets, as training sends them)
 the way training does (encode each row once per width it travels at,
@@ -204,7 +206,7 @@ def worker(args: argparse.Namespace) -> None:
 
     from pyg_adaqp.assign import assignment_seconds, profile_cost_model
     from pyg_adaqp.comm import MessageLayout, SharedRows, message_nbytes
-    from pyg_adaqp.comm.transport import Transport
+    from pyg_adaqp.nn import DistGraph
     from pyg_adaqp.partition import load_partition
     from pyg_adaqp.train.launch import keep_freed_memory, return_freed_memory
 
@@ -213,10 +215,15 @@ def worker(args: argparse.Namespace) -> None:
     dist.init_process_group("gloo", timeout=timedelta(seconds=120))
     rank, k = dist.get_rank(), dist.get_world_size()
     lg = load_partition(args.part_dir, rank)
-    transport = Transport(dist.new_group(backend="gloo"))
+    # The exchange's own group and transport, as a training worker builds them.
+    graph = DistGraph(lg, group=dist.new_group(backend="gloo"))
+    transport = graph.exchange.transport
     t0 = time.perf_counter()
     record: dict = {}
-    model = profile_cost_model(transport, "cpu", args.profile_repeats, record)
+    # As the allocator's set-up in training: the input features' first
+    # exchange (the input cache's) is the round of every link at once.
+    load = graph.input_load(lg.x) if args.all_links == "input" else None
+    model = profile_cost_model(transport, "cpu", args.profile_repeats, record, load=load)
     setup = time.perf_counter() - t0
     keep_freed_memory()     # as training's epochs
     sizes = [None] * k
@@ -380,7 +387,7 @@ def launch(args: argparse.Namespace) -> None:
 
     with tempfile.TemporaryDirectory(prefix="adaqp-cost-") as tmp:
         data = synthetic_graph(num_nodes=args.nodes, avg_degree=args.avg_degree,
-                               num_features=8, seed=0)
+                               num_features=args.features, seed=0)
         partition_graph(data, args.hosts, seed=0, out_dir=Path(tmp))
         runs = []
         with Cluster(args.hosts, args.rates or args.rate) as cluster:
@@ -394,7 +401,7 @@ def launch(args: argparse.Namespace) -> None:
                      "--master-port=29500", os.path.abspath(__file__), "--part-dir", tmp,
                      "--repeats", str(args.repeats), "--trials", str(args.trials),
                      "--profile-repeats", str(args.profile_repeats),
-                     "--exchange-start", args.exchange_start,
+                     "--exchange-start", args.exchange_start, "--all-links", args.all_links,
                      *(["--raw", os.path.abspath(args.raw)] if args.raw else []),
                      "--widths", *map(str, args.widths)], timeout=600)
                 lines = results[0].output.splitlines()
@@ -415,6 +422,8 @@ def main() -> int:
     ap.add_argument("--rates", nargs="+", metavar="RATE", help="one rate per host")
     ap.add_argument("--nodes", type=int, default=40000)
     ap.add_argument("--avg-degree", type=int, default=10)
+    ap.add_argument("--features", type=int, default=128,
+                    help="the graph's input feature width (throughput.py's default)")
     ap.add_argument("--widths", nargs="+", type=int, default=[16, 64, 256])
     ap.add_argument("--trials", type=int, default=3)
     ap.add_argument("--repeats", type=int, default=REPEATS,
@@ -429,6 +438,12 @@ def main() -> int:
                     help="how the workers start each timed exchange: at one common time "
                          "after a barrier, or each as it leaves the barrier (before "
                          "commit 6e68ab3)")
+    ap.add_argument("--all-links", choices=["input", "dummy"], default="input",
+                    help="the set-up's round of every link at once: the input features' "
+                         "first exchange, as training's set-up makes it where the input "
+                         "cache is on (the default), or dummy bytes, as training's with "
+                         "the cache off (and every set-up before this option; with "
+                         "--features 8, the check of then)")
     ap.add_argument("--raw", metavar="FILE",
                     help="append each run's set-up measurements, model and checks to FILE "
                          "as one JSON line (see above)")

@@ -821,7 +821,7 @@ def _known_codec_and_links(cm, world_size: int) -> None:
     known figures (worker i's uplink ``1e-8 * (i + 1)`` s/B)."""
     cm.profile_codec = lambda device, barrier, contention: (
         {2: (1e-6, 1e-8)}, {2: (1e-7, 1e-9)}, (1e-4, 5e-5))
-    cm.profile_links = lambda transport, device, one_clock, repeats, record: {
+    cm.profile_links = lambda transport, device, one_clock, repeats, record, load: {
         i: (1e-8 * (i + 1), 2e-8, 1e-3, 0.0) for i in range(world_size)}
 
 
@@ -1049,6 +1049,49 @@ def _profile_through_the_exchange(rank: int, world_size: int, parts) -> list:
         (transport is ours, device, sorted({str(b.device) for b in send.values()}))))
     AdaptiveBits().setup(graph)
     return seen
+
+
+def _setup_with_the_input(rank: int, world_size: int, parts, round_bytes: int) -> tuple:
+    """The allocator's set-up given the input features, with the round of
+    dummy bytes sized `round_bytes` each way (a stand-in for
+    :func:`all_links_bytes`): whether the input's first block was exchanged
+    in it, and what the record says the round carried."""
+    from pyg_adaqp.assign import adaptive
+    from pyg_adaqp.assign import cost_model as cm
+    from pyg_adaqp.nn import DistGraph
+
+    cm.all_links_bytes = lambda largest, slow, fits: round_bytes
+    records = []
+    profile = adaptive.profile_cost_model
+    adaptive.profile_cost_model = lambda *args, **kw: records.append(kw["record"]) or profile(
+        *args, **kw)
+    graph = DistGraph(parts[rank], quantize=True)
+    AdaptiveBits().setup(graph, parts[rank].x)
+    record, = records
+    return graph._prefetched is not None, record["all_links_bytes"], record["carried"]
+
+
+@pytest.mark.parametrize("round_bytes", [1, 4 << 20])
+def test_the_set_up_times_the_inputs_first_exchange_where_it_loads_the_links_enough(
+        cora, round_bytes):
+    """Given the input, the set-up's all-links round is the input cache's
+    first exchange where that loads every link at least as much as the
+    round would (its block then waits for layer 0), else dummy bytes."""
+    from pyg_adaqp.partition import partition_graph
+    from pyg_adaqp.train.workers import run_workers
+
+    parts = partition_graph(cora, 2)
+    block = 128 * 4          # bytes of a row's first block (INPUT_BLOCK_COLUMNS float32)
+    for rank, (taken, dummy, carried) in enumerate(
+            run_workers(_setup_with_the_input, 2, parts, round_bytes, timeout_s=60)):
+        peer = 1 - rank
+        if round_bytes == 1:
+            assert taken and dummy is None
+            assert carried == {f"{peer},{rank}": parts[rank].send_index[peer].numel() * block,
+                               f"{rank},{peer}": parts[peer].send_index[rank].numel() * block}
+        else:
+            assert not taken and dummy == round_bytes
+            assert set(carried.values()) == {round_bytes}
 
 
 def test_profile_sizes_halve_the_largest_transfer_on_slow_links_and_add_4x_on_fast_ones():
@@ -1503,6 +1546,111 @@ def test_link_scales_judge_each_direction_by_the_pairs_it_bounds():
     one_way = {0: [fast, fast, 0.0, 0.0], 1: [slow, slow, 0.0, 0.0]}
     seen = {(0, 1): slow * total, (1, 0): slow * total}
     assert link_scales(one_way, seen, total) == {0: (1.0, 1.0), 1: pytest.approx((1.0, 1.0))}
+
+
+def test_link_scales_count_each_links_own_bytes_where_pairs_carry_unequal_ones():
+    """A real exchange as the round (:class:`~pyg_adaqp.comm.LinkLoad`):
+    each pair carries its own bytes, and a pair is predicted from everything
+    its sender's uplink and its receiver's downlink carried.  Equal pairs
+    give what one number for every link gives."""
+    from pyg_adaqp.assign.cost_model import link_scales
+
+    rate = 8e-9
+
+    def link(nbytes: float) -> float:       # the fits' time for a link's bytes
+        return 1e-4 + rate * nbytes
+
+    fits = {i: [rate, rate, 1e-4, 0.0] for i in range(3)}
+    even = {(i, j): 5e5 for i in range(3) for j in range(3) if i != j}
+    seen = {pair: 1.5 * link(1e6) for pair in even}
+    assert link_scales(fits, seen, even) == link_scales(fits, seen, 1e6) == {
+        i: pytest.approx((1.5, 1.5)) for i in range(3)}
+    # Worker 0 sends 3 MB to 1 and 1 MB to 2; 1 and 2 send 0 and each other
+    # 1 MB: 0's uplink carries 4 MB, 1's downlink 4 MB, every other
+    # direction 2 MB.  The pairs through a 4 MB direction took twice its
+    # time, the rest their links' time.
+    carried = {(1, 0): 3e6, (2, 0): 1e6, (0, 1): 1e6, (2, 1): 1e6, (0, 2): 1e6, (1, 2): 1e6}
+    took = {(1, 0): 2 * link(4e6), (2, 0): 2 * link(4e6), (1, 2): 2 * link(4e6),
+            (0, 1): link(2e6), (2, 1): link(2e6), (0, 2): link(2e6)}
+    # (2, 0) is bounded by 0's uplink (4 MB) alone, not by 2's downlink
+    # (2 MB): 2 keeps its fit, though that pair took 2x its downlink's time.
+    assert link_scales(fits, took, carried) == {0: pytest.approx((2.0, 1.0)),
+                                                1: pytest.approx((1.0, 2.0)), 2: (1.0, 1.0)}
+
+
+def test_an_exchange_is_the_all_links_round_where_it_loads_every_link_as_much():
+    from pyg_adaqp.assign.cost_model import load_carries
+
+    size = 2 << 20
+    even = [{j: size for j in range(3) if j != i} for i in range(3)]
+    assert load_carries(even, 2 * size)          # 4 MiB out and in on every link
+    assert not load_carries(even, 2 * size + 1)
+    # Worker 2 sends enough, but receives only 1 MiB in all.
+    lopsided = [{1: 3 * size, 2: size // 4}, {0: 3 * size, 2: size // 4}, {0: size, 1: size}]
+    assert not load_carries(lopsided, size)
+    assert load_carries(lopsided, size // 2)
+    # One worker offered nothing: every worker runs the dummy round.
+    assert not load_carries([even[0], None, even[2]], 1)
+    assert not load_carries([], 1)
+
+
+def _links_with_a_load(rank: int, world_size: int, rates: list[float], load_bytes: int,
+                       slow_in_load: float) -> tuple:
+    """The link profile on :class:`_FluidLinks` with a load of `load_bytes`
+    to every peer offered; in the load's exchange every link runs
+    `slow_in_load` times slower than in the owner rounds (as with every link
+    busy both ways)."""
+    from pyg_adaqp.assign import cost_model as cm
+    from pyg_adaqp.comm import LinkLoad
+
+    cm.start_round = lambda group, device, together: 0.0     # _FluidLinks' clock
+    fluid = _FluidLinks(rates, rates, 1e-4)
+    posted, runs = [], []
+    start = fluid.start
+    fluid.start = lambda send, recv_bytes, device: (
+        posted.append(max(b.numel() for b in send.values())) or start(send, recv_bytes, device))
+    peers = [p for p in range(world_size) if p != rank]
+
+    def run(begin):
+        runs.append(begin())
+        slower = [r / slow_in_load for r in rates]
+        loaded = _FluidLinks(slower, slower, 1e-4)
+        send = {p: torch.empty(load_bytes, dtype=torch.uint8) for p in peers}
+        return loaded.start(send, {p: load_bytes for p in peers}, None).arrived
+
+    load = LinkLoad({p: load_bytes for p in peers}, {p: load_bytes for p in peers}, run)
+    record = {}
+    links = cm.profile_links(fluid, torch.device("cpu"), True, record=record, load=load)
+    return links, record, posted, runs
+
+
+@pytest.mark.parametrize("load_bytes, slow_in_load", [(3 << 20, 1.0), (3 << 20, 2.0),
+                                                      (64 << 10, 2.0)])
+def test_a_load_that_carries_enough_is_the_all_links_round(load_bytes, slow_in_load):
+    """Even 1 Gbit/s fluid links (4 workers): a load of 3 MiB to each peer
+    (9 MiB per link each way, more than the round's 2 MiB) is run once as
+    the all-links round and no dummy round is posted; its arrivals scale the
+    links (2x slower in it: a factor of 2).  One
+    of 64 KiB per peer is too small: the dummy round runs, not the load."""
+    from pyg_adaqp.train.workers import run_workers
+
+    rates = [1e9 / 8] * 4
+    links, record, posted, runs = run_workers(_links_with_a_load, 4, rates, load_bytes,
+                                              slow_in_load, timeout_s=60)[0]
+    used = load_bytes * 3 >= 2 << 20
+    owner_rounds = WARM_UP_ROUNDS + 4 * 5    # fast links: five sizes per owner
+    assert len(posted) == owner_rounds + (0 if used else 1)
+    assert runs == ([0.0] if used else [])
+    carried = {tuple(map(int, pair.split(","))): b for pair, b in record["carried"].items()}
+    assert set(carried) == {(i, j) for i in range(4) for j in range(4) if i != j}
+    if used:
+        assert record["all_links_bytes"] is None
+        assert set(carried.values()) == {load_bytes}
+    else:
+        assert record["all_links_bytes"] == 3 * posted[-1] == 3 * set(carried.values()).pop()
+    for i in range(4):
+        scale = slow_in_load if used else 1.0
+        assert links[i][:2] == pytest.approx((8e-9 * scale, 8e-9 * scale), rel=0.03)
 
 
 def test_fast_links_beside_a_slow_one_are_not_read_faster_than_fitted():

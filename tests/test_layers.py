@@ -262,7 +262,9 @@ def test_budget_signal_is_the_aggregation_as_the_next_weight_sees_it(kind):
                                rtol=1e-5, atol=0)
 
 
-def cache_worker(rank, world_size, kind, parts, x, state, cache):
+def cache_worker(rank, world_size, kind, parts, x, state, cache, prefetch=False):
+    import time
+
     from pyg_adaqp.nn.spmm import SparseAdjacency
     wide = []  # columns of the products wider than the model (layer 0's aggregation of x)
     matmul = SparseAdjacency.matmul
@@ -276,6 +278,13 @@ def cache_worker(rank, world_size, kind, parts, x, state, cache):
     graph.build_adjacency(model, x.dtype)
     graph.release_edge_list()
     x_own = x[lg.owned_ids]  # features: no gradient needed
+    load, arrived = graph.input_load(x_own), None
+    if prefetch:  # as the allocator's set-up: the input's first block, timed
+        arrived = load.run(lambda: (dist.barrier(), time.perf_counter())[1])
+    posts = []
+    start = graph.exchange.transport.start
+    graph.exchange.transport.start = lambda send, *rest: (
+        posts.append(sum(b.numel() for b in send.values())) or start(send, *rest))
     outs = [model(x_own, graph) for _ in range(3)]
     for out in outs:
         out.sum().backward()
@@ -291,19 +300,24 @@ def cache_worker(rank, world_size, kind, parts, x, state, cache):
     except RuntimeError as err:
         released = str(err)
     return {"outs": [o.detach() for o in outs], "ids": lg.owned_ids, "stats": stats,
-            "grads": grads, "wide_columns": sum(wide), "released": released}
+            "grads": grads, "wide_columns": sum(wide), "released": released,
+            "offered": None if load is None else (load.sent, load.received),
+            "arrived": arrived, "posts": posts}
 
 
 @pytest.mark.parametrize("kind", ["gcn", "sage"])
-@pytest.mark.parametrize("cache", [True, False])
-def test_layer0_input_cache(cora, kind, cache):
+@pytest.mark.parametrize("cache, prefetch", [(True, False), (True, True), (False, False)])
+def test_layer0_input_cache(cora, kind, cache, prefetch):
+    """With `prefetch`, the input's first block is exchanged ahead as the
+    set-up does (:meth:`DistGraph.input_load`) and layer 0 takes it from there."""
     torch.manual_seed(0)
     model = TwoLayer(PYG[kind], cora.x.size(1), 4, 6)
     expected = model(cora.x, cora.edge_index)
     expected.sum().backward()
     expected_grads = {n: 3 * p.grad for n, p in model.named_parameters()}  # 3 passes
     parts = partition_graph(cora, 2)
-    results = run_workers(cache_worker, 2, kind, parts, cora.x, model.state_dict(), cache)
+    results = run_workers(cache_worker, 2, kind, parts, cora.x, model.state_dict(), cache,
+                          prefetch)
     for i in range(4):
         got = torch.zeros_like(expected)
         for r in results:
@@ -320,13 +334,30 @@ def test_layer0_input_cache(cora, kind, cache):
         # blocks of INPUT_BLOCK_COLUMNS columns, and the features are
         # aggregated once (owned and halo products) for the three training
         # passes and the evaluation.
-        assert stats["input 0"][0] == -(-width // INPUT_BLOCK_COLUMNS) > 1
+        # Exchanged ahead or not, the first training pass's counters hold every block.
+        blocks = -(-width // INPUT_BLOCK_COLUMNS)
+        assert stats["input 0"][0] == blocks > 1
         assert stats["input 0"][1] == parts[0].send_index[1].numel() * width * 4
         assert "forward 0" not in stats
         assert [r["wide_columns"] for r in results] == [2 * width, 2 * width]
+        for rank, r in enumerate(results):
+            peer = 1 - rank
+            first = INPUT_BLOCK_COLUMNS * 4   # bytes of a row's first block
+            assert r["offered"] == ({peer: parts[rank].send_index[peer].numel() * first},
+                                    {peer: parts[rank].recv_index[peer].numel() * first})
+            # The training passes post each input block once, but the first
+            # where it was exchanged ahead; then layer 1's exchanges.
+            sends = parts[rank].send_index[peer].numel() * 4
+            input_posts = [sends * min(INPUT_BLOCK_COLUMNS, width - at)
+                           for at in range(0, width, INPUT_BLOCK_COLUMNS)]
+            assert r["posts"][:blocks - prefetch] == input_posts[prefetch:]
+            assert len(r["posts"]) == blocks - prefetch + 3 * 2 + 1   # + forward and backward 1
+            if prefetch:
+                assert set(r["arrived"]) == {peer} and r["arrived"][peer] > 0
     else:
         # Without the cache, layer 0 transforms first (4 < 1433 columns)
         # and exchanges every call: 3 training passes and one evaluation.
+        assert results[0]["offered"] is None   # nothing cached, nothing to exchange ahead
         assert "input 0" not in stats
         assert stats["forward 0"] == (4, 4 * parts[0].send_index[1].numel() * 4 * 4)
         assert [r["wide_columns"] for r in results] == [0, 0]

@@ -212,8 +212,14 @@ class AdaptiveBits:
 
     # --- set-up, before epoch 0 -----------------------------------------------------------------
 
-    def setup(self, graph: DistGraph) -> None:
+    def setup(self, graph: DistGraph, x: Tensor | None = None) -> None:
         """Measures the cost model (collective; before the first epoch).
+
+        Where `x` is the input that training will pass to the first layer
+        and the graph caches it (:meth:`~pyg_adaqp.nn.DistGraph.input_load`),
+        the links' round of every link at once is that input's first
+        exchange, which layer 0 then does not make again; without `x`, a
+        round of dummy bytes.
 
         Bounded: the codec is timed on ~0.13M synthetic elements per width,
         the links in two warm-ups, one round per worker at four sizes up to
@@ -237,7 +243,8 @@ class AdaptiveBits:
         if ex.transport is not None and graph.quantize and self.cost is None:
             record: dict = {}
             self.cost = profile_cost_model(ex.transport, ex.device, self.profile_repeats,
-                                           record=record)
+                                           record=record,
+                                           load=None if x is None else graph.input_load(x))
             self.setup_parts = record["took_s"]
             if dist.get_rank() == 0:
                 log.info("cost model: %s", _describe(self.cost))

@@ -63,6 +63,7 @@ import torch.distributed as dist
 
 from pyg_adaqp.comm.clock import device_clock
 from pyg_adaqp.comm.codec import MessageLayout, SharedRows, message_nbytes
+from pyg_adaqp.comm.exchange import LinkLoad
 from pyg_adaqp.comm.packing import SUPPORTED_BITS
 from pyg_adaqp.comm.transport import Transport
 from pyg_adaqp.host import cpu_group, usable_cores
@@ -609,7 +610,7 @@ def all_links_bytes(largest: int, slow: bool, fits: dict[int, list[float]]) -> i
 
 def profile_links(transport: Transport, device: torch.device, one_clock: bool,
                   sizes: tuple[int, ...] = PROFILE_BYTES, repeats: int = 1,
-                  record: dict | None = None
+                  record: dict | None = None, load: LinkLoad | None = None
                   ) -> dict[int, tuple[float, float, float, float]]:
     """Up and down rate, beta (the latency, with the other workers idle) and
     free bytes of every worker's link (collective).
@@ -638,7 +639,12 @@ def profile_links(transport: Transport, device: torch.device, one_clock: bool,
     rounds took with every peer, or :data:`EVEN_ALL_LINKS` times it where
     the owner rounds' fits say so: :func:`all_links_bytes`);
     each direction of each link is scaled to what the pairs it bounds took
-    then (:func:`link_scales`).
+    then (:func:`link_scales`).  Where every worker offers a `load` (an
+    exchange that training makes anyway: the input cache's first block,
+    :meth:`~pyg_adaqp.nn.DistGraph.input_load`) whose bytes load every
+    link at least as much each way, that exchange is the round, once,
+    instead of dummy bytes: the set-up does not pay for the round, since
+    training would have paid for the exchange.
 
     `record`, where given, receives every link measurement the result is
     made of, the same on every worker, so that other estimators can be
@@ -651,7 +657,9 @@ def profile_links(transport: Transport, device: torch.device, one_clock: bool,
     ``[bytes, seconds]`` of its egress and its ingress in the owner
     rounds), ``fits`` (:func:`fit_link` of those points, ``(up, down,
     beta, free)`` before the scale), ``all_links_bytes`` (what every link
-    carried each way in the all-links round) and ``arrived`` (``{"i,j":
+    carried each way in the all-links round of dummy bytes; :obj:`None`
+    where the `load` was the round), ``carried`` (``{"i,j": bytes}``: what
+    ``j`` sent ``i`` in the round) and ``arrived`` (``{"i,j":
     seconds}``: when ``j``'s bytes reached ``i`` in it); and, this
     worker's own, the seconds of each part in ``took_s``: ``warm_up``
     (with its gather), ``owner_rounds`` (the rounds, the all-reduce of
@@ -753,10 +761,21 @@ def profile_links(transport: Transport, device: torch.device, one_clock: bool,
     # least-squares solve on another CPU or BLAS could land on the other
     # side of EVEN_WITHIN: all take the largest size any worker chose, so
     # none posts a size its peers do not expect.
-    per_peer = per_peer_of(max(_gather(all_links_bytes(max(sizes[0], owner_sizes[0]),
-                                                       slow_links(sizes[0], warm), fits))))
-    rounds = [arrivals(peers, per_peer) for _ in range(repeats)]
-    all_seen = {p: float(np.median([r[p] for r in rounds])) for p in peers}
+    planned = _gather((all_links_bytes(max(sizes[0], owner_sizes[0]),
+                                       slow_links(sizes[0], warm), fits),
+                       None if load is None else load.sent))
+    size = max(b for b, _ in planned)
+    offered = [sent for _, sent in planned]
+    if load_carries(offered, size):
+        all_seen = load.run(lambda: start_round(transport.group, device, together))
+        carried = {(i, j): sent[i] for j, sent in enumerate(offered) for i in sent}
+        per_link = None
+    else:
+        per_peer = per_peer_of(size)
+        rounds = [arrivals(peers, per_peer) for _ in range(repeats)]
+        all_seen = {p: float(np.median([r[p] for r in rounds])) for p in peers}
+        per_link = per_peer * (k - 1)
+        carried = {(i, j): per_peer for i in range(k) for j in range(k) if i != j}
     seen = {(i, j): t for i, by_peer in enumerate(_gather(all_seen)) for j, t in by_peer.items()}
     marks.append(time.perf_counter())
     if record is not None:
@@ -768,22 +787,36 @@ def profile_links(transport: Transport, device: torch.device, one_clock: bool,
                       warm_up_pairs=[{f"{i},{j}": t for (i, j), t in p.items()} for p in pairs],
                       round_times_s=round_times, held=held, points=points,
                       fits={i: list(f) for i, f in fits.items()},
-                      all_links_bytes=per_peer * (k - 1),
+                      all_links_bytes=per_link,
+                      carried={f"{i},{j}": b for (i, j), b in carried.items()},
                       arrived={f"{i},{j}": t for (i, j), t in seen.items()})
-    for i, (up, down) in link_scales(fits, seen, per_peer * (k - 1)).items():
+    for i, (up, down) in link_scales(fits, seen, carried).items():
         fits[i][0] *= up
         fits[i][1] *= down
     return {i: tuple(f) for i, f in fits.items()}
 
 
+def load_carries(offered: list[dict[int, int] | None], size: int) -> bool:
+    """Whether the exchange every worker offered as the all-links round
+    (`offered`: by rank, the bytes it sends each peer; :obj:`None` where
+    it offered none) loads every link with at least `size` bytes each way,
+    as the round of dummy bytes would."""
+    if not offered or any(sent is None for sent in offered):
+        return False
+    into = [sum(sent.get(i, 0) for sent in offered) for i in range(len(offered))]
+    return all(sum(sent.values()) >= size for sent in offered) and min(into) >= size
+
+
 def link_scales(fits: dict[int, list[float]], seen: dict[tuple[int, int], float],
-                total: float) -> dict[int, tuple[float, float]]:
+                carried: float | dict[tuple[int, int], float]) -> dict[int, tuple[float, float]]:
     """Per worker, how much slower each direction of its link ran with every
     link busy than its fit says: ``(up, down)`` factors.
 
     `seen[(i, j)]` is when ``j``'s bytes reached ``i`` in the all-links
-    round, where every link carries `total` bytes each way; its prediction is
-    the slower of ``j``'s uplink and ``i``'s downlink (``(up, down, beta,
+    round, where ``j`` sent ``i`` `carried[(i, j)]` bytes (or, one number,
+    every link carried `carried` bytes each way); its prediction is
+    the slower of ``j``'s uplink carrying all that ``j`` sent and ``i``'s
+    downlink carrying all that ``i`` received (``(up, down, beta,
     free)`` in `fits`).  A pair's ratio of seen to predicted counts only for
     the direction (or both, within 10%) that bounds it, and a direction's
     factor is the largest ratio counted for it (it is done when its last
@@ -797,13 +830,19 @@ def link_scales(fits: dict[int, list[float]], seen: dict[tuple[int, int], float]
     with its other direction's factor (a 100 Mbit/s downlink fitted at
     74 Mbit/s came out at 51; docs/benchmarks.md, twenty-eighth pass).
     """
-    def link(worker: int, direction: int) -> float:
+    if isinstance(carried, dict):
+        out = {w: sum(b for (_, j), b in carried.items() if j == w) for w in fits}
+        into = {w: sum(b for (i, _), b in carried.items() if i == w) for w in fits}
+    else:
+        out = into = {w: float(carried) for w in fits}
+
+    def link(worker: int, direction: int, total: float) -> float:
         u_d, beta, free = fits[worker][direction], fits[worker][2], fits[worker][3]
         return beta + u_d * max(0.0, total - free)
 
     ratios: dict[tuple[int, int], list[float]] = {(i, d): [] for i in fits for d in (0, 1)}
     for (i, j), took in seen.items():
-        up, down = link(j, 0), link(i, 1)
+        up, down = link(j, 0, out[j]), link(i, 1, into[i])
         predicted = max(up, down)
         if predicted <= 0:
             continue
@@ -815,11 +854,13 @@ def link_scales(fits: dict[int, list[float]], seen: dict[tuple[int, int], float]
 
 
 def profile_cost_model(transport: Transport, device: torch.device | str = "cpu",
-                       repeats: int = 1, record: dict | None = None) -> CostModel:
+                       repeats: int = 1, record: dict | None = None,
+                       load: LinkLoad | None = None) -> CostModel:
     """Measures the whole cost model (collective: every worker calls it), on
     the exchange's own `transport` and `device`: the codec
     (:func:`profile_codec`), the links (:func:`profile_links`, each size
-    timed `repeats` times; its link measurements into `record`, as there),
+    timed `repeats` times, `load` perhaps its all-links round; its link
+    measurements into `record`, as there),
     then the loaded latency
     (:func:`time_loaded_exchange` of :func:`latency_plan`,
     :func:`excess_latency`; into `record` too, where given, every
@@ -835,7 +876,8 @@ def profile_cost_model(transport: Transport, device: torch.device | str = "cpu",
                           contention=core_contention())
     one_clock = shares_one_clock()
     coded = time.perf_counter()
-    links = profile_links(transport, device, one_clock, repeats=repeats, record=record)
+    links = profile_links(transport, device, one_clock, repeats=repeats, record=record,
+                          load=load)
     linked = time.perf_counter()
     plan = latency_plan(transport.world_size)
     # Every worker's codec profile and loaded-exchange time, in one collective.

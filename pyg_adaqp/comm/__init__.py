@@ -11,13 +11,14 @@ from pyg_adaqp.comm.codec import (
     quantize,
     worker_generator,
 )
-from pyg_adaqp.comm.exchange import ExchangeStats, HaloExchange, HaloHandle
+from pyg_adaqp.comm.exchange import ExchangeStats, HaloExchange, HaloHandle, LinkLoad
 from pyg_adaqp.comm.transport import PendingExchange, Transport
 
 __all__ = [
     'ExchangeStats',
     'HaloExchange',
     'HaloHandle',
+    'LinkLoad',
     'PendingExchange',
     'Transport',
     'FULL_PRECISION',

@@ -16,15 +16,15 @@ overlap communication in both directions (see :meth:`HaloExchange.begin`).
 from __future__ import annotations
 
 from collections import defaultdict
-from typing import Iterator
 from dataclasses import dataclass, field
+from typing import Callable, Iterator
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
 from torch.autograd import Function
 
-from pyg_adaqp.comm.codec import FULL_PRECISION, MessageLayout, SharedRows
+from pyg_adaqp.comm.codec import FULL_PRECISION, MessageLayout, SharedRows, message_nbytes
 from pyg_adaqp.comm.clock import device_clock
 from pyg_adaqp.comm.transport import PendingExchange, Transport
 from pyg_adaqp.partition import LocalGraph
@@ -63,6 +63,24 @@ class ExchangeStats:
     @property
     def bytes_recv(self) -> int:
         return sum(self.peer_recv.values())
+
+
+@dataclass
+class LinkLoad:
+    """An exchange that training makes anyway, offered to the cost model's
+    set-up to time as its round of every link at once, in place of dummy
+    bytes (:func:`~pyg_adaqp.assign.cost_model.profile_links`; the input
+    cache's first block: :meth:`~pyg_adaqp.nn.DistGraph.input_load`).
+
+    ``sent[p]`` and ``received[p]`` are the bytes it moves to and from each
+    peer.  ``run(start)`` makes the exchange (once): it packs what it
+    sends, calls `start` (collective: the round's start, which it returns),
+    posts, waits, and returns when each peer's bytes arrived, in seconds
+    after that start.
+    """
+    sent: dict[int, int]
+    received: dict[int, int]
+    run: Callable[[Callable[[], float]], dict[int, float]]
 
 
 @dataclass
@@ -267,13 +285,16 @@ class HaloExchange:
             shared = self._shared_rows[cache_key] = SharedRows(index, layouts)
         return shared
 
-    def _start(self, key: str, x: Tensor, travel: _Travel, quantize: bool) -> _Flight:
+    def _start(self, key: str, x: Tensor, travel: _Travel, quantize: bool,
+               start: Callable[[], float] | None = None) -> _Flight:
         """Encodes rows ``travel.send[p]`` of `x` (or the slice
         ``travel.slices[p]``) for every peer `p` and posts the exchange,
         receiving ``travel.recv[p]``'s count of rows from each.
 
         Quantized, every row is encoded once per width it travels at, however
-        many peers it goes to (:class:`SharedRows`).
+        many peers it goes to (:class:`SharedRows`).  With `start`, posting
+        waits for it (a timed round's start: see :class:`LinkLoad`), and
+        arrivals count from what it returns.
         """
         stats = self.stats[key]
         stats.calls += 1
@@ -306,7 +327,7 @@ class HaloExchange:
             recv_layouts[p] = self._layout(key, p, False, into.numel(), width, quantize)
             recv_bytes[p] = recv_layouts[p].nbytes
             stats.peer_recv[p] = stats.peer_recv.get(p, 0) + recv_bytes[p]
-        t1 = self.clock()
+        t1 = self.clock() if start is None else start()
         pending = self.transport.start(send, recv_bytes, self.device) if self.transport else None
         # Posting counts as encoding: it includes staging CUDA buffers through host memory.
         stats.quant_time += self.clock() - t0
@@ -370,6 +391,27 @@ class HaloExchange:
     def exchange(self, key: str, x: Tensor, quantize: bool = False) -> Tensor:
         """Blocking forward exchange without autograd: the halo block of `x`."""
         return self.finish_forward(self.start_forward(key, x, quantize), x.size(1))
+
+    def link_load(self, key: str, x: Tensor, keep: Callable[[Tensor, ExchangeStats], None]
+                  ) -> LinkLoad:
+        """The forward exchange of `x`'s halo rows at full precision as a
+        :class:`LinkLoad`; once run, `keep` receives the halo block and the
+        exchange's counters (taken out of :attr:`stats`: the set-up's time
+        is in no epoch's)."""
+        width = x.size(1)
+        sent = {p: message_nbytes(i.numel(), width, FULL_PRECISION)
+                for p, i in self.send_index.items() if i.numel()}
+        received = {p: message_nbytes(i.numel(), width, FULL_PRECISION)
+                    for p, i in self.recv_index.items() if i.numel()}
+
+        def run(start: Callable[[], float]) -> dict[int, float]:
+            flight = self._start(key, x, self._plain[True], False, start=start)
+            halo = self.finish_forward(flight, width)
+            keep(halo, self.stats.pop(key))
+            arrived = flight.pending.arrived if flight.pending is not None else {}
+            return {p: at - flight.started for p, at in arrived.items()}
+
+        return LinkLoad(sent, received, run)
 
     def exchange_columns(self, key: str, x: Tensor, columns: int
                          ) -> Iterator[tuple[slice, Tensor]]:

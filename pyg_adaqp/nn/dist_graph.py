@@ -9,7 +9,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from pyg_adaqp.comm.exchange import HaloExchange
+from pyg_adaqp.comm.exchange import ExchangeStats, HaloExchange, LinkLoad
 from pyg_adaqp.nn.spmm import SparseAdjacency
 from pyg_adaqp.partition import LocalGraph
 
@@ -121,6 +121,9 @@ class DistGraph:
         self._input_aggregate: dict[int, tuple[weakref.ref, int, tuple, Tensor]] = {}
         #: ``(A_own, A_halo)`` each layer aggregated with, by layer index.
         self.layer_adjacency: dict[int, tuple[SparseAdjacency, SparseAdjacency]] = {}
+        #: The input's first block exchanged ahead (:meth:`input_load`):
+        #: ``(input ref, its version, columns, halo block, its counters)``.
+        self._prefetched: tuple[weakref.ref, int, slice, Tensor, ExchangeStats] | None = None
 
     def layer_index(self, module: torch.nn.Module) -> int:
         """A layer's exchange index, given in the order layers are first called."""
@@ -249,6 +252,49 @@ class DistGraph:
             tracer.record_signal(f"forward {layer}", power)
         return transformed
 
+    def input_load(self, x: Tensor) -> LinkLoad | None:
+        """The input cache's first exchange of `x` (its halo rows' first
+        :data:`INPUT_BLOCK_COLUMNS` columns, at full precision) as a
+        :class:`~pyg_adaqp.comm.exchange.LinkLoad`, for the cost model's
+        set-up to time as its round of every link at once; the first layer
+        to aggregate `x` unchanged then takes that block as exchanged.
+        :obj:`None` where no layer would cache `x` (the cache off, `x`
+        needing gradient, one worker).  Collective once run, as the
+        exchange is."""
+        if not self.cache_input or x.requires_grad or self.exchange.transport is None:
+            return None
+        cols = slice(0, min(INPUT_BLOCK_COLUMNS, x.size(1)))
+
+        def keep(halo: Tensor, stats: ExchangeStats) -> None:
+            self._prefetched = (weakref.ref(x), x._version, cols, halo, stats)
+
+        return self.exchange.link_load("input", x[:, cols], keep)
+
+    def _input_blocks(self, layer: int, x: Tensor) -> Iterator[tuple[slice, Tensor]]:
+        """`x`'s halo rows, :data:`INPUT_BLOCK_COLUMNS` columns at a time:
+        the block :meth:`input_load` exchanged first, where it was `x`'s as
+        it is now (its bytes then count in this epoch's counters, its time
+        stays the set-up's), then the rest exchanged here."""
+        key, first = f"input {layer}", 0
+        prefetched, self._prefetched = self._prefetched, None
+        if prefetched is not None and prefetched[0]() is x and prefetched[1] == x._version:
+            _, _, cols, halo, done = prefetched
+            stats = self.exchange.stats[key]
+            stats.calls += done.calls
+            for mine, theirs in ((stats.peer_sent, done.peer_sent),
+                                 (stats.peer_recv, done.peer_recv)):
+                for p, n in theirs.items():
+                    mine[p] = mine.get(p, 0) + n
+            del prefetched
+            yield cols, halo
+            del halo
+            first = cols.stop
+        if first < x.size(1):
+            for cols, halo in self.exchange.exchange_columns(key, x[:, first:],
+                                                             INPUT_BLOCK_COLUMNS):
+                yield slice(first + cols.start, first + cols.stop), halo
+        self.exchange.stats[key].width = x.size(1)
+
     def _cached_aggregate(self, layer: int, x: Tensor, key: tuple | None = None) -> Tensor | None:
         """The cached aggregation of `x` at `layer`, if `x` is the cached, unchanged tensor."""
         cached = self._input_aggregate.get(layer)
@@ -262,7 +308,8 @@ class DistGraph:
         """``A @ X`` for an input needing no gradient, computed once per tensor.
 
         Its halo rows are exchanged once, at full precision,
-        :data:`INPUT_BLOCK_COLUMNS` columns at a time, each block dropped once
+        :data:`INPUT_BLOCK_COLUMNS` columns at a time (the first block
+        perhaps in the set-up: :meth:`input_load`), each block dropped once
         aggregated.  Under ``torch.no_grad()`` every activation needs no
         gradient, so there only a tensor already cached is reused (see
         :meth:`caches_input`).  Every worker makes the same choice, because
@@ -273,8 +320,7 @@ class DistGraph:
             out = a_own.matmul(x)
             # One block of halo rows held at a time: on a large part the halo
             # rows outnumber the owned ones.
-            for cols, halo in self.exchange.exchange_columns(f"input {layer}", x,
-                                                             INPUT_BLOCK_COLUMNS):
+            for cols, halo in self._input_blocks(layer, x):
                 if a_halo.nnz:
                     out[:, cols] += a_halo.matmul(halo)
                 del halo

@@ -277,7 +277,7 @@ class Trainer:
         clock = self.graph.exchange.clock
         t0 = clock()
         if hasattr(self.scheme, "setup"):
-            self.scheme.setup(self.graph)
+            self.scheme.setup(self.graph, self.x)
         setup_time = float(self._all_reduce(torch.tensor([clock() - t0]),
                                             dist.ReduceOp.MAX)[0])
         for epoch in range(start, tc.epochs):
