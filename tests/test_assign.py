@@ -1054,8 +1054,8 @@ def _profile_through_the_exchange(rank: int, world_size: int, parts) -> list:
 def _setup_with_the_input(rank: int, world_size: int, parts, round_bytes: int) -> tuple:
     """The allocator's set-up given the input features, with the round of
     dummy bytes sized `round_bytes` each way (a stand-in for
-    :func:`all_links_bytes`): whether the input's first block was exchanged
-    in it, and what the record says the round carried."""
+    :func:`all_links_bytes`): the input's columns exchanged in it (0:
+    none), and what the record says the round carried."""
     from pyg_adaqp.assign import adaptive
     from pyg_adaqp.assign import cost_model as cm
     from pyg_adaqp.nn import DistGraph
@@ -1068,29 +1068,31 @@ def _setup_with_the_input(rank: int, world_size: int, parts, round_bytes: int) -
     graph = DistGraph(parts[rank], quantize=True)
     AdaptiveBits().setup(graph, parts[rank].x)
     record, = records
-    return graph._prefetched is not None, record["all_links_bytes"], record["carried"]
+    taken = graph._prefetched[3].size(1) if graph._prefetched is not None else 0
+    return taken, record["all_links_bytes"], record["carried"]
 
 
-@pytest.mark.parametrize("round_bytes", [1, 4 << 20])
-def test_the_set_up_times_the_inputs_first_exchange_where_it_loads_the_links_enough(
+@pytest.mark.parametrize("round_bytes", [1, 32 << 10, 4 << 20])
+def test_the_set_up_times_the_inputs_first_columns_where_they_load_the_links_enough(
         cora, round_bytes):
-    """Given the input, the set-up's all-links round is the input cache's
-    first exchange where that loads every link at least as much as the
-    round would (its block then waits for layer 0), else dummy bytes."""
+    """Given the input, the set-up's all-links round exchanges the fewest of
+    the input cache's first columns that load every link at least as much
+    as the round would (they then wait for layer 0), else dummy bytes
+    (more than the first block's 128 columns would take)."""
     from pyg_adaqp.partition import partition_graph
     from pyg_adaqp.train.workers import run_workers
 
     parts = partition_graph(cora, 2)
-    block = 128 * 4          # bytes of a row's first block (INPUT_BLOCK_COLUMNS float32)
+    rows = {(i, j): parts[j].send_index[i].numel() for i, j in ((0, 1), (1, 0))}
+    columns = -(-round_bytes // (4 * min(rows.values())))    # float32 columns
+    assert (columns == 1) == (round_bytes == 1) and (columns <= 128) == (round_bytes < 4 << 20)
     for rank, (taken, dummy, carried) in enumerate(
             run_workers(_setup_with_the_input, 2, parts, round_bytes, timeout_s=60)):
-        peer = 1 - rank
-        if round_bytes == 1:
-            assert taken and dummy is None
-            assert carried == {f"{peer},{rank}": parts[rank].send_index[peer].numel() * block,
-                               f"{rank},{peer}": parts[peer].send_index[rank].numel() * block}
+        if columns <= 128:
+            assert taken == columns and dummy is None
+            assert carried == {f"{i},{j}": 4 * columns * n for (i, j), n in rows.items()}
         else:
-            assert not taken and dummy == round_bytes
+            assert taken == 0 and dummy == round_bytes
             assert set(carried.values()) == {round_bytes}
 
 
@@ -1578,28 +1580,34 @@ def test_link_scales_count_each_links_own_bytes_where_pairs_carry_unequal_ones()
                                                 1: pytest.approx((1.0, 2.0)), 2: (1.0, 1.0)}
 
 
-def test_an_exchange_is_the_all_links_round_where_it_loads_every_link_as_much():
-    from pyg_adaqp.assign.cost_model import load_carries
+def test_an_exchange_is_the_all_links_round_in_the_fewest_columns_that_load_every_link():
+    from pyg_adaqp.assign.cost_model import load_columns
 
-    size = 2 << 20
-    even = [{j: size for j in range(3) if j != i} for i in range(3)]
-    assert load_carries(even, 2 * size)          # 4 MiB out and in on every link
-    assert not load_carries(even, 2 * size + 1)
-    # Worker 2 sends enough, but receives only 1 MiB in all.
-    lopsided = [{1: 3 * size, 2: size // 4}, {0: 3 * size, 2: size // 4}, {0: size, 1: size}]
-    assert not load_carries(lopsided, size)
-    assert load_carries(lopsided, size // 2)
-    # One worker offered nothing: every worker runs the dummy round.
-    assert not load_carries([even[0], None, even[2]], 1)
-    assert not load_carries([], 1)
+    kib = 1 << 10
+    even = [({j: kib for j in range(3) if j != i}, 128) for i in range(3)]   # 2 KiB a column
+    assert load_columns(even, 2 * kib) == 1
+    assert load_columns(even, 200 * kib) == 100
+    assert load_columns(even, 2 * kib + 1) == 2     # a part of a column does not go
+    assert load_columns(even, 256 * kib) == 128
+    assert load_columns(even, 256 * kib + 1) == 0   # more columns than the input has
+    # Worker 2 receives a quarter KiB per column from each peer: it sets the count.
+    lopsided = [({1: 3 * kib, 2: kib // 4}, 128), ({0: 3 * kib, 2: kib // 4}, 128),
+                ({0: kib, 1: kib}, 128)]
+    assert load_columns(lopsided, 32 * kib) == 64
+    # The fewest columns any worker has bound them; no worker may offer nothing.
+    assert load_columns([even[0], (even[1][0], 10), even[2]], 32 * kib) == 0
+    assert load_columns([even[0], (even[1][0], 16), even[2]], 32 * kib) == 16
+    assert load_columns([even[0], None, even[2]], 1) == 0
+    assert load_columns([({}, 128), ({0: kib}, 128)], 1) == 0   # worker 0 sends nothing
+    assert load_columns([], 1) == 0
 
 
-def _links_with_a_load(rank: int, world_size: int, rates: list[float], load_bytes: int,
+def _links_with_a_load(rank: int, world_size: int, rates: list[float], columns: int,
                        slow_in_load: float) -> tuple:
-    """The link profile on :class:`_FluidLinks` with a load of `load_bytes`
-    to every peer offered; in the load's exchange every link runs
-    `slow_in_load` times slower than in the owner rounds (as with every link
-    busy both ways)."""
+    """The link profile on :class:`_FluidLinks` with a load of `columns`
+    columns of 16 KiB to every peer offered; in the load's exchange every
+    link runs `slow_in_load` times slower than in the owner rounds (as with
+    every link busy both ways)."""
     from pyg_adaqp.assign import cost_model as cm
     from pyg_adaqp.comm import LinkLoad
 
@@ -1611,41 +1619,43 @@ def _links_with_a_load(rank: int, world_size: int, rates: list[float], load_byte
         posted.append(max(b.numel() for b in send.values())) or start(send, recv_bytes, device))
     peers = [p for p in range(world_size) if p != rank]
 
-    def run(begin):
-        runs.append(begin())
+    column = 16 << 10
+
+    def run(begin, n):
+        runs.append((begin(), n))
         slower = [r / slow_in_load for r in rates]
         loaded = _FluidLinks(slower, slower, 1e-4)
-        send = {p: torch.empty(load_bytes, dtype=torch.uint8) for p in peers}
-        return loaded.start(send, {p: load_bytes for p in peers}, None).arrived
+        send = {p: torch.empty(n * column, dtype=torch.uint8) for p in peers}
+        return loaded.start(send, {p: n * column for p in peers}, None).arrived
 
-    load = LinkLoad({p: load_bytes for p in peers}, {p: load_bytes for p in peers}, run)
+    load = LinkLoad({p: column for p in peers}, {p: column for p in peers}, columns, run)
     record = {}
     links = cm.profile_links(fluid, torch.device("cpu"), True, record=record, load=load)
     return links, record, posted, runs
 
 
-@pytest.mark.parametrize("load_bytes, slow_in_load", [(3 << 20, 1.0), (3 << 20, 2.0),
-                                                      (64 << 10, 2.0)])
-def test_a_load_that_carries_enough_is_the_all_links_round(load_bytes, slow_in_load):
-    """Even 1 Gbit/s fluid links (4 workers): a load of 3 MiB to each peer
-    (9 MiB per link each way, more than the round's 2 MiB) is run once as
-    the all-links round and no dummy round is posted; its arrivals scale the
-    links (2x slower in it: a factor of 2).  One
-    of 64 KiB per peer is too small: the dummy round runs, not the load."""
+@pytest.mark.parametrize("columns, slow_in_load", [(128, 1.0), (128, 2.0), (32, 2.0)])
+def test_a_load_with_columns_enough_is_the_all_links_round(columns, slow_in_load):
+    """Even 1 Gbit/s fluid links (4 workers): a load of 48 KiB a column per
+    link each way (16 KiB to each peer) has columns enough for the round's
+    2 MiB in 43 of them: those are run once as the all-links round and no
+    dummy round is posted; their arrivals scale the links (2x slower in
+    them: a factor of 2).  With 32 columns it cannot: the dummy round runs,
+    not the load."""
     from pyg_adaqp.train.workers import run_workers
 
     rates = [1e9 / 8] * 4
-    links, record, posted, runs = run_workers(_links_with_a_load, 4, rates, load_bytes,
+    links, record, posted, runs = run_workers(_links_with_a_load, 4, rates, columns,
                                               slow_in_load, timeout_s=60)[0]
-    used = load_bytes * 3 >= 2 << 20
+    used = columns >= 43
     owner_rounds = WARM_UP_ROUNDS + 4 * 5    # fast links: five sizes per owner
     assert len(posted) == owner_rounds + (0 if used else 1)
-    assert runs == ([0.0] if used else [])
+    assert runs == ([(0.0, 43)] if used else [])
     carried = {tuple(map(int, pair.split(","))): b for pair, b in record["carried"].items()}
     assert set(carried) == {(i, j) for i in range(4) for j in range(4) if i != j}
     if used:
         assert record["all_links_bytes"] is None
-        assert set(carried.values()) == {load_bytes}
+        assert set(carried.values()) == {43 * (16 << 10)} and 3 * 43 * (16 << 10) >= 2 << 20
     else:
         assert record["all_links_bytes"] == 3 * posted[-1] == 3 * set(carried.values()).pop()
     for i in range(4):

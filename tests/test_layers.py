@@ -279,8 +279,8 @@ def cache_worker(rank, world_size, kind, parts, x, state, cache, prefetch=False)
     graph.release_edge_list()
     x_own = x[lg.owned_ids]  # features: no gradient needed
     load, arrived = graph.input_load(x_own), None
-    if prefetch:  # as the allocator's set-up: the input's first block, timed
-        arrived = load.run(lambda: (dist.barrier(), time.perf_counter())[1])
+    if prefetch:  # as the allocator's set-up: some of the input's first columns, timed
+        arrived = load.run(lambda: (dist.barrier(), time.perf_counter())[1], prefetch)
     posts = []
     start = graph.exchange.transport.start
     graph.exchange.transport.start = lambda send, *rest: (
@@ -301,15 +301,16 @@ def cache_worker(rank, world_size, kind, parts, x, state, cache, prefetch=False)
         released = str(err)
     return {"outs": [o.detach() for o in outs], "ids": lg.owned_ids, "stats": stats,
             "grads": grads, "wide_columns": sum(wide), "released": released,
-            "offered": None if load is None else (load.sent, load.received),
+            "offered": None if load is None else (load.sent, load.received, load.columns),
             "arrived": arrived, "posts": posts}
 
 
 @pytest.mark.parametrize("kind", ["gcn", "sage"])
-@pytest.mark.parametrize("cache, prefetch", [(True, False), (True, True), (False, False)])
+@pytest.mark.parametrize("cache, prefetch", [(True, 0), (True, 50), (True, 128), (False, 0)])
 def test_layer0_input_cache(cora, kind, cache, prefetch):
-    """With `prefetch`, the input's first block is exchanged ahead as the
-    set-up does (:meth:`DistGraph.input_load`) and layer 0 takes it from there."""
+    """With `prefetch`, the input's first `prefetch` columns are exchanged
+    ahead as the set-up does (:meth:`DistGraph.input_load`) and layer 0
+    takes them from there, exchanging the rest by blocks from that column."""
     torch.manual_seed(0)
     model = TwoLayer(PYG[kind], cora.x.size(1), 4, 6)
     expected = model(cora.x, cora.edge_index)
@@ -334,24 +335,22 @@ def test_layer0_input_cache(cora, kind, cache, prefetch):
         # blocks of INPUT_BLOCK_COLUMNS columns, and the features are
         # aggregated once (owned and halo products) for the three training
         # passes and the evaluation.
-        # Exchanged ahead or not, the first training pass's counters hold every block.
-        blocks = -(-width // INPUT_BLOCK_COLUMNS)
-        assert stats["input 0"][0] == blocks > 1
+        # The training passes post the input's blocks, from the first
+        # column not exchanged ahead, each once; then layer 1's exchanges.
+        # Exchanged ahead or not, the first pass's counters hold every column.
+        starts = range(prefetch, width, INPUT_BLOCK_COLUMNS)
+        assert stats["input 0"][0] == (prefetch > 0) + len(starts) > 1
         assert stats["input 0"][1] == parts[0].send_index[1].numel() * width * 4
         assert "forward 0" not in stats
         assert [r["wide_columns"] for r in results] == [2 * width, 2 * width]
         for rank, r in enumerate(results):
             peer = 1 - rank
-            first = INPUT_BLOCK_COLUMNS * 4   # bytes of a row's first block
-            assert r["offered"] == ({peer: parts[rank].send_index[peer].numel() * first},
-                                    {peer: parts[rank].recv_index[peer].numel() * first})
-            # The training passes post each input block once, but the first
-            # where it was exchanged ahead; then layer 1's exchanges.
-            sends = parts[rank].send_index[peer].numel() * 4
-            input_posts = [sends * min(INPUT_BLOCK_COLUMNS, width - at)
-                           for at in range(0, width, INPUT_BLOCK_COLUMNS)]
-            assert r["posts"][:blocks - prefetch] == input_posts[prefetch:]
-            assert len(r["posts"]) == blocks - prefetch + 3 * 2 + 1   # + forward and backward 1
+            sends = parts[rank].send_index[peer].numel() * 4   # bytes of a column
+            assert r["offered"] == ({peer: sends}, {peer: parts[rank].recv_index[peer].numel() * 4},
+                                    INPUT_BLOCK_COLUMNS)
+            input_posts = [sends * min(INPUT_BLOCK_COLUMNS, width - at) for at in starts]
+            assert r["posts"][:len(starts)] == input_posts
+            assert len(r["posts"]) == len(starts) + 3 * 2 + 1   # + forward and backward 1
             if prefetch:
                 assert set(r["arrived"]) == {peer} and r["arrived"][peer] > 0
     else:

@@ -217,8 +217,9 @@ class AdaptiveBits:
 
         Where `x` is the input that training will pass to the first layer
         and the graph caches it (:meth:`~pyg_adaqp.nn.DistGraph.input_load`),
-        the links' round of every link at once is that input's first
-        exchange, which layer 0 then does not make again; without `x`, a
+        the links' round of every link at once exchanges as many of its
+        columns as the round's bytes take, which layer 0 then does not
+        exchange again; without `x`, or where its columns are too few, a
         round of dummy bytes.
 
         Bounded: the codec is timed on ~0.13M synthetic elements per width,

@@ -38,7 +38,10 @@ every link at once (twice), whose slowest link sizes the rest (:func:`profile_si
 then one round per worker in which that worker sends to and receives from
 every peer at once, at a few sizes, so each end of every link is timed in
 both directions (again without the peers whose own, slower link held the
-round: :func:`held_peers`), and one round of every link at once.
+round: :func:`held_peers`), and one round of every link at once: some
+columns of the input cache's exchange, which training makes anyway, where
+they can load every link as much as the round would (a
+:class:`~pyg_adaqp.comm.LinkLoad`), else dummy bytes.
 Last, one small exchange that every worker codes and sends at once, as
 training does, against the model's prediction for it: what its slowest
 worker took beyond the slowest prediction is the loaded latency
@@ -640,11 +643,12 @@ def profile_links(transport: Transport, device: torch.device, one_clock: bool,
     the owner rounds' fits say so: :func:`all_links_bytes`);
     each direction of each link is scaled to what the pairs it bounds took
     then (:func:`link_scales`).  Where every worker offers a `load` (an
-    exchange that training makes anyway: the input cache's first block,
-    :meth:`~pyg_adaqp.nn.DistGraph.input_load`) whose bytes load every
-    link at least as much each way, that exchange is the round, once,
-    instead of dummy bytes: the set-up does not pay for the round, since
-    training would have paid for the exchange.
+    exchange that training makes anyway: the input cache's first columns,
+    :meth:`~pyg_adaqp.nn.DistGraph.input_load`) with columns enough to load
+    every link that much each way, the fewest such columns are the round,
+    exchanged once, instead of dummy bytes: the set-up pays for the round
+    no longer, since training would have exchanged those columns, and the
+    round keeps the size it was tuned at.
 
     `record`, where given, receives every link measurement the result is
     made of, the same on every worker, so that other estimators can be
@@ -763,12 +767,14 @@ def profile_links(transport: Transport, device: torch.device, one_clock: bool,
     # none posts a size its peers do not expect.
     planned = _gather((all_links_bytes(max(sizes[0], owner_sizes[0]),
                                        slow_links(sizes[0], warm), fits),
-                       None if load is None else load.sent))
+                       None if load is None else (load.sent, load.columns)))
     size = max(b for b, _ in planned)
-    offered = [sent for _, sent in planned]
-    if load_carries(offered, size):
-        all_seen = load.run(lambda: start_round(transport.group, device, together))
-        carried = {(i, j): sent[i] for j, sent in enumerate(offered) for i in sent}
+    offered = [o for _, o in planned]
+    columns = load_columns(offered, size)
+    if columns:
+        all_seen = load.run(lambda: start_round(transport.group, device, together), columns)
+        carried = {(i, j): columns * sent[i] for j, (sent, _) in enumerate(offered)
+                   for i in sent}
         per_link = None
     else:
         per_peer = per_peer_of(size)
@@ -796,15 +802,21 @@ def profile_links(transport: Transport, device: torch.device, one_clock: bool,
     return {i: tuple(f) for i, f in fits.items()}
 
 
-def load_carries(offered: list[dict[int, int] | None], size: int) -> bool:
-    """Whether the exchange every worker offered as the all-links round
-    (`offered`: by rank, the bytes it sends each peer; :obj:`None` where
-    it offered none) loads every link with at least `size` bytes each way,
-    as the round of dummy bytes would."""
-    if not offered or any(sent is None for sent in offered):
-        return False
-    into = [sum(sent.get(i, 0) for sent in offered) for i in range(len(offered))]
-    return all(sum(sent.values()) >= size for sent in offered) and min(into) >= size
+def load_columns(offered: list[tuple[dict[int, int], int] | None], size: int) -> int:
+    """How many columns of the exchange every worker offered as the
+    all-links round (`offered`: by rank, the bytes one column sends each
+    peer and how many columns it has; :obj:`None` where it offered none)
+    load every link with at least `size` bytes each way, as the round of
+    dummy bytes would: the fewest that do, 0 where none do (or a worker
+    offered nothing)."""
+    if not offered or any(o is None for o in offered):
+        return 0
+    out = [sum(sent.values()) for sent, _ in offered]
+    into = [sum(sent.get(i, 0) for sent, _ in offered) for i in range(len(offered))]
+    if min(out + into) <= 0:
+        return 0
+    columns = max(-(-size // n) for n in out + into)
+    return columns if columns <= min(c for _, c in offered) else 0
 
 
 def link_scales(fits: dict[int, list[float]], seen: dict[tuple[int, int], float],

@@ -72,15 +72,17 @@ class LinkLoad:
     bytes (:func:`~pyg_adaqp.assign.cost_model.profile_links`; the input
     cache's first block: :meth:`~pyg_adaqp.nn.DistGraph.input_load`).
 
-    ``sent[p]`` and ``received[p]`` are the bytes it moves to and from each
-    peer.  ``run(start)`` makes the exchange (once): it packs what it
-    sends, calls `start` (collective: the round's start, which it returns),
-    posts, waits, and returns when each peer's bytes arrived, in seconds
-    after that start.
+    It exchanges up to ``columns`` columns of rows; ``sent[p]`` and
+    ``received[p]`` are the bytes one column moves to and from each peer.
+    ``run(start, n)`` makes the exchange of the first ``n`` columns (once):
+    it packs what it sends, calls `start` (collective: the round's start,
+    which it returns), posts, waits, and returns when each peer's bytes
+    arrived, in seconds after that start.
     """
     sent: dict[int, int]
     received: dict[int, int]
-    run: Callable[[Callable[[], float]], dict[int, float]]
+    columns: int
+    run: Callable[[Callable[[], float], int], dict[int, float]]
 
 
 @dataclass
@@ -394,24 +396,23 @@ class HaloExchange:
 
     def link_load(self, key: str, x: Tensor, keep: Callable[[Tensor, ExchangeStats], None]
                   ) -> LinkLoad:
-        """The forward exchange of `x`'s halo rows at full precision as a
-        :class:`LinkLoad`; once run, `keep` receives the halo block and the
-        exchange's counters (taken out of :attr:`stats`: the set-up's time
-        is in no epoch's)."""
-        width = x.size(1)
-        sent = {p: message_nbytes(i.numel(), width, FULL_PRECISION)
+        """The forward exchange of `x`'s halo rows at full precision, some of
+        its columns, as a :class:`LinkLoad`; once run, `keep` receives the
+        halo block of those columns and the exchange's counters (taken out
+        of :attr:`stats`: the set-up's time is in no epoch's)."""
+        sent = {p: message_nbytes(i.numel(), 1, FULL_PRECISION)
                 for p, i in self.send_index.items() if i.numel()}
-        received = {p: message_nbytes(i.numel(), width, FULL_PRECISION)
+        received = {p: message_nbytes(i.numel(), 1, FULL_PRECISION)
                     for p, i in self.recv_index.items() if i.numel()}
 
-        def run(start: Callable[[], float]) -> dict[int, float]:
-            flight = self._start(key, x, self._plain[True], False, start=start)
-            halo = self.finish_forward(flight, width)
+        def run(start: Callable[[], float], columns: int) -> dict[int, float]:
+            flight = self._start(key, x[:, :columns], self._plain[True], False, start=start)
+            halo = self.finish_forward(flight, columns)
             keep(halo, self.stats.pop(key))
             arrived = flight.pending.arrived if flight.pending is not None else {}
             return {p: at - flight.started for p, at in arrived.items()}
 
-        return LinkLoad(sent, received, run)
+        return LinkLoad(sent, received, x.size(1), run)
 
     def exchange_columns(self, key: str, x: Tensor, columns: int
                          ) -> Iterator[tuple[slice, Tensor]]:

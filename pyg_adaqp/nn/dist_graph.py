@@ -253,28 +253,28 @@ class DistGraph:
         return transformed
 
     def input_load(self, x: Tensor) -> LinkLoad | None:
-        """The input cache's first exchange of `x` (its halo rows' first
-        :data:`INPUT_BLOCK_COLUMNS` columns, at full precision) as a
+        """The input cache's first exchange of `x` (its halo rows at full
+        precision, up to :data:`INPUT_BLOCK_COLUMNS` columns) as a
         :class:`~pyg_adaqp.comm.exchange.LinkLoad`, for the cost model's
         set-up to time as its round of every link at once; the first layer
-        to aggregate `x` unchanged then takes that block as exchanged.
-        :obj:`None` where no layer would cache `x` (the cache off, `x`
-        needing gradient, one worker).  Collective once run, as the
-        exchange is."""
+        to aggregate `x` unchanged then takes the columns exchanged there
+        as its first block.  :obj:`None` where no layer would cache `x`
+        (the cache off, `x` needing gradient, one worker).  Collective once
+        run, as the exchange is."""
         if not self.cache_input or x.requires_grad or self.exchange.transport is None:
             return None
-        cols = slice(0, min(INPUT_BLOCK_COLUMNS, x.size(1)))
 
         def keep(halo: Tensor, stats: ExchangeStats) -> None:
-            self._prefetched = (weakref.ref(x), x._version, cols, halo, stats)
+            self._prefetched = (weakref.ref(x), x._version, slice(0, halo.size(1)), halo, stats)
 
-        return self.exchange.link_load("input", x[:, cols], keep)
+        return self.exchange.link_load("input", x[:, :INPUT_BLOCK_COLUMNS], keep)
 
     def _input_blocks(self, layer: int, x: Tensor) -> Iterator[tuple[slice, Tensor]]:
-        """`x`'s halo rows, :data:`INPUT_BLOCK_COLUMNS` columns at a time:
-        the block :meth:`input_load` exchanged first, where it was `x`'s as
-        it is now (its bytes then count in this epoch's counters, its time
-        stays the set-up's), then the rest exchanged here."""
+        """`x`'s halo rows by blocks of columns: the columns
+        :meth:`input_load` exchanged first, where they were `x`'s as it is
+        now (their bytes then count in this epoch's counters, their time
+        stays the set-up's), then the rest exchanged here,
+        :data:`INPUT_BLOCK_COLUMNS` at a time."""
         key, first = f"input {layer}", 0
         prefetched, self._prefetched = self._prefetched, None
         if prefetched is not None and prefetched[0]() is x and prefetched[1] == x._version:
@@ -308,7 +308,7 @@ class DistGraph:
         """``A @ X`` for an input needing no gradient, computed once per tensor.
 
         Its halo rows are exchanged once, at full precision,
-        :data:`INPUT_BLOCK_COLUMNS` columns at a time (the first block
+        :data:`INPUT_BLOCK_COLUMNS` columns at a time (the first columns
         perhaps in the set-up: :meth:`input_load`), each block dropped once
         aggregated.  Under ``torch.no_grad()`` every activation needs no
         gradient, so there only a tensor already cached is reused (see
