@@ -10,8 +10,8 @@ host with ``--rates``) and runs one ``torchrun`` node per host.  Every worker
 loads its part of a METIS-partitioned synthetic graph, so the exchange has
 the send plan of real training; it measures the cost model exactly as the
 adaptive allocator does before epoch 0 (``profile_cost_model``, its round
-of every link at once the input features' first exchange, as with
-training's input cache; ``--all-links dummy``: dummy bytes), then runs
+of every link at once some columns of the input features' exchange, as
+with training's input cache; ``--all-links dummy``: dummy bytes), then runs
 ``--trials`` exchanges of random 2/4/8-bit assignments at each message width
 (each channel's rows in contiguous width buckets, as training sends them)
 the way training does (encode each row once per width it travels at,
@@ -220,8 +220,8 @@ def worker(args: argparse.Namespace) -> None:
     transport = graph.exchange.transport
     t0 = time.perf_counter()
     record: dict = {}
-    # As the allocator's set-up in training: the input features' first
-    # exchange (the input cache's) is the round of every link at once.
+    # As the allocator's set-up in training: some columns of the input
+    # features' exchange (the input cache's) are the round of every link at once.
     load = graph.input_load(lg.x) if args.all_links == "input" else None
     model = profile_cost_model(transport, "cpu", args.profile_repeats, record, load=load)
     setup = time.perf_counter() - t0
@@ -439,9 +439,9 @@ def main() -> int:
                          "after a barrier, or each as it leaves the barrier (before "
                          "commit 6e68ab3)")
     ap.add_argument("--all-links", choices=["input", "dummy"], default="input",
-                    help="the set-up's round of every link at once: the input features' "
-                         "first exchange, as training's set-up makes it where the input "
-                         "cache is on (the default), or dummy bytes, as training's with "
+                    help="the set-up's round of every link at once: some columns of the "
+                         "input features' exchange, as training's set-up makes it where the "
+                         "input cache is on (the default), or dummy bytes, as training's with "
                          "the cache off (and every set-up before this option; with "
                          "--features 8, the check of then)")
     ap.add_argument("--raw", metavar="FILE",

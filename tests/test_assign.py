@@ -1055,7 +1055,8 @@ def _setup_with_the_input(rank: int, world_size: int, parts, round_bytes: int) -
     """The allocator's set-up given the input features, with the round of
     dummy bytes sized `round_bytes` each way (a stand-in for
     :func:`all_links_bytes`): the input's columns exchanged in it (0:
-    none), and what the record says the round carried."""
+    none; as its record and the run's report say), and what the record
+    says the round carried."""
     from pyg_adaqp.assign import adaptive
     from pyg_adaqp.assign import cost_model as cm
     from pyg_adaqp.nn import DistGraph
@@ -1066,9 +1067,11 @@ def _setup_with_the_input(rank: int, world_size: int, parts, round_bytes: int) -
     adaptive.profile_cost_model = lambda *args, **kw: records.append(kw["record"]) or profile(
         *args, **kw)
     graph = DistGraph(parts[rank], quantize=True)
-    AdaptiveBits().setup(graph, parts[rank].x)
+    allocator = AdaptiveBits()
+    allocator.setup(graph, parts[rank].x)
     record, = records
     taken = graph._prefetched[3].size(1) if graph._prefetched is not None else 0
+    assert allocator.report()["setup_input_columns"] == record["load_columns"] == taken
     return taken, record["all_links_bytes"], record["carried"]
 
 
@@ -1628,7 +1631,7 @@ def _links_with_a_load(rank: int, world_size: int, rates: list[float], columns: 
         send = {p: torch.empty(n * column, dtype=torch.uint8) for p in peers}
         return loaded.start(send, {p: n * column for p in peers}, None).arrived
 
-    load = LinkLoad({p: column for p in peers}, {p: column for p in peers}, columns, run)
+    load = LinkLoad({p: column for p in peers}, columns, run)
     record = {}
     links = cm.profile_links(fluid, torch.device("cpu"), True, record=record, load=load)
     return links, record, posted, runs

@@ -175,6 +175,9 @@ class AdaptiveBits:
         #: Seconds of each part of the set-up on this worker (``took_s`` of
         #: :func:`~pyg_adaqp.assign.cost_model.profile_cost_model`'s record).
         self.setup_parts: dict[str, float] = {}
+        #: The input's columns that were the set-up's round of every link at
+        #: once (0: dummy bytes; see :meth:`setup`).
+        self.setup_input_columns = 0
         #: ``(key, predicted, measured)`` seconds of real exchanges: the
         #: solver's prediction of a key and the slowest worker's encode +
         #: decode + wait in the epoch after it.
@@ -247,8 +250,11 @@ class AdaptiveBits:
                                            record=record,
                                            load=None if x is None else graph.input_load(x))
             self.setup_parts = record["took_s"]
+            self.setup_input_columns = record["load_columns"]
             if dist.get_rank() == 0:
-                log.info("cost model: %s", _describe(self.cost))
+                log.info("cost model: %s; its round of every link: %s", _describe(self.cost),
+                         f"{self.setup_input_columns} input columns" if self.setup_input_columns
+                         else "dummy bytes")
         self.setup_time = time.perf_counter() - t0
         self.setup_window = (started, time.time())
 
@@ -529,7 +535,7 @@ class AdaptiveBits:
         """What the run's summary records: the cost model, its check, the last solve."""
         return {"cost_model": self.cost.state_dict() if self.cost is not None else None,
                 "setup_time": self.setup_time, "setup_window": self.setup_window,
-                "setup_parts": self.setup_parts,
+                "setup_parts": self.setup_parts, "setup_input_columns": self.setup_input_columns,
                 "variance_budget": self.variance_budget, "gradient_budget": self.gradient_budget,
                 "cost_check": [list(c) for c in self.cost_check],
                 "last_solve_time": self.last_solve_time, "solve": self.solve_info,

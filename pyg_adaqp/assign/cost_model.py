@@ -662,7 +662,8 @@ def profile_links(transport: Transport, device: torch.device, one_clock: bool,
     rounds), ``fits`` (:func:`fit_link` of those points, ``(up, down,
     beta, free)`` before the scale), ``all_links_bytes`` (what every link
     carried each way in the all-links round of dummy bytes; :obj:`None`
-    where the `load` was the round), ``carried`` (``{"i,j": bytes}``: what
+    where the `load` was the round), ``load_columns`` (the `load`'s columns
+    that were the round; 0: dummy bytes), ``carried`` (``{"i,j": bytes}``: what
     ``j`` sent ``i`` in the round) and ``arrived`` (``{"i,j":
     seconds}``: when ``j``'s bytes reached ``i`` in it); and, this
     worker's own, the seconds of each part in ``took_s``: ``warm_up``
@@ -793,7 +794,7 @@ def profile_links(transport: Transport, device: torch.device, one_clock: bool,
                       warm_up_pairs=[{f"{i},{j}": t for (i, j), t in p.items()} for p in pairs],
                       round_times_s=round_times, held=held, points=points,
                       fits={i: list(f) for i, f in fits.items()},
-                      all_links_bytes=per_link,
+                      all_links_bytes=per_link, load_columns=columns,
                       carried={f"{i},{j}": b for (i, j), b in carried.items()},
                       arrived={f"{i},{j}": t for (i, j), t in seen.items()})
     for i, (up, down) in link_scales(fits, seen, carried).items():

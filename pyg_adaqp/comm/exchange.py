@@ -70,17 +70,16 @@ class LinkLoad:
     """An exchange that training makes anyway, offered to the cost model's
     set-up to time as its round of every link at once, in place of dummy
     bytes (:func:`~pyg_adaqp.assign.cost_model.profile_links`; the input
-    cache's first block: :meth:`~pyg_adaqp.nn.DistGraph.input_load`).
+    cache's first columns: :meth:`~pyg_adaqp.nn.DistGraph.input_load`).
 
-    It exchanges up to ``columns`` columns of rows; ``sent[p]`` and
-    ``received[p]`` are the bytes one column moves to and from each peer.
+    It exchanges up to ``columns`` columns of rows; ``sent[p]`` is the bytes
+    one column sends peer ``p`` (what it receives, its peers' offers say).
     ``run(start, n)`` makes the exchange of the first ``n`` columns (once):
     it packs what it sends, calls `start` (collective: the round's start,
     which it returns), posts, waits, and returns when each peer's bytes
     arrived, in seconds after that start.
     """
     sent: dict[int, int]
-    received: dict[int, int]
     columns: int
     run: Callable[[Callable[[], float], int], dict[int, float]]
 
@@ -402,8 +401,6 @@ class HaloExchange:
         of :attr:`stats`: the set-up's time is in no epoch's)."""
         sent = {p: message_nbytes(i.numel(), 1, FULL_PRECISION)
                 for p, i in self.send_index.items() if i.numel()}
-        received = {p: message_nbytes(i.numel(), 1, FULL_PRECISION)
-                    for p, i in self.recv_index.items() if i.numel()}
 
         def run(start: Callable[[], float], columns: int) -> dict[int, float]:
             flight = self._start(key, x[:, :columns], self._plain[True], False, start=start)
@@ -412,7 +409,7 @@ class HaloExchange:
             arrived = flight.pending.arrived if flight.pending is not None else {}
             return {p: at - flight.started for p, at in arrived.items()}
 
-        return LinkLoad(sent, received, x.size(1), run)
+        return LinkLoad(sent, x.size(1), run)
 
     def exchange_columns(self, key: str, x: Tensor, columns: int
                          ) -> Iterator[tuple[slice, Tensor]]:
