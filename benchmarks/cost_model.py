@@ -9,8 +9,8 @@ Builds the cluster of ``benchmarks/cluster.py`` (even links, or one rate per
 host with ``--rates``) and runs one ``torchrun`` node per host.  Every worker
 loads its part of a METIS-partitioned synthetic graph, so the exchange has
 the send plan of real training; it measures the cost model exactly as the
-adaptive allocator does before epoch 0 (``profile_cost_model``, its round
-of every link at once some columns of the input features' exchange, as
+adaptive allocator does before epoch 0 (``profile_cost_model``, whose round
+of every link at once is some columns of the input features' exchange, as
 with training's input cache; ``--all-links dummy``: dummy bytes), then runs
 ``--trials`` exchanges of random 2/4/8-bit assignments at each message width
 (each channel's rows in contiguous width buckets, as training sends them)

@@ -898,7 +898,9 @@ def test_profile_measures_every_worker_both_ways():
     assert set(arrived) == {(0, 1), (1, 0)}
     assert [len(rounds) for rounds in record["warm_ups_s"]] == [WARM_UP_ROUNDS] * 2
     assert record["warm_up_s"] == max(min(rounds) for rounds in record["warm_ups_s"]) > 0
-    scales = link_scales(record["fits"], arrived, record["all_links_bytes"])
+    carried = {tuple(map(int, pair.split(","))): b for pair, b in record["carried"].items()}
+    assert set(carried.values()) == {record["all_links_bytes"]}   # 2 workers: one peer each
+    scales = link_scales(record["fits"], arrived, carried)
     for i, (up, down, beta, free) in record["fits"].items():
         assert (cost.up[i], cost.down[i]) == pytest.approx((up * scales[i][0],
                                                             down * scales[i][1]))
@@ -1070,7 +1072,7 @@ def _setup_with_the_input(rank: int, world_size: int, parts, round_bytes: int) -
     allocator = AdaptiveBits()
     allocator.setup(graph, parts[rank].x)
     record, = records
-    taken = graph._prefetched[3].size(1) if graph._prefetched is not None else 0
+    taken = graph._prefetched[2].size(1) if graph._prefetched is not None else 0
     assert allocator.report()["setup_input_columns"] == record["load_columns"] == taken
     return taken, record["all_links_bytes"], record["carried"]
 
@@ -1512,6 +1514,13 @@ def test_a_resumed_allocator_keeps_its_configured_knobs_and_names_those_that_cha
         AdaptiveBits().load_state_dict({"bits": 4})  # a uniform scheme's
 
 
+def _even(total: float, fits: dict) -> dict[tuple[int, int], float]:
+    """Every pair of `fits`' workers carrying an equal share of `total`, each
+    link's bytes each way (as in the round of dummy bytes)."""
+    k = len(fits)
+    return {(i, j): total / (k - 1) for i in fits for j in fits if i != j}
+
+
 def test_link_scales_judge_each_direction_by_the_pairs_it_bounds():
     """All links busy: the fast links ran 1.25x slower than fitted, the slow
     host's link as fitted. Each direction of each link keeps its own factor
@@ -1524,14 +1533,14 @@ def test_link_scales_judge_each_direction_by_the_pairs_it_bounds():
     fits[3] = [slow, slow, 0.0, 0.0]
     seen = {(i, j): (slow if 3 in (i, j) else 1.25 * fast) * total
             for i in range(4) for j in range(4) if i != j}
-    scales = link_scales(fits, seen, total)
+    scales = link_scales(fits, seen, _even(total, fits))
     assert scales == {i: pytest.approx((1.25, 1.25)) for i in range(3)} | {3: (1.0, 1.0)}
     # A pair bounded by both ends counts for both: (0, 1) for 1's uplink and
     # 0's downlink, (1, 0) for 0's uplink and 1's downlink; faster than
     # fitted never speeds a direction up.
     two = {0: [fast] * 2 + [0.0, 0.0], 1: [fast] * 2 + [0.0, 0.0]}
     seen = {(0, 1): 0.5 * fast * total, (1, 0): 2.0 * fast * total}
-    assert link_scales(two, seen, total) == {0: pytest.approx((2.0, 1.0)),
+    assert link_scales(two, seen, _even(total, two)) == {0: pytest.approx((2.0, 1.0)),
                                              1: pytest.approx((1.0, 2.0))}
     # Worker 0's downlink read 1.5x slow: the pairs into 0 ran faster than
     # that, so it keeps its fit (factor 1), and its uplink gets its own
@@ -1540,24 +1549,25 @@ def test_link_scales_judge_each_direction_by_the_pairs_it_bounds():
     fits[0] = [fast, 1.5 * fast, 0.0, 0.0]
     seen = {(i, j): (1.0 if i == 0 else 1.25) * fast * total
             for i in range(3) for j in range(3) if i != j}
-    scales = link_scales(fits, seen, total)
+    scales = link_scales(fits, seen, _even(total, fits))
     assert scales[0] == pytest.approx((1.25, 1.0))
     assert scales[1] == scales[2] == pytest.approx((1.25, 1.25))
     # The slowest pair a direction bounds sets its factor: 2's bytes reached 1 late.
-    scales = link_scales(fits, {**seen, (1, 2): 2.0 * fast * total}, total)
+    scales = link_scales(fits, {**seen, (1, 2): 2.0 * fast * total}, _even(total, fits))
     assert (scales[2][0], scales[1][1]) == pytest.approx((2.0, 2.0))
     assert (scales[2][1], scales[1][0]) == pytest.approx((1.25, 1.25))
     # A direction no pair is bounded by keeps its fit.
     one_way = {0: [fast, fast, 0.0, 0.0], 1: [slow, slow, 0.0, 0.0]}
     seen = {(0, 1): slow * total, (1, 0): slow * total}
-    assert link_scales(one_way, seen, total) == {0: (1.0, 1.0), 1: pytest.approx((1.0, 1.0))}
+    assert link_scales(one_way, seen, _even(total, one_way)) == {
+        0: (1.0, 1.0), 1: pytest.approx((1.0, 1.0))}
 
 
 def test_link_scales_count_each_links_own_bytes_where_pairs_carry_unequal_ones():
     """A real exchange as the round (:class:`~pyg_adaqp.comm.LinkLoad`):
     each pair carries its own bytes, and a pair is predicted from everything
-    its sender's uplink and its receiver's downlink carried.  Equal pairs
-    give what one number for every link gives."""
+    its sender's uplink and its receiver's downlink carried (with equal
+    pairs, every link's bytes each way are their sum)."""
     from pyg_adaqp.assign.cost_model import link_scales
 
     rate = 8e-9
@@ -1568,7 +1578,7 @@ def test_link_scales_count_each_links_own_bytes_where_pairs_carry_unequal_ones()
     fits = {i: [rate, rate, 1e-4, 0.0] for i in range(3)}
     even = {(i, j): 5e5 for i in range(3) for j in range(3) if i != j}
     seen = {pair: 1.5 * link(1e6) for pair in even}
-    assert link_scales(fits, seen, even) == link_scales(fits, seen, 1e6) == {
+    assert even == _even(1e6, fits) and link_scales(fits, seen, even) == {
         i: pytest.approx((1.5, 1.5)) for i in range(3)}
     # Worker 0 sends 3 MB to 1 and 1 MB to 2; 1 and 2 send 0 and each other
     # 1 MB: 0's uplink carries 4 MB, 1's downlink 4 MB, every other
@@ -1678,9 +1688,9 @@ def test_fast_links_beside_a_slow_one_are_not_read_faster_than_fitted():
     fits = {i: [fast, fast, 0.0, 0.0] for i in range(3)} | {3: [slow, slow, 0.0, 0.0]}
     seen = {(i, j): (slow * total if 3 in (i, j) else fast * total / 3)
             for i in range(4) for j in range(4) if i != j}
-    assert link_scales(fits, seen, total) == {i: (1.0, 1.0) for i in range(4)}
+    assert link_scales(fits, seen, _even(total, fits)) == {i: (1.0, 1.0) for i in range(4)}
     seen[(0, 1)] = 1.5 * fast * total          # one fast pair ran slow: its two directions
-    scales = link_scales(fits, seen, total)
+    scales = link_scales(fits, seen, _even(total, fits))
     assert scales[1][0] == scales[0][1] == pytest.approx(1.5)
     assert scales[1][1] == scales[0][0] == 1.0 and scales[2] == scales[3] == (1.0, 1.0)
 

@@ -134,7 +134,9 @@ class AdaptiveBits:
             `uses`).
             (default: :obj:`0.3`)
         profile_repeats (int, optional): Timed exchanges per size when
-            profiling the links (their median counts). (default: :obj:`1`)
+            profiling the links (their median counts; the input's columns,
+            where they are the round of every link, are exchanged once).
+            (default: :obj:`1`)
         first_bits (int, optional): Width of every quantized row in epoch 0,
             before the first assignment. (default: :obj:`8`)
         gradient_budget (float, optional): The same for the backward keys,
@@ -176,7 +178,7 @@ class AdaptiveBits:
         #: :func:`~pyg_adaqp.assign.cost_model.profile_cost_model`'s record).
         self.setup_parts: dict[str, float] = {}
         #: The input's columns that were the set-up's round of every link at
-        #: once (0: dummy bytes; see :meth:`setup`).
+        #: once (0: dummy bytes, or no profile ran; see :meth:`setup`).
         self.setup_input_columns = 0
         #: ``(key, predicted, measured)`` seconds of real exchanges: the
         #: solver's prediction of a key and the slowest worker's encode +
@@ -229,7 +231,8 @@ class AdaptiveBits:
         the links in two warm-ups, one round per worker at four sizes up to
         512 KiB (256 KiB where a link is slow, one more of 2 MiB where the
         links are fast) and one round of all links (2 MiB where the links
-        are slow and even or fast, else 512 KiB), then one small exchange
+        are slow and even or fast, else 512 KiB; at least that where the
+        input's columns are the round), then one small exchange
         of every worker at once (its loaded latency).  In all 0.76-0.78 s
         on rank 0 for 4 hosts at 100 Mbit/s in ``benchmarks/cost_model.py``,
         and 0.50-0.56 s at 1 Gbit/s by the slowest worker in training

@@ -646,9 +646,10 @@ def profile_links(transport: Transport, device: torch.device, one_clock: bool,
     exchange that training makes anyway: the input cache's first columns,
     :meth:`~pyg_adaqp.nn.DistGraph.input_load`) with columns enough to load
     every link that much each way, the fewest such columns are the round,
-    exchanged once, instead of dummy bytes: the set-up pays for the round
-    no longer, since training would have exchanged those columns, and the
-    round keeps the size it was tuned at.
+    exchanged once (whatever `repeats`), instead of dummy bytes: training
+    would have exchanged those columns anyway.  The least-loaded link then
+    carries the round's size and the others somewhat more (2.04-2.11 MiB
+    for 2 MiB on the benchmarks' graph).
 
     `record`, where given, receives every link measurement the result is
     made of, the same on every worker, so that other estimators can be
@@ -664,7 +665,8 @@ def profile_links(transport: Transport, device: torch.device, one_clock: bool,
     carried each way in the all-links round of dummy bytes; :obj:`None`
     where the `load` was the round), ``load_columns`` (the `load`'s columns
     that were the round; 0: dummy bytes), ``carried`` (``{"i,j": bytes}``: what
-    ``j`` sent ``i`` in the round) and ``arrived`` (``{"i,j":
+    ``j`` sent ``i`` in the round; what a replay gives :func:`link_scales`,
+    keyed by ``(i, j)``) and ``arrived`` (``{"i,j":
     seconds}``: when ``j``'s bytes reached ``i`` in it); and, this
     worker's own, the seconds of each part in ``took_s``: ``warm_up``
     (with its gather), ``owner_rounds`` (the rounds, the all-reduce of
@@ -821,13 +823,12 @@ def load_columns(offered: list[tuple[dict[int, int], int] | None], size: int) ->
 
 
 def link_scales(fits: dict[int, list[float]], seen: dict[tuple[int, int], float],
-                carried: float | dict[tuple[int, int], float]) -> dict[int, tuple[float, float]]:
+                carried: dict[tuple[int, int], float]) -> dict[int, tuple[float, float]]:
     """Per worker, how much slower each direction of its link ran with every
     link busy than its fit says: ``(up, down)`` factors.
 
     `seen[(i, j)]` is when ``j``'s bytes reached ``i`` in the all-links
-    round, where ``j`` sent ``i`` `carried[(i, j)]` bytes (or, one number,
-    every link carried `carried` bytes each way); its prediction is
+    round, where ``j`` sent ``i`` `carried[(i, j)]` bytes; its prediction is
     the slower of ``j``'s uplink carrying all that ``j`` sent and ``i``'s
     downlink carrying all that ``i`` received (``(up, down, beta,
     free)`` in `fits`).  A pair's ratio of seen to predicted counts only for
@@ -843,11 +844,8 @@ def link_scales(fits: dict[int, list[float]], seen: dict[tuple[int, int], float]
     with its other direction's factor (a 100 Mbit/s downlink fitted at
     74 Mbit/s came out at 51; docs/benchmarks.md, twenty-eighth pass).
     """
-    if isinstance(carried, dict):
-        out = {w: sum(b for (_, j), b in carried.items() if j == w) for w in fits}
-        into = {w: sum(b for (i, _), b in carried.items() if i == w) for w in fits}
-    else:
-        out = into = {w: float(carried) for w in fits}
+    out = {w: sum(b for (_, j), b in carried.items() if j == w) for w in fits}
+    into = {w: sum(b for (i, _), b in carried.items() if i == w) for w in fits}
 
     def link(worker: int, direction: int, total: float) -> float:
         u_d, beta, free = fits[worker][direction], fits[worker][2], fits[worker][3]

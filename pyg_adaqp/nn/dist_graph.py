@@ -121,9 +121,9 @@ class DistGraph:
         self._input_aggregate: dict[int, tuple[weakref.ref, int, tuple, Tensor]] = {}
         #: ``(A_own, A_halo)`` each layer aggregated with, by layer index.
         self.layer_adjacency: dict[int, tuple[SparseAdjacency, SparseAdjacency]] = {}
-        #: The input's first block exchanged ahead (:meth:`input_load`):
-        #: ``(input ref, its version, columns, halo block, its counters)``.
-        self._prefetched: tuple[weakref.ref, int, slice, Tensor, ExchangeStats] | None = None
+        #: The input's first columns exchanged in the set-up (:meth:`input_load`):
+        #: ``(input ref, its version, their halo block, the exchange's counters)``.
+        self._prefetched: tuple[weakref.ref, int, Tensor, ExchangeStats] | None = None
 
     def layer_index(self, module: torch.nn.Module) -> int:
         """A layer's exchange index, given in the order layers are first called."""
@@ -253,46 +253,49 @@ class DistGraph:
         return transformed
 
     def input_load(self, x: Tensor) -> LinkLoad | None:
-        """The input cache's first exchange of `x` (its halo rows at full
+        """The input cache's exchange of `x` (its halo rows at full
         precision, up to :data:`INPUT_BLOCK_COLUMNS` columns) as a
         :class:`~pyg_adaqp.comm.exchange.LinkLoad`, for the cost model's
-        set-up to time as its round of every link at once; the first layer
-        to aggregate `x` unchanged then takes the columns exchanged there
-        as its first block.  :obj:`None` where no layer would cache `x`
-        (the cache off, `x` needing gradient, one worker).  Collective once
-        run, as the exchange is."""
+        set-up to time some of its columns as its round of every link at
+        once.  The columns exchanged there are held until the next cached
+        aggregation of an input (:meth:`_input_blocks`), which takes them as
+        exchanged where that input is `x`, unchanged, and else drops them.
+        :obj:`None` where no layer would cache `x` (the cache off, `x`
+        needing gradient, one worker).  Collective once run, as the
+        exchange is."""
         if not self.cache_input or x.requires_grad or self.exchange.transport is None:
             return None
 
         def keep(halo: Tensor, stats: ExchangeStats) -> None:
-            self._prefetched = (weakref.ref(x), x._version, slice(0, halo.size(1)), halo, stats)
+            self._prefetched = (weakref.ref(x), x._version, halo, stats)
 
         return self.exchange.link_load("input", x[:, :INPUT_BLOCK_COLUMNS], keep)
 
     def _input_blocks(self, layer: int, x: Tensor) -> Iterator[tuple[slice, Tensor]]:
         """`x`'s halo rows by blocks of columns: the columns
-        :meth:`input_load` exchanged first, where they were `x`'s as it is
-        now (their bytes then count in this epoch's counters, their time
-        stays the set-up's), then the rest exchanged here,
-        :data:`INPUT_BLOCK_COLUMNS` at a time."""
-        key, first = f"input {layer}", 0
+        :meth:`input_load` exchanged, where they were `x`'s as it is now
+        (the set-up's exchange then counts in this epoch's counters, bytes
+        and calls, its time stays the set-up's), then the rest exchanged
+        here, :data:`INPUT_BLOCK_COLUMNS` at a time."""
+        key, offset = f"input {layer}", 0
         prefetched, self._prefetched = self._prefetched, None
         if prefetched is not None and prefetched[0]() is x and prefetched[1] == x._version:
-            _, _, cols, halo, done = prefetched
+            _, _, halo, set_up_stats = prefetched
+            del prefetched
             stats = self.exchange.stats[key]
-            stats.calls += done.calls
-            for mine, theirs in ((stats.peer_sent, done.peer_sent),
-                                 (stats.peer_recv, done.peer_recv)):
+            stats.calls += set_up_stats.calls
+            for mine, theirs in ((stats.peer_sent, set_up_stats.peer_sent),
+                                 (stats.peer_recv, set_up_stats.peer_recv),
+                                 (stats.rows_by_bits, set_up_stats.rows_by_bits)):
                 for p, n in theirs.items():
                     mine[p] = mine.get(p, 0) + n
-            del prefetched
-            yield cols, halo
+            offset = halo.size(1)
+            yield slice(0, offset), halo
             del halo
-            first = cols.stop
-        if first < x.size(1):
-            for cols, halo in self.exchange.exchange_columns(key, x[:, first:],
-                                                             INPUT_BLOCK_COLUMNS):
-                yield slice(first + cols.start, first + cols.stop), halo
+        else:
+            del prefetched      # another input's, or x changed: one block held at a time
+        for cols, halo in self.exchange.exchange_columns(key, x[:, offset:], INPUT_BLOCK_COLUMNS):
+            yield slice(offset + cols.start, min(offset + cols.stop, x.size(1))), halo
         self.exchange.stats[key].width = x.size(1)
 
     def _cached_aggregate(self, layer: int, x: Tensor, key: tuple | None = None) -> Tensor | None:
