@@ -287,8 +287,8 @@ class DistGraph:
             for mine, theirs in ((stats.peer_sent, set_up_stats.peer_sent),
                                  (stats.peer_recv, set_up_stats.peer_recv),
                                  (stats.rows_by_bits, set_up_stats.rows_by_bits)):
-                for p, n in theirs.items():
-                    mine[p] = mine.get(p, 0) + n
+                for at, n in theirs.items():     # by peer, or by width
+                    mine[at] = mine.get(at, 0) + n
             offset = halo.size(1)
             yield slice(0, offset), halo
             del halo
