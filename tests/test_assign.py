@@ -808,6 +808,11 @@ def test_forward_scores_are_sums_of_squared_gcn_weights():
             np.testing.assert_allclose(scores[sender.rank], expect.numpy(), rtol=1e-5)
 
 
+def _by_pair(record: dict[str, float]) -> dict[tuple[int, int], float]:
+    """A profile record's ``{"i,j": value}`` keyed by ``(i, j)``."""
+    return {tuple(map(int, pair.split(","))): v for pair, v in record.items()}
+
+
 def _profile(rank: int, world_size: int) -> tuple[dict, dict]:
     from pyg_adaqp.assign import profile_cost_model
     from pyg_adaqp.comm.transport import Transport
@@ -894,11 +899,11 @@ def test_profile_measures_every_worker_both_ways():
         up, down = (fit_link(*map(np.array, zip(*points[d]))) for d in ("up", "down"))
         assert record["fits"][i] == pytest.approx(
             [up[0], down[0], min(up[1], down[1]), min(up[2], down[2])])
-    arrived = {tuple(map(int, pair.split(","))): t for pair, t in record["arrived"].items()}
+    arrived = _by_pair(record["arrived"])
     assert set(arrived) == {(0, 1), (1, 0)}
     assert [len(rounds) for rounds in record["warm_ups_s"]] == [WARM_UP_ROUNDS] * 2
     assert record["warm_up_s"] == max(min(rounds) for rounds in record["warm_ups_s"]) > 0
-    carried = {tuple(map(int, pair.split(","))): b for pair, b in record["carried"].items()}
+    carried = _by_pair(record["carried"])
     assert set(carried.values()) == {record["all_links_bytes"]}   # 2 workers: one peer each
     scales = link_scales(record["fits"], arrived, carried)
     for i, (up, down, beta, free) in record["fits"].items():
@@ -1664,7 +1669,7 @@ def test_a_load_with_columns_enough_is_the_all_links_round(columns, slow_in_load
     owner_rounds = WARM_UP_ROUNDS + 4 * 5    # fast links: five sizes per owner
     assert len(posted) == owner_rounds + (0 if used else 1)
     assert runs == ([(0.0, 43)] if used else [])
-    carried = {tuple(map(int, pair.split(","))): b for pair, b in record["carried"].items()}
+    carried = _by_pair(record["carried"])
     assert set(carried) == {(i, j) for i in range(4) for j in range(4) if i != j}
     if used:
         assert record["all_links_bytes"] is None

@@ -263,8 +263,6 @@ def test_budget_signal_is_the_aggregation_as_the_next_weight_sees_it(kind):
 
 
 def cache_worker(rank, world_size, kind, parts, x, state, cache, prefetch=0, stale=False):
-    import time
-
     from pyg_adaqp.nn.spmm import SparseAdjacency
     wide = []  # columns of the products wider than the model (layer 0's aggregation of x)
     matmul = SparseAdjacency.matmul
@@ -278,15 +276,19 @@ def cache_worker(rank, world_size, kind, parts, x, state, cache, prefetch=0, sta
     graph.build_adjacency(model, x.dtype)
     graph.release_edge_list()
     x_own = x[lg.owned_ids]  # features: no gradient needed
+    # What this worker does, in order: the round's start and each exchange
+    # it posts (its bytes); events, not times.
+    events = []
+    post = graph.exchange.transport.start
+    graph.exchange.transport.start = lambda send, *rest: (
+        events.append(sum(b.numel() for b in send.values())) or post(send, *rest))
     load, arrived = graph.input_load(x_own), None
-    if prefetch:  # as the allocator's set-up: some of the input's first columns, timed
-        arrived = load.run(lambda: (dist.barrier(), time.perf_counter())[1], prefetch)
+    if prefetch:  # as the allocator's set-up: some of the input's first columns
+        arrived = load.run(lambda: events.append("start") or dist.barrier() or 0.0, prefetch)
+    set_up, posts = list(events), events
+    posts.clear()
     if stale:   # changed in place since: the columns exchanged ahead are not its own
         x_own.mul_(1.0)
-    posts = []
-    start = graph.exchange.transport.start
-    graph.exchange.transport.start = lambda send, *rest: (
-        posts.append(sum(b.numel() for b in send.values())) or start(send, *rest))
     outs = [model(x_own, graph) for _ in range(3)]
     for out in outs:
         out.sum().backward()
@@ -304,7 +306,7 @@ def cache_worker(rank, world_size, kind, parts, x, state, cache, prefetch=0, sta
     return {"outs": [o.detach() for o in outs], "ids": lg.owned_ids, "stats": stats,
             "grads": grads, "wide_columns": sum(wide), "released": released,
             "offered": None if load is None else (load.sent, load.columns),
-            "arrived": arrived, "posts": posts}
+            "arrived": arrived, "set_up": set_up, "posts": posts}
 
 
 @pytest.mark.parametrize("kind", ["gcn", "sage"])
@@ -355,6 +357,8 @@ def test_layer0_input_cache(cora, kind, cache, prefetch, stale):
             input_posts = [sends * min(INPUT_BLOCK_COLUMNS, width - at) for at in starts]
             assert r["posts"][:len(starts)] == input_posts
             assert len(r["posts"]) == len(starts) + 3 * 2 + 1   # + forward and backward 1
+            # The set-up's round starts once its columns are packed, then posts them.
+            assert r["set_up"] == (["start", sends * prefetch] if prefetch else [])
             if prefetch:
                 assert set(r["arrived"]) == {peer}
     else:

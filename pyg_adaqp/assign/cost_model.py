@@ -844,8 +844,11 @@ def link_scales(fits: dict[int, list[float]], seen: dict[tuple[int, int], float]
     with its other direction's factor (a 100 Mbit/s downlink fitted at
     74 Mbit/s came out at 51; docs/benchmarks.md, twenty-eighth pass).
     """
-    out = {w: sum(b for (_, j), b in carried.items() if j == w) for w in fits}
-    into = {w: sum(b for (i, _), b in carried.items() if i == w) for w in fits}
+    out = dict.fromkeys(fits, 0.0)      # each link's bytes up, and down
+    into = dict.fromkeys(fits, 0.0)
+    for (i, j), b in carried.items():
+        out[j] += b
+        into[i] += b
 
     def link(worker: int, direction: int, total: float) -> float:
         u_d, beta, free = fits[worker][direction], fits[worker][2], fits[worker][3]

@@ -56,6 +56,15 @@ class ExchangeStats:
     peer_recv: dict[int, int] = field(default_factory=dict)
     peer_arrival: dict[int, float] = field(default_factory=dict)
 
+    def add_traffic(self, other: ExchangeStats) -> None:
+        """Adds `other`'s calls, bytes per peer and rows per width to these
+        counters (not its times)."""
+        self.calls += other.calls
+        for mine, theirs in ((self.peer_sent, other.peer_sent), (self.peer_recv, other.peer_recv),
+                             (self.rows_by_bits, other.rows_by_bits)):
+            for at, n in theirs.items():     # a peer, or a width
+                mine[at] = mine.get(at, 0) + n
+
     @property
     def bytes_sent(self) -> int:
         return sum(self.peer_sent.values())
@@ -415,16 +424,17 @@ class HaloExchange:
 
         return LinkLoad(sent, x.size(1), run)
 
-    def exchange_columns(self, key: str, x: Tensor, columns: int
+    def exchange_columns(self, key: str, x: Tensor, columns: int, first: int = 0
                          ) -> Iterator[tuple[slice, Tensor]]:
-        """Blocking forward exchanges of `x`'s halo rows, `columns` columns at a time.
+        """Blocking forward exchanges of `x`'s halo rows, `columns` columns at
+        a time from column `first`.
 
         Yields ``(column slice, halo block)``; a caller that drops each block
         before the next holds one at a time.  Every worker must pass the same
-        feature width and `columns` (the same exchanges).  The key's counters
-        sum over the blocks; its width is `x`'s.
+        feature width, `columns` and `first` (the same exchanges).  The key's
+        counters sum over the blocks; its width is `x`'s.
         """
-        for start in range(0, x.size(1), columns):
+        for start in range(first, x.size(1), columns):
             cols = slice(start, start + columns)
             yield cols, self.exchange(key, x[:, cols])
         self.stats[key].width = x.size(1)

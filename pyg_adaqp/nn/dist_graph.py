@@ -282,21 +282,13 @@ class DistGraph:
         if prefetched is not None and prefetched[0]() is x and prefetched[1] == x._version:
             _, _, halo, set_up_stats = prefetched
             del prefetched
-            stats = self.exchange.stats[key]
-            stats.calls += set_up_stats.calls
-            for mine, theirs in ((stats.peer_sent, set_up_stats.peer_sent),
-                                 (stats.peer_recv, set_up_stats.peer_recv),
-                                 (stats.rows_by_bits, set_up_stats.rows_by_bits)):
-                for at, n in theirs.items():     # by peer, or by width
-                    mine[at] = mine.get(at, 0) + n
+            self.exchange.stats[key].add_traffic(set_up_stats)
             offset = halo.size(1)
             yield slice(0, offset), halo
             del halo
         else:
             del prefetched      # another input's, or x changed: one block held at a time
-        for cols, halo in self.exchange.exchange_columns(key, x[:, offset:], INPUT_BLOCK_COLUMNS):
-            yield slice(offset + cols.start, min(offset + cols.stop, x.size(1))), halo
-        self.exchange.stats[key].width = x.size(1)
+        yield from self.exchange.exchange_columns(key, x, INPUT_BLOCK_COLUMNS, offset)
 
     def _cached_aggregate(self, layer: int, x: Tensor, key: tuple | None = None) -> Tensor | None:
         """The cached aggregation of `x` at `layer`, if `x` is the cached, unchanged tensor."""
