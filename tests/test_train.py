@@ -82,9 +82,10 @@ def test_each_mode_and_model_runs(tmp_path, mode, model):
     assert [r["epoch"] for r in rows] == [0, 1]
     for r in rows:
         for key in ("loss", "train", "val", "test", "epoch_time", "comm_time", "quant_time",
-                    "compute_time", "reduce_time", "bytes_sent"):
+                    "compute_time", "reduce_time", "system_time", "bytes_sent"):
             assert key in r
         assert r["loss"] > 0 and 0 <= r["val"] <= 1 and r["epoch_time"] > 0
+        assert r["system_time"] >= 0
         assert r["bytes_sent"] > 0
     assert summary["mode"] == mode and summary["world_size"] == 2 and summary["epochs"] == 2
     assert summary["throughput_epochs_per_s"] > 0
@@ -95,6 +96,24 @@ def test_each_mode_and_model_runs(tmp_path, mode, model):
                                               "backward 2"}
     for png in ("curves.png", "time_breakdown.png", "bits.png"):
         assert (tmp_path / png).stat().st_size > 1000
+
+
+def test_the_summary_means_each_time_over_the_epochs_that_recorded_it():
+    """Epochs resumed from a checkpoint written before ``system_time`` was
+    recorded lack it: its mean is over the epochs that have it."""
+    from pyg_adaqp.train.report import summarize
+
+    times = ("epoch_time", "comm_time", "quant_time", "wait_time", "owned_agg_time",
+             "halo_agg_time", "compute_time", "reduce_time", "assign_time")
+    rows = [{"epoch": e, "loss": 1.0, "train": 0.5, "val": 0.5, "test": 0.5,
+             "bytes_sent": 100 * (e + 1), **{k: 0.1 * (e + 1) for k in times}}
+            for e in range(3)]
+    rows[1]["system_time"], rows[2]["system_time"] = 0.02, 0.04
+    summary = summarize(rows, make_config(*SMALL), 2, {})
+    assert summary["mean_times"]["system_time"] == pytest.approx(0.03)
+    assert summary["mean_times"]["compute_time"] == pytest.approx(0.2)
+    assert summary["mean_epoch_time"] == pytest.approx(0.2)
+    assert summarize(rows[:1], make_config(*SMALL), 2, {})["mean_times"]["system_time"] is None
 
 
 def test_quantized_bytes_match_the_codec(tmp_path):

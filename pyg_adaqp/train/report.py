@@ -72,6 +72,10 @@ class RunReport:
         return summary
 
 
+def _mean(values: list[float]) -> float | None:
+    return sum(values) / len(values) if values else None
+
+
 def summarize(rows: list[dict[str, Any]], cfg: Config, world_size: int,
               bits_histogram: dict[str, dict[int, int]],
               exchange_widths: dict[str, int] | None = None,
@@ -95,9 +99,11 @@ def summarize(rows: list[dict[str, Any]], cfg: Config, world_size: int,
             if r["val"] >= target:
                 time_to_target = elapsed
                 break
-    mean = {k: sum(r[k] for r in rows) / len(rows) for k in (
+    # Rows resumed from a checkpoint written before `system_time` was recorded lack it.
+    mean = {k: _mean([r[k] for r in rows if k in r]) for k in (
         "epoch_time", "comm_time", "quant_time", "wait_time", "owned_agg_time",
-        "halo_agg_time", "compute_time", "reduce_time", "assign_time", "bytes_sent")}
+        "halo_agg_time", "compute_time", "reduce_time", "assign_time", "system_time",
+        "bytes_sent")}
     return {
         "mode": cfg.mode.name,
         "scheme": cfg.assign.scheme if cfg.mode.quantize else "full_precision",
