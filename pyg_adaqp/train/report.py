@@ -13,6 +13,14 @@ from typing import Any
 
 from pyg_adaqp.train.config import Config
 
+#: Per-epoch timings, reduced with MAX over workers: the slowest worker sets
+#: the pace.  ``system_time`` is the most kernel CPU time of any worker's
+#: process in the epoch (all its threads: faulting in fresh memory, the
+#: transport's system calls), counted in clock ticks (``os.times``: 10 ms on
+#: Linux by default).
+TIMES = ("epoch_time", "comm_time", "quant_time", "wait_time", "owned_agg_time",
+         "halo_agg_time", "compute_time", "reduce_time", "assign_time", "system_time")
+
 #: Stacked in the time-breakdown plot; together they make up the epoch time.
 BREAKDOWN = ("compute_time", "quant_time", "wait_time", "reduce_time")
 
@@ -72,10 +80,6 @@ class RunReport:
         return summary
 
 
-def _mean(values: list[float]) -> float | None:
-    return sum(values) / len(values) if values else None
-
-
 def summarize(rows: list[dict[str, Any]], cfg: Config, world_size: int,
               bits_histogram: dict[str, dict[int, int]],
               exchange_widths: dict[str, int] | None = None,
@@ -99,11 +103,11 @@ def summarize(rows: list[dict[str, Any]], cfg: Config, world_size: int,
             if r["val"] >= target:
                 time_to_target = elapsed
                 break
-    # Rows resumed from a checkpoint written before `system_time` was recorded lack it.
-    mean = {k: _mean([r[k] for r in rows if k in r]) for k in (
-        "epoch_time", "comm_time", "quant_time", "wait_time", "owned_agg_time",
-        "halo_agg_time", "compute_time", "reduce_time", "assign_time", "system_time",
-        "bytes_sent")}
+    mean = {k: sum(r[k] for r in rows) / len(rows)
+            for k in (*TIMES, "bytes_sent") if k != "system_time"}
+    # Epochs resumed from a checkpoint written before it was recorded lack it.
+    system = [r["system_time"] for r in rows if "system_time" in r]
+    mean["system_time"] = sum(system) / len(system) if system else None
     return {
         "mode": cfg.mode.name,
         "scheme": cfg.assign.scheme if cfg.mode.quantize else "full_precision",

@@ -23,14 +23,9 @@ from pyg_adaqp.train.checkpoint import (CheckpointError, check_resumable, load_r
                                         save_checkpoint)
 from pyg_adaqp.train.config import Config
 from pyg_adaqp.train.model import DistGNN
-from pyg_adaqp.train.report import RunReport
+from pyg_adaqp.train.report import TIMES, RunReport
 
 SPLITS = ("train", "val", "test")
-# Per-epoch timings reduced with MAX over workers (the slowest one sets the pace).
-# ``system_time`` is the worker process's kernel CPU time in the epoch (all its
-# threads): faulting in fresh memory and the transport's system calls.
-TIMES = ("epoch_time", "comm_time", "quant_time", "wait_time", "owned_agg_time",
-         "halo_agg_time", "compute_time", "reduce_time", "assign_time", "system_time")
 
 
 class DivergenceError(RuntimeError):
