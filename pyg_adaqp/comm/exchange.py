@@ -337,10 +337,8 @@ class HaloExchange:
             recv_layouts[p] = self._layout(key, p, False, into.numel(), width, quantize)
             recv_bytes[p] = recv_layouts[p].nbytes
             stats.peer_recv[p] = stats.peer_recv.get(p, 0) + recv_bytes[p]
-        if start is None:
-            t1 = self.clock()
-        else:
-            self.clock()        # on CUDA: the encode is done before the round starts
+        t1 = self.clock()       # on CUDA: the encode is done before a round's start
+        if start is not None:
             t1 = start()
         pending = self.transport.start(send, recv_bytes, self.device) if self.transport else None
         # Posting counts as encoding: it includes staging CUDA buffers through host memory.
