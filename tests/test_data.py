@@ -6,7 +6,7 @@ import shutil
 import pytest
 import torch
 
-from pyg_adaqp.data import load_dataset, random_split_masks, synthetic_graph
+from pyg_adaqp.data import DatasetError, load_dataset, random_split_masks, synthetic_graph
 
 
 def test_synthetic_is_deterministic_and_well_formed():
@@ -82,14 +82,24 @@ def test_synthetic_raw_channel_is_one_more_column(multi_label):
 
 
 def test_synthetic_bad_options():
-    with pytest.raises(ValueError, match="homophily"):
+    """Bad or unknown options are a DatasetError (the command line prints its
+    message alone) that names them."""
+    with pytest.raises(DatasetError, match="homophily"):
         synthetic_graph(homophily=1.5)
-    with pytest.raises(ValueError, match="raw_channel_std must be >= 0, got -1"):
+    with pytest.raises(DatasetError, match="raw_channel_std must be >= 0, got -1"):
         synthetic_graph(raw_channel_std=-1)
-    with pytest.raises(ValueError, match="num_classes"):
-        synthetic_graph(num_nodes=3, num_classes=5)
-    with pytest.raises(TypeError):
-        load_dataset("synthetic", not_an_option=1)
+    with pytest.raises(DatasetError, match=r"num_classes must be in \[1, num_nodes=3\], got 8"):
+        synthetic_graph(num_nodes=3)
+    with pytest.raises(DatasetError, match=r"^dataset 'synthetic': unknown option 'nodes', 'x' "
+                                           r"\(dataset\.options\); it takes num_nodes, "):
+        load_dataset("synthetic", nodes=1, x=2)
+    with pytest.raises(DatasetError, match=r"^dataset 'cora': unknown option 'num_nodes' "
+                                           r"\(dataset\.options\); it takes train_ratio, "
+                                           r"val_ratio, split_seed$"):
+        load_dataset("cora", root="/nonexistent", num_nodes=1)
+    with pytest.raises(DatasetError, match=r"^dataset 'ogbn-arxiv': unknown option 'seed' "
+                                           r"\(dataset\.options\); it takes no options$"):
+        load_dataset("ogbn-arxiv", seed=1)
 
 
 def test_random_split_masks_are_seeded():

@@ -7,6 +7,7 @@ and ``num_classes``; multi-label datasets have a 2-D float ``y``.
 from __future__ import annotations
 
 import hashlib
+import inspect
 import json
 import os
 import traceback
@@ -17,6 +18,7 @@ from typing import Any, Callable
 import torch
 from torch_geometric.data import Data
 
+from pyg_adaqp.data.checks import DatasetError
 from pyg_adaqp.data.splits import random_split_masks
 from pyg_adaqp.data.synthetic import synthetic_graph
 
@@ -96,12 +98,27 @@ def load_dataset(name: str = "synthetic", root: str | os.PathLike | None = None,
     """
     key = name.lower()
     if key == "synthetic":
+        _check_options(key, synthetic_graph, opts)
         return synthetic_graph(**opts)
     if key in _PYG:
+        _check_options(key, _load_pyg, opts, taken=("key", "spec", "root"))
         return _load_pyg(key, _PYG[key], root, **opts)
     if key in _OGB:
-        return _load_ogb(key, root, **opts)
+        _check_options(key, _load_ogb, opts, taken=("key", "root"))
+        return _load_ogb(key, root)
     raise ValueError(f"unknown dataset {name!r}; known datasets: {', '.join(DATASET_NAMES)}")
+
+
+def _check_options(key: str, loader: Callable[..., Any], opts: dict[str, Any],
+                   taken: tuple[str, ...] = ()) -> None:
+    """Raises a :class:`DatasetError` naming the options in `opts` that
+    `loader` does not take (its parameters but those in `taken`)."""
+    names = [p for p in inspect.signature(loader).parameters if p not in taken]
+    unknown = sorted(set(opts) - set(names))
+    if unknown:
+        raise DatasetError(f"dataset {key!r}: unknown option {', '.join(map(repr, unknown))} "
+                           f"(dataset.options); it takes "
+                           f"{', '.join(names) if names else 'no options'}")
 
 
 def dataset_key(name: str = "synthetic", root: str | os.PathLike | None = None,
@@ -227,9 +244,7 @@ def _raw_file_names(cls: Any, spec: _PyGSpec) -> list[str]:
     return [names] if isinstance(names, str) else list(names)
 
 
-def _load_ogb(key: str, root: str | os.PathLike | None, **opts: Any) -> Data:
-    if opts:
-        raise TypeError(f"dataset {key!r} takes no options, got {sorted(opts)}")
+def _load_ogb(key: str, root: str | os.PathLike | None) -> Data:
     folder = key.replace("-", "_")  # where OGB keeps the dataset under its root
     if root is not None and not (Path(root).expanduser() / folder).is_dir():
         raise FileNotFoundError(

@@ -14,6 +14,7 @@ import torch
 from torch import Tensor
 from torch_geometric.data import Data
 
+from pyg_adaqp.data.checks import DatasetError
 from pyg_adaqp.data.splits import random_split_masks
 
 
@@ -69,19 +70,20 @@ def synthetic_graph(
             it, bit for bit. (default: :obj:`0.0`)
     """
     if num_nodes < 1:
-        raise ValueError(f"synthetic: num_nodes must be >= 1, got {num_nodes}")
+        raise DatasetError(f"synthetic: num_nodes must be >= 1, got {num_nodes}")
     if num_classes < 1 or num_classes > num_nodes:
-        raise ValueError(f"synthetic: num_classes must be in [1, num_nodes], got {num_classes}")
+        raise DatasetError(f"synthetic: num_classes must be in [1, num_nodes={num_nodes}], "
+                           f"got {num_classes}")
     if num_features < 1:
-        raise ValueError(f"synthetic: num_features must be >= 1, got {num_features}")
+        raise DatasetError(f"synthetic: num_features must be >= 1, got {num_features}")
     if avg_degree < 0:
-        raise ValueError(f"synthetic: avg_degree must be >= 0, got {avg_degree}")
+        raise DatasetError(f"synthetic: avg_degree must be >= 0, got {avg_degree}")
     if not 0.0 <= homophily <= 1.0:
-        raise ValueError(f"synthetic: homophily must be in [0, 1], got {homophily}")
+        raise DatasetError(f"synthetic: homophily must be in [0, 1], got {homophily}")
     if raw_channel_std < 0:
-        raise ValueError(f"synthetic: raw_channel_std must be >= 0, got {raw_channel_std}")
+        raise DatasetError(f"synthetic: raw_channel_std must be >= 0, got {raw_channel_std}")
     if degree_exponent <= 1.0:
-        raise ValueError(f"synthetic: degree_exponent must be > 1, got {degree_exponent}")
+        raise DatasetError(f"synthetic: degree_exponent must be > 1, got {degree_exponent}")
 
     gen = torch.Generator().manual_seed(seed)
     # Every class is non-empty: the first `num_classes` nodes take one class
