@@ -400,8 +400,21 @@ class _LoggedAdjacency:
                            "owned gradient")
 
 
+class _LoggedLinear(torch.nn.Module):
+    """Logs when a linear layer (SAGE's root weight, and its gradient) starts and ends."""
+
+    def __init__(self, linear, log):
+        super().__init__()
+        self.linear, self.log = linear, log
+
+    def forward(self, x):
+        x = _Mark.apply(x, self.log, "root", "root gradient done")
+        return _Mark.apply(self.linear(x), self.log, "root done", "root gradient")
+
+
 def overlap_worker(rank, world_size, parts, x, overlap):
-    """One layer forward and backward; logs exchange posts, wait returns and owned work."""
+    """One GCN and one SAGE layer forward and backward; logs exchange posts,
+    wait returns, owned-row work and SAGE's root weight, by layer."""
     from pyg_adaqp.comm.transport import Transport
 
     log = []
@@ -431,30 +444,48 @@ def overlap_worker(rank, world_size, parts, x, overlap):
 
     graph.adjacency = logged_adjacency
     torch.manual_seed(0)
-    conv = DistGCNConv(x.size(1), x.size(1), bias=False)
-    x_own = x[lg.owned_ids].clone().requires_grad_()
-    out = conv(x_own, graph)
-    (out * out).sum().backward()
-    return {"log": log, "out": out.detach(), "grad": x_own.grad}
+    results = {}
+    for conv in (DistGCNConv(x.size(1), x.size(1), bias=False),
+                 DistSAGEConv(x.size(1), x.size(1), bias=False)):
+        if isinstance(conv, DistSAGEConv):
+            conv.lin_r = _LoggedLinear(conv.lin_r, log)
+        x_own = x[lg.owned_ids].clone().requires_grad_()
+        out = conv(x_own, graph)
+        (out * out).sum().backward()
+        results[type(conv).__name__] = {"log": list(log), "out": out.detach(),
+                                        "grad": x_own.grad}
+        log.clear()
+    return results
 
 
 def test_overlap_is_real(cora):
     """The owned-row work runs while the rows travel, forward and backward: it
-    starts before the exchange's wait returns; without overlap, after.  Either
-    way the results are bitwise equal (evidence by order, not by wall clock)."""
+    starts before the exchange's wait returns; without overlap, after.  So
+    does SAGE's root weight, after the owned rows' aggregation (and, in
+    backward, before their gradient).  Either way the results are bitwise
+    equal (evidence by order, not by wall clock)."""
     parts = partition_graph(cora, 2)
     seq = run_workers(overlap_worker, 2, parts, cora.x, False)
     ovl = run_workers(overlap_worker, 2, parts, cora.x, True)
     for a, b in zip(seq, ovl):
-        assert torch.equal(a["out"], b["out"])
-        assert torch.equal(a["grad"], b["grad"])
+        for layer in a:
+            assert torch.equal(a[layer]["out"], b[layer]["out"])
+            assert torch.equal(a[layer]["grad"], b[layer]["grad"])
         # Forward, then backward: each posts once and waits once.
-        assert b["log"] == ["post", "owned aggregation", "owned aggregation done",
-                            "wait returned", "post", "owned gradient", "owned gradient done",
-                            "wait returned"]
-        assert a["log"] == ["post", "wait returned", "owned aggregation",
-                            "owned aggregation done", "post", "wait returned",
-                            "owned gradient", "owned gradient done"]
+        assert b["DistGCNConv"]["log"] == [
+            "post", "owned aggregation", "owned aggregation done", "wait returned",
+            "post", "owned gradient", "owned gradient done", "wait returned"]
+        assert a["DistGCNConv"]["log"] == [
+            "post", "wait returned", "owned aggregation", "owned aggregation done",
+            "post", "wait returned", "owned gradient", "owned gradient done"]
+        assert b["DistSAGEConv"]["log"] == [
+            "post", "owned aggregation", "owned aggregation done", "root", "root done",
+            "wait returned", "post", "root gradient", "root gradient done", "owned gradient",
+            "owned gradient done", "wait returned"]
+        assert a["DistSAGEConv"]["log"] == [
+            "post", "wait returned", "owned aggregation", "owned aggregation done", "root",
+            "root done", "post", "wait returned", "root gradient", "root gradient done",
+            "owned gradient", "owned gradient done"]
 
 
 def shared_rows_worker(rank, world_size, parts):

@@ -57,6 +57,11 @@ def signal_power(out: Tensor, weight: Tensor | None = None,
     return torch.where(gain > 0, seen * weight.size(1) / gain.clamp_min(1e-300), whole)
 
 
+def _plus(out: Tensor, alongside: Callable[[], Tensor] | None) -> Tensor:
+    """`out` plus what `alongside` returns, if given (:meth:`DistGraph.aggregate`)."""
+    return out if alongside is None else out + alongside()
+
+
 def _power(x: Tensor) -> Tensor:
     r""":math:`\|x\|^2` in float64, the norm summed in `x`'s precision (at least float32)."""
     dtype = torch.promote_types(x.dtype, torch.float32)
@@ -199,7 +204,8 @@ class DistGraph:
         return self._cached_aggregate(self.layer_index(module), x) is not None
 
     def aggregate(self, module: torch.nn.Module, x: Tensor, key: tuple,
-                  weights: EdgeWeightFn, linear: torch.nn.Module | None = None) -> Tensor:
+                  weights: EdgeWeightFn, linear: torch.nn.Module | None = None,
+                  alongside: Callable[[], Tensor] | None = None) -> Tensor:
         """Aggregates over all in-edges of the owned rows, exchanging halo rows.
 
         Args:
@@ -214,9 +220,16 @@ class DistGraph:
                 allocator's budget weighs the aggregation as its weight
                 sees it (:func:`signal_power`) at no extra product.
                 (default: :obj:`None`)
+            alongside (callable, optional): Work of the calling layer that
+                needs no halo row (SAGE's root weight on the owned rows),
+                returning a tensor added to the output.  It runs while the
+                halo rows travel, after the owned rows' aggregation; its
+                backward, created between the exchange's two halves, runs
+                while the halo gradient travels. (default: :obj:`None`)
 
         Returns:
-            Tensor: ``[num_owned, D]``, or `linear`'s output.
+            Tensor: ``[num_owned, D]``, or `linear`'s output, plus
+            `alongside`'s.
         """
         if x.size(0) != self.graph.num_owned:
             raise ValueError(f"{type(module).__name__} got {x.size(0)} rows, but this worker "
@@ -225,13 +238,14 @@ class DistGraph:
         a_own, a_halo = self.layer_adjacency[layer] = self.adjacency(key, weights, x.dtype)
         if self.caches_input(module, x):
             out = self._aggregate_input(layer, x, key, a_own, a_halo)
-            return out if linear is None else linear(out)
+            return _plus(out if linear is None else linear(out), alongside)
         handle = self.exchange.begin(layer, x, quantize=self.quantize, overlap=self.overlap)
         stats = self.exchange.stats[f"forward {layer}"]
         clock = self.exchange.clock
         t0 = clock()
         out = a_own.matmul(handle.x)       # overlaps the exchange
         t1 = clock()
+        extra = alongside() if alongside is not None else None  # so does this
         halo = handle.halo()
         t2 = clock()
         if a_halo.nnz:  # a worker without halo rows adds nothing
@@ -250,7 +264,7 @@ class DistGraph:
                 product = transformed if bias is None else transformed.detach() - bias.detach()
                 power = signal_power(out, linear.weight, product)
             tracer.record_signal(f"forward {layer}", power)
-        return transformed
+        return transformed if extra is None else transformed + extra
 
     def input_load(self, x: Tensor) -> LinkLoad | None:
         """The input cache's exchange of `x` (its halo rows at full

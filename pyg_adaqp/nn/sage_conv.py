@@ -48,7 +48,9 @@ class DistSAGEConv(SAGEConv):
     the halo rows with the other workers and returns the owned rows of the
     output.  Distributed aggregation supports the linear aggregations
     ``"mean"`` and ``"sum"``/``"add"``; it transforms before aggregating when
-    that makes the exchanged rows narrower (see :class:`DistGCNConv`).
+    that makes the exchanged rows narrower (see :class:`DistGCNConv`), and
+    applies its root weight to the owned rows while the halo rows travel
+    (and its gradient while theirs do).
 
     Args:
         in_channels (int): Size of each input sample.
@@ -92,14 +94,15 @@ class DistSAGEConv(SAGEConv):
         graph = edge_index
         key, weights = self.dist_aggregation()
         x_src = self.lin(x).relu() if self.project else x
+        # The root term needs no halo row: it is computed while they travel.
+        root = partial(self.lin_r, x) if self.root_weight else None
         if self.lin_l.out_channels < self.lin_l.in_channels and not graph.caches_input(self, x_src):
-            out = graph.aggregate(self, F.linear(x_src, self.lin_l.weight), key, weights)
+            out = graph.aggregate(self, F.linear(x_src, self.lin_l.weight), key, weights,
+                                  alongside=root)
             if self.lin_l.bias is not None:
                 out = out + self.lin_l.bias
         else:
-            out = graph.aggregate(self, x_src, key, weights, linear=self.lin_l)
-        if self.root_weight:
-            out = out + self.lin_r(x)
+            out = graph.aggregate(self, x_src, key, weights, linear=self.lin_l, alongside=root)
         if self.normalize:
             out = F.normalize(out, p=2.0, dim=-1)
         return out
